@@ -66,6 +66,19 @@ def eval_command(
         )
 
 
+def _add_stage_commands() -> None:
+    # Stage command modules import only click at module level; their work is imported when they run.
+    from pbs2p_edge.compress.cli import compress_command
+    from pbs2p_edge.export.cli import export_command
+    from pbs2p_edge.runtime.cli import bench_command, generate_command
+
+    for command in (compress_command, export_command, generate_command, bench_command):
+        cli.add_command(command)
+
+
+_add_stage_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: Pbs2pError -> `error: ...` on stderr and exit 2; Ctrl-C -> exit 130."""
     try:

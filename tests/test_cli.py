@@ -53,3 +53,17 @@ def test_eval_default_model_perplexity() -> None:
     assert result.returncode == 0, result.stderr
     ppl = json.loads(result.stdout)["ppl"]
     assert 5 < ppl < 40, ppl  # SmolLM2-135M on Wikipedia introductions: about 13 at ctx 512
+
+
+def test_cli_imports_without_torch() -> None:
+    """The CLI module (hence `generate` and `bench` on a torch-free device) must not import torch or transformers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "from pbs2p_edge.cli import cli\n"
+        "assert {'generate', 'bench'} <= set(cli.commands), cli.commands\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,400 @@
+// Format parsing, validation, repacking, activation tables and the scalar reference tile kernel.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+
+#include "../kernels.h"
+
+namespace pbs2p {
+namespace {
+
+std::string join_shape(std::initializer_list<long long> dims) {
+  std::ostringstream os;
+  os << "[";
+  bool first = true;
+  for (long long d : dims) {
+    if (!first) os << ", ";
+    os << d;
+    first = false;
+  }
+  os << "]";
+  return os.str();
+}
+
+size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
+
+inline bool bit(const uint8_t* bits, size_t i) { return (bits[i >> 3] >> (i & 7)) & 1u; }
+
+}  // namespace
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      do {
+        mant <<= 1;
+        ++e;
+      } while ((mant & 0x400u) == 0);
+      bits = sign | uint32_t(127 - 15 - e) << 23 | (mant & 0x3ffu) << 13;
+    }
+  } else if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | mant << 13;
+  } else {
+    bits = sign | (exp + 112) << 23 | mant << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_half(float f) {  // round to nearest even, as numpy's astype(float16)
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return uint16_t(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));
+  if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // overflow to inf
+  if (ax < 0x38800000u) {                                   // subnormal or zero in fp16
+    float af;
+    std::memcpy(&af, &ax, 4);
+    return uint16_t(sign | uint16_t(std::nearbyint(af * 16777216.0f)));  // af / 2^-24
+  }
+  const uint32_t rounded = ax + 0xfffu + ((ax >> 13) & 1u);
+  return uint16_t(sign | ((rounded - 0x38000000u) >> 13));
+}
+
+DiskSizes disk_sizes(const Params& p) {
+  DiskSizes s{};
+  const size_t rows = size_t(p.rows), k = size_t(p.k), g = size_t(p.groups), sal = size_t(p.salient);
+  s.mask = rows * (k / 8 + (k % 8 ? 1 : 0));
+  s.signs = rows * ceil_div(k / size_t(p.m) * size_t(p.n), 8);
+  s.scales = rows * g * 2;
+  s.salient_cols = g * sal;
+  s.salient_signs = sal ? rows * ceil_div(g * sal, 8) : 0;
+  s.alpha2 = sal ? rows * g : 0;
+  s.bias = p.has_bias ? rows : 0;
+  return s;
+}
+
+std::string parse_header(const int32_t* h, size_t len, Params* out) {
+  if (h == nullptr || len != size_t(kHeaderLen))
+    return "header must hold " + std::to_string(kHeaderLen) + " int32 values, got " + std::to_string(len);
+  if (h[kHdrMagic] != kMagic) return "header magic mismatch: not a pbs2p packed weight";
+  if (h[kHdrVersion] != kVersion)
+    return "unsupported packed format version " + std::to_string(h[kHdrVersion]) + " (this build reads " +
+           std::to_string(kVersion) + ")";
+  Params p;
+  p.n = h[kHdrN];
+  p.m = h[kHdrM];
+  p.group_size = h[kHdrGroupSize];
+  p.rows = h[kHdrRows];
+  p.k = h[kHdrK];
+  p.salient = h[kHdrSalient];
+  p.groups = h[kHdrGroups];
+  const int flags = h[kHdrFlags];
+  p.has_bias = (flags & kFlagBias) != 0;
+  if (p.m != 4 && p.m != 8 && p.m != 16) return "M must be 4, 8 or 16, got " + std::to_string(p.m);
+  if (p.n < 1 || p.n > p.m) return "N must be in [1, M], got N=" + std::to_string(p.n) + " M=" + std::to_string(p.m);
+  if (p.rows < 1 || p.k < 1) return "bad weight shape " + join_shape({p.rows, p.k});
+  if (p.k % p.m != 0) return "K=" + std::to_string(p.k) + " is not a multiple of M=" + std::to_string(p.m);
+  if (p.group_size < 4 || p.group_size % 4 != 0 || p.group_size > kMaxGroupSize)
+    return "group_size must be a multiple of 4 in [4, " + std::to_string(kMaxGroupSize) + "], got " +
+           std::to_string(p.group_size);
+  if (p.groups != int((p.k + p.group_size - 1) / p.group_size))
+    return "header groups=" + std::to_string(p.groups) + " != ceil(K / group_size)";
+  if (p.salient < 0 || p.salient > p.group_size) return "bad salient count " + std::to_string(p.salient);
+  if (((flags & kFlagSalient) != 0) != (p.salient > 0)) return "salient flag and salient count disagree";
+  if ((flags & ~(kFlagSalient | kFlagBias)) != 0) return "unknown header flags " + std::to_string(flags);
+  for (int i = kHdrGroups + 1; i < kHeaderLen; ++i)
+    if (h[i] != 0) return "reserved header entries must be 0";
+  *out = p;
+  return "";
+}
+
+std::string validate(const DiskView& d, const Params& p) {
+  const DiskSizes s = disk_sizes(p);
+  auto check = [](const char* name, size_t got, size_t want) -> std::string {
+    if (got == want) return "";
+    return std::string(name) + " has " + std::to_string(got) + " elements, expected " + std::to_string(want);
+  };
+  std::string e;
+  if (!(e = check("mask", d.mask_len, s.mask)).empty()) return e;
+  if (!(e = check("signs", d.signs_len, s.signs)).empty()) return e;
+  if (!(e = check("scales", d.scales_len, s.scales)).empty()) return e;
+  if (!(e = check("salient_cols", d.salient_cols_len, s.salient_cols)).empty()) return e;
+  if (!(e = check("salient_signs", d.salient_signs_len, s.salient_signs)).empty()) return e;
+  if (!(e = check("alpha2", d.alpha2_len, s.alpha2)).empty()) return e;
+  if (!(e = check("bias", d.bias_len, s.bias)).empty()) return e;
+  const size_t mask_row = size_t(p.k) / 8 + (p.k % 8 ? 1 : 0);
+  for (int r = 0; r < p.rows; ++r) {
+    const uint8_t* mrow = d.mask + size_t(r) * mask_row;
+    for (int j0 = 0; j0 < p.k; j0 += p.m) {
+      int count = 0;
+      for (int j = j0; j < j0 + p.m; ++j) count += bit(mrow, size_t(j));
+      if (count != p.n)
+        return "row " + std::to_string(r) + " columns " + std::to_string(j0) + ".." + std::to_string(j0 + p.m - 1) +
+               " keep " + std::to_string(count) + " weights, N:M requires " + std::to_string(p.n);
+    }
+  }
+  for (int g = 0; g < p.groups; ++g)
+    for (int s2 = 0; s2 < p.salient; ++s2) {
+      const int c = d.salient_cols[size_t(g) * p.salient + s2];
+      if (c < g * p.group_size || c >= std::min(p.k, (g + 1) * p.group_size))
+        return "salient column " + std::to_string(c) + " is outside group " + std::to_string(g);
+    }
+  return "";
+}
+
+// Calls fn(row, col, code) for every weight of the disk layout, in row-major order.
+template <typename Fn>
+static void for_each_code(const DiskView& d, const Params& p, Fn fn) {
+  const size_t mask_row = size_t(p.k) / 8 + (p.k % 8 ? 1 : 0);
+  const size_t sign_row = ceil_div(size_t(p.k) / size_t(p.m) * size_t(p.n), 8);
+  for (int r = 0; r < p.rows; ++r) {
+    const uint8_t* mrow = d.mask + size_t(r) * mask_row;
+    const uint8_t* srow = d.signs + size_t(r) * sign_row;
+    size_t kept = 0;
+    for (int j = 0; j < p.k; ++j) {
+      uint8_t code = kCodeZero;
+      if (bit(mrow, size_t(j))) code = bit(srow, kept++) ? kCodePlus : kCodeMinus;
+      fn(r, j, code);
+    }
+  }
+}
+
+std::string decode_dense(const DiskView& d, std::vector<float>* w) {
+  Params p;
+  std::string e = parse_header(d.header, d.header_len, &p);
+  if (e.empty()) e = validate(d, p);
+  if (!e.empty()) return e;
+  w->assign(size_t(p.rows) * p.k, 0.0f);
+  const size_t sal_row = p.salient ? ceil_div(size_t(p.groups) * p.salient, 8) : 0;
+  for_each_code(d, p, [&](int r, int j, uint8_t code) {
+    if (code == kCodeZero) return;
+    const int g = j / p.group_size;
+    const size_t sc = (size_t(r) * p.groups + g) * 2;
+    const float a = half_to_float(d.scales[sc]), mu = half_to_float(d.scales[sc + 1]);
+    float v = (code == kCodePlus ? a : -a) + mu;
+    for (int s2 = 0; s2 < p.salient; ++s2) {
+      if (d.salient_cols[size_t(g) * p.salient + s2] != j) continue;
+      const float a2 = half_to_float(d.alpha2[size_t(r) * p.groups + g]);
+      v += bit(d.salient_signs + size_t(r) * sal_row, size_t(g) * p.salient + s2) ? a2 : -a2;
+    }
+    (*w)[size_t(r) * p.k + j] = v;
+  });
+  return "";
+}
+
+size_t RuntimeWeight::runtime_bytes() const {
+  return codes.size() + scales.size() * 2 + salient_cols.size() * 4 + salient_coef.size() + alpha2.size() * 2 +
+         bias.size() * 4;
+}
+
+std::string repack(const DiskView& d, RuntimeWeight* out) {
+  Params p;
+  std::string e = parse_header(d.header, d.header_len, &p);
+  if (e.empty()) e = validate(d, p);
+  if (!e.empty()) return e;
+  RuntimeWeight& w = *out;
+  w.p = p;
+  w.tiles = (p.rows + kTileRows - 1) / kTileRows;
+  const size_t quads = size_t(p.k) / 4, G = size_t(p.groups), S = size_t(p.salient);
+  w.codes.assign(size_t(w.tiles) * quads * kTileRows, 0);
+  for_each_code(d, p, [&](int r, int j, uint8_t code) {
+    const size_t tile = size_t(r) / kTileRows, i = size_t(r) % kTileRows, q = size_t(j) / 4;
+    const int shift = (j % 4) * 2;  // cols 0,1 -> low nibble bits 0-3; cols 2,3 -> high nibble
+    w.codes[(tile * quads + q) * kTileRows + i] |= uint8_t(code << shift);
+  });
+  w.scales.assign(size_t(w.tiles) * G * 2 * kTileRows, 0);
+  for (int r = 0; r < p.rows; ++r)
+    for (size_t g = 0; g < G; ++g) {
+      const size_t tile = size_t(r) / kTileRows, i = size_t(r) % kTileRows;
+      uint16_t* ts = &w.scales[(tile * G + g) * 2 * kTileRows];
+      ts[i] = d.scales[(size_t(r) * G + g) * 2];
+      ts[kTileRows + i] = d.scales[(size_t(r) * G + g) * 2 + 1];
+    }
+  w.salient_cols.assign(d.salient_cols, d.salient_cols + G * S);
+  w.salient_coef.assign(size_t(w.tiles) * G * S * kTileRows, 0);
+  w.alpha2.assign(S ? size_t(w.tiles) * G * kTileRows : 0, 0);
+  if (S) {
+    const size_t mask_row = size_t(p.k) / 8 + (p.k % 8 ? 1 : 0);
+    const size_t sal_row = ceil_div(G * S, 8);
+    for (int r = 0; r < p.rows; ++r) {
+      const size_t tile = size_t(r) / kTileRows, i = size_t(r) % kTileRows;
+      for (size_t g = 0; g < G; ++g) {
+        w.alpha2[(tile * G + g) * kTileRows + i] = d.alpha2[size_t(r) * G + g];
+        for (size_t s2 = 0; s2 < S; ++s2) {
+          const int c = w.salient_cols[g * S + s2];
+          const bool kept = bit(d.mask + size_t(r) * mask_row, size_t(c));
+          const bool plus = bit(d.salient_signs + size_t(r) * sal_row, g * S + s2);
+          w.salient_coef[((tile * G + g) * S + s2) * kTileRows + i] = int8_t(kept ? (plus ? 1 : -1) : 0);
+        }
+      }
+    }
+  }
+  w.bias.assign(d.bias, d.bias + (p.has_bias ? size_t(p.rows) : 0));
+  return "";
+}
+
+ChunkMap make_chunks(int k, int group_size) {
+  ChunkMap cm;
+  for (int g0 = 0, g = 0; g0 < k; g0 += group_size, ++g)
+    for (int c = g0; c < std::min(k, g0 + group_size); c += kChunkCols) {
+      cm.begin.push_back(c);
+      cm.group.push_back(g);
+    }
+  cm.begin.push_back(k);
+  return cm;
+}
+
+void build_tables(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t) {
+  const int k = t->k, chunks = t->chunks, quads = k / 4;
+  int8_t q[kChunkCols];
+  for (int tok = token_begin; tok < token_end; ++tok) {
+    const float* xt = x + size_t(tok) * k;
+    for (int c = 0; c < chunks; ++c) {
+      const int b = cm.begin[size_t(c)], e = cm.begin[size_t(c) + 1];
+      float amax = 0.0f;
+      for (int j = b; j < e; ++j) amax = std::max(amax, std::fabs(xt[j]));
+      // Non-finite activations propagate as NaN instead of being silently clamped.
+      const bool finite = std::isfinite(amax);
+      const float inv = amax > 0.0f && finite ? float(kActMax) / amax : 0.0f;
+      t->scale[size_t(tok) * chunks + c] = finite ? amax / float(kActMax) : NAN;
+      for (int j = b; j < e; ++j) {
+        const float v = std::nearbyint(xt[j] * inv);
+        q[j - b] = int8_t(std::min(float(kActMax), std::max(-float(kActMax), v)));
+      }
+      for (int j = b; j < e; j += 4) {
+        QuadTable& qt = t->tables[size_t(tok) * quads + size_t(j / 4)];
+        for (int half = 0; half < 2; ++half) {
+          const int qa = q[j - b + 2 * half], qb = q[j - b + 2 * half + 1];
+          int8_t* dt = half ? qt.d_hi : qt.d_lo;
+          int8_t* st = half ? qt.s_hi : qt.s_lo;
+          for (int idx = 0; idx < 16; ++idx) {
+            const int c0 = idx & 3, c1 = idx >> 2;
+            const int va = c0 == kCodePlus ? qa : c0 == kCodeMinus ? -qa : 0;
+            const int vb = c1 == kCodePlus ? qb : c1 == kCodeMinus ? -qb : 0;
+            dt[idx] = int8_t(va + vb);
+            st[idx] = int8_t((c0 == 1 || c0 == 2 ? qa : 0) + (c1 == 1 || c1 == 2 ? qb : 0));
+          }
+        }
+      }
+    }
+  }
+}
+
+void add_salient_and_bias(const RuntimeWeight& w, const float* x, int tile, int t_begin, int t_end, float* y) {
+  const Params& p = w.p;
+  const int r0 = tile * kTileRows, nr = std::min(kTileRows, p.rows - r0);
+  const size_t G = size_t(p.groups), S = size_t(p.salient);
+  for (int tok = t_begin; tok < t_end; ++tok) {
+    const float* xt = x + size_t(tok) * p.k;
+    float* yt = y + size_t(tok) * p.rows + r0;
+    if (S) {
+      for (size_t g = 0; g < G; ++g) {
+        const uint16_t* a2 = &w.alpha2[(size_t(tile) * G + g) * kTileRows];
+        for (int i = 0; i < nr; ++i) {
+          float acc = 0.0f;
+          for (size_t s2 = 0; s2 < S; ++s2)
+            acc += float(w.salient_coef[((size_t(tile) * G + g) * S + s2) * kTileRows + size_t(i)]) *
+                   xt[w.salient_cols[g * S + s2]];
+          yt[i] = std::fma(half_to_float(a2[i]), acc, yt[i]);
+        }
+      }
+    }
+    if (!w.bias.empty())
+      for (int i = 0; i < nr; ++i) yt[i] += w.bias[size_t(r0 + i)];
+  }
+}
+
+void tile_generic(PBS2P_TILE_ARGS) {
+  const Params& p = w.p;
+  const int r0 = tile * kTileRows, nr = std::min(kTileRows, p.rows - r0);
+  const size_t quads = size_t(p.k) / 4, G = size_t(p.groups);
+  const uint8_t* codes = &w.codes[size_t(tile) * quads * kTileRows];
+  for (int tok = t_begin; tok < t_end; ++tok) {
+    const QuadTable* tab = &t.tables[size_t(tok) * quads];
+    float acc[kTileRows] = {};
+    for (int c = 0; c < t.chunks; ++c) {
+      const int qb = cm.begin[size_t(c)] / 4, qe = cm.begin[size_t(c) + 1] / 4;
+      int32_t dsum[kTileRows] = {}, ssum[kTileRows] = {};
+      for (int q = qb; q < qe; ++q) {
+        const uint8_t* cq = codes + size_t(q) * kTileRows;
+        const QuadTable& qt = tab[q];
+        for (int i = 0; i < kTileRows; ++i) {
+          const int lo = cq[i] & 15, hi = cq[i] >> 4;
+          dsum[i] += qt.d_lo[lo] + qt.d_hi[hi];
+          ssum[i] += qt.s_lo[lo] + qt.s_hi[hi];
+        }
+      }
+      const float xs = t.scale[size_t(tok) * t.chunks + c];
+      const uint16_t* ts = &w.scales[(size_t(tile) * G + size_t(cm.group[size_t(c)])) * 2 * kTileRows];
+      for (int i = 0; i < kTileRows; ++i) {
+        const float part = std::fma(half_to_float(ts[kTileRows + i]), float(ssum[i]),
+                                    half_to_float(ts[i]) * float(dsum[i]));
+        acc[i] = std::fma(xs, part, acc[i]);
+      }
+    }
+    float* yt = y + size_t(tok) * p.rows + r0;
+    for (int i = 0; i < nr; ++i) yt[i] = acc[i];
+  }
+}
+
+void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y) {
+  const ChunkMap cm = make_chunks(w.p.k, w.p.group_size);
+  ActTables t;
+  t.tokens = tokens;
+  t.k = w.p.k;
+  t.chunks = int(cm.group.size());
+  t.tables.resize(size_t(tokens) * size_t(w.p.k / 4));
+  t.scale.resize(size_t(tokens) * size_t(t.chunks));
+  build_tables(x, 0, tokens, cm, &t);
+  for (int tile = 0; tile < w.tiles; ++tile) {
+    fn(w, cm, t, tile, 0, tokens, y);
+    add_salient_and_bias(w, x, tile, 0, tokens, y);
+  }
+}
+
+TileFn tile_fn_by_name(const char* name) {
+  if (std::strcmp(name, "generic") == 0) return tile_generic;
+#if defined(PBS2P_HAVE_AVX2)
+  if (std::strcmp(name, "avx2") == 0) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      return tile_avx2;
+    return nullptr;
+  }
+#endif
+#if defined(PBS2P_HAVE_NEON)
+  if (std::strcmp(name, "neon") == 0) return tile_neon;
+#endif
+  return nullptr;
+}
+
+TileFn best_tile_fn(const char** name) {
+  static const char* const order[] = {"avx2", "neon", "generic"};
+  const char* forced = std::getenv("PBS2P_KERNEL");  // testing / benchmarking override
+  if (forced != nullptr && *forced != '\0') {
+    if (TileFn fn = tile_fn_by_name(forced)) {
+      if (name) *name = forced;
+      return fn;
+    }
+  }
+  for (const char* n : order)
+    if (TileFn fn = tile_fn_by_name(n)) {
+      if (name) *name = n;
+      return fn;
+    }
+  if (name) *name = "generic";
+  return tile_generic;
+}
+
+}  // namespace pbs2p

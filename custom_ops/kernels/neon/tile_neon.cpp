@@ -1,0 +1,64 @@
+// NEON tile kernel (aarch64): tbl lookups over 2 x 16 rows of 2-bit codes, the twin of the AVX2 kernel.
+#include <arm_neon.h>
+
+#include <algorithm>
+
+#include "../kernels.h"
+
+namespace pbs2p {
+
+void tile_neon(PBS2P_TILE_ARGS) {
+  const Params& p = w.p;
+  const int r0 = tile * kTileRows, nr = std::min(kTileRows, p.rows - r0);
+  const size_t quads = size_t(p.k) / 4, G = size_t(p.groups);
+  const uint8_t* codes = &w.codes[size_t(tile) * quads * kTileRows];
+  const uint8x16_t nib = vdupq_n_u8(0x0f);
+  for (int tok = t_begin; tok < t_end; ++tok) {
+    const QuadTable* tab = &t.tables[size_t(tok) * quads];
+    const float* xscale = &t.scale[size_t(tok) * t.chunks];
+    float32x4_t acc[8];
+    for (auto& a : acc) a = vdupq_n_f32(0.0f);
+    for (int c = 0; c < t.chunks; ++c) {
+      const int qb = cm.begin[size_t(c)] / 4, qe = cm.begin[size_t(c) + 1] / 4;
+      int16x8_t d[4], s[4];  // rows 8b .. 8b+7
+      for (int b = 0; b < 4; ++b) d[b] = s[b] = vdupq_n_s16(0);
+      for (int q = qb; q < qe; ++q) {
+        const uint8_t* cq = codes + size_t(q) * kTileRows;
+        const QuadTable& qt = tab[q];
+        const int8x16_t tdl = vld1q_s8(qt.d_lo), tsl = vld1q_s8(qt.s_lo);
+        const int8x16_t tdh = vld1q_s8(qt.d_hi), tsh = vld1q_s8(qt.s_hi);
+        for (int h = 0; h < 2; ++h) {  // rows 16h .. 16h+15
+          const uint8x16_t v = vld1q_u8(cq + 16 * h);
+          const uint8x16_t lo = vandq_u8(v, nib), hi = vshrq_n_u8(v, 4);
+          const int8x16_t dl = vqtbl1q_s8(tdl, lo), dh = vqtbl1q_s8(tdh, hi);
+          const int8x16_t sl = vqtbl1q_s8(tsl, lo), sh = vqtbl1q_s8(tsh, hi);
+          d[2 * h] = vaddq_s16(d[2 * h], vaddl_s8(vget_low_s8(dl), vget_low_s8(dh)));
+          d[2 * h + 1] = vaddq_s16(d[2 * h + 1], vaddl_high_s8(dl, dh));
+          s[2 * h] = vaddq_s16(s[2 * h], vaddl_s8(vget_low_s8(sl), vget_low_s8(sh)));
+          s[2 * h + 1] = vaddq_s16(s[2 * h + 1], vaddl_high_s8(sl, sh));
+        }
+      }
+      const float32x4_t xs = vdupq_n_f32(xscale[c]);
+      const uint16_t* ts = &w.scales[(size_t(tile) * G + size_t(cm.group[size_t(c)])) * 2 * kTileRows];
+      for (int b = 0; b < 8; ++b) {  // rows 4b .. 4b+3
+        const int16x4_t d4 = (b & 1) ? vget_high_s16(d[b / 2]) : vget_low_s16(d[b / 2]);
+        const int16x4_t s4 = (b & 1) ? vget_high_s16(s[b / 2]) : vget_low_s16(s[b / 2]);
+        const float32x4_t fd = vcvtq_f32_s32(vmovl_s16(d4)), fs = vcvtq_f32_s32(vmovl_s16(s4));
+        const float32x4_t a = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(ts + 4 * b)));
+        const float32x4_t mu = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(ts + kTileRows + 4 * b)));
+        const float32x4_t part = vfmaq_f32(vmulq_f32(a, fd), mu, fs);
+        acc[b] = vfmaq_f32(acc[b], xs, part);
+      }
+    }
+    float* yt = y + size_t(tok) * p.rows + r0;
+    if (nr == kTileRows) {
+      for (int b = 0; b < 8; ++b) vst1q_f32(yt + 4 * b, acc[b]);
+    } else {
+      float buf[kTileRows];
+      for (int b = 0; b < 8; ++b) vst1q_f32(buf + 4 * b, acc[b]);
+      std::copy(buf, buf + nr, yt);
+    }
+  }
+}
+
+}  // namespace pbs2p

@@ -1,0 +1,254 @@
+// ONNX Runtime glue for SparseBinaryMatMul (domain pbs2p.edge, version 1), lite custom-op API.
+// No exception ever crosses into ONNX Runtime: problems become an OrtStatus naming the shapes.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#include <onnxruntime_lite_custom_op.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "../kernels/kernels.h"
+
+namespace {
+
+using Ort::Custom::Tensor;
+using F16 = Ort::Float16_t;
+
+constexpr const char* kOpName = "SparseBinaryMatMul";
+constexpr const char* kDomain = "pbs2p.edge";
+constexpr int kTokenBlock = 4;  // tokens per GEMM work item: their tables stay in L2 while tiles stream
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+Ort::Status error(const std::string& msg) { return Ort::Status((std::string(kOpName) + ": " + msg).c_str(), ORT_INVALID_ARGUMENT); }
+
+// The (attribute) parameters an exporter wrote; checked against every header.
+struct Attrs {
+  int64_t n = -1, m = -1, group_size = -1, rows = -1, k = -1, salient = 0, has_bias = 0;
+};
+
+std::string check_attrs(const Attrs& a, const pbs2p::Params& p) {
+  std::ostringstream os;
+  auto cmp = [&](const char* name, int64_t attr, int64_t hdr) {
+    if (attr != hdr && os.tellp() == 0) os << "attribute " << name << "=" << attr << " but the packed header says " << hdr;
+  };
+  cmp("n", a.n, p.n);
+  cmp("m", a.m, p.m);
+  cmp("group_size", a.group_size, p.group_size);
+  cmp("rows", a.rows, p.rows);
+  cmp("k", a.k, p.k);
+  cmp("salient", a.salient, p.salient);
+  cmp("has_bias", a.has_bias, p.has_bias ? 1 : 0);
+  return os.str();
+}
+
+template <typename T>
+const T* tensor_data(const OrtValue* v, size_t* count) {
+  Ort::ConstValue cv{v};
+  *count = cv.GetTensorTypeAndShapeInfo().GetElementCount();
+  return *count ? cv.GetTensorData<T>() : nullptr;
+}
+
+struct Work {
+  const pbs2p::RuntimeWeight* w;
+  const pbs2p::ChunkMap* cm;
+  pbs2p::ActTables* tables;
+  pbs2p::TileFn fn;
+  const float* x;
+  float* y;
+  int tokens;
+};
+
+void tables_task(void* data, size_t tok) {
+  Work& wk = *static_cast<Work*>(data);
+  pbs2p::build_tables(wk.x, int(tok), int(tok) + 1, *wk.cm, wk.tables);
+}
+
+// Work item i = token block (i / tiles) x row tile (i % tiles): each thread walks tiles with one block's tables hot.
+void tiles_task(void* data, size_t i) {
+  Work& wk = *static_cast<Work*>(data);
+  const int tiles = wk.w->tiles;
+  const int tile = int(i % size_t(tiles));
+  const int t0 = int(i / size_t(tiles)) * kTokenBlock, t1 = std::min(wk.tokens, t0 + kTokenBlock);
+  wk.fn(*wk.w, *wk.cm, *wk.tables, tile, t0, t1, wk.y);
+  pbs2p::add_salient_and_bias(*wk.w, wk.x, tile, t0, t1, wk.y);
+}
+
+struct SparseBinaryMatMul {
+  SparseBinaryMatMul(const OrtApi* api, const OrtKernelInfo* info) noexcept {
+    try {
+      Ort::ConstKernelInfo ki{info};
+      attrs_.n = ki.GetAttribute<int64_t>("n");
+      attrs_.m = ki.GetAttribute<int64_t>("m");
+      attrs_.group_size = ki.GetAttribute<int64_t>("group_size");
+      attrs_.rows = ki.GetAttribute<int64_t>("rows");
+      attrs_.k = ki.GetAttribute<int64_t>("k");
+      attrs_.salient = ki.GetAttribute<int64_t>("salient");
+      attrs_.has_bias = ki.GetAttribute<int64_t>("has_bias");
+    } catch (const std::exception& e) {
+      init_error_ = std::string("missing or bad attribute (needs n, m, group_size, rows, k, salient, has_bias): ") + e.what();
+      return;
+    }
+    fn_ = pbs2p::best_tile_fn(&kernel_name_);
+    // Repack once here when every weight input is an initializer (the normal exported graph).
+    std::vector<const OrtValue*> consts(9, nullptr);
+    for (size_t idx = 1; idx < 9; ++idx) {
+      int is_const = 0;
+      OrtStatus* st = api->KernelInfoGetConstantInput_tensor(info, idx, &is_const, &consts[idx]);
+      if (st != nullptr) {
+        api->ReleaseStatus(st);
+        return;  // not constant: repacked from the inputs on each Compute instead
+      }
+      if (!is_const) return;
+    }
+    try {
+      pbs2p::DiskView d;
+      d.header = tensor_data<int32_t>(consts[1], &d.header_len);
+      d.mask = tensor_data<uint8_t>(consts[2], &d.mask_len);
+      d.signs = tensor_data<uint8_t>(consts[3], &d.signs_len);
+      d.scales = reinterpret_cast<const uint16_t*>(tensor_data<F16>(consts[4], &d.scales_len));
+      d.salient_cols = tensor_data<int32_t>(consts[5], &d.salient_cols_len);
+      d.salient_signs = tensor_data<uint8_t>(consts[6], &d.salient_signs_len);
+      d.alpha2 = reinterpret_cast<const uint16_t*>(tensor_data<F16>(consts[7], &d.alpha2_len));
+      d.bias = tensor_data<float>(consts[8], &d.bias_len);
+      init_error_ = load(d, &weight_);
+      prepacked_ = init_error_.empty();
+    } catch (const std::exception& e) {
+      init_error_ = std::string("reading constant weight inputs failed: ") + e.what();
+    }
+  }
+
+  std::string load(const pbs2p::DiskView& d, pbs2p::RuntimeWeight* w) const {
+    pbs2p::Params p;
+    std::string e = pbs2p::parse_header(d.header, d.header_len, &p);
+    if (e.empty()) e = check_attrs(attrs_, p);
+    if (e.empty()) e = pbs2p::repack(d, w);
+    return e;
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& X, const Tensor<int32_t>& header,
+                      const Tensor<uint8_t>& mask, const Tensor<uint8_t>& signs, const Tensor<F16>& scales,
+                      const Tensor<int32_t>& salient_cols, const Tensor<uint8_t>& salient_signs,
+                      const Tensor<F16>& alpha2, const Tensor<float>& bias, Tensor<float>& Y) {
+    try {
+      if (!init_error_.empty()) return error(init_error_);
+      const pbs2p::RuntimeWeight* w = &weight_;
+      pbs2p::RuntimeWeight local;
+      if (!prepacked_) {
+        pbs2p::DiskView d;
+        d.header = header.Data();
+        d.header_len = size_t(header.NumberOfElement());
+        d.mask = mask.Data();
+        d.mask_len = size_t(mask.NumberOfElement());
+        d.signs = signs.Data();
+        d.signs_len = size_t(signs.NumberOfElement());
+        d.scales = reinterpret_cast<const uint16_t*>(scales.Data());
+        d.scales_len = size_t(scales.NumberOfElement());
+        d.salient_cols = salient_cols.Data();
+        d.salient_cols_len = size_t(salient_cols.NumberOfElement());
+        d.salient_signs = salient_signs.Data();
+        d.salient_signs_len = size_t(salient_signs.NumberOfElement());
+        d.alpha2 = reinterpret_cast<const uint16_t*>(alpha2.Data());
+        d.alpha2_len = size_t(alpha2.NumberOfElement());
+        d.bias = bias.Data();
+        d.bias_len = size_t(bias.NumberOfElement());
+        const std::string e = load(d, &local);
+        if (!e.empty()) return error(e);
+        w = &local;
+      }
+      const std::vector<int64_t>& xs = X.Shape();
+      const int64_t k = w->p.k, rows = w->p.rows;
+      if (xs.empty() || xs.back() != k)
+        return error("input X has shape " + shape_str(xs) + " but the weight is " + shape_str({rows, k}) +
+                     " (X's last dimension must be K=" + std::to_string(k) + ")");
+      int64_t tokens = 1;
+      for (size_t i = 0; i + 1 < xs.size(); ++i) tokens *= xs[i];
+      std::vector<int64_t> ys(xs);
+      ys.back() = rows;
+      float* y = Y.Allocate(ys);
+      if (tokens == 0) return Ort::Status{nullptr};
+      const float* x = X.Data();
+
+      const pbs2p::ChunkMap cm = pbs2p::make_chunks(w->p.k, w->p.group_size);
+      pbs2p::ActTables t;
+      t.tokens = int(tokens);
+      t.k = w->p.k;
+      t.chunks = int(cm.group.size());
+      t.tables.resize(size_t(tokens) * size_t(w->p.k / 4));
+      t.scale.resize(size_t(tokens) * size_t(t.chunks));
+      Work wk{w, &cm, &t, fn_, x, y, int(tokens)};
+      Ort::KernelContext kc{ctx};
+      if (tokens == 1)
+        tables_task(&wk, 0);
+      else
+        kc.ParallelFor(tables_task, size_t(tokens), 0, &wk);
+      const size_t blocks = size_t((tokens + kTokenBlock - 1) / kTokenBlock);
+      kc.ParallelFor(tiles_task, blocks * size_t(w->tiles), 0, &wk);
+      return Ort::Status{nullptr};
+    } catch (const std::exception& e) {
+      return error(e.what());
+    }
+  }
+
+  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
+    try {
+      if (ctx.GetInputCount() != 9) return error("expects 9 inputs (X + 8 packed weight arrays)");
+      const int64_t rows = ctx.GetAttrInt("rows"), k = ctx.GetAttrInt("k");
+      Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
+      if (shape.empty()) return error("input X must have rank >= 1");
+      if (shape.back().IsInt() && shape.back().AsInt() >= 0 && shape.back().AsInt() != k)
+        return error("input X's last dimension is " + std::to_string(shape.back().AsInt()) + " but attribute k=" +
+                     std::to_string(k));
+      shape.back() = Ort::ShapeInferContext::SymbolicInteger(rows);
+      return ctx.SetOutputShape(0, shape);
+    } catch (const std::exception& e) {
+      return error(std::string("shape inference: ") + e.what());
+    }
+  }
+
+  Attrs attrs_;
+  std::string init_error_;
+  bool prepacked_ = false;
+  pbs2p::RuntimeWeight weight_;
+  pbs2p::TileFn fn_ = pbs2p::tile_generic;
+  const char* kernel_name_ = "generic";
+};
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) return nullptr;  // this ORT is older than the headers we were built with: cannot report
+  Ort::InitApi(api);
+  try {
+    // Created once and deliberately never freed: sessions keep pointers to them until process exit, and
+    // releasing at library unload could run after ONNX Runtime itself is gone.
+    static OrtCustomOpDomain* domain = nullptr;
+    static std::mutex mu;
+    std::lock_guard<std::mutex> lock(mu);
+    if (domain == nullptr) {
+      auto* op = Ort::Custom::CreateLiteCustomOp<SparseBinaryMatMul>(kOpName, "CPUExecutionProvider");
+      OrtCustomOpDomain* d = nullptr;
+      Ort::ThrowOnError(api->CreateCustomOpDomain(kDomain, &d));
+      Ort::ThrowOnError(api->CustomOpDomain_Add(d, op));
+      domain = d;
+    }
+    return api->AddCustomOpDomain(options, domain);
+  } catch (const Ort::Exception& e) {
+    return api->CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+}

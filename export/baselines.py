@@ -1,0 +1,31 @@
+"""Baseline formats exported from the original fp32 model, for side-by-side runs with the PBS2P bundle.
+
+- `fp32`: every projection a plain MatMul on fp32 weights (the reference size and speed);
+- `int4`: every projection ONNX Runtime's `MatMulNBits`, 4-bit symmetric blocks of 32 made by onnxruntime's
+  own quantizer (the usual int4 CPU deployment).
+Both use the same decoder graph, inputs, outputs and head choices as the PBS2P bundle.
+"""
+
+from __future__ import annotations
+
+from pbs2p_edge.export.configs import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+from pbs2p_edge.export.nbits import NBitsLinear
+from pbs2p_edge.export.patch import Factory
+from torch import nn
+
+INT4_BLOCK_SIZE = 32
+_PROJECTIONS = set(ATTENTION_PROJECTIONS + MLP_PROJECTIONS)
+
+
+def is_projection(name: str) -> bool:
+    """True for a decoder layer's attention/MLP projection (not the LM head)."""
+    return ".layers." in f".{name}" and name.rpartition(".")[2] in _PROJECTIONS
+
+
+def int4_factory(block_size: int = INT4_BLOCK_SIZE, accuracy_level: int = 0) -> Factory:
+    def make(name: str, linear: nn.Linear) -> nn.Module | None:
+        if not is_projection(name):
+            return None
+        return NBitsLinear(linear, bits=4, block_size=block_size, accuracy_level=accuracy_level)
+
+    return make

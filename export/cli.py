@@ -1,0 +1,114 @@
+"""`pbs2p-edge export`: model.pt (or an fp32 model for the baselines) -> a validated ONNX bundle directory.
+
+Only click is imported at module level; torch, onnx and onnxruntime load when the command runs.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("export")
+@click.argument("source")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Bundle directory to write.")
+@click.option(
+    "--format",
+    "weights",
+    type=click.Choice(["pbs2p", "fp32", "int4"]),
+    default="pbs2p",
+    show_default=True,
+    help="pbs2p: SOURCE is a model.pt; fp32/int4 baselines: SOURCE is a model folder, a .gguf or 'default'.",
+)
+@click.option(
+    "--head",
+    type=click.Choice(["fp32", "int8", "int4"]),
+    default=None,
+    help="Storage of the embedding and LM head [default: int4 for pbs2p and int4, fp32 for fp32].",
+)
+@click.option(
+    "--ops-library",
+    type=click.Choice(["copy", "reference"]),
+    default="copy",
+    show_default=True,
+    help="Copy the custom-op library into the bundle, or reference its installed path.",
+)
+@click.option(
+    "--accuracy-level",
+    type=click.Choice(["0", "4"]),
+    default="0",
+    show_default=True,
+    help="MatMulNBits compute (int4 layers, int8/int4 head): 0 = fp32, 4 = int8 activations (faster).",
+)
+@click.option(
+    "--threshold-db", type=float, default=None, help="Validation: minimum logits SQNR [default: 40]."
+)
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch comparison.")
+@click.pass_context
+def export_command(
+    ctx: click.Context,
+    source: str,
+    output: str,
+    weights: str,
+    head: str | None,
+    ops_library: str,
+    accuracy_level: str,
+    threshold_db: float | None,
+    force: bool,
+    no_validate: bool,
+) -> None:
+    """Export SOURCE to an ONNX bundle (model.onnx, ops library, tokenizer, genai_config.json, manifest.json).
+
+    The graph takes input_ids, attention_mask, position_ids and past_key_values.{i}.key/value and returns
+    logits and present.{i}.key/value. After writing, the bundle runs in ONNX Runtime and its logits are
+    compared with the PyTorch model (prefill + 8 decode steps); below the SQNR threshold the export fails
+    and nothing is left behind.
+    """
+    from pbs2p_edge.export.bundle import export_bundle
+
+    from pbs2p_edge.errors import Pbs2pError
+
+    try:
+        manifest = export_bundle(
+            None if weights != "pbs2p" and source == "default" else source,
+            output,
+            weights=weights,
+            head=head,
+            force=force,
+            validate=not no_validate,
+            ops_library=ops_library,
+            threshold_db=threshold_db,
+            accuracy_level=int(accuracy_level),
+        )
+    except Pbs2pError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(2)
+    click.echo(summary(manifest, output))
+
+
+def summary(manifest: dict, output: str) -> str:
+    sizes = manifest["sizes"]
+    lines = [
+        f"wrote {output}: {manifest['weights']} weights, {manifest['head']} head, "
+        f"{sizes['total'] / 1e6:.2f} MB ({sizes['graph_total'] / 1e6:.2f} MB graph + weights) "
+        f"in {manifest['export_seconds']:.1f} s"
+    ]
+    weights = sizes["weights"]
+    parts = ", ".join(f"{name} {value / 1e6:.2f} MB" for name, value in weights.items() if value)
+    lines.append(f"  weights: {parts}")
+    check = manifest.get("validation")
+    if check is None:
+        lines.append("  validation: skipped (--no-validate)")
+    else:
+        lines.append(
+            f"  validation vs PyTorch (prefill {check['prompt_tokens']} tokens + {check['decode_steps']} decode steps): "
+            f"SQNR {check['sqnr_db']:.1f} dB (threshold {check['threshold_db']:.0f}), "
+            f"max abs diff {check['max_abs_diff']:.3g}, top-1 agreement {check['top1_agreement']:.0%}"
+        )
+        effect = check.get("head_effect")
+        if effect:
+            lines.append(
+                f"  {manifest['head']} head vs fp32 head (PyTorch): SQNR {effect['sqnr_db']:.1f} dB, "
+                f"top-1 agreement {effect['top1_agreement']:.0%}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Dynamo export of the decoder to one ONNX graph with KV cache, external data and the ONNX checker."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from pbs2p_edge.export.configs import ExportConfig
+from pbs2p_edge.export.decoder import Decoder
+from pbs2p_edge.export.patch import onnx_emission
+
+from pbs2p_edge.errors import Pbs2pError
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+OPSET = 18
+# Example shapes for tracing: all different and > 1 so no axis is specialised to a constant.
+_TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 5
+
+
+def example_inputs(config: ExportConfig) -> tuple[torch.Tensor, ...]:
+    batch, seq_len, past_len = _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq_len), dtype=torch.int64)
+    attention_mask = torch.ones(batch, past_len + seq_len, dtype=torch.int64)
+    position_ids = torch.arange(past_len, past_len + seq_len, dtype=torch.int64).expand(batch, seq_len)
+    past = [
+        torch.zeros(batch, config.num_kv_heads, past_len, config.head_dim)
+        for _ in range(2 * config.num_layers)
+    ]
+    return (input_ids, attention_mask, position_ids.contiguous(), *past)
+
+
+def _dynamic_shapes(config: ExportConfig) -> dict[str, object]:
+    batch = torch.export.Dim.DYNAMIC
+    seq = torch.export.Dim.DYNAMIC
+    past_axes = {0: batch, 2: torch.export.Dim.DYNAMIC}
+    return {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: torch.export.Dim.DYNAMIC},
+        "position_ids": {0: batch, 1: seq},
+        "past": tuple(past_axes for _ in range(2 * config.num_layers)),
+    }
+
+
+def _name_axes(model: onnx.ModelProto, config: ExportConfig) -> None:
+    """Give the dynamic axes the names optimum and onnxruntime-genai use."""
+    axes = {
+        "input_ids": ["batch_size", "sequence_length"],
+        "attention_mask": ["batch_size", "total_sequence_length"],
+        "position_ids": ["batch_size", "sequence_length"],
+        "logits": ["batch_size", "sequence_length", config.vocab_size],
+    }
+    for name in config.past_names():
+        axes[name] = ["batch_size", config.num_kv_heads, "past_sequence_length", config.head_dim]
+    for name in config.present_names():
+        axes[name] = ["batch_size", config.num_kv_heads, "total_sequence_length", config.head_dim]
+    for value in [*model.graph.input, *model.graph.output]:
+        names = axes.get(value.name)
+        if names is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for dim, label in zip(dims, names, strict=True):
+            if isinstance(label, str):
+                dim.ClearField("dim_value")
+                dim.dim_param = label
+            else:
+                dim.ClearField("dim_param")
+                dim.dim_value = label
+
+
+def _share_reshaped_initializers(model: onnx.ModelProto) -> None:
+    """Replace initializers that are byte-identical reshaped copies of another one by a Reshape node.
+
+    The tied quantized embedding gathers from the LM head's quantized matrix viewed as 2-D; the exporter's
+    constant folding turns that view into a second copy, which would store the matrix twice.
+    """
+    graph = model.graph
+    by_content: dict[tuple[int, bytes], onnx.TensorProto] = {}
+    initializers = list(graph.initializer)
+    for tensor in initializers:
+        if len(tensor.raw_data) < 4096:
+            continue
+        key = (tensor.data_type, tensor.raw_data)
+        original = by_content.get(key)
+        if original is None:
+            by_content[key] = tensor
+            continue
+        shape_name = f"{tensor.name}__shape"
+        graph.initializer.remove(tensor)
+        graph.initializer.append(
+            onnx.numpy_helper.from_array(np.array(tensor.dims, dtype=np.int64), shape_name)
+        )
+        reshape = onnx.helper.make_node(
+            "Reshape", [original.name, shape_name], [tensor.name], name=f"{tensor.name}__reshape"
+        )
+        graph.node.insert(0, reshape)
+
+
+@contextlib.contextmanager
+def _quiet_loggers() -> Iterator[None]:
+    """Silence the exporter's per-pass INFO logs (onnxruntime's quantizer sets the root logger to INFO)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def export_onnx(decoder: Decoder, config: ExportConfig, out_dir: Path) -> Path:
+    """Export `decoder` to out_dir/model.onnx (+ model.onnx.data) and run the ONNX checker on it."""
+    path = out_dir / MODEL_FILE
+    inputs = example_inputs(config)
+    with warnings.catch_warnings(), _quiet_loggers(), onnx_emission(decoder), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                decoder,
+                inputs,
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=config.input_names(),
+                output_names=config.output_names(),
+                dynamic_shapes=_dynamic_shapes(config),
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise Pbs2pError(f"ONNX export failed: {first}") from exc
+    model = program.model_proto
+    _name_axes(model, config)
+    _share_reshaped_initializers(model)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,
+    )
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise Pbs2pError(f"exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+    return path

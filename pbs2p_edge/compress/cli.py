@@ -1,0 +1,122 @@
+"""`pbs2p-edge compress`: HF model (or the embedded default) -> compressed checkpoint model.pt.
+
+Only click is imported at module level; torch and transformers load when the command runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+
+@click.command("compress")
+@click.option("--model", "model_path", default=None, help="HF model folder or .gguf (default: embedded SmolLM2-135M).")
+@click.option("--text", "text_path", type=click.Path(), default=None, help="Calibration text file (default: corpus calibration split).")
+@click.option("--nm", default="6:8", show_default=True, help="Kept N of every M weights (pruning pattern).")
+@click.option(
+    "--method",
+    type=click.Choice(["pbs2p", "naive", "binarize_only"]),
+    default="pbs2p",
+    show_default=True,
+    help="pbs2p = SPBO + CFS; naive = one-shot prune then binarize; binarize_only = no pruning.",
+)
+@click.option("--steps", type=int, default=None, help="SPBO pruning steps (default: M - N of each layer).")
+@click.option("--calib-samples", type=int, default=None, help="Calibration sequences [default: 64].")
+@click.option("--calib-len", type=int, default=None, help="Tokens per calibration sequence [default: 256].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sampling and torch.")
+@click.option("--cfs/--no-cfs", default=None, help="Coarse per-layer N search [default: on for pbs2p].")
+@click.option("--cfs-delta", type=float, default=None, help="CFS: N change per unit of relative importance [default: 4].")
+@click.option("--cfs-range", default=None, help="CFS: N_low:N_high bounds of a layer's N [default: N-1:N+1].")
+@click.option("--salient", type=int, default=None, help="Salient columns per group with a second sign plane [default: 0].")
+@click.option("--rescore/--no-rescore", default=None, help="SPBO: re-score between steps [default: on].")
+@click.option("--metric", type=click.Choice(["obs", "magnitude"]), default=None, help="Pruning metric [default: obs].")
+@click.option("--arb-iters", type=int, default=None, help="ARB refinement iterations [default: 15].")
+@click.option("--group-size", type=int, default=None, help="Columns per scale group / GPTQ block [default: 128].")
+@click.option("--damping", type=float, default=None, help="Hessian damping, fraction of mean diag [default: 0.01].")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Checkpoint to write (model.pt).")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.pass_context
+def compress_command(ctx: click.Context, **options: Any) -> None:
+    """Compress a LLaMA-family model with PBS2P (or a baseline) into a checkpoint."""
+    from pbs2p_edge.errors import Pbs2pError
+
+    try:
+        _run(**options)
+    except Pbs2pError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(2)
+
+
+def build_config(options: dict[str, Any]) -> Any:
+    from pbs2p_edge.config import PBS2PConfig, parse_nm
+
+    n, m = parse_nm(options["nm"])
+    chosen = {
+        "steps": options["steps"],
+        "calib_samples": options["calib_samples"],
+        "calib_len": options["calib_len"],
+        "cfs": options["cfs"],
+        "cfs_delta": options["cfs_delta"],
+        "salient": options["salient"],
+        "rescore": options["rescore"],
+        "prune_metric": options["metric"],
+        "arb_iters": options["arb_iters"],
+        "group_size": options["group_size"],
+        "damping": options["damping"],
+    }
+    if options["cfs_range"] is not None:
+        chosen["cfs_n_low"], chosen["cfs_n_high"] = _parse_range(options["cfs_range"])
+    settings = {key: value for key, value in chosen.items() if value is not None}
+    return PBS2PConfig(n=n, m=m, method=options["method"], seed=options["seed"], **settings)
+
+
+def _parse_range(text: str) -> tuple[int, int]:
+    from pbs2p_edge.errors import Pbs2pError
+
+    low, sep, high = text.partition(":")
+    try:
+        return int(low), int(high)
+    except ValueError:
+        raise Pbs2pError(f"invalid CFS range {text!r}: expected N_low:N_high like 5:7") from None
+
+
+def _run(**options: Any) -> None:
+    from pathlib import Path
+
+    from pbs2p_edge.errors import Pbs2pError
+
+    config = build_config(options)
+    output = Path(options["output"])
+    if output.is_dir():
+        raise Pbs2pError(f"output {output} is a directory")
+    if output.exists() and not options["force"]:
+        raise Pbs2pError(f"output {output} exists (use --force to overwrite)")
+
+    from pbs2p_edge import sources
+    from pbs2p_edge.checkpoint import read_tokenizer_files, save_checkpoint
+    from pbs2p_edge.compress.pipeline import check_supported, compress
+
+    model, tokenizer = sources.load_model(options["model_path"])
+    check_supported(model)
+    calib = sources.calibration_ids(
+        tokenizer, config.calib_samples, config.calib_len, config.seed, options["text_path"]
+    )
+    tokenizer_files = read_tokenizer_files(sources.model_files(options["model_path"]))
+    compressed = compress(model, config, calib, tokenizer_files=tokenizer_files, progress=not options["no_progress"])
+    save_checkpoint(compressed, output)
+    click.echo(summary(compressed.results, output))
+
+
+def summary(results: dict[str, Any], output: Any) -> str:
+    layer_n = results["layer_n"]
+    lines = [
+        f"wrote {output}: {results['method']} {results['nm']} "
+        f"({results['calibration']['samples']} x {results['calibration']['seq_len']} calibration tokens)",
+        f"  bits per weight (compressed linears): {results['bits_per_weight']:.3f} honest "
+        f"(signs + mask + scales), {results['bits_per_weight_paper_style']:.3f} paper-style (kept signs only)",
+        f"  per-layer N: {' '.join(map(str, layer_n))} (parameter-weighted average {results['average_n']:.3f})",
+        f"  time: {results['seconds']:.1f} s",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""PBS2PConfig: every knob of the compression, validated once on construction (no torch).
+
+The methods share one code path and differ only in the config:
+- `pbs2p`: stepwise N:M pruning with re-binarization (SPBO) + coarse-to-fine per-layer N search (CFS);
+- `naive`: the same metric and binarizer, but the N:M mask is applied in one shot and every layer gets N;
+- `binarize_only`: no pruning at all, stored as N = M (an all-ones mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.format.packed import SUPPORTED_M
+
+METHODS = ("pbs2p", "naive", "binarize_only")
+# Decoder-only families with LLaMA's layer structure (q/k/v/o + gate/up/down linears per layer).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+PRUNE_METRICS = ("obs", "magnitude")
+_NM_PATTERN = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """Parse and check "N:M" (kept N of every M consecutive weights): 1 <= N <= M."""
+    match = _NM_PATTERN.match(str(text))
+    if match is None:
+        raise Pbs2pError(f"invalid N:M {text!r}: expected two integers like 6:8")
+    n, m = int(match.group(1)), int(match.group(2))
+    _check_nm(n, m, f"{n}:{m}")
+    return n, m
+
+
+def _check_nm(n: int, m: int, label: str) -> None:
+    if m < 1:
+        raise Pbs2pError(f"invalid N:M {label}: M must be at least 1")
+    if not 1 <= n <= m:
+        raise Pbs2pError(f"invalid N:M {label}: N must be between 1 and M ({m})")
+
+
+@dataclass
+class PBS2PConfig:
+    """Compression settings. `None` fields are resolved from `method` in `__post_init__`."""
+
+    n: int = 6
+    m: int = 8
+    method: str = "pbs2p"
+    # SPBO: pruning steps per layer (None: M - N of that layer, one pruned weight per group of M per step).
+    steps: int | None = None
+    # Pruning metric: "obs" = w^2 / [U]_jj^2 (Hessian), "magnitude" = w^2.
+    prune_metric: str = "obs"
+    # SPBO: choose each step's weights by their extra error over the current binarization (True), or fix the
+    # order up front from the metric (False).
+    rescore: bool = True
+    # Columns per scale group, also the GPTQ block width.
+    group_size: int = 128
+    arb_iters: int = 15
+    # Salient columns per group with a second-order residual sign plane (0 = off).
+    salient: int = 0
+    calib_samples: int = 64
+    calib_len: int = 256
+    damping: float = 0.01
+    seed: int = 0
+    # CFS: coarse per-layer N from layer importance (None: on for pbs2p, off otherwise).
+    cfs: bool | None = None
+    cfs_delta: float = 4.0
+    cfs_n_low: int | None = None
+    cfs_n_high: int | None = None
+    # CFS search budget: calibration sequences used for the layer-importance pass.
+    cfs_samples: int = 16
+    # Calibration sequences per forward batch (memory only, does not change the result).
+    batch_size: int = 8
+
+    @classmethod
+    def from_nm(cls, nm: str, **kwargs: Any) -> PBS2PConfig:
+        n, m = parse_nm(nm)
+        return cls(n=n, m=m, **kwargs)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise Pbs2pError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        _check_nm(self.n, self.m, f"{self.n}:{self.m}")
+        if self.m not in SUPPORTED_M:
+            raise Pbs2pError(f"M={self.m} is not supported by the packed format (supported: {SUPPORTED_M})")
+        if self.method == "binarize_only":
+            self.n = self.m
+        elif self.n == self.m:
+            raise Pbs2pError(f"method {self.method} needs N < M (got {self.n}:{self.m}); use binarize_only")
+        if self.prune_metric not in PRUNE_METRICS:
+            raise Pbs2pError(f"unknown prune metric {self.prune_metric!r} (choose from {', '.join(PRUNE_METRICS)})")
+        if self.group_size < self.m or self.group_size % self.m:
+            raise Pbs2pError(f"group size {self.group_size} must be a positive multiple of M ({self.m})")
+        _positive(self, "arb_iters", "calib_samples", "calib_len", "cfs_samples", "batch_size")
+        if self.salient < 0 or self.salient > self.group_size // 2:
+            raise Pbs2pError(f"salient columns per group must be between 0 and {self.group_size // 2}")
+        if not 0 < self.damping < 10:
+            raise Pbs2pError(f"damping must be in (0, 10) (got {self.damping})")
+        if self.seed < 0:
+            raise Pbs2pError(f"seed must be >= 0 (got {self.seed})")
+        self._resolve_steps()
+        self._resolve_cfs()
+
+    def _resolve_steps(self) -> None:
+        pruned = self.m - self.n
+        if self.method != "pbs2p":
+            if self.steps not in (None, 1):
+                raise Pbs2pError(f"steps apply to method pbs2p only ({self.method} prunes in one shot)")
+            self.steps = 1
+        elif self.steps is not None and not 1 <= self.steps <= pruned:
+            raise Pbs2pError(f"steps must be between 1 and M - N = {pruned} (got {self.steps})")
+
+    def _resolve_cfs(self) -> None:
+        if self.cfs is None:
+            self.cfs = self.method == "pbs2p"
+        if self.cfs and self.method == "binarize_only":
+            raise Pbs2pError("CFS allocates sparsity and binarize_only has none: drop --cfs")
+        if self.cfs_n_low is None:
+            self.cfs_n_low = max(1, self.n - 1)
+        if self.cfs_n_high is None:
+            self.cfs_n_high = min(self.m, self.n + 1)
+        if not 1 <= self.cfs_n_low <= self.n <= self.cfs_n_high <= self.m:
+            raise Pbs2pError(
+                f"CFS bounds must satisfy 1 <= N_low <= N <= N_high <= M "
+                f"(got {self.cfs_n_low} <= {self.n} <= {self.cfs_n_high} <= {self.m})"
+            )
+        if self.cfs_delta < 0:
+            raise Pbs2pError(f"CFS delta must be >= 0 (got {self.cfs_delta})")
+
+    def steps_for(self, n: int) -> int:
+        """SPBO steps of a layer that keeps `n` of M (CFS may give layers different N)."""
+        if self.method != "pbs2p" or n == self.m:
+            return 1
+        return self.m - n if self.steps is None else min(self.steps, self.m - n)
+
+    @property
+    def nm(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PBS2PConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise Pbs2pError(f"unknown compression config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _positive(config: PBS2PConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise Pbs2pError(f"{name.replace('_', ' ')} must be a positive integer (got {value!r})")

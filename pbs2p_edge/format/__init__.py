@@ -1,0 +1,28 @@
+"""Packed sparse-binary weight format (numpy only): see docs/FORMAT.md."""
+
+from pbs2p_edge.format.packed import (
+    ARRAY_ORDER,
+    MAGIC,
+    VERSION,
+    PackedWeight,
+    SparseBinaryWeight,
+    pack,
+    runtime_bits_per_weight,
+    unpack,
+)
+from pbs2p_edge.format.random import random_weight
+from pbs2p_edge.format.reference import kernel_matmul, reference_matmul
+
+__all__ = [
+    "ARRAY_ORDER",
+    "MAGIC",
+    "VERSION",
+    "PackedWeight",
+    "SparseBinaryWeight",
+    "kernel_matmul",
+    "pack",
+    "random_weight",
+    "reference_matmul",
+    "runtime_bits_per_weight",
+    "unpack",
+]

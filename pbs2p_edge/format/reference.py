@@ -1,0 +1,64 @@
+"""Numpy reference matmuls: the oracle every C++ kernel is tested against."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.format.packed import ACT_MAX, CHUNK_COLS, PackedWeight, unpack
+
+
+def _check_x(x: np.ndarray, p: PackedWeight) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim < 1 or x.shape[-1] != p.k:
+        raise Pbs2pError(f"x has shape {list(x.shape)} but the weight is [{p.rows}, {p.k}]")
+    return x
+
+
+def reference_matmul(x: np.ndarray, p: PackedWeight) -> np.ndarray:
+    """x [..., K] @ W_hat.T (+ bias) -> float32 [..., rows], exact (float64 accumulation)."""
+    x = _check_x(x, p)
+    w = unpack(p)
+    y = x.astype(np.float64) @ w.dense().astype(np.float64).T
+    if w.bias is not None:
+        y += w.bias.astype(np.float64)
+    return y.astype(np.float32)
+
+
+def chunk_bounds(k: int, group_size: int) -> list[tuple[int, int, int]]:
+    """(begin, end, group) of every activation-quantization chunk, as the kernels cut them."""
+    out = []
+    for g, g0 in enumerate(range(0, k, group_size)):
+        g1 = min(k, g0 + group_size)
+        out.extend((c, min(g1, c + CHUNK_COLS), g) for c in range(g0, g1, CHUNK_COLS))
+    return out
+
+
+def kernel_matmul(x: np.ndarray, p: PackedWeight) -> np.ndarray:
+    """What the C++ kernels compute: activations quantized to int7 per chunk of <= 64 columns of a group
+    (scale = max|x| / 63, round half to even), exact integer sums, then scaled by fp16 alpha/mu."""
+    x = _check_x(x, p)
+    w = unpack(p)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, p.k)
+    ternary = np.where(w.mask, np.where(w.signs, 1, -1), 0).astype(np.int64)
+    kept = w.mask.astype(np.int64)
+    y = np.zeros((x2.shape[0], p.rows), dtype=np.float64)
+    for b, e, g in chunk_bounds(p.k, p.group_size):
+        xc = x2[:, b:e]
+        amax = np.abs(xc).max(axis=1)
+        safe = np.where(amax > 0, amax, np.float32(1.0)).astype(np.float32)
+        inv = np.where(amax > 0, np.float32(ACT_MAX) / safe, np.float32(0.0)).astype(np.float32)
+        q = np.clip(np.rint(xc * inv[:, None]), -ACT_MAX, ACT_MAX).astype(np.int64)
+        d = q @ ternary[:, b:e].T
+        s = q @ kept[:, b:e].T
+        scale = (amax / np.float32(ACT_MAX)).astype(np.float32).astype(np.float64)
+        y += scale[:, None] * (w.alpha[:, g].astype(np.float64) * d + w.mu[:, g].astype(np.float64) * s)
+    if w.salient_cols is not None:
+        for g, cols in enumerate(w.salient_cols):
+            for s_idx, col in enumerate(cols):
+                coef = np.where(w.mask[:, col], np.where(w.salient_signs[:, g, s_idx], 1.0, -1.0), 0.0)
+                y += x2[:, col : col + 1].astype(np.float64) * (w.alpha2[:, g].astype(np.float64) * coef)[None, :]
+    if w.bias is not None:
+        y += w.bias.astype(np.float64)
+    return y.astype(np.float32).reshape(*lead, p.rows)

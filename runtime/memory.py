@@ -1,0 +1,78 @@
+"""Resident-set-size measurement of this process: current, peak, and peak over a block of code.
+
+On Linux the kernel keeps the exact peak (VmHWM) and lets a process reset it (`echo 5 > /proc/self/clear_refs`,
+Linux >= 4.0), so the peak over a block is exact. Elsewhere a background thread samples RSS every millisecond
+or so, which can miss short spikes.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def current_rss() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss() -> int:
+    """Peak RSS of this process since start (or since the last `reset_peak_rss`)."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss if sys.platform == "darwin" else maxrss * 1024)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter to the current RSS; False where that is not possible."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class PeakRss:
+    """`with PeakRss() as meter: ...` then `meter.peak` is the peak RSS in bytes during the block."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        self.interval = interval
+        self.peak = 0
+        self.exact = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakRss:
+        self.exact = reset_peak_rss()
+        self.peak = current_rss()
+        if not self.exact:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, int(process.memory_info().rss))
+            time.sleep(self.interval)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self.peak = max(self.peak, peak_rss() if self.exact else current_rss())

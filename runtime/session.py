@@ -1,0 +1,141 @@
+"""One onnxruntime session over a bundle's decoder graph, with the KV cache kept as OrtValues.
+
+The graph (docs/ARCHITECTURE.md §3) takes `past_key_values.{i}.key|value [1, kv_heads, P, head_dim]` and returns
+`present.{i}.key|value [1, kv_heads, P+S, head_dim]`. With IO binding the presents stay as onnxruntime-owned
+OrtValues and are bound straight back as the next step's past: Python never converts or copies the cache. (The
+graph's own Concat still writes P+S rows per layer per step; that copy lives in the exported graph.)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.runtime.bundle import Bundle
+
+_NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+def session_options(
+    bundle: Bundle, threads: int | None = None, profile_prefix: str | os.PathLike | None = None
+) -> ort.SessionOptions:
+    """Session options: thread count, sequential execution, full graph optimisation, the bundle's ops library."""
+    options = ort.SessionOptions()
+    if threads is not None:
+        if threads < 1:
+            raise Pbs2pError(f"--threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: warnings about unused initializers are noise to a user
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    if bundle.ops_library is not None:
+        try:
+            options.register_custom_ops_library(str(bundle.ops_library))
+        except Exception as exc:  # onnxruntime raises a bare RuntimeError/Fail
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise Pbs2pError(f"cannot load the ops library {bundle.ops_library}: {first}") from None
+    return options
+
+
+class DecoderSession:
+    """Prefill and decode steps for batch size 1; the cache grows by one step's tokens per call."""
+
+    def __init__(
+        self, bundle: Bundle, threads: int | None = None, profile_prefix: str | os.PathLike | None = None
+    ) -> None:
+        self.bundle = bundle
+        options = session_options(bundle, threads, profile_prefix)
+        try:
+            self.session = ort.InferenceSession(
+                str(bundle.model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise Pbs2pError(f"onnxruntime cannot load {bundle.model_path}: {first}") from None
+        layers = range(bundle.num_layers)
+        self.past_names = [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
+        self.present_names = [f"present.{i}.{kind}" for i in layers for kind in ("key", "value")]
+        self._check_contract()
+        past_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0])
+        self.cache_dtype = _NUMPY_DTYPES.get(past_type, np.float32)
+        self.has_position_ids = any(i.name == "position_ids" for i in self.session.get_inputs())
+        self._binding = self.session.io_binding()
+        self._past: list[ort.OrtValue] = []
+        self.past_len = 0
+        self.last_run_seconds = 0.0  # wall time of the last onnxruntime run (the rest of forward is Python)
+        self.reset()
+
+    def _check_contract(self) -> None:
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        missing = [n for n in ["input_ids", "attention_mask", *self.past_names] if n not in inputs]
+        missing += [n for n in ["logits", *self.present_names] if n not in outputs]
+        if missing:
+            raise Pbs2pError(
+                f"{self.bundle.model_path} does not match its manifest ({self.bundle.num_layers} layers): "
+                f"graph lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"
+            )
+
+    @property
+    def context_length(self) -> int:
+        return self.bundle.context_length
+
+    def reset(self) -> None:
+        """Start a new sequence: empty (length 0) past tensors."""
+        shape = (1, self.bundle.num_kv_heads, 0, self.bundle.head_dim)
+        empty = np.zeros(shape, dtype=self.cache_dtype)
+        self._past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
+        self.past_len = 0
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes held by the current cache tensors."""
+        itemsize = np.dtype(self.cache_dtype).itemsize
+        return sum(int(np.prod(v.shape())) * itemsize for v in self._past)
+
+    def forward(self, token_ids: np.ndarray | list[int], all_logits: bool = False) -> np.ndarray:
+        """Run the graph on the next tokens (prefill if many, decode if one) and return the last row of logits.
+
+        With `all_logits=True`, returns logits for every input position, shape [S, vocab].
+        """
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
+        new, past = ids.shape[1], self.past_len
+        if new == 0:
+            raise Pbs2pError("no tokens to run")
+        if past + new > self.context_length:
+            raise Pbs2pError(f"sequence of {past + new} tokens exceeds the model's context of {self.context_length}")
+        attention_mask = np.ones((1, past + new), dtype=np.int64)
+        position_ids = np.arange(past, past + new, dtype=np.int64).reshape(1, -1)
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        if self.has_position_ids:
+            binding.bind_cpu_input("position_ids", position_ids)
+        for name, value in zip(self.past_names, self._past):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, "cpu")
+        start = time.perf_counter()
+        self.session.run_with_iobinding(binding)
+        self.last_run_seconds = time.perf_counter() - start
+        outputs = binding.get_outputs()
+        self._past = list(outputs[1:])
+        self.past_len = past + new
+        logits = outputs[0].numpy()
+        # Own copy of the rows we return, so nothing outlives the OrtValue that the next call releases.
+        return np.array(logits[0] if all_logits else logits[0, -1], dtype=np.float32)
+
+    def end_profiling(self) -> Path:
+        """Stop onnxruntime's profiler and return the JSON trace it wrote."""
+        return Path(self.session.end_profiling())

@@ -1,0 +1,155 @@
+"""SparseBinaryMatMul through a real onnxruntime.InferenceSession vs the numpy references, and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from tolerances import KERNEL_VS_EXACT_NMSE, OP_VS_KERNEL_REFERENCE_REL, THREADS_AGREE_REL
+
+from pbs2p_edge import ops
+from pbs2p_edge.format import PackedWeight, kernel_matmul, pack, random_weight, reference_matmul
+from pbs2p_edge.format import packed as fmt
+
+CPU = ["CPUExecutionProvider"]
+
+
+def build_model(
+    p: PackedWeight,
+    *,
+    x_shape: list | None = None,
+    attrs: dict | None = None,
+    arrays: dict | None = None,
+    weights_as_inputs: bool = False,
+) -> bytes:
+    """One SparseBinaryMatMul node; weights are initializers unless weights_as_inputs."""
+    arrays = arrays if arrays is not None else dict(p.op_inputs())
+    names = [f"w.{name}" for name in arrays]
+    node = helper.make_node(
+        ops.OP_TYPE, ["X", *names], ["Y"], domain=ops.OP_DOMAIN, **(attrs if attrs is not None else p.op_attributes())
+    )
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape or ["batch", "seq", p.k])]
+    inits = []
+    for name, arr in zip(names, arrays.values(), strict=True):
+        if weights_as_inputs:
+            dtype = helper.np_dtype_to_tensor_dtype(arr.dtype)
+            dims = [f"{name}.{i}" for i in range(arr.ndim)]  # symbolic: the op, not ORT, checks sizes
+            inputs.append(helper.make_tensor_value_info(name, dtype, dims))
+        else:
+            inits.append(numpy_helper.from_array(arr, name))
+    graph = helper.make_graph(
+        [node], "sbmm", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.OP_DOMAIN, ops.OP_VERSION)]
+    )
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def session(model: bytes, threads: int = 1) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    ops.register(so)
+    return ort.InferenceSession(model, so, providers=CPU)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-12))
+
+
+CASES = [
+    # rows, k, n, m, group_size, salient, bias, x leading shape
+    (1, 8, 6, 8, 128, 0, False, (1, 1)),
+    (33, 200, 5, 8, 48, 2, True, (2, 3)),
+    (64, 576, 6, 8, 128, 0, False, (1, 1)),
+    (70, 576, 4, 8, 128, 1, True, (1, 17)),
+    (31, 64, 2, 4, 64, 0, True, (5,)),
+    (200, 320, 6, 8, 128, 0, False, (2, 1)),
+]
+
+
+@pytest.mark.parametrize("kernel", ["default", "generic"])
+@pytest.mark.parametrize("rows,k,n,m,gs,salient,bias,lead", CASES)
+def test_op_matches_numpy(monkeypatch, kernel, rows, k, n, m, gs, salient, bias, lead):
+    if kernel != "default":
+        monkeypatch.setenv(ops.ENV_KERNEL, kernel)  # read by the library when the session creates the kernel
+    p = pack(random_weight(rows, k, n, m, gs, salient=salient, bias=bias, seed=rows + k))
+    x = np.random.default_rng(rows).normal(size=(*lead, k)).astype(np.float32)
+    x_shape = ["a", k] if len(lead) == 1 else ["a", "b", k]
+    (y,) = session(build_model(p, x_shape=x_shape)).run(None, {"X": x})
+    assert y.shape == (*lead, rows) and y.dtype == np.float32
+    assert rel_err(y, kernel_matmul(x, p)) <= OP_VS_KERNEL_REFERENCE_REL
+    exact = reference_matmul(x, p)
+    assert float(((y - exact) ** 2).sum() / (exact**2).sum()) <= KERNEL_VS_EXACT_NMSE
+
+
+def test_threads_and_non_constant_weights_agree():
+    p = pack(random_weight(300, 512, 6, 8, 128, salient=1, bias=True, seed=9))
+    x = np.random.default_rng(2).normal(size=(2, 9, 512)).astype(np.float32)
+    (y1,) = session(build_model(p), threads=1).run(None, {"X": x})
+    (y2,) = session(build_model(p), threads=2).run(None, {"X": x})
+    assert rel_err(y2, y1) <= THREADS_AGREE_REL
+    feeds = {"X": x, **{f"w.{name}": arr for name, arr in p.op_inputs()}}
+    (y3,) = session(build_model(p, weights_as_inputs=True)).run(None, feeds)
+    assert rel_err(y3, y1) <= THREADS_AGREE_REL
+
+
+def test_empty_batch():
+    p = pack(random_weight(40, 64, 6, 8, 32))
+    (y,) = session(build_model(p)).run(None, {"X": np.zeros((0, 3, 64), np.float32)})
+    assert y.shape == (0, 3, 40)
+
+
+def _run_error(model: bytes, x: np.ndarray, feeds: dict | None = None) -> str:
+    """The op must report a clean onnxruntime error, at session creation or at run time."""
+    with pytest.raises(Exception) as info:  # noqa: B017 - onnxruntime raises several exception types
+        session(model).run(None, {"X": x, **(feeds or {})})
+    return str(info.value)
+
+
+def test_bad_inputs_give_clear_errors():
+    p = pack(random_weight(40, 64, 6, 8, 32, bias=True))
+    x = np.ones((1, 2, 64), np.float32)
+
+    msg = _run_error(build_model(p, x_shape=["a", "b", "k"]), np.ones((1, 2, 60), np.float32))
+    assert "[1, 2, 60]" in msg and "[40, 64]" in msg
+
+    msg = _run_error(build_model(p, attrs={**p.op_attributes(), "n": 4}), x)
+    assert "attribute n=4" in msg
+
+    attrs = p.op_attributes()
+    del attrs["group_size"]
+    assert "attribute" in _run_error(build_model(p, attrs=attrs), x)
+
+    arrays = dict(p.op_inputs())
+    header = arrays["header"].copy()
+    header[fmt.HDR_MAGIC] = 1
+    assert "magic" in _run_error(build_model(p, arrays={**arrays, "header": header}), x)
+
+    header = arrays["header"].copy()
+    header[fmt.HDR_VERSION] = 2
+    assert "version 2" in _run_error(build_model(p, arrays={**arrays, "header": header}), x)
+
+    mask = arrays["mask"].copy()
+    mask[0, 0] ^= 1
+    assert "N:M" in _run_error(build_model(p, arrays={**arrays, "mask": mask}), x)
+
+    assert "signs has" in _run_error(build_model(p, arrays={**arrays, "signs": arrays["signs"][:-1]}), x)
+
+    # the same checks hold when the weights arrive as graph inputs instead of initializers
+    feeds = {f"w.{name}": arr for name, arr in arrays.items()}
+    feeds["w.scales"] = arrays["scales"][:-1]
+    msg = _run_error(build_model(p, weights_as_inputs=True), x, feeds)
+    assert "scales has" in msg
+
+
+def test_library_path_override(monkeypatch, tmp_path):
+    real = ops.library_path()
+    assert real.name == ops.LIBRARY_NAME and real.is_file()
+    monkeypatch.setenv(ops.ENV_LIBRARY, str(tmp_path / "missing.so"))
+    with pytest.raises(ops.Pbs2pError, match="does not exist"):
+        ops.library_path()
+    monkeypatch.setenv(ops.ENV_LIBRARY, str(real))
+    assert ops.library_path() == real
