@@ -116,9 +116,12 @@ class SparseBinaryLinear(EmittingModule):
         for begin, end, _ in chunk_bounds(self.in_features, self.packed.group_size):
             chunk = flat[:, begin:end]
             amax = chunk.abs().amax(dim=1, keepdim=True)
-            inv = torch.where(amax > 0, ACT_MAX / torch.where(amax > 0, amax, 1.0), 0.0)
+            # A true division (torch computes `scalar / tensor` as a reciprocal times the scalar, which
+            # rounds differently from the kernels and flips ties of the int7 rounding).
+            safe = torch.where(amax > 0, amax, 1.0)
+            inv = torch.where(amax > 0, torch.full_like(safe, float(ACT_MAX)) / safe, 0.0)
             q = torch.clamp(torch.round(chunk * inv), -ACT_MAX, ACT_MAX)
-            pieces.append(q * (amax / ACT_MAX))
+            pieces.append(q * (amax / torch.full_like(amax, float(ACT_MAX))))
         y = torch.cat(pieces, dim=1) @ binary.T
         if residual is not None:
             y = y + flat @ residual.T

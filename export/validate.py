@@ -204,6 +204,7 @@ def validate_graph(
     if not result["sqnr_db"] >= threshold_db:
         raise Pbs2pError(
             f"validation failed: ONNX Runtime logits differ from PyTorch (SQNR {result['sqnr_db']:.1f} dB < "
-            f"{threshold_db:.0f} dB, max abs diff {result['max_abs_diff']:.3g}); bundle not written"
+            f"{threshold_db:.0f} dB, max abs diff {result['max_abs_diff']:.3g}); bundle not written "
+            "(--threshold-db lowers the gate, --no-validate skips it)"
         )
     return result

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,13 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_REQUIRED = {"model_config": dict, "tokenizer": dict, "compression": dict, "dense_state": dict, "packed": dict}
+_REQUIRED = {
+    "model_config": dict,
+    "tokenizer": dict,
+    "compression": dict,
+    "dense_state": dict,
+    "packed": dict,
+}
 
 
 def read_tokenizer_files(folder: str | os.PathLike) -> dict[str, str]:
@@ -99,7 +106,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise Pbs2pError(f"checkpoint {p} is not a file")
     try:
-        data = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # foreign pickles trigger protocol warnings before the refusal
+            data = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise Pbs2pError(f"refusing {p}: it contains pickled objects other than plain data") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, IndexError) as exc:
@@ -144,7 +153,10 @@ def build_model(ckpt: dict[str, Any]) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_config(config).float().eval()
     except Exception as exc:
         raise Pbs2pError(f"checkpoint model config cannot be built: {_first_line(exc)}") from None
-    state = {key: value.float() if value.is_floating_point() else value for key, value in ckpt["dense_state"].items()}
+    state = {
+        key: value.float() if value.is_floating_point() else value
+        for key, value in ckpt["dense_state"].items()
+    }
     for name, packed in packed_layers(ckpt).items():
         weight = unpack(packed)
         state[f"{name}.weight"] = torch.from_numpy(weight.dense())

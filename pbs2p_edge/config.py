@@ -59,7 +59,7 @@ class PBS2PConfig:
     arb_iters: int = 15
     # Salient columns per group with a second-order residual sign plane (0 = off).
     salient: int = 0
-    calib_samples: int = 64
+    calib_samples: int = 32
     calib_len: int = 256
     damping: float = 0.01
     seed: int = 0
@@ -89,7 +89,9 @@ class PBS2PConfig:
         elif self.n == self.m:
             raise Pbs2pError(f"method {self.method} needs N < M (got {self.n}:{self.m}); use binarize_only")
         if self.prune_metric not in PRUNE_METRICS:
-            raise Pbs2pError(f"unknown prune metric {self.prune_metric!r} (choose from {', '.join(PRUNE_METRICS)})")
+            raise Pbs2pError(
+                f"unknown prune metric {self.prune_metric!r} (choose from {', '.join(PRUNE_METRICS)})"
+            )
         if self.group_size < self.m or self.group_size % self.m:
             raise Pbs2pError(f"group size {self.group_size} must be a positive multiple of M ({self.m})")
         _positive(self, "arb_iters", "calib_samples", "calib_len", "cfs_samples", "batch_size")

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from pbs2p_edge.runtime.bundle import load_bundle
+from pbs2p_edge.runtime.session import DEFAULT_PREFILL_CHUNK
 
 from pbs2p_edge.errors import Pbs2pError
-from pbs2p_edge.runtime.bundle import load_bundle
 
 Log = Callable[[str], None]
 
@@ -38,6 +39,7 @@ class BenchSettings:
     profile: bool = False
     profile_context: int = 64
     profile_steps: int = 16
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
 
     def __post_init__(self) -> None:
         for name in ("pp", "tg", "reps"):
@@ -45,6 +47,8 @@ class BenchSettings:
                 raise Pbs2pError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise Pbs2pError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise Pbs2pError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
         if not self.threads or min(self.threads) < 1:
             raise Pbs2pError(f"--threads must list positive counts, got {self.threads}")
 
@@ -70,12 +74,20 @@ def parse_threads(text: str) -> tuple[int, ...]:
 class WorkerProcess:
     """A `bench_worker` subprocess and its JSON-lines conversation."""
 
-    def __init__(self, bundle: Path, threads: int | None, profile_prefix: str | None = None, bare: bool = False):
+    def __init__(
+        self,
+        bundle: Path,
+        threads: int | None,
+        profile_prefix: str | None = None,
+        bare: bool = False,
+        prefill_chunk: int | None = None,
+    ):
         self.label = f"{bundle} (threads {threads})" if not bare else "bare onnxruntime session"
         command = [sys.executable, "-m", "pbs2p_edge.runtime.bench_worker"]
         command += ["--bare"] if bare else [str(bundle)]
         command += ["--threads", str(threads)] if threads else []
         command += ["--profile-prefix", profile_prefix] if profile_prefix else []
+        command += ["--prefill-chunk", str(prefill_chunk)] if prefill_chunk else []
         self._stderr: IO[bytes] = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True
@@ -151,6 +163,8 @@ def _row(worker: WorkerProcess, threads: int, samples: dict[str, list], memory: 
     pp_mean, pp_std = _mean_std(samples["pp_tps"])
     tg_mean, tg_std = _mean_std(samples["tg_tps"])
     budget = info["bundle_bytes"] + samples["kv_cache_bytes"] + bare_rss
+    # A decode step reads every weight once plus the cache so far (on average half the final tg cache).
+    bytes_per_token = info["weight_bytes"] + samples["kv_cache_bytes"] // 2
     return {
         "bundle": info["bundle"],
         "name": Path(info["bundle"]).name,
@@ -173,6 +187,9 @@ def _row(worker: WorkerProcess, threads: int, samples: dict[str, list], memory: 
         "bare_session_rss_bytes": bare_rss,
         "kv_cache_bytes": samples["kv_cache_bytes"],
         "kv_bytes_per_token": info["kv_bytes_per_token"],
+        "weight_bytes": info["weight_bytes"],
+        "decode_bytes_per_token": bytes_per_token,
+        "decode_bandwidth_gb_per_second": tg_mean * bytes_per_token / 1e9,
         "memory_budget_bytes": budget,
         "peak_rss_over_budget": memory["peak_rss_generation"] / budget,
     }
@@ -204,16 +221,22 @@ def _ratios(rows: list[dict]) -> list[dict]:
 
 def _profile(bundle: Path, threads: int, settings: BenchSettings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pbs2p-profile-") as tmp:
-        worker = WorkerProcess(bundle, threads, profile_prefix=str(Path(tmp) / "ort"))
+        worker = WorkerProcess(
+            bundle, threads, profile_prefix=str(Path(tmp) / "ort"), prefill_chunk=settings.prefill_chunk
+        )
         try:
-            context = min(settings.profile_context, worker.info["context_length"] - settings.profile_steps - 1)
+            context = min(
+                settings.profile_context, worker.info["context_length"] - settings.profile_steps - 1
+            )
             result = worker.request("profile", context=max(context, 1), steps=settings.profile_steps)
         finally:
             worker.close()
     return {"bundle": str(bundle), "name": bundle.name, "threads": threads, **result}
 
 
-def run_bench(bundle_dirs: Sequence[str | os.PathLike], settings: BenchSettings, log: Log | None = None) -> dict:
+def run_bench(
+    bundle_dirs: Sequence[str | os.PathLike], settings: BenchSettings, log: Log | None = None
+) -> dict:
     """Measure every bundle at every thread count; return the full report (see `docs/DEPLOY.md` for fields)."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     bundles = [load_bundle(path) for path in bundle_dirs]  # fail fast, before any subprocess
@@ -223,7 +246,9 @@ def run_bench(bundle_dirs: Sequence[str | os.PathLike], settings: BenchSettings,
     for bundle in bundles:
         limit = max(settings.pp, settings.tg)
         if limit > bundle.context_length:
-            raise Pbs2pError(f"{bundle.path}: pp/tg of {limit} tokens exceed its context of {bundle.context_length}")
+            raise Pbs2pError(
+                f"{bundle.path}: pp/tg of {limit} tokens exceed its context of {bundle.context_length}"
+            )
     bare = bare_session(settings.threads[0])
     log(f"bare onnxruntime session: RSS {bare['rss'] / 2**20:.1f} MiB")
     workers: list[tuple[WorkerProcess, int]] = []
@@ -231,7 +256,7 @@ def run_bench(bundle_dirs: Sequence[str | os.PathLike], settings: BenchSettings,
     try:
         for bundle in bundles:
             for threads in settings.threads:
-                worker = WorkerProcess(bundle.path, threads)
+                worker = WorkerProcess(bundle.path, threads, prefill_chunk=settings.prefill_chunk)
                 log(f"loaded {bundle.name} (threads {threads}) in {worker.info['load_seconds']:.2f} s")
                 workers.append((worker, threads))
                 samples.append({"pp_tps": [], "tg_tps": [], "ttft": [], "steps": [], "kv_cache_bytes": 0})
@@ -239,12 +264,12 @@ def run_bench(bundle_dirs: Sequence[str | os.PathLike], settings: BenchSettings,
             measured = rep >= settings.warmup
             label = f"rep {rep - settings.warmup + 1}/{settings.reps}" if measured else "warm-up"
             log(f"{label}: pp{settings.pp} then tg{settings.tg} on {len(workers)} worker(s)")
-            for (worker, _), sample in zip(workers, samples):
+            for (worker, _), sample in zip(workers, samples, strict=True):
                 result = worker.request("pp", n=settings.pp, seed=rep)
                 if measured:
                     sample["pp_tps"].append(settings.pp / result["seconds"])
                     sample["ttft"].append(result["ttft_seconds"])
-            for (worker, _), sample in zip(workers, samples):
+            for (worker, _), sample in zip(workers, samples, strict=True):
                 result = worker.request("tg", n=settings.tg, seed=rep)
                 if measured:
                     sample["tg_tps"].append(settings.tg / result["seconds"])
@@ -254,12 +279,12 @@ def run_bench(bundle_dirs: Sequence[str | os.PathLike], settings: BenchSettings,
     finally:
         for worker, _ in workers:
             worker.close()
-    rows = [_row(w, t, s, m, bare["rss"]) for (w, t), s, m in zip(workers, samples, memories)]
+    rows = [_row(w, t, s, m, bare["rss"]) for (w, t), s, m in zip(workers, samples, memories, strict=True)]
     profiles = []
     if settings.profile:
         for bundle in bundles:
             log(f"profiling {settings.profile_steps} decode steps of {bundle.name}")
-            profiles.append(_profile(bundle.path, settings.threads[-1], settings))
+            profiles.append(_profile(bundle.path, settings.threads[0], settings))
     return {
         "format": "pbs2p-edge-bench",
         "version": 1,

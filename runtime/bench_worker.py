@@ -15,13 +15,12 @@ import time
 from typing import Any, TextIO
 
 import numpy as np
-
-from pbs2p_edge.errors import Pbs2pError
+import onnxruntime as ort
+import tokenizers  # noqa: F401 - loaded up front, so "bare" and "before load" RSS include the same libraries
+from pbs2p_edge.runtime.bundle import Bundle
 from pbs2p_edge.runtime.memory import current_rss, peak_rss, reset_peak_rss
 
-# Imported before the baseline RSS is taken, so "bare" and "before load" include the same libraries.
-import onnxruntime as ort  # noqa: E402,I001
-import tokenizers  # noqa: E402,F401
+from pbs2p_edge.errors import Pbs2pError
 
 
 def _varint(value: int) -> bytes:
@@ -57,7 +56,9 @@ def measure_bare(threads: int | None) -> dict[str, Any]:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(minimal_model_bytes(), sess_options=options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        minimal_model_bytes(), sess_options=options, providers=["CPUExecutionProvider"]
+    )
     session.run(None, {"x": np.ones(1, dtype=np.float32)})
     return {"rss": current_rss(), "peak_rss": peak_rss()}
 
@@ -66,7 +67,10 @@ def _summarize_profile(trace_path: str, decode_runs: int) -> dict[str, float]:
     """Kernel microseconds per op type, summed over the last `decode_runs` session runs of the trace."""
     with open(trace_path, encoding="utf-8") as f:
         events = json.load(f)
-    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
+    runs = sorted(
+        (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+        key=lambda e: e["ts"],
+    )
     windows = [(e["ts"], e["ts"] + e["dur"]) for e in runs[-decode_runs:]]
     per_op: dict[str, float] = {}
     for event in events:
@@ -79,8 +83,23 @@ def _summarize_profile(trace_path: str, decode_runs: int) -> dict[str, float]:
     return per_op
 
 
+def weight_bytes(bundle: Bundle) -> int:
+    """Bytes of weights a decode step reads: the manifest's per-kind initializer sizes, else the graph files."""
+    kinds = bundle.manifest.get("sizes", {}).get("weights")
+    if isinstance(kinds, dict) and kinds and all(isinstance(v, int) for v in kinds.values()):
+        return sum(kinds.values())
+    data = bundle.model_path.with_name(bundle.model_path.name + ".data")
+    return bundle.model_path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 class Worker:
-    def __init__(self, bundle_dir: str, threads: int | None, profile_prefix: str | None) -> None:
+    def __init__(
+        self,
+        bundle_dir: str,
+        threads: int | None,
+        profile_prefix: str | None,
+        prefill_chunk: int | None = None,
+    ) -> None:
         from pbs2p_edge.runtime.bundle import bundle_bytes, load_bundle
         from pbs2p_edge.runtime.sampling import Sampler, SamplingConfig
         from pbs2p_edge.runtime.session import DecoderSession
@@ -91,7 +110,9 @@ class Worker:
         self.bundle = load_bundle(bundle_dir)
         load_tokenizer(self.bundle.tokenizer_path)
         ChatTemplate.from_bundle(self.bundle.path)
-        self.session = DecoderSession(self.bundle, threads=threads, profile_prefix=profile_prefix)
+        self.session = DecoderSession(
+            self.bundle, threads=threads, profile_prefix=profile_prefix, prefill_chunk=prefill_chunk
+        )
         self.load_seconds = time.perf_counter() - start
         self.peak_rss_load = peak_rss()
         self.rss_after_load = current_rss()
@@ -116,6 +137,7 @@ class Worker:
             "peak_rss_load": self.peak_rss_load,
             "bundle_bytes": self.bundle_bytes,
             "kv_bytes_per_token": self.bundle.kv_bytes_per_token(np.dtype(self.session.cache_dtype).itemsize),
+            "weight_bytes": weight_bytes(self.bundle),
             "context_length": self.bundle.context_length,
         }
 
@@ -124,7 +146,7 @@ class Worker:
         ids = self._random_ids(n, seed)
         self.session.reset()
         start = time.perf_counter()
-        logits = self.session.forward(ids)
+        logits = self.session.prefill(ids)
         prefill = time.perf_counter() - start
         self.sampler.choose(logits, ids.tolist())
         ttft = time.perf_counter() - start
@@ -144,13 +166,17 @@ class Worker:
             steps.append(time.perf_counter() - start)
             history.append(token)
         self._track_peak()
-        return {"seconds": float(sum(steps)), "step_seconds": steps, "kv_cache_bytes": self.session.kv_cache_bytes()}
+        return {
+            "seconds": float(sum(steps)),
+            "step_seconds": steps,
+            "kv_cache_bytes": self.session.kv_cache_bytes(),
+        }
 
     def profile(self, context: int, steps: int) -> dict[str, Any]:
         """Decode `steps` tokens after a `context`-token prefill; split each step's wall time by where it goes."""
         token = int(self._random_ids(1, 0)[0])
         self.session.reset()
-        self.session.forward(self._random_ids(context, 1))
+        self.session.prefill(self._random_ids(context, 1))
         walls, runs, sampling = [], [], []
         history: list[int] = []
         for _ in range(steps):
@@ -180,7 +206,11 @@ class Worker:
 
     def memory(self) -> dict[str, Any]:
         self._track_peak()
-        return {"peak_rss_generation": self.generation_peak, "rss": current_rss(), "exact_peak": self.exact_peak}
+        return {
+            "peak_rss_generation": self.generation_peak,
+            "rss": current_rss(),
+            "exact_peak": self.exact_peak,
+        }
 
 
 def _serve(worker: Worker, out: TextIO) -> None:
@@ -203,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("bundle", nargs="?")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile-prefix", default=None)
+    parser.add_argument("--prefill-chunk", type=int, default=None)
     parser.add_argument("--bare", action="store_true")
     args = parser.parse_args(argv)
     protocol, sys.stdout = sys.stdout, sys.stderr  # stray prints must not corrupt the protocol stream
@@ -210,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.bare:
             protocol.write(json.dumps(measure_bare(args.threads)) + "\n")
             return
-        _serve(Worker(args.bundle, args.threads, args.profile_prefix), protocol)
+        _serve(Worker(args.bundle, args.threads, args.profile_prefix, args.prefill_chunk), protocol)
     except Exception as exc:  # reported to the parent, which raises it as Pbs2pError with this text
         message = str(exc) if isinstance(exc, Pbs2pError) else f"{type(exc).__name__}: {exc}"
         protocol.write(json.dumps({"error": message}) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,33 @@ def _eos_ids(manifest: dict[str, Any], path: Path) -> tuple[int, ...]:
     return tuple(value)
 
 
+# ELF e_machine codes of the CPUs a bundle's ops library may be built for, by platform.machine().
+_ELF_MACHINES = {
+    "x86_64": 0x3E,
+    "amd64": 0x3E,
+    "aarch64": 0xB7,
+    "arm64": 0xB7,
+    "armv7l": 0x28,
+    "riscv64": 0xF3,
+}
+_ELF_NAMES = {0x3E: "x86-64", 0xB7: "aarch64", 0x28: "32-bit ARM", 0xF3: "RISC-V"}
+
+
+def check_library_machine(library: Path) -> None:
+    """Refuse an ELF ops library built for another CPU (a bundle exported on a PC, copied to a Raspberry Pi)."""
+    expected = _ELF_MACHINES.get(platform.machine().lower())
+    with open(library, "rb") as f:
+        header = f.read(20)
+    if expected is None or len(header) < 20 or header[:4] != b"\x7fELF":
+        return  # not ELF (e.g. macOS) or an unknown CPU: let onnxruntime decide
+    machine = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+    if machine != expected:
+        raise Pbs2pError(
+            f"the ops library {library} is built for {_ELF_NAMES.get(machine, hex(machine))}, this machine is "
+            f"{platform.machine()}: copy this machine's build into the bundle (docs/DEPLOY.md)"
+        )
+
+
 def _ops_library(manifest: dict[str, Any], path: Path) -> Path | None:
     name = manifest.get("ops_library")
     if name is None:
@@ -101,6 +129,7 @@ def _ops_library(manifest: dict[str, Any], path: Path) -> Path | None:
     library = Path(name) if os.path.isabs(name) else path / name
     if not library.is_file():
         raise Pbs2pError(f"bundle {path} needs the ops library {library}, which is missing")
+    check_library_machine(library)
     return library
 
 
@@ -114,7 +143,9 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     manifest = _read_manifest(path)
     weights = manifest.get("weights")
     if weights not in WEIGHT_KINDS:
-        raise Pbs2pError(f"{path}/manifest.json: unknown weights kind {weights!r} (expected one of {WEIGHT_KINDS})")
+        raise Pbs2pError(
+            f"{path}/manifest.json: unknown weights kind {weights!r} (expected one of {WEIGHT_KINDS})"
+        )
     ints = {key: _int_field(manifest, key, path) for key in _INT_FIELDS}
     bos = manifest.get("bos_token_id")
     if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):

@@ -24,14 +24,30 @@ def _read_prompt(prompt: str) -> str:
 @click.argument("bundle", type=click.Path())
 @click.option("-p", "--prompt", required=True, help="Prompt text, or - to read it from stdin (UTF-8).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (instruct models).")
-@click.option("--system", default=None, help="System message for --chat (default: the template's own, if any).")
-@click.option("-n", "--max-new-tokens", type=int, default=128, show_default=True, help="Stop after this many.")
+@click.option(
+    "--system", default=None, help="System message for --chat (default: the template's own, if any)."
+)
+@click.option(
+    "-n", "--max-new-tokens", type=int, default=128, show_default=True, help="Stop after this many."
+)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy; > 0 samples.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely (0 = all).")
+@click.option(
+    "--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely (0 = all)."
+)
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (1 = off).")
-@click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off; 1.1-1.3 typical.")
+@click.option(
+    "--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off; 1.1-1.3 typical."
+)
 @click.option("--seed", type=int, default=None, help="Random seed: the same seed gives the same text.")
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: physical cores).")
+@click.option(
+    "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: physical cores)."
+)
+@click.option(
+    "--prefill-chunk",
+    type=int,
+    default=None,
+    help="Prompt tokens per onnxruntime run (less memory; default: all).",
+)
 @click.option("--stats", is_flag=True, help="Print token counts and speeds to stderr at the end.")
 def generate_command(
     bundle: str,
@@ -45,6 +61,7 @@ def generate_command(
     repetition_penalty: float,
     seed: int | None,
     threads: int | None,
+    prefill_chunk: int | None,
     stats: bool,
 ) -> None:
     """Generate text from BUNDLE (a directory made by `pbs2p-edge export`), streamed to stdout.
@@ -52,13 +69,14 @@ def generate_command(
     Needs only onnxruntime, numpy and tokenizers. Ends at the end-of-sequence token, --max-new-tokens, or the
     model's context. A prompt longer than the context is refused. Ctrl-C stops and keeps what was printed.
     """
-    from pbs2p_edge.errors import Pbs2pError
     from pbs2p_edge.runtime.generate import Generator
+
+    from pbs2p_edge.errors import Pbs2pError
 
     if max_new_tokens < 1:
         raise Pbs2pError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     text = _read_prompt(prompt)
-    generator = Generator(bundle, threads=threads)
+    generator = Generator(bundle, threads=threads, prefill_chunk=prefill_chunk)
     generation = generator.start(
         text,
         max_new_tokens,
@@ -73,7 +91,9 @@ def generate_command(
     result = generation.result
     room = generator.context_length - len(result.prompt_token_ids)
     if max_new_tokens > room:
-        click.echo(f"warning: only {room} tokens fit in the context after the prompt; stopping there", err=True)
+        click.echo(
+            f"warning: only {room} tokens fit in the context after the prompt; stopping there", err=True
+        )
     out = sys.stdout
     try:
         for piece in generation:
@@ -98,15 +118,24 @@ def generate_command(
 
 @click.command("bench")
 @click.argument("bundles", nargs=-1, required=True, type=click.Path())
-@click.option("--pp", type=int, default=128, show_default=True, help="Prompt-processing tokens (one prefill).")
+@click.option(
+    "--pp", type=int, default=128, show_default=True, help="Prompt-processing tokens (one prefill)."
+)
 @click.option("--tg", type=int, default=128, show_default=True, help="Token-generation steps (decode).")
 @click.option("-r", "--reps", type=int, default=3, show_default=True, help="Measured repetitions.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Unmeasured repetitions first.")
 @click.option("-t", "--threads", "threads_text", default=None, help="Thread counts to sweep, e.g. 1,2.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the full report here.")
-@click.option("--plot", "plot_path", type=click.Path(), default=None, help="PNG: tok/s and memory per bundle.")
+@click.option(
+    "--plot", "plot_path", type=click.Path(), default=None, help="PNG: tok/s and memory per bundle."
+)
 @click.option("--profile", is_flag=True, help="Also profile one decode step per bundle: ops vs Python.")
-@click.option("--profile-steps", type=int, default=16, show_default=True, help="Decode steps averaged by --profile.")
+@click.option(
+    "--profile-steps", type=int, default=16, show_default=True, help="Decode steps averaged by --profile."
+)
+@click.option(
+    "--prefill-chunk", type=int, default=None, help="Prompt tokens per run in pp (default: all at once)."
+)
 def bench_command(
     bundles: tuple[str, ...],
     pp: int,
@@ -118,6 +147,7 @@ def bench_command(
     plot_path: str | None,
     profile: bool,
     profile_steps: int,
+    prefill_chunk: int | None,
 ) -> None:
     """Measure BUNDLES side by side, llama-bench style: prefill and decode speed, latency, load time, memory.
 
@@ -126,13 +156,16 @@ def bench_command(
     """
     import json
 
-    from pbs2p_edge.errors import Pbs2pError, atomic_path
     from pbs2p_edge.runtime.bench import BenchSettings, parse_threads, run_bench
     from pbs2p_edge.runtime.report import render_markdown
+
+    from pbs2p_edge.errors import Pbs2pError, atomic_path
 
     if profile_steps < 1:
         raise Pbs2pError(f"--profile-steps must be at least 1, got {profile_steps}")
     options = dict(pp=pp, tg=tg, reps=reps, warmup=warmup, profile=profile, profile_steps=profile_steps)
+    if prefill_chunk is not None:
+        options["prefill_chunk"] = prefill_chunk
     if threads_text is not None:
         options["threads"] = parse_threads(threads_text)
     report = run_bench(list(bundles), BenchSettings(**options))

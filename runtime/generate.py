@@ -12,11 +12,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.runtime.bundle import load_bundle
 from pbs2p_edge.runtime.sampling import Sampler, SamplingConfig
-from pbs2p_edge.runtime.session import DecoderSession
+from pbs2p_edge.runtime.session import DEFAULT_PREFILL_CHUNK, DecoderSession
 from pbs2p_edge.runtime.text import ChatTemplate, IncrementalDecoder, check_utf8, load_tokenizer
+
+from pbs2p_edge.errors import Pbs2pError
 
 
 @dataclass
@@ -57,13 +58,15 @@ class Generation:
     def __next__(self) -> str:
         return next(self._pieces)
 
-    def _run(self, generator: Generator, max_new_tokens: int, sampler: Sampler, stop_ids: set[int]) -> Iterator[str]:
+    def _run(
+        self, generator: Generator, max_new_tokens: int, sampler: Sampler, stop_ids: set[int]
+    ) -> Iterator[str]:
         session, result = generator.session, self.result
         decoder = IncrementalDecoder(generator.tokenizer)
         history = list(result.prompt_token_ids)
         session.reset()
         start = time.perf_counter()
-        logits = session.forward(result.prompt_token_ids)
+        logits = session.prefill(result.prompt_token_ids)
         result.prefill_seconds = time.perf_counter() - start
         decode_start = None
         while True:
@@ -95,13 +98,21 @@ class Generation:
 
 
 class Generator:
-    """Load a bundle once, then generate from prompts: `Generator("bundle/").generate("Hello", 32).text`."""
+    """Load a bundle once, then generate from prompts: `Generator("bundle/").generate("Hello", 32).text`.
 
-    def __init__(self, bundle_dir: str | os.PathLike, threads: int | None = None) -> None:
+    One generation at a time per Generator: they share the session's KV cache.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike,
+        threads: int | None = None,
+        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    ) -> None:
         self.bundle = load_bundle(bundle_dir)
         self.tokenizer = load_tokenizer(self.bundle.tokenizer_path)
         self.chat_template = ChatTemplate.from_bundle(self.bundle.path)
-        self.session = DecoderSession(self.bundle, threads=threads)
+        self.session = DecoderSession(self.bundle, threads=threads, prefill_chunk=prefill_chunk)
 
     @property
     def context_length(self) -> int:
@@ -109,7 +120,9 @@ class Generator:
 
     def stop_ids(self, chat: bool) -> set[int]:
         ids = set(self.bundle.eos_token_ids)
-        if chat:  # a chat turn ends at <|im_end|> (or the template's eos token) even if the manifest says otherwise
+        if (
+            chat
+        ):  # a chat turn ends at <|im_end|> (or the template's eos token) even if the manifest says otherwise
             names = ["<|im_end|>", self.chat_template.eos_token if self.chat_template else ""]
             ids |= {i for i in (self.tokenizer.token_to_id(n) for n in names if n) if i is not None}
         return ids
@@ -124,7 +137,9 @@ class Generator:
         if chat:
             if self.chat_template is None:
                 raise Pbs2pError(f"bundle {self.bundle.path} has no chat template; drop --chat")
-            ids = self.tokenizer.encode(self.chat_template.render(prompt, system), add_special_tokens=False).ids
+            ids = self.tokenizer.encode(
+                self.chat_template.render(prompt, system), add_special_tokens=False
+            ).ids
         else:
             ids = self.tokenizer.encode(prompt).ids
         if not ids:

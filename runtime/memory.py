@@ -45,6 +45,36 @@ def reset_peak_rss() -> bool:
     return True
 
 
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; their contents are kept (re-read on access)
+
+
+def release_file_pages(path: Path) -> int:
+    """Hand the resident pages of this process's mappings of `path` back to the kernel; return bytes advised.
+
+    onnxruntime maps external-data initializers from the file. Kernels that repack their weights at load
+    (our sparse-binary op, prepacked MatMul) never read those pages again, yet they stay resident and count
+    in RSS. MADV_PAGEOUT drops them without changing any data: a page that is read later (an embedding row)
+    simply faults back in from the file. Best effort: does nothing where unsupported (non-Linux, old kernels).
+    """
+    target = str(path.resolve())
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        import ctypes
+
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if madvise(start, end - start, _MADV_PAGEOUT) == 0:
+                advised += end - start
+    return advised
+
+
 class PeakRss:
     """`with PeakRss() as meter: ...` then `meter.peak` is the peak RSS in bytes during the block."""
 

@@ -32,9 +32,14 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
         ax.bar(x, means, yerr=stds, capsize=3, color="tab:blue")
         ax.set_title(title)
     width = 0.4
-    axes[2].bar([i - width / 2 for i in x], [r["bundle_bytes"] / MIB for r in rows], width, label="bundle on disk")
     axes[2].bar(
-        [i + width / 2 for i in x], [r["peak_rss_generation_bytes"] / MIB for r in rows], width, label="peak RSS"
+        [i - width / 2 for i in x], [r["bundle_bytes"] / MIB for r in rows], width, label="bundle on disk"
+    )
+    axes[2].bar(
+        [i + width / 2 for i in x],
+        [r["peak_rss_generation_bytes"] / MIB for r in rows],
+        width,
+        label="peak RSS",
     )
     axes[2].set_title("memory MiB")
     axes[2].legend()

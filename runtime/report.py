@@ -16,7 +16,7 @@ def results_table(report: dict[str, Any]) -> str:
     pp, tg = settings["pp"], settings["tg"]
     header = (
         f"| bundle | weights | threads | size MiB | load s | pp{pp} tok/s | tg{tg} tok/s | TTFT ms "
-        "| decode p50 / p95 ms | peak RSS load MiB | peak RSS gen MiB | KV MiB | RSS / budget |"
+        "| decode p50 / p95 ms | decode GB/s | peak RSS load MiB | peak RSS gen MiB | KV MiB | RSS / budget |"
     )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for row in report["results"]:
@@ -27,6 +27,7 @@ def results_table(report: dict[str, Any]) -> str:
             f"| {row['tg_tokens_per_second']:.1f} ± {row['tg_tokens_per_second_std']:.1f} "
             f"| {row['ttft_seconds'] * 1e3:.1f} "
             f"| {row['decode_latency_p50_seconds'] * 1e3:.2f} / {row['decode_latency_p95_seconds'] * 1e3:.2f} "
+            f"| {row['decode_bandwidth_gb_per_second']:.2f} "
             f"| {_mib(row['peak_rss_load_bytes'])} | {_mib(row['peak_rss_generation_bytes'])} "
             f"| {_mib(row['kv_cache_bytes'])} | {row['peak_rss_over_budget']:.2f} |"
         )
@@ -40,7 +41,8 @@ def notes(report: dict[str, Any]) -> str:
         f"{settings['reps']} repetitions after {settings['warmup']} warm-up, bundles interleaved; "
         f"{machine['cpu']}, {machine['logical_cpus']} logical CPUs, onnxruntime {machine['onnxruntime']}.",
         f"Bare onnxruntime session RSS: {_mib(report['bare_session']['rss'])} MiB. "
-        "RSS / budget = peak RSS during generation / (bundle bytes + KV cache + bare session RSS).",
+        "RSS / budget = peak RSS during generation / (bundle bytes + KV cache + bare session RSS). "
+        "Decode GB/s = tg tok/s x (weight bytes + mean KV cache bytes) read per token.",
     ]
     for ratio in report["ratios"]:
         lines.append(
@@ -62,7 +64,7 @@ def profile_table(profile: dict[str, Any], top: int = 8) -> str:
         rows.append((f"kernels, {len(ranked) - top} other op types", sum(s for _, s in ranked[top:])))
     rows += [
         ("onnxruntime outside kernels", profile["run_seconds"] - kernel_total),
-        ("Python: inputs, binding, logits copy", wall - profile["run_seconds"] - profile["sampling_seconds"]),
+        ("Python: inputs, feeds, logits copy", wall - profile["run_seconds"] - profile["sampling_seconds"]),
         ("Python: sampling", profile["sampling_seconds"]),
     ]
     lines = [

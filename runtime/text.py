@@ -137,7 +137,9 @@ class IncrementalDecoder:
         text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte(s)
             return ""
-        if not text.startswith(self._emitted):  # the decoder revised earlier text (rare): emit only what is new
+        if not text.startswith(
+            self._emitted
+        ):  # the decoder revised earlier text (rare): emit only what is new
             common = 0
             while common < min(len(text), len(self._emitted)) and text[common] == self._emitted[common]:
                 common += 1

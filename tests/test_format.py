@@ -15,6 +15,7 @@ from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.format import (
     ARRAY_ORDER,
     PackedWeight,
+    SparseBinaryWeight,
     kernel_matmul,
     pack,
     random_weight,
@@ -100,9 +101,17 @@ def test_bad_weights_are_refused():
     with pytest.raises(Pbs2pError, match="6:8 requires 6"):
         pack(w)
     with pytest.raises(Pbs2pError, match="not a multiple of M=8"):
-        pack(random_weight(4, 12, 2, 4, 8).__class__(
-            n=2, m=8, group_size=8, mask=np.ones((4, 12), bool), signs=np.ones((4, 12), bool),
-            alpha=np.ones((4, 2), np.float32), mu=np.zeros((4, 2), np.float32)))
+        pack(
+            SparseBinaryWeight(
+                n=2,
+                m=8,
+                group_size=8,
+                mask=np.ones((4, 12), bool),
+                signs=np.ones((4, 12), bool),
+                alpha=np.ones((4, 2), np.float32),
+                mu=np.zeros((4, 2), np.float32),
+            )
+        )
     big = random_weight(4, 16, 6, 8, 8)
     big.alpha[0, 0] = 1e6
     with pytest.raises(Pbs2pError, match="fp16"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_export import _dequantized_head, built_bundle, tiny_checkpoint
+from test_export import _dequantized_head, built_bundle, tiny_checkpoint, trained_like_dir
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -63,22 +63,26 @@ def test_genai_tokenizer_matches_transformers(tmp_path_factory, tiny_model_dir, 
 
 
 def test_genai_greedy_equals_pytorch_greedy_pbs2p(tmp_path_factory, tiny_model_dir, corpus_text_file) -> None:
-    from pbs2p_edge.checkpoint import build_model, load_checkpoint
+    from pbs2p_edge.export.patch import eager_arithmetic, pbs2p_factory, swapped_linears
+
+    from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
 
     bundle = built_bundle(tmp_path_factory, tiny_model_dir, corpus_text_file, "pbs2p")
-    checkpoint = tiny_checkpoint(tmp_path_factory, tiny_model_dir, corpus_text_file)
-    model, _ = build_model(load_checkpoint(checkpoint))
+    ckpt = load_checkpoint(tiny_checkpoint(tmp_path_factory, tiny_model_dir, corpus_text_file))
+    model, _ = build_model(ckpt)
     head = _dequantized_head(bundle)
-    for prompt in _prompts(model.config.vocab_size):
-        expected = _torch_greedy(model, head, prompt, NEW_TOKENS)
-        assert _genai_greedy(bundle, prompt, NEW_TOKENS) == expected
+    # PyTorch with the kernels' arithmetic (int7 activations), as the bundle computes.
+    with swapped_linears(model, pbs2p_factory(packed_layers(ckpt))), eager_arithmetic(model, "kernel"):
+        for prompt in _prompts(model.config.vocab_size):
+            expected = _torch_greedy(model, head, prompt, NEW_TOKENS)
+            assert _genai_greedy(bundle, prompt, NEW_TOKENS) == expected
 
 
 def test_genai_greedy_equals_pytorch_greedy_fp32(tmp_path_factory, tiny_model_dir, corpus_text_file) -> None:
     from pbs2p_edge.sources import load_model
 
     bundle = built_bundle(tmp_path_factory, tiny_model_dir, corpus_text_file, "fp32")
-    model, _ = load_model(tiny_model_dir)
+    model, _ = load_model(trained_like_dir(tmp_path_factory, tiny_model_dir))
     head = model.get_output_embeddings().weight
     for prompt in _prompts(model.config.vocab_size):
         assert _genai_greedy(bundle, prompt, NEW_TOKENS) == _torch_greedy(model, head, prompt, NEW_TOKENS)

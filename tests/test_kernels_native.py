@@ -1,7 +1,7 @@
 """Python packer -> C++ decoder/kernels, bit for bit: runs custom_ops/tests' program on arrays written here.
 
-The program is taken from $PBS2P_KERNEL_TESTS_BIN, or build/kernel-tests/native (scripts/kernel_tests.sh),
-or built into a temporary directory with CMake (needs no ONNX Runtime headers).
+The program is taken from $PBS2P_KERNEL_TESTS_BIN, else built from the current sources into a temporary directory
+with CMake (a few seconds; needs no ONNX Runtime headers).
 """
 
 from __future__ import annotations
@@ -30,11 +30,22 @@ def kernel_test_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build = tmp_path_factory.mktemp("kernel-build")
     src = REPO / "custom_ops"
     subprocess.run(
-        ["cmake", "-S", str(src), "-B", str(build), "-DPBS2P_BUILD_OP=OFF", "-DPBS2P_BUILD_TESTS=ON",
-         "-DCMAKE_BUILD_TYPE=Release"],
-        check=True, capture_output=True,
+        [
+            "cmake",
+            "-S",
+            str(src),
+            "-B",
+            str(build),
+            "-DPBS2P_BUILD_OP=OFF",
+            "-DPBS2P_BUILD_TESTS=ON",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ],
+        check=True,
+        capture_output=True,
     )
-    subprocess.run(["cmake", "--build", str(build), "--target", BIN_NAME, "-j", "2"], check=True, capture_output=True)
+    subprocess.run(
+        ["cmake", "--build", str(build), "--target", BIN_NAME, "-j", "2"], check=True, capture_output=True
+    )
     return build / BIN_NAME
 
 
@@ -42,7 +53,9 @@ def kernel_test_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     "rows,k,n,m,gs,salient,bias,tokens",
     [(33, 200, 5, 8, 48, 2, True, 3), (64, 576, 6, 8, 128, 0, False, 1), (70, 640, 9, 16, 160, 3, True, 4)],
 )
-def test_python_arrays_decode_bit_exactly_in_cpp(kernel_test_bin, tmp_path, rows, k, n, m, gs, salient, bias, tokens):
+def test_python_arrays_decode_bit_exactly_in_cpp(
+    kernel_test_bin, tmp_path, rows, k, n, m, gs, salient, bias, tokens
+):
     w = random_weight(rows, k, n, m, gs, salient=salient, bias=bias, seed=k)
     p = pack(w)
     for name, arr in p.arrays.items():
@@ -51,7 +64,9 @@ def test_python_arrays_decode_bit_exactly_in_cpp(kernel_test_bin, tmp_path, rows
     (tmp_path / "x.bin").write_bytes(x.tobytes())
     (tmp_path / "w_dense.bin").write_bytes(w.dense().astype(np.float32).tobytes())
     (tmp_path / "y_kernel.bin").write_bytes(kernel_matmul(x, p).astype(np.float32).tobytes())
-    out = subprocess.run([str(kernel_test_bin), "--from", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(kernel_test_bin), "--from", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "PASSED" in out.stdout
 
@@ -65,5 +80,7 @@ def test_cpp_program_rejects_corrupt_python_arrays(kernel_test_bin, tmp_path):
         (tmp_path / f"{name}.bin").write_bytes(data.tobytes())
     for name in ("x", "w_dense", "y_kernel"):
         (tmp_path / f"{name}.bin").write_bytes(b"")
-    out = subprocess.run([str(kernel_test_bin), "--from", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(kernel_test_bin), "--from", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode != 0 and "N:M" in out.stdout

@@ -27,7 +27,11 @@ def build_model(
     arrays = arrays if arrays is not None else dict(p.op_inputs())
     names = [f"w.{name}" for name in arrays]
     node = helper.make_node(
-        ops.OP_TYPE, ["X", *names], ["Y"], domain=ops.OP_DOMAIN, **(attrs if attrs is not None else p.op_attributes())
+        ops.OP_TYPE,
+        ["X", *names],
+        ["Y"],
+        domain=ops.OP_DOMAIN,
+        **(attrs if attrs is not None else p.op_attributes()),
     )
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape or ["batch", "seq", p.k])]
     inits = []
@@ -94,6 +98,22 @@ def test_threads_and_non_constant_weights_agree():
     feeds = {"X": x, **{f"w.{name}": arr for name, arr in p.op_inputs()}}
     (y3,) = session(build_model(p, weights_as_inputs=True)).run(None, feeds)
     assert rel_err(y3, y1) <= THREADS_AGREE_REL
+
+
+def test_non_finite_activation_gives_nan_for_that_token_only():
+    p = pack(random_weight(40, 128, 6, 8, 64, seed=4))
+    x = np.ones((3, 128), np.float32)
+    x[1, 70] = np.nan
+    x[2, 5] = np.inf
+    (y,) = session(build_model(p, x_shape=["a", 128])).run(None, {"X": x})
+    assert np.isfinite(y[0]).all() and np.isnan(y[1]).all() and np.isnan(y[2]).all()
+    assert np.array_equal(np.isnan(kernel_matmul(x, p)), np.isnan(y))
+
+
+def test_shape_inference_names_the_output_shape():
+    p = pack(random_weight(40, 64, 6, 8, 32))
+    assert session(build_model(p, x_shape=["b", "s", 64])).get_outputs()[0].shape == ["b", "s", 40]
+    assert session(build_model(p, x_shape=[3, 64])).get_outputs()[0].shape == [3, 40]
 
 
 def test_empty_batch():

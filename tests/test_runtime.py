@@ -39,7 +39,9 @@ def runtime_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
         export_bundle(tiny_model_dir, out, weights="fp32")
     elif kind == "pbs2p":
         # validate=False: export validation is the exporter's test; the greedy comparison below is this one's.
-        export_bundle(tiny_checkpoint(root, tiny_model_dir), out, weights="pbs2p", head="fp32", validate=False)
+        export_bundle(
+            tiny_checkpoint(root, tiny_model_dir), out, weights="pbs2p", head="fp32", validate=False
+        )
     else:
         raise ValueError(kind)
     return out
@@ -59,7 +61,9 @@ def tiny_checkpoint(root: Path, tiny_model_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     config = PBS2PConfig(calib_samples=4, calib_len=32, arb_iters=3, cfs=False)
     calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    compressed = compress(model, config, calib, tokenizer_files=read_tokenizer_files(tiny_model_dir), progress=False)
+    compressed = compress(
+        model, config, calib, tokenizer_files=read_tokenizer_files(tiny_model_dir), progress=False
+    )
     save_checkpoint(compressed, path)
     return path
 
@@ -81,7 +85,9 @@ def fp32_generator(fp32_bundle: Path):
     return Generator(fp32_bundle, threads=1)
 
 
-def torch_greedy(model, ids: list[int], max_new_tokens: int, eos: list[int], penalty: float = 1.0) -> list[int]:
+def torch_greedy(
+    model, ids: list[int], max_new_tokens: int, eos: list[int], penalty: float = 1.0
+) -> list[int]:
     """Hugging Face greedy decoding, new tokens only, without the final EOS (the runtime does not emit it)."""
     import torch
 
@@ -112,8 +118,9 @@ def test_greedy_matches_pytorch_fp32(fp32_generator, tiny_model_dir: Path, penal
 
 
 def test_greedy_matches_pytorch_pbs2p(pbs2p_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from pbs2p_edge.checkpoint import build_model, load_checkpoint
     from pbs2p_edge.runtime import Generator
+
+    from pbs2p_edge.checkpoint import build_model, load_checkpoint
 
     generator = Generator(pbs2p_bundle, threads=1)
     assert generator.bundle.weights == "pbs2p" and generator.bundle.ops_library is not None
@@ -135,6 +142,33 @@ def test_prefill_then_decode_equals_one_long_prefill(fp32_generator) -> None:
     np.testing.assert_allclose(np.stack(steps), full[4:], atol=1e-4)
     assert session.past_len == len(ids)
     assert session.kv_cache_bytes() == len(ids) * fp32_generator.bundle.kv_bytes_per_token()
+
+
+def test_chunked_prefill_gives_the_same_logits(fp32_bundle: Path, fp32_generator) -> None:
+    from pbs2p_edge.runtime.session import DecoderSession
+
+    chunked = DecoderSession(fp32_generator.bundle, threads=1, prefill_chunk=3)
+    ids = fp32_generator.encode(PROMPTS[0] + " " + PROMPTS[1])
+    fp32_generator.session.reset()
+    whole = fp32_generator.session.prefill(ids)
+    np.testing.assert_allclose(chunked.prefill(ids), whole, atol=1e-4)
+    assert chunked.past_len == len(ids)
+    with pytest.raises(Pbs2pError, match="prefill chunk"):
+        DecoderSession(fp32_generator.bundle, prefill_chunk=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT and /proc are Linux")
+def test_repacked_initializer_pages_are_released(fp32_generator) -> None:
+    """onnxruntime maps external data; releasing those pages keeps results identical (they fault back in)."""
+    from pbs2p_edge.runtime.memory import release_file_pages
+
+    data = fp32_generator.bundle.model_path.with_name("model.onnx.data")
+    ids = fp32_generator.encode(PROMPTS[0])
+    fp32_generator.session.reset()
+    before = fp32_generator.session.prefill(ids)
+    assert release_file_pages(data) > 0
+    fp32_generator.session.reset()
+    np.testing.assert_array_equal(fp32_generator.session.prefill(ids), before)
 
 
 def test_sampling_is_reproducible_with_a_seed(fp32_generator) -> None:
@@ -175,7 +209,8 @@ def test_chat_template_native_chatml_equals_jinja() -> None:
     for system in (None, "Be brief."):
         native = template.render("What is 2+2?", system)
         assert native == template.render_jinja(
-            ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "What is 2+2?"}]
+            ([{"role": "system", "content": system}] if system else [])
+            + [{"role": "user", "content": "What is 2+2?"}]
         )
     assert template.render("hi").endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
@@ -188,12 +223,21 @@ def test_chat_prompt_uses_the_bundle_template(fp32_generator) -> None:
 
 
 def test_sampling_filters() -> None:
-    from pbs2p_edge.runtime.sampling import Sampler, SamplingConfig, apply_repetition_penalty, filtered_probabilities
+    from pbs2p_edge.runtime.sampling import (
+        Sampler,
+        SamplingConfig,
+        apply_repetition_penalty,
+        filtered_probabilities,
+    )
 
     logits = np.array([1.0, 3.0, 2.0, -1.0, 0.5], dtype=np.float32)
     assert Sampler(SamplingConfig()).choose(logits) == 1
-    assert all(Sampler(SamplingConfig(temperature=1.0, top_k=1, seed=s)).choose(logits) == 1 for s in range(5))
-    assert all(Sampler(SamplingConfig(temperature=5.0, top_p=0.01, seed=s)).choose(logits) == 1 for s in range(5))
+    assert all(
+        Sampler(SamplingConfig(temperature=1.0, top_k=1, seed=s)).choose(logits) == 1 for s in range(5)
+    )
+    assert all(
+        Sampler(SamplingConfig(temperature=5.0, top_p=0.01, seed=s)).choose(logits) == 1 for s in range(5)
+    )
     probs = filtered_probabilities(logits, SamplingConfig(temperature=1.0, top_k=3))
     assert probs[[3, 4]].sum() == 0 and (probs[[0, 1, 2]] > 0).all() and probs.sum() == pytest.approx(1.0)
     penalized = apply_repetition_penalty(logits, [1, 3], 2.0)
@@ -205,7 +249,8 @@ def test_sampling_filters() -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(repetition_penalty=0)]
+    "options",
+    [dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(repetition_penalty=0)],
 )
 def test_bad_sampling_options(fp32_generator, options: dict) -> None:
     with pytest.raises(Pbs2pError):
@@ -233,6 +278,22 @@ def test_bundle_errors(fp32_bundle: Path, tmp_path: Path) -> None:
         load_bundle(copy)
 
 
+def test_ops_library_for_another_cpu_is_refused(fp32_bundle: Path, tmp_path: Path) -> None:
+    import platform
+
+    from pbs2p_edge.runtime.bundle import load_bundle
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fp32_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "ops_library": "libpbs2p_edge_ops.so"}))
+    other = 0xB7 if platform.machine().lower() in ("x86_64", "amd64") else 0x3E  # aarch64 or x86-64
+    header = b"\x7fELF\x02\x01\x01" + bytes(11) + other.to_bytes(2, "little") + bytes(44)
+    (copy / "libpbs2p_edge_ops.so").write_bytes(header)
+    with pytest.raises(Pbs2pError, match="is built for"):
+        load_bundle(copy)
+
+
 def test_manifest_layers_must_match_the_graph(fp32_bundle: Path, tmp_path: Path) -> None:
     from pbs2p_edge.runtime import Generator
 
@@ -253,7 +314,9 @@ def test_cli_generate_streams_text(fp32_bundle: Path, fp32_generator) -> None:
     expected = fp32_generator.generate(PROMPTS[0], 12)
     assert result.stdout == expected.text + "\n"
     assert f"{len(expected.token_ids)} generated" in result.stderr
-    chat = run_cli("generate", fp32_bundle, "-p", "hi", "--chat", "-n", "5", "--temperature", "0.7", "--seed", "3")
+    chat = run_cli(
+        "generate", fp32_bundle, "-p", "hi", "--chat", "-n", "5", "--temperature", "0.7", "--seed", "3"
+    )
     assert chat.returncode == 0, chat.stderr
 
 
@@ -315,7 +378,6 @@ def test_cli_generate_rejects_non_utf8(fp32_bundle: Path) -> None:
 def test_cli_ctrl_c_prints_what_was_generated(fp32_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C mid-generation: the streamed text stays, a newline ends it, exit code 130."""
     from click.testing import CliRunner
-
     from pbs2p_edge.runtime import cli as runtime_cli
     from pbs2p_edge.runtime.generate import Generation
 
@@ -330,7 +392,19 @@ def test_cli_ctrl_c_prints_what_was_generated(fp32_bundle: Path, monkeypatch: py
     monkeypatch.setattr(Generation, "_run", interrupted_run)
     result = CliRunner().invoke(
         runtime_cli.generate_command,
-        [str(fp32_bundle), "-p", PROMPTS[0], "-n", "50", "--temperature", "1", "--seed", "0", "--threads", "1"],
+        [
+            str(fp32_bundle),
+            "-p",
+            PROMPTS[0],
+            "-n",
+            "50",
+            "--temperature",
+            "1",
+            "--seed",
+            "0",
+            "--threads",
+            "1",
+        ],
     )
     assert result.exit_code == 130
     assert result.stdout.endswith("\n") and len(result.stdout.strip()) > 0

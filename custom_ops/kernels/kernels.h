@@ -77,7 +77,15 @@ struct ChunkMap {
   std::vector<int> group;  // group of each chunk
 };
 ChunkMap make_chunks(int k, int group_size);
+// Quantizes x and fills t->tables / t->scale for tokens [token_begin, token_end); dispatches like the tile
+// kernels (every implementation produces identical bytes).
 void build_tables(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t);
+using TableFn = void (*)(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t);
+void build_tables_generic(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t);
+#if defined(PBS2P_HAVE_AVX2)
+void build_tables_avx2(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t);
+#endif
+TableFn table_fn_by_name(const char* name);
 
 // Main (table-lookup) term of y[t][r] for one row tile and tokens [t_begin, t_end); y is [tokens][rows] and
 // rows past `rows` are not written. The salient term and bias are added by add_salient_and_bias().
@@ -105,6 +113,6 @@ uint16_t float_to_half(float f);
 void add_salient_and_bias(const RuntimeWeight& w, const float* x, int tile, int t_begin, int t_end, float* y);
 
 // Whole matmul on the calling thread (tests, single-threaded users): y [tokens][rows] = x [tokens][k] @ W_hat^T.
-void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y);
+void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y, TableFn tables = nullptr);
 
 }  // namespace pbs2p

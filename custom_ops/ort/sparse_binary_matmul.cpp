@@ -65,6 +65,7 @@ struct Work {
   const pbs2p::ChunkMap* cm;
   pbs2p::ActTables* tables;
   pbs2p::TileFn fn;
+  pbs2p::TableFn table_fn;
   const float* x;
   float* y;
   int tokens;
@@ -72,7 +73,7 @@ struct Work {
 
 void tables_task(void* data, size_t tok) {
   Work& wk = *static_cast<Work*>(data);
-  pbs2p::build_tables(wk.x, int(tok), int(tok) + 1, *wk.cm, wk.tables);
+  wk.table_fn(wk.x, int(tok), int(tok) + 1, *wk.cm, wk.tables);
 }
 
 // Work item i = token block (i / tiles) x row tile (i % tiles): each thread walks tiles with one block's tables hot.
@@ -101,6 +102,7 @@ struct SparseBinaryMatMul {
       return;
     }
     fn_ = pbs2p::best_tile_fn(&kernel_name_);
+    table_fn_ = pbs2p::table_fn_by_name(kernel_name_);
     // Repack once here when every weight input is an initializer (the normal exported graph).
     std::vector<const OrtValue*> consts(9, nullptr);
     for (size_t idx = 1; idx < 9; ++idx) {
@@ -124,6 +126,7 @@ struct SparseBinaryMatMul {
       d.bias = tensor_data<float>(consts[8], &d.bias_len);
       init_error_ = load(d, &weight_);
       prepacked_ = init_error_.empty();
+      if (prepacked_) chunks_ = pbs2p::make_chunks(weight_.p.k, weight_.p.group_size);
     } catch (const std::exception& e) {
       init_error_ = std::string("reading constant weight inputs failed: ") + e.what();
     }
@@ -180,14 +183,20 @@ struct SparseBinaryMatMul {
       if (tokens == 0) return Ort::Status{nullptr};
       const float* x = X.Data();
 
-      const pbs2p::ChunkMap cm = pbs2p::make_chunks(w->p.k, w->p.group_size);
-      pbs2p::ActTables t;
+      const pbs2p::ChunkMap local_cm = prepacked_ ? pbs2p::ChunkMap{} : pbs2p::make_chunks(w->p.k, w->p.group_size);
+      const pbs2p::ChunkMap& cm = prepacked_ ? chunks_ : local_cm;
+      // Decode (few tokens) reuses per-thread scratch: no allocation or zero-fill per call (every entry is written
+      // by the table builder before it is read). Prefill allocates, so no large buffer outlives the call.
+      thread_local pbs2p::ActTables decode_scratch;
+      pbs2p::ActTables prefill_scratch;
+      pbs2p::ActTables& t = tokens <= 16 ? decode_scratch : prefill_scratch;
       t.tokens = int(tokens);
       t.k = w->p.k;
       t.chunks = int(cm.group.size());
-      t.tables.resize(size_t(tokens) * size_t(w->p.k / 4));
-      t.scale.resize(size_t(tokens) * size_t(t.chunks));
-      Work wk{w, &cm, &t, fn_, x, y, int(tokens)};
+      const size_t n_tables = size_t(tokens) * size_t(w->p.k / 4), n_scales = size_t(tokens) * size_t(t.chunks);
+      if (t.tables.size() < n_tables) t.tables.resize(n_tables);
+      if (t.scale.size() < n_scales) t.scale.resize(n_scales);
+      Work wk{w, &cm, &t, fn_, table_fn_, x, y, int(tokens)};
       Ort::KernelContext kc{ctx};
       if (tokens == 1)
         tables_task(&wk, 0);
@@ -201,29 +210,51 @@ struct SparseBinaryMatMul {
     }
   }
 
-  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
-    try {
-      if (ctx.GetInputCount() != 9) return error("expects 9 inputs (X + 8 packed weight arrays)");
-      const int64_t rows = ctx.GetAttrInt("rows"), k = ctx.GetAttrInt("k");
-      Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
-      if (shape.empty()) return error("input X must have rank >= 1");
-      if (shape.back().IsInt() && shape.back().AsInt() >= 0 && shape.back().AsInt() != k)
-        return error("input X's last dimension is " + std::to_string(shape.back().AsInt()) + " but attribute k=" +
-                     std::to_string(k));
-      shape.back() = Ort::ShapeInferContext::SymbolicInteger(rows);
-      return ctx.SetOutputShape(0, shape);
-    } catch (const std::exception& e) {
-      return error(std::string("shape inference: ") + e.what());
-    }
-  }
-
   Attrs attrs_;
   std::string init_error_;
   bool prepacked_ = false;
   pbs2p::RuntimeWeight weight_;
+  pbs2p::ChunkMap chunks_;
   pbs2p::TileFn fn_ = pbs2p::tile_generic;
+  pbs2p::TableFn table_fn_ = pbs2p::build_tables_generic;
   const char* kernel_name_ = "generic";
 };
+
+// Shape inference: Y = X's shape with the last dimension replaced by `rows`. Registered on the raw OrtCustomOp
+// because Ort::ShapeInferContext::SetOutputShape of the 1.21 headers marks symbolic dims with -2, which newer
+// runtimes reject ("dim_values must be -1 or larger"); the shape is set through the C API with -1 instead.
+OrtStatusPtr ORT_API_CALL infer_output_shape(const OrtCustomOp*, OrtShapeInferContext* raw) noexcept {
+  try {
+    const OrtApi& api = Ort::GetApi();
+    Ort::ShapeInferContext ctx(&api, raw);
+    if (ctx.GetInputCount() != 9) return error("expects 9 inputs (X + 8 packed weight arrays)").release();
+    const int64_t rows = ctx.GetAttrInt("rows"), k = ctx.GetAttrInt("k");
+    const Ort::ShapeInferContext::Shape& shape = ctx.GetInputShape(0);
+    if (shape.empty()) return error("input X must have rank >= 1").release();
+    if (shape.back().IsInt() && shape.back().AsInt() >= 0 && shape.back().AsInt() != k)
+      return error("input X's last dimension is " + std::to_string(shape.back().AsInt()) + " but attribute k=" +
+                   std::to_string(k))
+          .release();
+    std::vector<int64_t> dims;
+    std::vector<const char*> syms;
+    for (const auto& d : shape) {
+      dims.push_back(d.IsInt() ? d.AsInt() : -1);
+      syms.push_back(d.IsInt() || d.AsSym() == nullptr ? "" : d.AsSym());
+    }
+    dims.back() = rows;
+    syms.back() = "";
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    OrtStatus* st = api.CreateTensorTypeAndShapeInfo(&info);
+    if (st == nullptr) st = api.SetTensorElementType(info, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    if (st == nullptr) st = api.SetDimensions(info, dims.data(), dims.size());
+    if (st == nullptr) st = api.SetSymbolicDimensions(info, syms.data(), syms.size());
+    if (st == nullptr) st = api.ShapeInferContext_SetOutputTypeShape(raw, 0, info);
+    if (info != nullptr) api.ReleaseTensorTypeAndShapeInfo(info);
+    return st;
+  } catch (const std::exception& e) {
+    return error(std::string("shape inference: ") + e.what()).release();
+  }
+}
 
 }  // namespace
 
@@ -240,6 +271,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     std::lock_guard<std::mutex> lock(mu);
     if (domain == nullptr) {
       auto* op = Ort::Custom::CreateLiteCustomOp<SparseBinaryMatMul>(kOpName, "CPUExecutionProvider");
+      op->InferOutputShapeFn = infer_output_shape;
       OrtCustomOpDomain* d = nullptr;
       Ort::ThrowOnError(api->CreateCustomOpDomain(kDomain, &d));
       Ort::ThrowOnError(api->CustomOpDomain_Add(d, op));

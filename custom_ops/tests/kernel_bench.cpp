@@ -1,8 +1,10 @@
 // Quick single-thread kernel timing without ONNX Runtime (development aid; bench/kernels.py is the benchmark).
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "../kernels/kernels.h"
@@ -12,7 +14,7 @@ using namespace pbs2p;
 int main(int argc, char** argv) {
   const int rows = argc > 1 ? std::atoi(argv[1]) : 4096, k = argc > 2 ? std::atoi(argv[2]) : 4096;
   const int tokens = argc > 3 ? std::atoi(argv[3]) : 1, n = 6, m = 8, gs = 128;
-  const int copies = 12;  // cycle distinct weights to defeat the caches
+  const int copies = std::getenv("COPIES") ? std::atoi(std::getenv("COPIES")) : 12;  // distinct weights cycled
   std::mt19937 rng(1);
   std::vector<RuntimeWeight> ws(copies);
   for (auto& w : ws) {
@@ -34,15 +36,21 @@ int main(int argc, char** argv) {
     TileFn fn = tile_fn_by_name(name);
     if (!fn) continue;
     const int iters = std::string(name) == "generic" ? 3 : 60;
-    double best = 1e9;
+    double best = 1e9, best_tab = 1e9;
+    std::vector<double> all;
     for (int it = 0; it < iters; ++it) {
       const RuntimeWeight& w = ws[size_t(it % copies)];
       const auto t0 = std::chrono::steady_clock::now();
       build_tables(x.data(), 0, tokens, cm, &t);
+      const auto t1 = std::chrono::steady_clock::now();
       for (int tile = 0; tile < w.tiles; ++tile) fn(w, cm, t, tile, 0, tokens, y.data());
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       best = std::min(best, s);
+      all.push_back(s);
+      best_tab = std::min(best_tab, std::chrono::duration<double>(t1 - t0).count());
     }
+    std::sort(all.begin(), all.end());
+    std::printf("  (tables: %.3f ms; median %.3f ms)\n", best_tab * 1e3, all[all.size() / 2] * 1e3);
     const double bytes = double(ws[0].codes.size() + ws[0].scales.size() * 2);
     std::printf("%-8s rows=%d k=%d tokens=%d: %.3f ms, %.1f GB/s of runtime weights\n", name, rows, k, tokens,
                 best * 1e3, bytes / best / 1e9);

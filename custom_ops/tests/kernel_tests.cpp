@@ -202,12 +202,31 @@ void run_case(const Case& c, std::mt19937& rng) {
     x[3] = 40.0f;
     for (int j = 0; j < std::min(c.k, 64); ++j) x[size_t(c.k) + j] = 0.0f;
   }
+  {  // every table builder writes the same bytes as the generic one
+    const ChunkMap cm = make_chunks(c.k, c.group_size);
+    ActTables ref;
+    ref.tokens = c.tokens;
+    ref.k = c.k;
+    ref.chunks = int(cm.group.size());
+    ref.tables.resize(size_t(c.tokens) * size_t(c.k / 4));
+    ref.scale.resize(size_t(c.tokens) * size_t(ref.chunks));
+    build_tables_generic(x.data(), 0, c.tokens, cm, &ref);
+    for (const char* kn : built_kernels()) {
+      ActTables other = ref;
+      std::fill(other.scale.begin(), other.scale.end(), -1.0f);
+      std::memset(other.tables.data(), 0x5a, other.tables.size() * sizeof(QuadTable));
+      table_fn_by_name(kn)(x.data(), 0, c.tokens, cm, &other);
+      check(std::memcmp(other.tables.data(), ref.tables.data(), ref.tables.size() * sizeof(QuadTable)) == 0 &&
+                std::memcmp(other.scale.data(), ref.scale.data(), ref.scale.size() * 4) == 0,
+            name + " tables=" + kn + ": differ from generic tables");
+    }
+  }
   std::vector<double> y_exact, bound;
   exact_and_bound(c, w_logical, x, d, &y_exact, &bound);
   std::vector<float> y_generic(size_t(c.tokens) * c.rows, NAN);
   for (const char* kn : built_kernels()) {
     std::vector<float> y(size_t(c.tokens) * c.rows, NAN);
-    matmul(rw, tile_fn_by_name(kn), x.data(), c.tokens, y.data());
+    matmul(rw, tile_fn_by_name(kn), x.data(), c.tokens, y.data(), table_fn_by_name(kn));
     double worst = 0.0;
     bool ok = true;
     for (size_t i = 0; i < y.size(); ++i) {
@@ -224,6 +243,26 @@ void run_case(const Case& c, std::mt19937& rng) {
       for (size_t i = 0; i < y.size(); ++i)
         diff = std::max(diff, std::fabs(double(y[i]) - y_generic[i]) / (1e-3 + std::fabs(y_generic[i])));
       check(diff <= 1e-5, name + " kernel=" + kn + ": differs from generic by rel " + std::to_string(diff));
+    }
+  }
+}
+
+// A NaN or inf activation must give NaN outputs for that token (never a silently clamped finite value).
+void non_finite_activations(std::mt19937& rng) {
+  const Case c{40, 128, 6, 8, 64, 0, 2, false};
+  std::vector<float> w;
+  Disk d = make_disk(c, rng, &w);
+  RuntimeWeight rw;
+  repack(d.view(), &rw);
+  for (const float bad : {NAN, INFINITY}) {
+    std::vector<float> x(size_t(c.tokens) * c.k, 0.5f);
+    x[100] = bad;  // token 0, second chunk
+    for (const char* kn : built_kernels()) {
+      std::vector<float> y(size_t(c.tokens) * c.rows);
+      matmul(rw, tile_fn_by_name(kn), x.data(), c.tokens, y.data(), table_fn_by_name(kn));
+      bool ok = true;
+      for (int r = 0; r < c.rows; ++r) ok = ok && std::isnan(y[size_t(r)]) && std::isfinite(y[size_t(c.rows + r)]);
+      check(ok, std::string("non-finite activation -> NaN outputs for that token only, kernel=") + kn);
     }
   }
 }
@@ -320,7 +359,7 @@ int from_python(const std::string& dir) {
     const int tokens = int(x.size() / size_t(rw.p.k));
     for (const char* kn : built_kernels()) {
       std::vector<float> y(size_t(tokens) * rw.p.rows);
-      matmul(rw, tile_fn_by_name(kn), x.data(), tokens, y.data());
+      matmul(rw, tile_fn_by_name(kn), x.data(), tokens, y.data(), table_fn_by_name(kn));
       double worst = 0.0;
       for (size_t i = 0; i < y.size(); ++i)
         worst = std::max(worst, std::fabs(double(y[i]) - y_py[i]) / (1e-4 + std::fabs(y_py[i])));
@@ -353,6 +392,7 @@ int main(int argc, char** argv) {
   };
   for (const Case& c : cases) run_case(c, rng);
   bad_inputs(rng);
+  non_finite_activations(rng);
   fp16_roundtrip();
   const char* best = nullptr;
   best_tile_fn(&best);

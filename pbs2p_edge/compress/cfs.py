@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 from pbs2p_edge.errors import Pbs2pError
 
-
 # A layer whose output is nearly orthogonal to its input (typically layer 0, fed the raw embeddings) would
 # get an unbounded 1 / cos; flooring cos at 0.5 caps any layer at twice the importance of an identity layer.
 COSINE_FLOOR = 0.5

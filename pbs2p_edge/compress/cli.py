@@ -11,8 +11,16 @@ import click
 
 
 @click.command("compress")
-@click.option("--model", "model_path", default=None, help="HF model folder or .gguf (default: embedded SmolLM2-135M).")
-@click.option("--text", "text_path", type=click.Path(), default=None, help="Calibration text file (default: corpus calibration split).")
+@click.option(
+    "--model", "model_path", default=None, help="HF model folder or .gguf (default: embedded SmolLM2-135M)."
+)
+@click.option(
+    "--text",
+    "text_path",
+    type=click.Path(),
+    default=None,
+    help="Calibration text file (default: corpus calibration split).",
+)
 @click.option("--nm", default="6:8", show_default=True, help="Kept N of every M weights (pruning pattern).")
 @click.option(
     "--method",
@@ -22,18 +30,36 @@ import click
     help="pbs2p = SPBO + CFS; naive = one-shot prune then binarize; binarize_only = no pruning.",
 )
 @click.option("--steps", type=int, default=None, help="SPBO pruning steps (default: M - N of each layer).")
-@click.option("--calib-samples", type=int, default=None, help="Calibration sequences [default: 64].")
+@click.option("--calib-samples", type=int, default=None, help="Calibration sequences [default: 32].")
 @click.option("--calib-len", type=int, default=None, help="Tokens per calibration sequence [default: 256].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sampling and torch.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the calibration sampling and torch."
+)
 @click.option("--cfs/--no-cfs", default=None, help="Coarse per-layer N search [default: on for pbs2p].")
-@click.option("--cfs-delta", type=float, default=None, help="CFS: N change per unit of relative importance [default: 4].")
+@click.option(
+    "--cfs-delta",
+    type=float,
+    default=None,
+    help="CFS: N change per unit of relative importance [default: 4].",
+)
 @click.option("--cfs-range", default=None, help="CFS: N_low:N_high bounds of a layer's N [default: N-1:N+1].")
-@click.option("--salient", type=int, default=None, help="Salient columns per group with a second sign plane [default: 0].")
+@click.option(
+    "--salient",
+    type=int,
+    default=None,
+    help="Salient columns per group with a second sign plane [default: 0].",
+)
 @click.option("--rescore/--no-rescore", default=None, help="SPBO: re-score between steps [default: on].")
-@click.option("--metric", type=click.Choice(["obs", "magnitude"]), default=None, help="Pruning metric [default: obs].")
+@click.option(
+    "--metric", type=click.Choice(["obs", "magnitude"]), default=None, help="Pruning metric [default: obs]."
+)
 @click.option("--arb-iters", type=int, default=None, help="ARB refinement iterations [default: 15].")
-@click.option("--group-size", type=int, default=None, help="Columns per scale group / GPTQ block [default: 128].")
-@click.option("--damping", type=float, default=None, help="Hessian damping, fraction of mean diag [default: 0.01].")
+@click.option(
+    "--group-size", type=int, default=None, help="Columns per scale group / GPTQ block [default: 128]."
+)
+@click.option(
+    "--damping", type=float, default=None, help="Hessian damping, fraction of mean diag [default: 0.01]."
+)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Checkpoint to write (model.pt).")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -104,7 +130,9 @@ def _run(**options: Any) -> None:
         tokenizer, config.calib_samples, config.calib_len, config.seed, options["text_path"]
     )
     tokenizer_files = read_tokenizer_files(sources.model_files(options["model_path"]))
-    compressed = compress(model, config, calib, tokenizer_files=tokenizer_files, progress=not options["no_progress"])
+    compressed = compress(
+        model, config, calib, tokenizer_files=tokenizer_files, progress=not options["no_progress"]
+    )
     save_checkpoint(compressed, output)
     click.echo(summary(compressed.results, output))
 

@@ -121,7 +121,12 @@ def compress(
         weights: dict[str, Any] = {}
         stats: dict[str, Any] = {}
         layer_seconds: list[float] = []
-        bar = tqdm(list(enumerate(layers)), desc=f"compress {config.method} {config.nm}", unit="layer", disable=not progress)
+        bar = tqdm(
+            list(enumerate(layers)),
+            desc=f"compress {config.method} {config.nm}",
+            unit="layer",
+            disable=not progress,
+        )
         for index, layer in bar:
             bar.set_postfix(N=layer_n[index])
             t0 = time.perf_counter()
@@ -135,9 +140,7 @@ def compress(
             layer_seconds.append(time.perf_counter() - t0)
     packed = {name: pack(w) for name, w in weights.items()}
     results = _summarize(config, calib_ids, layer_n, cosines, importance, packed, weights, stats)
-    results.update(
-        seconds=time.perf_counter() - start, cfs_seconds=cfs_seconds, layer_seconds=layer_seconds
-    )
+    results.update(seconds=time.perf_counter() - start, cfs_seconds=cfs_seconds, layer_seconds=layer_seconds)
     return CompressedModel(model, config, weights, packed, results, dict(tokenizer_files))
 
 
@@ -218,7 +221,9 @@ def capture_layer_inputs(
     return captured
 
 
-def _collect_hessians(layer: Any, chunks: list[tuple[torch.Tensor, dict[str, Any]]]) -> dict[str, HessianAccumulator]:
+def _collect_hessians(
+    layer: Any, chunks: list[tuple[torch.Tensor, dict[str, Any]]]
+) -> dict[str, HessianAccumulator]:
     accumulators = {name: HessianAccumulator(layer.get_submodule(name).in_features) for name in LINEAR_NAMES}
     handles = []
     for name, acc in accumulators.items():
@@ -244,7 +249,9 @@ def layer_cosines(model: Any, calib_ids: torch.Tensor, batch_size: int) -> list[
     handles = []
     for index, layer in enumerate(layers):
 
-        def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, index: int = index) -> None:
+        def hook(
+            _m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, index: int = index
+        ) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             out = out[0] if isinstance(out, tuple) else out
             cos = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
@@ -280,7 +287,8 @@ def _summarize(
             sign_bits += int(w.mask[:, w.salient_cols.reshape(-1)].sum())
     # The stored mask costs 1 bit per weight; an entropy-coded N:M mask would need log2(C(M, N)) / M.
     coded_bits = sum(
-        8 * (int(p.nbytes) - int(p.arrays["mask"].nbytes)) + w.mask.size * math.log2(math.comb(w.m, w.n)) / w.m
+        8 * (int(p.nbytes) - int(p.arrays["mask"].nbytes))
+        + w.mask.size * math.log2(math.comb(w.m, w.n)) / w.m
         for p, w in ((packed[name], weights[name]) for name in weights)
     )
     return {

@@ -18,7 +18,9 @@ from pbs2p_edge.errors import Pbs2pError
 MAGIC = 0x50324250  # bytes "PB2P" read as little-endian int32
 VERSION = 1
 HEADER_LEN = 16
-HDR_MAGIC, HDR_VERSION, HDR_N, HDR_M, HDR_GROUP_SIZE, HDR_ROWS, HDR_K, HDR_FLAGS, HDR_SALIENT, HDR_GROUPS = range(10)
+HDR_MAGIC, HDR_VERSION, HDR_N, HDR_M, HDR_GROUP_SIZE, HDR_ROWS, HDR_K, HDR_FLAGS, HDR_SALIENT, HDR_GROUPS = (
+    range(10)
+)
 FLAG_SALIENT = 1
 FLAG_BIAS = 2
 SUPPORTED_M = (4, 8, 16)
@@ -60,7 +62,9 @@ def check_params(n: int, m: int, group_size: int, rows: int, k: int) -> None:
     if rows < 1 or k < 1:
         raise Pbs2pError(f"bad weight shape [{rows}, {k}]")
     if k % m:
-        raise Pbs2pError(f"K={k} (in features) is not a multiple of M={m}: N:M pruning needs whole runs of M columns")
+        raise Pbs2pError(
+            f"K={k} (in features) is not a multiple of M={m}: N:M pruning needs whole runs of M columns"
+        )
     if group_size < 4 or group_size % 4 or group_size > MAX_GROUP_SIZE:
         raise Pbs2pError(f"group_size must be a multiple of 4 in [4, {MAX_GROUP_SIZE}], got {group_size}")
 
@@ -128,10 +132,14 @@ class SparseBinaryWeight:
             if cols.shape != (g, s) or s < 1:
                 raise Pbs2pError(f"salient_cols has shape {list(cols.shape)}, expected [{g}, S>=1]")
             if np.asarray(self.salient_signs).shape != (rows, g, s):
-                raise Pbs2pError(f"salient_signs has shape {list(np.asarray(self.salient_signs).shape)}, "
-                                 f"expected {[rows, g, s]}")
+                raise Pbs2pError(
+                    f"salient_signs has shape {list(np.asarray(self.salient_signs).shape)}, "
+                    f"expected {[rows, g, s]}"
+                )
             if np.asarray(self.alpha2).shape != (rows, g):
-                raise Pbs2pError(f"alpha2 has shape {list(np.asarray(self.alpha2).shape)}, expected {[rows, g]}")
+                raise Pbs2pError(
+                    f"alpha2 has shape {list(np.asarray(self.alpha2).shape)}, expected {[rows, g]}"
+                )
             lo = np.arange(g)[:, None] * self.group_size
             hi = np.minimum(lo + self.group_size, k)
             if np.any(cols < lo) or np.any(cols >= hi):
@@ -193,7 +201,9 @@ class PackedWeight:
                 value = value.detach().cpu().numpy()
             arr = np.ascontiguousarray(value)
             if arr.dtype != ARRAY_DTYPES[name]:
-                raise Pbs2pError(f"packed array {name} has dtype {arr.dtype}, expected {np.dtype(ARRAY_DTYPES[name])}")
+                raise Pbs2pError(
+                    f"packed array {name} has dtype {arr.dtype}, expected {np.dtype(ARRAY_DTYPES[name])}"
+                )
             out[name] = arr
         h = out["header"]
         if h.shape != (HEADER_LEN,):
@@ -201,7 +211,9 @@ class PackedWeight:
         if int(h[HDR_MAGIC]) != MAGIC:
             raise Pbs2pError("packed header magic mismatch: not a pbs2p packed weight")
         if int(h[HDR_VERSION]) != VERSION:
-            raise Pbs2pError(f"unsupported packed format version {int(h[HDR_VERSION])} (this build reads {VERSION})")
+            raise Pbs2pError(
+                f"unsupported packed format version {int(h[HDR_VERSION])} (this build reads {VERSION})"
+            )
         if np.any(h[HDR_GROUPS + 1 :] != 0):
             raise Pbs2pError("packed header reserved entries must be 0")
         n, m, gs, rows, k = (int(h[i]) for i in (HDR_N, HDR_M, HDR_GROUP_SIZE, HDR_ROWS, HDR_K))
@@ -214,7 +226,9 @@ class PackedWeight:
         expected = _shapes(n, m, rows, k, g, s, bool(flags & FLAG_BIAS))
         for name, shape in expected.items():
             if out[name].shape != shape:
-                raise Pbs2pError(f"packed array {name} has shape {list(out[name].shape)}, expected {list(shape)}")
+                raise Pbs2pError(
+                    f"packed array {name} has shape {list(out[name].shape)}, expected {list(shape)}"
+                )
         return cls(out)
 
     @property
@@ -282,7 +296,7 @@ def pack(w: SparseBinaryWeight) -> PackedWeight:
     signs = np.asarray(w.signs, dtype=bool)
     header = np.zeros(HEADER_LEN, dtype=np.int32)
     flags = (FLAG_SALIENT if s else 0) | (FLAG_BIAS if w.bias is not None else 0)
-    header[:HDR_GROUPS + 1] = [MAGIC, VERSION, w.n, w.m, w.group_size, rows, k, flags, s, g]
+    header[: HDR_GROUPS + 1] = [MAGIC, VERSION, w.n, w.m, w.group_size, rows, k, flags, s, g]
     kept = k // w.m * w.n
     arrays = {
         "header": header,
@@ -316,8 +330,13 @@ def unpack(p: PackedWeight) -> SparseBinaryWeight:
     signs[mask] = sign_bits.ravel()
     scales = a["scales"].astype(np.float32)
     w = SparseBinaryWeight(
-        n=p.n, m=p.m, group_size=p.group_size, mask=mask, signs=signs,
-        alpha=np.ascontiguousarray(scales[..., 0]), mu=np.ascontiguousarray(scales[..., 1]),
+        n=p.n,
+        m=p.m,
+        group_size=p.group_size,
+        mask=mask,
+        signs=signs,
+        alpha=np.ascontiguousarray(scales[..., 0]),
+        mu=np.ascontiguousarray(scales[..., 1]),
     )
     if s:
         w.salient_cols = a["salient_cols"].astype(np.int64)

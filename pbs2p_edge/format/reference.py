@@ -46,19 +46,24 @@ def kernel_matmul(x: np.ndarray, p: PackedWeight) -> np.ndarray:
     y = np.zeros((x2.shape[0], p.rows), dtype=np.float64)
     for b, e, g in chunk_bounds(p.k, p.group_size):
         xc = x2[:, b:e]
-        amax = np.abs(xc).max(axis=1)
+        finite = np.isfinite(xc).all(axis=1)  # a NaN/inf activation makes the token's outputs NaN, as in C++
+        amax = np.where(finite, np.abs(np.where(np.isfinite(xc), xc, 0)).max(axis=1), np.float32(0.0))
         safe = np.where(amax > 0, amax, np.float32(1.0)).astype(np.float32)
         inv = np.where(amax > 0, np.float32(ACT_MAX) / safe, np.float32(0.0)).astype(np.float32)
-        q = np.clip(np.rint(xc * inv[:, None]), -ACT_MAX, ACT_MAX).astype(np.int64)
+        xq = np.where(finite[:, None], xc, np.float32(0.0)) * inv[:, None]
+        q = np.clip(np.rint(xq), -ACT_MAX, ACT_MAX).astype(np.int64)
         d = q @ ternary[:, b:e].T
         s = q @ kept[:, b:e].T
-        scale = (amax / np.float32(ACT_MAX)).astype(np.float32).astype(np.float64)
+        scale = np.where(finite, (amax / np.float32(ACT_MAX)).astype(np.float32), np.nan).astype(np.float64)
         y += scale[:, None] * (w.alpha[:, g].astype(np.float64) * d + w.mu[:, g].astype(np.float64) * s)
     if w.salient_cols is not None:
         for g, cols in enumerate(w.salient_cols):
             for s_idx, col in enumerate(cols):
                 coef = np.where(w.mask[:, col], np.where(w.salient_signs[:, g, s_idx], 1.0, -1.0), 0.0)
-                y += x2[:, col : col + 1].astype(np.float64) * (w.alpha2[:, g].astype(np.float64) * coef)[None, :]
+                y += (
+                    x2[:, col : col + 1].astype(np.float64)
+                    * (w.alpha2[:, g].astype(np.float64) * coef)[None, :]
+                )
     if w.bias is not None:
         y += w.bias.astype(np.float64)
     return y.astype(np.float32).reshape(*lead, p.rows)

@@ -255,7 +255,7 @@ ChunkMap make_chunks(int k, int group_size) {
   return cm;
 }
 
-void build_tables(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t) {
+void build_tables_generic(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t) {
   const int k = t->k, chunks = t->chunks, quads = k / 4;
   int8_t q[kChunkCols];
   for (int tok = token_begin; tok < token_end; ++tok) {
@@ -263,13 +263,15 @@ void build_tables(const float* x, int token_begin, int token_end, const ChunkMap
     for (int c = 0; c < chunks; ++c) {
       const int b = cm.begin[size_t(c)], e = cm.begin[size_t(c) + 1];
       float amax = 0.0f;
-      for (int j = b; j < e; ++j) amax = std::max(amax, std::fabs(xt[j]));
-      // Non-finite activations propagate as NaN instead of being silently clamped.
-      const bool finite = std::isfinite(amax);
+      bool finite = true;  // a NaN/inf activation makes the chunk scale NaN, so every output of the token is NaN
+      for (int j = b; j < e; ++j) {
+        amax = std::max(amax, std::fabs(xt[j]));
+        finite = finite && std::isfinite(xt[j]);
+      }
       const float inv = amax > 0.0f && finite ? float(kActMax) / amax : 0.0f;
       t->scale[size_t(tok) * chunks + c] = finite ? amax / float(kActMax) : NAN;
       for (int j = b; j < e; ++j) {
-        const float v = std::nearbyint(xt[j] * inv);
+        const float v = finite ? std::nearbyint(xt[j] * inv) : 0.0f;
         q[j - b] = int8_t(std::min(float(kActMax), std::max(-float(kActMax), v)));
       }
       for (int j = b; j < e; j += 4) {
@@ -301,13 +303,13 @@ void add_salient_and_bias(const RuntimeWeight& w, const float* x, int tile, int 
     if (S) {
       for (size_t g = 0; g < G; ++g) {
         const uint16_t* a2 = &w.alpha2[(size_t(tile) * G + g) * kTileRows];
-        for (int i = 0; i < nr; ++i) {
-          float acc = 0.0f;
-          for (size_t s2 = 0; s2 < S; ++s2)
-            acc += float(w.salient_coef[((size_t(tile) * G + g) * S + s2) * kTileRows + size_t(i)]) *
-                   xt[w.salient_cols[g * S + s2]];
-          yt[i] = std::fma(half_to_float(a2[i]), acc, yt[i]);
+        float acc[kTileRows] = {};
+        for (size_t s2 = 0; s2 < S; ++s2) {  // rows innermost: vectorizes
+          const int8_t* coef = &w.salient_coef[((size_t(tile) * G + g) * S + s2) * kTileRows];
+          const float xv = xt[w.salient_cols[g * S + s2]];
+          for (int i = 0; i < kTileRows; ++i) acc[i] += float(coef[i]) * xv;
         }
+        for (int i = 0; i < nr; ++i) yt[i] = std::fma(half_to_float(a2[i]), acc[i], yt[i]);
       }
     }
     if (!w.bias.empty())
@@ -348,7 +350,7 @@ void tile_generic(PBS2P_TILE_ARGS) {
   }
 }
 
-void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y) {
+void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y, TableFn tables) {
   const ChunkMap cm = make_chunks(w.p.k, w.p.group_size);
   ActTables t;
   t.tokens = tokens;
@@ -356,7 +358,7 @@ void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float
   t.chunks = int(cm.group.size());
   t.tables.resize(size_t(tokens) * size_t(w.p.k / 4));
   t.scale.resize(size_t(tokens) * size_t(t.chunks));
-  build_tables(x, 0, tokens, cm, &t);
+  (tables ? tables : build_tables)(x, 0, tokens, cm, &t);
   for (int tile = 0; tile < w.tiles; ++tile) {
     fn(w, cm, t, tile, 0, tokens, y);
     add_salient_and_bias(w, x, tile, 0, tokens, y);
@@ -377,6 +379,22 @@ TileFn tile_fn_by_name(const char* name) {
   if (std::strcmp(name, "neon") == 0) return tile_neon;
 #endif
   return nullptr;
+}
+
+TableFn table_fn_by_name(const char* name) {
+#if defined(PBS2P_HAVE_AVX2)
+  if (std::strcmp(name, "avx2") == 0) return tile_fn_by_name("avx2") ? build_tables_avx2 : nullptr;
+#endif
+  return tile_fn_by_name(name) ? build_tables_generic : nullptr;
+}
+
+void build_tables(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t) {
+  static const TableFn fn = [] {
+    const char* name = nullptr;
+    best_tile_fn(&name);
+    return table_fn_by_name(name);
+  }();
+  fn(x, token_begin, token_end, cm, t);
 }
 
 TileFn best_tile_fn(const char** name) {
