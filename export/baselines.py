@@ -8,10 +8,11 @@ Both use the same decoder graph, inputs, outputs and head choices as the PBS2P b
 
 from __future__ import annotations
 
+from torch import nn
+
 from pbs2p_edge.export.configs import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 from pbs2p_edge.export.nbits import NBitsLinear
 from pbs2p_edge.export.patch import Factory
-from torch import nn
 
 INT4_BLOCK_SIZE = 32
 _PROJECTIONS = set(ATTENTION_PROJECTIONS + MLP_PROJECTIONS)

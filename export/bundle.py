@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+
+from pbs2p_edge.errors import Pbs2pError, atomic_path
 from pbs2p_edge.export.baselines import INT4_BLOCK_SIZE, int4_factory
 from pbs2p_edge.export.configs import ExportConfig, export_config
 from pbs2p_edge.export.decoder import Decoder
 from pbs2p_edge.export.head import make_head
 from pbs2p_edge.export.onnx_export import DATA_FILE, MODEL_FILE, OPSET, export_onnx
 from pbs2p_edge.export.patch import Factory, check_packed_names, pbs2p_factory, swapped_linears
-
-from pbs2p_edge.errors import Pbs2pError, atomic_path
 
 BUNDLE_FORMAT = "pbs2p-edge-bundle"
 BUNDLE_VERSION = 1

@@ -64,9 +64,8 @@ def export_command(
     compared with the PyTorch model (prefill + 8 decode steps); below the SQNR threshold the export fails
     and nothing is left behind.
     """
-    from pbs2p_edge.export.bundle import export_bundle
-
     from pbs2p_edge.errors import Pbs2pError
+    from pbs2p_edge.export.bundle import export_bundle
 
     try:
         manifest = export_bundle(

@@ -13,8 +13,9 @@ emits for them without touching this file. Validation compares this graph agains
 from __future__ import annotations
 
 import torch
-from pbs2p_edge.export.configs import ExportConfig
 from torch import nn
+
+from pbs2p_edge.export.configs import ExportConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

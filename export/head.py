@@ -10,11 +10,11 @@ is a fifth of the parameters and, read once per decoded token, most of the decod
 from __future__ import annotations
 
 import torch
-from pbs2p_edge.export.nbits import BlockQuantized, matmul_nbits, quantize_rows
-from pbs2p_edge.export.patch import EmittingModule
 from torch import nn
 
 from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.export.nbits import BlockQuantized, matmul_nbits, quantize_rows
+from pbs2p_edge.export.patch import EmittingModule
 
 HEAD_CHOICES = ("fp32", "int8", "int4")
 HEAD_BITS = {"int8": 8, "int4": 4}

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pbs2p_edge.export.patch import EmittingModule
 from torch import nn
 
 from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.export.patch import EmittingModule
 
 
 @dataclass

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
+from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export.configs import ExportConfig
 from pbs2p_edge.export.decoder import Decoder
 from pbs2p_edge.export.patch import onnx_emission
-
-from pbs2p_edge.errors import Pbs2pError
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pbs2p_edge.export.configs import ExportConfig
-from pbs2p_edge.export.patch import SparseBinaryLinear, eager_arithmetic
 from torch import nn
 
 from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.export.configs import ExportConfig
+from pbs2p_edge.export.patch import SparseBinaryLinear, eager_arithmetic
 
 DEFAULT_THRESHOLD_DB = 40.0
 DECODE_STEPS = 8

@@ -21,10 +21,19 @@ def cli() -> None:
 
 @cli.command("eval")
 @click.argument("source", required=False)
-@click.option("--text", "text_path", type=click.Path(), help="Score this UTF-8 text file instead of the evaluation split.")
+@click.option(
+    "--text",
+    "text_path",
+    type=click.Path(),
+    help="Score this UTF-8 text file instead of the evaluation split.",
+)
 @click.option("--ctx", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
 @click.option(
-    "--tokens", type=click.IntRange(min=1), default=4096, show_default=True, help="Token budget (first N tokens)."
+    "--tokens",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="Token budget (first N tokens).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
@@ -55,7 +64,10 @@ def eval_command(
     ids = sources.evaluation_ids(tokenizer, tokens, text_path)
     result = perplexity(model, ids, ctx=ctx, progress=not no_progress)
     result.update(
-        source=source or "default", kind=kind, text=text_path or "corpus evaluation split", load_seconds=load_seconds
+        source=source or "default",
+        kind=kind,
+        text=text_path or "corpus evaluation split",
+        load_seconds=load_seconds,
     )
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -14,7 +14,9 @@ from typing import Any
 from pbs2p_edge.errors import Pbs2pError
 
 
-def perplexity(model: Any, ids: Any, ctx: int = 512, progress: bool = True, batch_size: int = 1) -> dict[str, Any]:
+def perplexity(
+    model: Any, ids: Any, ctx: int = 512, progress: bool = True, batch_size: int = 1
+) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm

@@ -99,7 +99,9 @@ def model_files(path: str | os.PathLike | None = None) -> Path:
         raise Pbs2pError(f"model path {p} does not exist")
     if p.is_file():
         if p.suffix.lower() != ".gguf":
-            raise Pbs2pError(f"model path {p} is a file but not a .gguf; pass a Hugging Face model folder or a GGUF")
+            raise Pbs2pError(
+                f"model path {p} is a file but not a .gguf; pass a Hugging Face model folder or a GGUF"
+            )
         key = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:16]
         return _convert_gguf(p, cache_dir() / "models" / f"{p.stem}-{key}")
     if not (p / "config.json").is_file():
@@ -209,7 +211,9 @@ def calibration_ids(
     ids = encode(tokenizer, _text("calibration", text_path))
     if len(ids) < seq_len:
         where = text_path or "the calibration split"
-        raise Pbs2pError(f"calibration text {where} has {len(ids)} tokens, fewer than one sample of {seq_len}")
+        raise Pbs2pError(
+            f"calibration text {where} has {len(ids)} tokens, fewer than one sample of {seq_len}"
+        )
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(ids) - seq_len + 1, size=n_samples)
     data = np.asarray(ids, dtype=np.int64)

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from pbs2p_edge.runtime.bundle import load_bundle
-from pbs2p_edge.runtime.session import DEFAULT_PREFILL_CHUNK
 
 from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.runtime.bundle import load_bundle
+from pbs2p_edge.runtime.session import DEFAULT_PREFILL_CHUNK
 
 Log = Callable[[str], None]
 

@@ -17,10 +17,10 @@ from typing import Any, TextIO
 import numpy as np
 import onnxruntime as ort
 import tokenizers  # noqa: F401 - loaded up front, so "bare" and "before load" RSS include the same libraries
-from pbs2p_edge.runtime.bundle import Bundle
-from pbs2p_edge.runtime.memory import current_rss, peak_rss, reset_peak_rss
 
 from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.runtime.bundle import Bundle
+from pbs2p_edge.runtime.memory import current_rss, peak_rss, reset_peak_rss
 
 
 def _varint(value: int) -> bytes:

@@ -69,9 +69,8 @@ def generate_command(
     Needs only onnxruntime, numpy and tokenizers. Ends at the end-of-sequence token, --max-new-tokens, or the
     model's context. A prompt longer than the context is refused. Ctrl-C stops and keeps what was printed.
     """
-    from pbs2p_edge.runtime.generate import Generator
-
     from pbs2p_edge.errors import Pbs2pError
+    from pbs2p_edge.runtime.generate import Generator
 
     if max_new_tokens < 1:
         raise Pbs2pError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -156,10 +155,9 @@ def bench_command(
     """
     import json
 
+    from pbs2p_edge.errors import Pbs2pError, atomic_path
     from pbs2p_edge.runtime.bench import BenchSettings, parse_threads, run_bench
     from pbs2p_edge.runtime.report import render_markdown
-
-    from pbs2p_edge.errors import Pbs2pError, atomic_path
 
     if profile_steps < 1:
         raise Pbs2pError(f"--profile-steps must be at least 1, got {profile_steps}")

@@ -12,12 +12,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.runtime.bundle import load_bundle
 from pbs2p_edge.runtime.sampling import Sampler, SamplingConfig
 from pbs2p_edge.runtime.session import DEFAULT_PREFILL_CHUNK, DecoderSession
 from pbs2p_edge.runtime.text import ChatTemplate, IncrementalDecoder, check_utf8, load_tokenizer
-
-from pbs2p_edge.errors import Pbs2pError
 
 
 @dataclass

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from pbs2p_edge.runtime.bundle import Bundle
-from pbs2p_edge.runtime.memory import release_file_pages
 
 from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.runtime.bundle import Bundle
+from pbs2p_edge.runtime.memory import release_file_pages
 
 DEFAULT_PREFILL_CHUNK: int | None = None  # tokens per prefill run; None = the whole prompt in one run
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}

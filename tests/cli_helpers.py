@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 
-def run_cli(*args: str | Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str | Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pbs2p_edge.cli", *map(str, args)],
         capture_output=True,

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import assert_one_line_error, run_cli
-from pbs2p_edge.runtime.bundle import bundle_bytes
 from test_runtime import runtime_bundle
+
+from pbs2p_edge.runtime.bundle import bundle_bytes
 
 ROW_FIELDS = {
     "bundle", "name", "weights", "threads", "bundle_bytes", "load_seconds",
@@ -113,6 +114,7 @@ def test_bench_bad_input(bundles: list[Path], tmp_path: Path) -> None:
 
 def test_bare_session_model_runs() -> None:
     import onnxruntime as ort
+
     from pbs2p_edge.runtime.bench_worker import minimal_model_bytes
 
     session = ort.InferenceSession(minimal_model_bytes(), providers=["CPUExecutionProvider"])

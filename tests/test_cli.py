@@ -19,8 +19,18 @@ def test_help_on_group_and_every_command() -> None:
 
 
 def test_eval_tiny_model_json(tiny_model_dir: Path, corpus_text_file: Path) -> None:
-    result = run_cli("eval", tiny_model_dir, "--text", corpus_text_file, "--ctx", "64", "--tokens", "256",
-                     "--json", "--no-progress")
+    result = run_cli(
+        "eval",
+        tiny_model_dir,
+        "--text",
+        corpus_text_file,
+        "--ctx",
+        "64",
+        "--tokens",
+        "256",
+        "--json",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["windows"] == 4 and data["tokens"] == 256 and data["predicted_tokens"] == 4 * 63

@@ -14,10 +14,10 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from pbs2p_edge.export import export_bundle
-from pbs2p_edge.export.cli import export_command
 
 from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.export import export_bundle
+from pbs2p_edge.export.cli import export_command
 
 PROJECTIONS_PER_LAYER = 7
 TINY_LAYERS = 2
@@ -179,11 +179,10 @@ def test_pbs2p_bundle_matches_pytorch_prefill_and_8_decode_steps(
     pbs2p_bundle: Path, checkpoint: Path
 ) -> None:
     """Independent of the export's own validation: a fresh PyTorch model vs the bundle as written."""
+    from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
     from pbs2p_edge.export.configs import export_config
     from pbs2p_edge.export.patch import eager_arithmetic, pbs2p_factory, swapped_linears
     from pbs2p_edge.export.validate import compare, ort_logits, reference_head, torch_logits
-
-    from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
 
     ckpt = load_checkpoint(checkpoint)
     model, _ = build_model(ckpt)
@@ -266,6 +265,7 @@ def test_nbits_dequantize_matches_onnxruntime(bits: int) -> None:
     """Our eager reference for MatMulNBits / GatherBlockQuantized equals what ONNX Runtime computes."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
     from pbs2p_edge.export.nbits import quantize_rows
 
     rows, k, block = 48, 64, 32
@@ -390,9 +390,9 @@ def test_baseline_format_refuses_a_checkpoint(checkpoint: Path, tmp_path: Path) 
 @pytest.mark.parametrize(("salient", "bias", "k"), [(0, False, 320), (2, True, 200), (3, False, 128)])
 def test_kernel_arithmetic_in_pytorch_equals_the_format_oracle(salient: int, bias: bool, k: int) -> None:
     """The PyTorch reference used by validation computes what pbs2p_edge.format.kernel_matmul specifies."""
-    from pbs2p_edge.export.patch import SparseBinaryLinear
     from torch import nn
 
+    from pbs2p_edge.export.patch import SparseBinaryLinear
     from pbs2p_edge.format import kernel_matmul, pack, random_weight
 
     weight = random_weight(48, k, salient=salient, bias=bias, seed=1)

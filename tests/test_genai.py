@@ -63,9 +63,8 @@ def test_genai_tokenizer_matches_transformers(tmp_path_factory, tiny_model_dir, 
 
 
 def test_genai_greedy_equals_pytorch_greedy_pbs2p(tmp_path_factory, tiny_model_dir, corpus_text_file) -> None:
-    from pbs2p_edge.export.patch import eager_arithmetic, pbs2p_factory, swapped_linears
-
     from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
+    from pbs2p_edge.export.patch import eager_arithmetic, pbs2p_factory, swapped_linears
 
     bundle = built_bundle(tmp_path_factory, tiny_model_dir, corpus_text_file, "pbs2p")
     ckpt = load_checkpoint(tiny_checkpoint(tmp_path_factory, tiny_model_dir, corpus_text_file))

@@ -118,9 +118,8 @@ def test_greedy_matches_pytorch_fp32(fp32_generator, tiny_model_dir: Path, penal
 
 
 def test_greedy_matches_pytorch_pbs2p(pbs2p_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from pbs2p_edge.runtime import Generator
-
     from pbs2p_edge.checkpoint import build_model, load_checkpoint
+    from pbs2p_edge.runtime import Generator
 
     generator = Generator(pbs2p_bundle, threads=1)
     assert generator.bundle.weights == "pbs2p" and generator.bundle.ops_library is not None
@@ -378,6 +377,7 @@ def test_cli_generate_rejects_non_utf8(fp32_bundle: Path) -> None:
 def test_cli_ctrl_c_prints_what_was_generated(fp32_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C mid-generation: the streamed text stays, a newline ends it, exit code 130."""
     from click.testing import CliRunner
+
     from pbs2p_edge.runtime import cli as runtime_cli
     from pbs2p_edge.runtime.generate import Generation
 

@@ -43,7 +43,12 @@ def test_calibration_text_shorter_than_one_sample(tiny_model_dir: Path, tmp_path
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "does not exist"), (b"\xff\xfe\x00bad", "not UTF-8"), (b"  \n", "is empty"), ("dir", "is a directory")],
+    [
+        (None, "does not exist"),
+        (b"\xff\xfe\x00bad", "not UTF-8"),
+        (b"  \n", "is empty"),
+        ("dir", "is a directory"),
+    ],
 )
 def test_bad_text_files(tmp_path: Path, content: bytes | str | None, message: str) -> None:
     path = tmp_path / "t.txt"
@@ -76,8 +81,16 @@ def test_corrupt_gguf_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_folder_that_is_not_a_causal_lm(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(
-        json.dumps({"model_type": "vit", "architectures": ["ViTModel"], "hidden_size": 32, "num_hidden_layers": 1,
-                    "num_attention_heads": 2, "intermediate_size": 64})
+        json.dumps(
+            {
+                "model_type": "vit",
+                "architectures": ["ViTModel"],
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+            }
+        )
     )
     with pytest.raises(Pbs2pError, match="not a causal language model"):
         sources.load_model(tmp_path)
