@@ -11,7 +11,7 @@ SHELL  := /bin/bash
 
 NATIVE_SOURCES := $(shell find custom_ops -type f -not -path '*/build*' 2>/dev/null) pyproject.toml
 
-.PHONY: setup system-deps demo test test-python test-kernels lint clean help
+.PHONY: setup system-deps demo bench-kernels bench-compress test test-python test-kernels lint clean help
 
 help:
 	@echo "make demo   - set up and run compress -> export -> generate -> bench on the default model"
@@ -37,9 +37,29 @@ setup: $(VENV)/.installed
 system-deps:
 	bash scripts/install_system_deps.sh
 
+# The demo's compression setting is the fast one (minutes on 2 cores); `make demo DEMO_COMPRESS=` uses the
+# full defaults (32 x 256 calibration tokens, 15 ARB iterations).
+DEMO_COMPRESS ?= --calib-samples 16 --calib-len 256 --arb-iters 5
+DEMO_PROMPT ?= What is the capital of France?
+
 demo: setup
 	@mkdir -p $(OUT)
 	$(BIN)/pbs2p-edge eval
+	$(BIN)/pbs2p-edge compress --nm 6:8 $(DEMO_COMPRESS) -o $(OUT)/model.pt --force
+	$(BIN)/pbs2p-edge eval $(OUT)/model.pt
+	$(BIN)/pbs2p-edge export $(OUT)/model.pt -o $(OUT)/pbs2p --format pbs2p --force
+	$(BIN)/pbs2p-edge export default -o $(OUT)/int4 --format int4 --force
+	$(BIN)/pbs2p-edge export default -o $(OUT)/fp32 --format fp32 --force
+	$(BIN)/pbs2p-edge generate $(OUT)/int4 --chat --prompt "$(DEMO_PROMPT)" -n 32
+	$(BIN)/pbs2p-edge generate $(OUT)/pbs2p --chat --prompt "$(DEMO_PROMPT)" -n 32
+	$(BIN)/pbs2p-edge bench $(OUT)/pbs2p $(OUT)/int4 $(OUT)/fp32 --threads $(THREADS) \
+	  --json $(OUT)/bench.json --plot $(OUT)/bench.png --profile
+
+bench-kernels: setup
+	nice -n 10 $(BIN)/python bench/kernels.py
+
+bench-compress: setup
+	nice -n 10 $(BIN)/python bench/compress_table.py
 
 test: setup system-deps test-kernels lint test-python
 
