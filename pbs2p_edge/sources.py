@@ -65,8 +65,11 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     marker = out_dir / _CONVERTED_MARKER
-    stat = gguf.stat()
-    source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    # Identify the GGUF by name, size and a hash of its head (its metadata and first tensors), not by path:
+    # the same package installed in another venv must reuse the converted copy.
+    with gguf.open("rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    source = {"gguf": gguf.name, "size": gguf.stat().st_size, "sha256_first_mib": head}
     if marker.is_file() and json.loads(marker.read_text()) == source:
         return out_dir
     try:

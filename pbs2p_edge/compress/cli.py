@@ -47,7 +47,7 @@ import click
     "--salient",
     type=int,
     default=None,
-    help="Salient columns per group with a second sign plane [default: 0].",
+    help="Salient columns per group with a second sign plane [default: 1].",
 )
 @click.option("--rescore/--no-rescore", default=None, help="SPBO: re-score between steps [default: on].")
 @click.option(
