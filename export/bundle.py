@@ -30,17 +30,6 @@ DEFAULT_HEAD = {"pbs2p": "int4", "fp32": "fp32", "int4": "int4"}
 OPS_LIBRARY_MODES = ("copy", "reference")
 MANIFEST_FILE = "manifest.json"
 GENAI_CONFIG_FILE = "genai_config.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -82,16 +71,13 @@ def _load_checkpoint_source(path: Path) -> Source:
 
 def _load_fp_source(source: str | None) -> Source:
     from pbs2p_edge import sources
+    from pbs2p_edge.checkpoint import read_tokenizer_files
 
     if source is not None and str(source).endswith(".pt"):
         raise Pbs2pError(f"{source} is a compressed checkpoint: export it with --format pbs2p")
     folder = sources.model_files(source)
     model, tokenizer = sources.load_model(folder)
-    files = {}
-    for name in TOKENIZER_FILES:
-        path = folder / name
-        if path.is_file():
-            files[name] = path.read_text(encoding="utf-8")
+    files = read_tokenizer_files(folder)
     return Source(model, tokenizer, files, description=str(source or "default"))
 
 
