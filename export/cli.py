@@ -40,7 +40,10 @@ import click
     help="MatMulNBits compute (int4 layers, int8/int4 head): 0 = fp32, 4 = int8 activations (faster).",
 )
 @click.option(
-    "--threshold-db", type=float, default=None, help="Validation: minimum logits SQNR [default: 40]."
+    "--threshold-db",
+    type=float,
+    default=None,
+    help="Validation: minimum SQNR of logits and custom nodes [default: 40].",
 )
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch comparison.")
@@ -60,9 +63,10 @@ def export_command(
     """Export SOURCE to an ONNX bundle (model.onnx, ops library, tokenizer, genai_config.json, manifest.json).
 
     The graph takes input_ids, attention_mask, position_ids and past_key_values.{i}.key/value and returns
-    logits and present.{i}.key/value. After writing, the bundle runs in ONNX Runtime and its logits are
-    compared with the PyTorch model (prefill + 8 decode steps); below the SQNR threshold the export fails
-    and nothing is left behind.
+    logits and present.{i}.key/value. After writing, the bundle runs in ONNX Runtime against the PyTorch
+    model (prefill + 8 decode steps): logits, and for pbs2p every custom node's input and output with the
+    graph's own values fed back (teacher-forced); below the SQNR threshold the export fails and nothing is
+    left behind.
     """
     from pbs2p_edge.errors import Pbs2pError
     from pbs2p_edge.export.bundle import export_bundle
@@ -99,11 +103,27 @@ def summary(manifest: dict, output: str) -> str:
     if check is None:
         lines.append("  validation: skipped (--no-validate)")
     else:
-        lines.append(
-            f"  validation vs PyTorch (prefill {check['prompt_tokens']} tokens + {check['decode_steps']} decode steps): "
-            f"SQNR {check['sqnr_db']:.1f} dB (threshold {check['threshold_db']:.0f}), "
-            f"max abs diff {check['max_abs_diff']:.3g}, top-1 agreement {check['top1_agreement']:.0%}"
-        )
+        steps = f"prefill {check['prompt_tokens']} tokens + {check['decode_steps']} decode steps"
+        forced = check.get("teacher_forced")
+        if forced:
+            lines.append(
+                f"  validation vs PyTorch ({steps}, teacher-forced, threshold {check['threshold_db']:.0f} dB): "
+                f"logits SQNR {forced['sqnr_db']:.1f} dB, max abs diff {forced['max_abs_diff']:.3g}; "
+                f"{forced['custom_nodes']} custom nodes: outputs >= {forced['ops_min_sqnr_db']:.1f} dB, "
+                f"inputs >= {forced['wiring_min_sqnr_db']:.1f} dB"
+            )
+            free, floor = check["free_running"], check["noise_floor"]
+            lines.append(
+                f"  free-running logits (not gated): SQNR {free['sqnr_db']:.1f} dB, top-1 agreement "
+                f"{free['top1_agreement']:.0%}; PyTorch against itself with 1e-6 input noise: "
+                f"{floor['sqnr_db']:.1f} dB"
+            )
+        else:
+            lines.append(
+                f"  validation vs PyTorch ({steps}): SQNR {check['sqnr_db']:.1f} dB "
+                f"(threshold {check['threshold_db']:.0f}), max abs diff {check['max_abs_diff']:.3g}, "
+                f"top-1 agreement {check['top1_agreement']:.0%}"
+            )
         effect = check.get("head_effect")
         if effect:
             lines.append(

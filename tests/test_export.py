@@ -204,6 +204,8 @@ def test_pbs2p_bundle_matches_pytorch_prefill_and_8_decode_steps(
     validation = _manifest(pbs2p_bundle)["validation"]
     assert validation["sqnr_db"] >= validation["threshold_db"] == 40.0 and validation["decode_steps"] == 8
     assert validation["head_effect"] is not None and validation["vs_float_activations"] is not None
+    assert validation["teacher_forced"]["ops_min_sqnr_db"] >= 40.0
+    assert validation["teacher_forced"]["wiring_min_sqnr_db"] >= 40.0
 
 
 def test_batch_of_two_with_left_padding(pbs2p_bundle: Path) -> None:
@@ -328,6 +330,80 @@ def test_failed_validation_leaves_nothing(checkpoint: Path, tmp_path: Path) -> N
     with pytest.raises(Pbs2pError, match="validation failed"):
         export_bundle(checkpoint, out, threshold_db=500.0)
     assert list(tmp_path.iterdir()) == []
+
+
+def _revalidate(bundle: Path, checkpoint: Path) -> dict:
+    """The export's validation, run again on `bundle` against a PyTorch model rebuilt from the checkpoint."""
+    from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
+    from pbs2p_edge.export.configs import export_config
+    from pbs2p_edge.export.head import make_head
+    from pbs2p_edge.export.patch import pbs2p_factory, swapped_linears
+    from pbs2p_edge.export.validate import validate_graph
+
+    ckpt = load_checkpoint(checkpoint)
+    model, tokenizer = build_model(ckpt)
+    manifest = _manifest(bundle)
+    with swapped_linears(model, pbs2p_factory(packed_layers(ckpt))):
+        head = make_head(model, manifest["head"])
+        return validate_graph(
+            bundle / "model.onnx",
+            bundle / manifest["ops_library"],
+            model,
+            head,
+            export_config(model.config),
+            tokenizer,
+        )
+
+
+def _scaled_initializer_copy(bundle: Path, out: Path, initializer: str, factor: float) -> Path:
+    """A copy of `bundle` whose graph has `initializer` multiplied by `factor`."""
+    shutil.copytree(bundle, out, ignore=shutil.ignore_patterns("model.onnx*"))
+    model = onnx.load(str(bundle / "model.onnx"))
+    tensor = next(t for t in model.graph.initializer if t.name == initializer)
+    array = onnx.numpy_helper.to_array(tensor)
+    tensor.CopyFrom(onnx.numpy_helper.from_array((array * factor).astype(array.dtype), initializer))
+    onnx.save_model(
+        model,
+        str(out / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
+    return out
+
+
+def test_revalidating_an_intact_bundle_passes_every_check(pbs2p_bundle: Path, checkpoint: Path) -> None:
+    result = _revalidate(pbs2p_bundle, checkpoint)
+    forced = result["teacher_forced"]
+    assert (
+        result["gated"] == "teacher_forced" and forced["custom_nodes"] == PROJECTIONS_PER_LAYER * TINY_LAYERS
+    )
+    assert min(forced["sqnr_db"], forced["ops_min_sqnr_db"], forced["wiring_min_sqnr_db"]) >= 80.0, forced
+    assert not (pbs2p_bundle / "validate.onnx").exists()
+
+
+DEFECTS = {
+    # A packed scale off by 25% in one layer: that node's output no longer matches the kernel arithmetic.
+    "packed-scales": ("layers.1.mlp.up_proj.scales", r"custom node output at layers\.1\.mlp\.up_proj,"),
+    # A norm between two custom nodes: the inputs of the nodes it feeds differ.
+    "norm-between-nodes": (
+        "layers.1.post_attention_layernorm.weight",
+        r"custom node input at layers\.1\.mlp\.(gate|up)_proj,",
+    ),
+    # The final norm: only the logits differ.
+    "final-norm": ("norm.weight", r"validation failed: logits,"),
+}
+
+
+@pytest.mark.parametrize(("initializer", "message"), DEFECTS.values(), ids=list(DEFECTS))
+def test_validation_names_where_a_defect_is(
+    pbs2p_bundle: Path, checkpoint: Path, tmp_path: Path, initializer: str, message: str
+) -> None:
+    broken = _scaled_initializer_copy(pbs2p_bundle, tmp_path / "broken", initializer, 1.25)
+    with pytest.raises(Pbs2pError, match=message):
+        _revalidate(broken, checkpoint)
+    assert not (broken / "validate.onnx").exists()
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -85,3 +85,21 @@ def test_genai_greedy_equals_pytorch_greedy_fp32(tmp_path_factory, tiny_model_di
     head = model.get_output_embeddings().weight
     for prompt in _prompts(model.config.vocab_size):
         assert _genai_greedy(bundle, prompt, NEW_TOKENS) == _torch_greedy(model, head, prompt, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("kind", ["pbs2p", "fp32"])
+def test_genai_greedy_equals_our_runtime_greedy(
+    tmp_path_factory, tiny_model_dir, corpus_text_file, kind: str
+) -> None:
+    from pbs2p_edge.runtime import Generator
+
+    bundle = built_bundle(tmp_path_factory, tiny_model_dir, corpus_text_file, kind)
+    generator = Generator(bundle, threads=1)
+    eos = set(generator.bundle.eos_token_ids)
+    for prompt in _prompts(generator.tokenizer.get_vocab_size()):
+        result = generator.generate(prompt, NEW_TOKENS)
+        theirs = _genai_greedy(bundle, prompt, NEW_TOKENS)
+        if result.stop_reason == "eos":  # genai reports the EOS token it stops on; our runtime does not
+            assert theirs[-1] in eos and theirs[:-1] == result.token_ids
+        else:
+            assert theirs == result.token_ids

@@ -1,0 +1,203 @@
+"""Teacher-forced comparison of a graph with its PyTorch model: every custom node checked on identical inputs.
+
+Why: the kernels round activations to int7, a discontinuous function. A compressed model run free in ONNX
+Runtime and in PyTorch sees activations that differ by float summation order (~1e-7 relative); a few of them
+sit on a rounding tie and round to neighbouring int7 levels, and over 30 binarized layers those flips compound
+into logits that differ by tens of percent although every operation is correct (the PyTorch model, perturbed
+by 1e-6 relative noise at its input, diverges from itself just as much: `noise_floor` in the validation).
+
+So the graph is instrumented: the input and output of every `SparseBinaryMatMul` node become extra graph
+outputs. PyTorch then runs the same steps with each compressed linear's output replaced by the graph's
+(forward hooks), which stops any divergence from compounding while still recomputing everything else (norms,
+rotary, attention over the KV cache, residual stream, head). Three checks follow, each on identical inputs:
+
+- `ops`: each node's output against PyTorch's kernel arithmetic applied to the node's own graph input;
+- `wiring`: each node's graph input against the input PyTorch computes from the forced outputs, i.e. all the
+  float code between the custom nodes, KV cache and positions included;
+- `logits`: graph logits against PyTorch's logits from the forced outputs (final norm and head).
+
+A defect anywhere (a packing or kernel bug, a wrong cache slot, position or mask, a misplaced norm) shows up
+in one of them at the layer where it happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.export.configs import ExportConfig
+from pbs2p_edge.export.patch import PBS2P_OP, SparseBinaryLinear
+
+INSTRUMENTED_FILE = "validate.onnx"
+_DOMAIN, _, _OP_TYPE = PBS2P_OP.partition("::")
+# The packed input that names the node's layer: scales are fp16 data, never byte-identical between layers,
+# so the exporter's initializer deduplication never renames them (it does merge equal headers and biases).
+_NAMING_INPUT = "scales"
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One custom node: the model layer it computes and the graph values of its activation input and output."""
+
+    layer: str
+    input: str
+    output: str
+
+
+def _node_layer(node: onnx.NodeProto) -> str:
+    from pbs2p_edge.format.packed import ARRAY_ORDER
+
+    name = node.input[1 + ARRAY_ORDER.index(_NAMING_INPUT)]
+    suffix = f".{_NAMING_INPUT}"
+    if not name.endswith(suffix):
+        raise Pbs2pError(
+            f"validation cannot tell which layer custom node {node.name} computes (input {name})"
+        )
+    return name[: -len(suffix)]
+
+
+def instrument(model_path: Path) -> tuple[Path, list[Tap]]:
+    """Write a copy of the graph beside `model_path` that also outputs every custom node's input and output.
+
+    The copy shares the external data file (same directory); the caller removes it. Returns (path, taps).
+    """
+    model = onnx.load(str(model_path), load_external_data=False)
+    taps = [
+        Tap(_node_layer(node), node.input[0], node.output[0])
+        for node in model.graph.node
+        if node.domain == _DOMAIN and node.op_type == _OP_TYPE
+    ]
+    outputs = {value.name for value in model.graph.output}
+    for name in dict.fromkeys(name for tap in taps for name in (tap.input, tap.output)):
+        if name not in outputs:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    path = model_path.with_name(INSTRUMENTED_FILE)
+    onnx.save_model(model, str(path))
+    return path, taps
+
+
+def match_layers(taps: Sequence[Tap], hf_model: nn.Module) -> dict[str, SparseBinaryLinear]:
+    """Map each tap's layer (named from the decoder, e.g. `layers.3.mlp.up_proj`) to the HF model's module."""
+    modules = {name: m for name, m in hf_model.named_modules() if isinstance(m, SparseBinaryLinear)}
+    matched: dict[str, SparseBinaryLinear] = {}
+    for tap in taps:
+        found = [m for name, m in modules.items() if name == tap.layer or name.endswith(f".{tap.layer}")]
+        if len(found) != 1:
+            raise Pbs2pError(f"validation cannot match custom node for {tap.layer} to one layer of the model")
+        matched[tap.layer] = found[0]
+    if len(matched) != len(taps) or len(matched) != len(modules):
+        raise Pbs2pError(
+            f"graph has {len(taps)} custom nodes for {len(matched)} layers, the model {len(modules)} "
+            "compressed layers"
+        )
+    return matched
+
+
+@dataclass
+class _Record:
+    """Per layer and step: the graph's output and input, PyTorch's input and PyTorch's kernel output."""
+
+    graph_out: list[np.ndarray]
+    graph_in: list[np.ndarray]
+    torch_in: list[np.ndarray]
+    kernel_out: list[np.ndarray]
+
+
+@contextlib.contextmanager
+def forced_outputs(
+    modules: Mapping[str, SparseBinaryLinear],
+    taps: Sequence[Tap],
+    graph_values: Sequence[Mapping[str, np.ndarray]],
+) -> Iterator[dict[str, _Record]]:
+    """While active, the n-th call of each compressed layer returns the graph's output of step n.
+
+    Each call also records PyTorch's own input and the kernel arithmetic applied to the graph's input.
+    """
+    records: dict[str, _Record] = {}
+    handles = []
+
+    def hook_for(tap: Tap) -> Any:
+        record = records.setdefault(tap.layer, _Record([], [], [], []))
+
+        def hook(
+            module: SparseBinaryLinear, args: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> torch.Tensor:
+            step = len(record.graph_out)
+            if step >= len(graph_values):
+                raise Pbs2pError(f"validation: layer {tap.layer} ran more often than the graph")
+            graph_in = graph_values[step][tap.input]
+            graph_out = graph_values[step][tap.output]
+            record.graph_in.append(graph_in)
+            record.graph_out.append(graph_out)
+            record.torch_in.append(args[0].detach().float().numpy().reshape(graph_in.shape))
+            kernel = module._kernel_forward(torch.from_numpy(np.ascontiguousarray(graph_in)))
+            record.kernel_out.append(kernel.numpy())
+            return torch.from_numpy(np.ascontiguousarray(graph_out)).reshape(output.shape).to(output.dtype)
+
+        return hook
+
+    try:
+        for tap in taps:
+            handles.append(modules[tap.layer].register_forward_hook(hook_for(tap)))
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def ort_steps(
+    session: Any, config: ExportConfig, ids: Sequence[int], tokens: Sequence[int], extra: Sequence[str] = ()
+) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]]]:
+    """Run the prefill of `ids` then one decode step per token through the graph's KV cache.
+
+    Returns the logits of each step and, per step, the values of the `extra` graph outputs.
+    """
+    names = [output.name for output in session.get_outputs()]
+    empty = np.zeros((1, config.num_kv_heads, 0, config.head_dim), dtype=np.float32)
+    past = dict.fromkeys(config.past_names(), empty)
+    step_ids, total = list(ids), 0
+    logits: list[np.ndarray] = []
+    values: list[dict[str, np.ndarray]] = []
+    for token in [None, *tokens]:
+        if token is not None:
+            step_ids = [token]
+        start = total
+        total += len(step_ids)
+        feeds = {
+            "input_ids": np.array([step_ids], dtype=np.int64),
+            "attention_mask": np.ones((1, total), dtype=np.int64),
+            "position_ids": np.arange(start, total, dtype=np.int64)[None, :],
+            **past,
+        }
+        outputs = dict(zip(names, session.run(None, feeds), strict=True))
+        logits.append(outputs["logits"][0])
+        past = {
+            name: outputs[present]
+            for name, present in zip(config.past_names(), config.present_names(), strict=True)
+        }
+        values.append({name: outputs[name] for name in extra})
+    return logits, values
+
+
+def worst_layer(records: Mapping[str, _Record], reference: str, test: str) -> tuple[float, str]:
+    """The lowest per-layer SQNR of `test` against `reference` (fields of _Record) and the layer it occurs in."""
+    from pbs2p_edge.export.validate import sqnr_db
+
+    scores = {
+        layer: sqnr_db(
+            np.concatenate([a.reshape(-1) for a in getattr(record, reference)]),
+            np.concatenate([a.reshape(-1) for a in getattr(record, test)]),
+        )
+        for layer, record in records.items()
+    }
+    layer = min(scores, key=scores.__getitem__)
+    return round(scores[layer], 2), layer
