@@ -49,6 +49,8 @@ demo: setup
 	$(BIN)/pbs2p-edge export $(OUT)/model.pt -o $(OUT)/pbs2p --format pbs2p --force
 	$(BIN)/pbs2p-edge export default -o $(OUT)/int4 --format int4 --force
 	$(BIN)/pbs2p-edge export default -o $(OUT)/fp32 --format fp32 --force
+	$(BIN)/pbs2p-edge eval $(OUT)/pbs2p --no-progress
+	$(BIN)/pbs2p-edge eval $(OUT)/int4 --no-progress
 	$(BIN)/pbs2p-edge generate $(OUT)/int4 --chat --prompt "$(DEMO_PROMPT)" -n 32
 	$(BIN)/pbs2p-edge generate $(OUT)/pbs2p --chat --prompt "$(DEMO_PROMPT)" -n 32
 	$(BIN)/pbs2p-edge bench $(OUT)/pbs2p $(OUT)/int4 $(OUT)/fp32 --threads $(THREADS) \

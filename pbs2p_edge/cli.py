@@ -35,34 +35,62 @@ def cli() -> None:
     show_default=True,
     help="Token budget (first N tokens).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads: onnxruntime intra-op threads for a bundle, torch threads otherwise (default: theirs).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def eval_command(
-    source: str | None, text_path: str | None, ctx: int, tokens: int, as_json: bool, no_progress: bool
+    source: str | None,
+    text_path: str | None,
+    ctx: int,
+    tokens: int,
+    threads: int | None,
+    as_json: bool,
+    no_progress: bool,
 ) -> None:
     """Perplexity of SOURCE on held-out text.
 
     SOURCE is a compressed model.pt, a Hugging Face model folder, a .gguf file, or omitted for the embedded
-    default model (SmolLM2-135M-Instruct). Windows of --ctx tokens, non-overlapping, over the first --tokens
-    tokens of the evaluation split (or --text).
+    default model (SmolLM2-135M-Instruct), all scored in PyTorch with float activations; or a bundle directory
+    from `pbs2p-edge export`, scored torch-free with onnxruntime as deployed (the kernels' int7 activations,
+    the exported head). Windows of --ctx tokens, non-overlapping, no BOS, each scored alone, over the first
+    --tokens tokens of the evaluation split (or --text): the same windows for every kind of SOURCE.
     """
     import time
 
     from pbs2p_edge import sources
-    from pbs2p_edge.evaluate import perplexity
 
     start = time.perf_counter()
-    if source is not None and source.endswith(".pt"):
-        from pbs2p_edge.checkpoint import build_model, load_checkpoint
+    if source is not None and _is_bundle_dir(source):
+        from pbs2p_edge.runtime.perplexity import BundleScorer
 
-        model, tokenizer = build_model(load_checkpoint(source))
-        kind = "compressed"
+        scorer = BundleScorer(source, threads=threads)
+        kind = scorer.kind
+        load_seconds = time.perf_counter() - start
+        ids = sources.evaluation_token_list(scorer.encode, tokens, text_path)
+        result = scorer.perplexity(ids, ctx=ctx, progress=not no_progress)
     else:
-        model, tokenizer = sources.load_model(source)
-        kind = "fp32"
-    load_seconds = time.perf_counter() - start
-    ids = sources.evaluation_ids(tokenizer, tokens, text_path)
-    result = perplexity(model, ids, ctx=ctx, progress=not no_progress)
+        from pbs2p_edge.evaluate import perplexity
+
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        if source is not None and source.endswith(".pt"):
+            from pbs2p_edge.checkpoint import build_model, load_checkpoint
+
+            model, tokenizer = build_model(load_checkpoint(source))
+            kind = "compressed"
+        else:
+            model, tokenizer = sources.load_model(source)
+            kind = "fp32"
+        load_seconds = time.perf_counter() - start
+        ids = sources.evaluation_ids(tokenizer, tokens, text_path)
+        result = perplexity(model, ids, ctx=ctx, progress=not no_progress)
     result.update(
         source=source or "default",
         kind=kind,
@@ -76,6 +104,22 @@ def eval_command(
             f"{result['source']} ({kind}): perplexity {result['ppl']:.3f} over {result['windows']} windows x "
             f"{ctx} tokens ({result['tokens']} tokens) in {result['seconds']:.1f} s (load {load_seconds:.1f} s)"
         )
+
+
+def _is_bundle_dir(source: str) -> bool:
+    """A directory holding manifest.json is a bundle (load_bundle then checks the manifest is ours)."""
+    from pathlib import Path
+
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return False
+    if (path / "manifest.json").exists():
+        return True
+    if not (path / "config.json").exists():
+        raise Pbs2pError(
+            f"{path} is neither a bundle (no manifest.json) nor a Hugging Face model folder (no config.json)"
+        )
+    return False
 
 
 def _add_stage_commands() -> None:

@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -223,11 +224,21 @@ def calibration_ids(
     return torch.from_numpy(np.stack([data[s : s + seq_len] for s in starts]))
 
 
+def evaluation_token_list(
+    encode_text: Callable[[str], list[int]], n_tokens: int, text_path: str | os.PathLike | None = None
+) -> list[int]:
+    """The first `n_tokens` ids of the evaluation text (or `text_path`) as `encode_text` tokenizes it.
+
+    Torch-free. `encode_text` must add no special tokens; the PyTorch and the bundle scorers both use it.
+    """
+    if n_tokens <= 0:
+        raise Pbs2pError(f"token budget must be > 0 (got {n_tokens})")
+    return list(encode_text(_text("evaluation", text_path))[:n_tokens])
+
+
 def evaluation_ids(tokenizer: Any, n_tokens: int, text_path: str | os.PathLike | None = None) -> torch.Tensor:
     """The first `n_tokens` tokens of the evaluation text (fewer if the text is shorter): LongTensor [n]."""
     import torch
 
-    if n_tokens <= 0:
-        raise Pbs2pError(f"token budget must be > 0 (got {n_tokens})")
-    ids = encode(tokenizer, _text("evaluation", text_path))
-    return torch.tensor(ids[:n_tokens], dtype=torch.long)
+    ids = evaluation_token_list(lambda text: encode(tokenizer, text), n_tokens, text_path)
+    return torch.tensor(ids, dtype=torch.long)

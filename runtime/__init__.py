@@ -16,6 +16,7 @@ _LAZY = {
     "load_bundle": ("pbs2p_edge.runtime.bundle", "load_bundle"),
     "DecoderSession": ("pbs2p_edge.runtime.session", "DecoderSession"),
     "run_bench": ("pbs2p_edge.runtime.bench", "run_bench"),
+    "BundleScorer": ("pbs2p_edge.runtime.perplexity", "BundleScorer"),
 }
 
 __all__ = sorted(_LAZY)

@@ -37,6 +37,11 @@ for bundle in sys.argv[1:]:
 print(json.dumps(out))
 """
 
+RUN_CLI = (
+    "import runpy\nsys.argv = ['pbs2p-edge', *sys.argv[1:]]\n"
+    "runpy.run_module('pbs2p_edge.cli', run_name='__main__')"
+)
+
 
 def run_blocked(code: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -70,11 +75,26 @@ def test_generate_without_torch(bundles: list[Path]) -> None:
 
 
 def test_cli_without_torch(bundles: list[Path]) -> None:
-    code = "import runpy\nsys.argv = ['pbs2p-edge', *sys.argv[1:]]\nrunpy.run_module('pbs2p_edge.cli', run_name='__main__')"
     for bundle in bundles:
         result = run_blocked(
-            code, "generate", str(bundle), "-p", PROMPTS[1], "-n", "6", "--chat", "--threads", "1"
+            RUN_CLI, "generate", str(bundle), "-p", PROMPTS[1], "-n", "6", "--chat", "--threads", "1"
         )
         assert result.returncode == 0, result.stderr
-    missing = run_blocked(code, "generate", str(bundles[0].parent / "nowhere"), "-p", "hi")
+    missing = run_blocked(RUN_CLI, "generate", str(bundles[0].parent / "nowhere"), "-p", "hi")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_eval_bundle_without_torch(bundles: list[Path], corpus_text_file: Path) -> None:
+    """`pbs2p-edge eval BUNDLE` runs torch-free and gives what the same scorer gives with torch importable."""
+    from pbs2p_edge import sources
+    from pbs2p_edge.runtime.perplexity import BundleScorer
+
+    options = ["--text", str(corpus_text_file), "--ctx", "32", "--tokens", "128", "--threads", "1"]
+    for bundle, kind in zip(bundles, ("fp32", "pbs2p"), strict=True):
+        result = run_blocked(RUN_CLI, "eval", str(bundle), *options, "--json", "--no-progress")
+        assert result.returncode == 0, result.stderr
+        data = json.loads(result.stdout)
+        assert data["kind"] == kind and data["windows"] == 4 and data["predicted_tokens"] == 4 * 31
+        scorer = BundleScorer(bundle, threads=1)
+        ids = sources.evaluation_token_list(scorer.encode, 128, corpus_text_file)
+        assert data["ppl"] == pytest.approx(scorer.perplexity(ids, ctx=32, progress=False)["ppl"], rel=1e-6)
