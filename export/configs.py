@@ -85,9 +85,12 @@ def export_config(hf_config: Any) -> ExportConfig:
     activation = getattr(hf_config, "hidden_act", "silu")
     if activation not in family.activations:
         raise Pbs2pError(f"cannot export {model_type} with activation {activation!r}")
-    if getattr(hf_config, "sliding_window", None) and getattr(hf_config, "use_sliding_window", True):
-        if model_type == "mistral":
-            raise Pbs2pError("cannot export a mistral model with sliding-window attention")
+    context_length = int(getattr(hf_config, "max_position_embeddings", 2048))
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        # The graph attends to the whole cache. Up to `window` tokens that is exactly sliding-window attention,
+        # so the bundle declares that as its context and the runtime never goes past it.
+        context_length = min(context_length, int(window))
     heads = int(hf_config.num_attention_heads)
     hidden = int(hf_config.hidden_size)
     head_dim = int(getattr(hf_config, "head_dim", None) or hidden // heads)
@@ -102,7 +105,7 @@ def export_config(hf_config: Any) -> ExportConfig:
         intermediate_size=int(hf_config.intermediate_size),
         vocab_size=int(hf_config.vocab_size),
         rms_norm_eps=float(hf_config.rms_norm_eps),
-        context_length=int(getattr(hf_config, "max_position_embeddings", 2048)),
+        context_length=context_length,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         eos_token_ids=_ids(getattr(hf_config, "eos_token_id", None)),
