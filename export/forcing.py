@@ -65,6 +65,11 @@ def _node_layer(node: onnx.NodeProto) -> str:
     return name[: -len(suffix)]
 
 
+def tapped_values(taps: Sequence[Tap]) -> list[str]:
+    """The graph values the taps read (activations shared by q/k/v or gate/up appear once)."""
+    return list(dict.fromkeys(name for tap in taps for name in (tap.input, tap.output)))
+
+
 def instrument(model_path: Path) -> tuple[Path, list[Tap]]:
     """Write a copy of the graph beside `model_path` that also outputs every custom node's input and output.
 
@@ -77,7 +82,7 @@ def instrument(model_path: Path) -> tuple[Path, list[Tap]]:
         if node.domain == _DOMAIN and node.op_type == _OP_TYPE
     ]
     outputs = {value.name for value in model.graph.output}
-    for name in dict.fromkeys(name for tap in taps for name in (tap.input, tap.output)):
+    for name in tapped_values(taps):
         if name not in outputs:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     path = model_path.with_name(INSTRUMENTED_FILE)

@@ -190,8 +190,7 @@ def teacher_forced(
     path, taps = forcing.instrument(model_path)
     try:
         session = ort_session(path, ops_library)
-        extra = list(dict.fromkeys(name for tap in taps for name in (tap.input, tap.output)))
-        graph, values = forcing.ort_steps(session, config, ids, tokens, extra)
+        graph, values = forcing.ort_steps(session, config, ids, tokens, forcing.tapped_values(taps))
         del session
     finally:
         path.unlink(missing_ok=True)

@@ -93,23 +93,10 @@ def test_qwen2_projection_biases_ride_in_the_custom_nodes(family_bundle: tuple[s
 
 
 def test_family_runtime_and_genai_agree(family_bundle: tuple[str, Path]) -> None:
-    og = pytest.importorskip("onnxruntime_genai")
-    from pbs2p_edge.runtime import Generator
+    pytest.importorskip("onnxruntime_genai")
+    from test_genai import assert_genai_equals_runtime
 
     _, bundle = family_bundle
-    generator = Generator(bundle, threads=1)
-    prompt = [int(i) for i in np.random.default_rng(3).integers(3, generator.bundle.vocab_size, 9)]
-    result = generator.generate(prompt, NEW_TOKENS)
-    model = og.Model(str(bundle))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + NEW_TOKENS, do_sample=False)
-    genai = og.Generator(model, params)
-    genai.append_tokens(prompt)
-    theirs: list[int] = []
-    while not genai.is_done():
-        genai.generate_next_token()
-        theirs.append(int(genai.get_next_tokens()[0]))
-    if result.stop_reason == "eos":  # genai reports the EOS token it stops on; our runtime does not
-        assert theirs[-1] in generator.bundle.eos_token_ids and theirs[:-1] == result.token_ids
-    else:
-        assert theirs == result.token_ids
+    vocab = json.loads((bundle / "manifest.json").read_text())["vocab_size"]
+    prompt = [int(i) for i in np.random.default_rng(3).integers(3, vocab, 9)]
+    assert_genai_equals_runtime(bundle, prompt, NEW_TOKENS)
