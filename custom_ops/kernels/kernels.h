@@ -37,15 +37,17 @@ struct Params {
   bool has_bias = false, has_col_scales = false;
 };
 
-// Expected element counts of every disk array for given parameters.
+// Expected element counts of every disk array for given parameters (size_t products overflow-checked).
 struct DiskSizes {
   size_t mask, signs, scales, salient_cols, salient_signs, alpha2, bias, col_scales;
 };
-DiskSizes disk_sizes(const Params& p);
+std::string disk_sizes(const Params& p, DiskSizes* out);
 
-// Parse and validate the header; "" on success, else a one-line message.
+// Parse and validate the header, every field against its range (hostile input: any int32 values); "" on
+// success, else a one-line message.
 std::string parse_header(const int32_t* header, size_t len, Params* out);
-// Validate every array size and the N:M mask; "" on success.
+// Validate every array's element count against the header, the N:M mask, salient columns (inside their group,
+// distinct) and finite fp16 scales; "" on success. After this, every index the kernels compute is in bounds.
 std::string validate(const DiskView& disk, const Params& p);
 
 // Runtime (repacked) weight, built once per session.

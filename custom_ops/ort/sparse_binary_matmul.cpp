@@ -8,6 +8,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -272,6 +273,10 @@ OrtStatusPtr ORT_API_CALL infer_output_shape(const OrtCustomOp*, OrtShapeInferCo
                    std::to_string(n_inputs))
           .release();
     const int64_t rows = ctx.GetAttrInt("rows"), k = ctx.GetAttrInt("k");
+    if (rows < 1 || rows > INT32_MAX || k < 1 || k > INT32_MAX)
+      return error("attributes rows=" + std::to_string(rows) + ", k=" + std::to_string(k) +
+                   " must be in [1, 2^31 - 1]")
+          .release();
     const Ort::ShapeInferContext::Shape& shape = ctx.GetInputShape(0);
     if (shape.empty()) return error("input X must have rank >= 1").release();
     if (shape.back().IsInt() && shape.back().AsInt() >= 0 && shape.back().AsInt() != k)
@@ -308,6 +313,28 @@ std::string ops_info_json() {
          "], \"kernels\": [" + kernels + "]}";
 }
 
+using LiteOp = Ort::Custom::OrtLiteCustomStruct<SparseBinaryMatMul>;
+
+// Kernel creation that can fail: the lite API's CreateKernel cannot report an error, so a broken constant weight
+// (bad header, sizes that disagree with it, attributes that disagree) would only surface at the first Run. With
+// CreateKernelV2 the session creation itself fails with the op's one-line message.
+OrtStatusPtr ORT_API_CALL create_kernel_checked(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
+                                                void** kernel) noexcept {
+  try {
+    auto k = std::make_unique<LiteOp::Kernel>();
+    if (OrtStatus* st = api->KernelInfo_GetInputCount(info, &k->num_input_)) return st;
+    if (OrtStatus* st = api->KernelInfo_GetOutputCount(info, &k->num_output_)) return st;
+    k->custom_op_ = std::make_unique<SparseBinaryMatMul>(api, info);
+    if (!k->custom_op_->init_error_.empty())
+      return api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kOpName) + ": " + k->custom_op_->init_error_).c_str());
+    k->ep_ = "CPUExecutionProvider";
+    *kernel = k.release();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, (std::string(kOpName) + ": creating the kernel failed: " + e.what()).c_str());
+  }
+}
+
 }  // namespace
 
 // What this library implements, as static JSON: {"op_version": 2, "format_versions": [1, 2], "kernels": [...]}
@@ -331,6 +358,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     if (domain == nullptr) {
       auto* op = Ort::Custom::CreateLiteCustomOp<SparseBinaryMatMul>(kOpName, "CPUExecutionProvider");
       op->InferOutputShapeFn = infer_output_shape;
+      op->CreateKernelV2 = create_kernel_checked;
       OrtCustomOpDomain* d = nullptr;
       Ort::ThrowOnError(api->CreateCustomOpDomain(kDomain, &d));
       Ort::ThrowOnError(api->CustomOpDomain_Add(d, op));
