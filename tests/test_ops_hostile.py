@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from test_ops_ort import build_model, session
@@ -208,3 +209,14 @@ def test_intact_base_weight_runs() -> None:
     (y,) = session(build_model(p, x_shape=["a", p.k])).run(None, {"X": np.ones((2, p.k), np.float32)})
     assert y.shape == (2, p.rows) and np.isfinite(y).all()
     assert isinstance(ort.get_version_string(), str)
+
+
+@pytest.mark.parametrize("missing", [1, 5, 9])
+def test_a_left_out_input_fails_at_session_creation(missing: int) -> None:
+    """ONNX lets a node skip an optional input with an empty name; the op refuses it (it used to crash)."""
+    p = _base()
+    model = onnx.load_from_string(build_model(p, x_shape=["a", p.k]))
+    model.graph.node[0].input[missing] = ""
+    with pytest.raises(Exception) as info:  # noqa: B017
+        session(model.SerializeToString())
+    _assert_op_error(info.value, f"input {missing} is missing (empty name)")

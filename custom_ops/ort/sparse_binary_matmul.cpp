@@ -126,6 +126,23 @@ struct SparseBinaryMatMul {
                     std::to_string(n_inputs);
       return;
     }
+    // The lite API declares every input optional, so a node may leave one out with an empty name; the lite
+    // wrapper would then dereference a null tensor. Refuse such nodes here, at session creation.
+    for (size_t i = 0; i < n_inputs; ++i) {
+      size_t len = 0;
+      OrtStatus* st = api->KernelInfo_GetInputName(info, i, nullptr, &len);
+      std::string name(len, '\0');
+      if (st == nullptr && len > 0) st = api->KernelInfo_GetInputName(info, i, name.data(), &len);
+      if (st != nullptr) {
+        api->ReleaseStatus(st);
+        init_error_ = "cannot read the name of input " + std::to_string(i);
+        return;
+      }
+      if (name.empty() || name[0] == '\0') {
+        init_error_ = "input " + std::to_string(i) + " is missing (empty name): X and every packed array must be given";
+        return;
+      }
+    }
     if (has_cs != 0 && n_inputs < kMaxInputs) {
       init_error_ = "attribute has_col_scales=" + std::to_string(has_cs) + " but the node has no col_scales input";
       return;
