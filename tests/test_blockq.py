@@ -140,3 +140,72 @@ def test_arbrc_fit_never_increases_the_error_and_refit_is_optimal(with_mu: bool)
     assert torch.allclose(theta.double(), solve_rows(w, feats, whitener(u)), atol=1e-5)
     v = row_values(theta.double(), bq.signs, keep, [], None, with_mu)
     assert torch.all(torch.isfinite(v))
+
+
+def _hessian(k: int, seed: int):
+    from pbs2p_edge.compress.gptq import HessianAccumulator
+
+    gen = _gen(seed)
+    acc = HessianAccumulator(k)
+    mix = torch.randn(k, k, generator=gen) * 0.3 + torch.diag(torch.rand(k, generator=gen) * 3 + 0.2)
+    acc.add(torch.randn(6 * k, k, generator=gen) @ mix)
+    return acc
+
+
+@pytest.mark.parametrize("binarizer,rc_mu", [("arbrc", False), ("arbrc", True), ("arbrcx", False)])
+def test_rc_reconstruction_is_the_packed_formats_dense(binarizer: str, rc_mu: bool) -> None:
+    """What the binarizer fitted (c_j times the row terms, salient term included) is what the packed format
+    stores and reconstructs: SparseBinaryWeight -> pack -> unpack -> dense()."""
+    import functools
+
+    import numpy as np
+
+    from pbs2p_edge.compress.gptq import quantize_matrix
+    from pbs2p_edge.compress.pipeline import _to_weight
+    from pbs2p_edge.config import PBS2PConfig
+    from pbs2p_edge.format import pack, unpack
+
+    rows, k, group = 16, 192, 64
+    w = torch.randn(rows, k, generator=_gen(20)) * (torch.rand(k, generator=_gen(21)) * 3 + 0.1)
+    u = inverse_factor(_hessian(k, 22).hessian(), 0.01)[0]
+    fit = functools.partial(fit_block, n=6, m=8, steps=2)
+    r = quantize_matrix(w, u, fit, group, 2, binarizer, rc_mu=rc_mu)
+    assert r.col_scales is not None and not torch.all(r.col_scales == 1)
+    config = PBS2PConfig(n=6, m=8, group_size=group, salient=2, binarizer=binarizer, rc_mu=rc_mu)
+    dense = unpack(pack(_to_weight(r, 6, config, None))).dense()
+    for g, start in enumerate(range(0, k, group)):
+        sal = (r.salient_cols[g] - start).tolist()
+        p = BlockParams(r.alpha[:, g], r.mu[:, g], r.col_scales[start : start + group], r.alpha2[:, g])
+        keep = r.keep[:, start : start + group]
+        q = reconstruct_block(p, r.signs[:, start : start + group], r.salient_signs[:, g], keep, sal)
+        np.testing.assert_allclose(dense[:, start : start + group], q.numpy(), rtol=1e-6, atol=1e-7)
+    if not rc_mu:
+        assert np.all(r.mu.numpy() == 0)
+
+
+def test_salient_search_never_does_worse_than_no_salient_columns() -> None:
+    from pbs2p_edge.compress.pipeline import compress_linear, salient_score
+    from pbs2p_edge.config import PBS2PConfig
+    from pbs2p_edge.format import pack
+
+    k = 128
+    hessian = _hessian(k, 30)
+    weight = torch.randn(24, k, generator=_gen(31)) * (torch.rand(k, generator=_gen(32)) * 3 + 0.1)
+    config = PBS2PConfig(n=6, m=8, salient=4, salient_search=True, cfs=False, group_size=64)
+    linear = torch.nn.Linear(k, 24, bias=False)
+    linear.weight.data.copy_(weight)
+    sbw, stats = compress_linear(linear, hessian, 6, config)
+    tried = stats["salient_tried"]
+    assert sorted(map(int, tried)) == [0, 1, 2, 3, 4]
+    chosen = tried[str(sbw.salient)]
+    assert chosen["score"] == min(t["score"] for t in tried.values()) <= tried["0"]["score"]
+    # The bits it scored are the stored bits of that candidate, and S = 0 equals a fixed S = 0 run.
+    fixed = torch.nn.Linear(k, 24, bias=False)
+    fixed.weight.data.copy_(weight)
+    zero, zero_stats = compress_linear(
+        fixed, hessian, 6, PBS2PConfig(n=6, m=8, salient=0, cfs=False, group_size=64)
+    )
+    assert tried["0"]["bits"] == 8 * pack(zero).nbytes / zero.mask.size
+    assert tried["0"]["score"] == salient_score(tried["0"]["loss"], tried["0"]["bits"], config.salient_rate)
+    assert zero_stats["salient"] == 0 and zero_stats["loss"] > 0
+    assert 8 * pack(sbw).nbytes / sbw.mask.size == chosen["bits"]

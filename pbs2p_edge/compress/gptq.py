@@ -65,6 +65,7 @@ class MatrixResult:
     step_errors: list[float] = field(default_factory=list)  # summed over blocks, per SPBO step
     loss: float = 0.0  # sum of ((w - q) / U_jj)^2, the GPTQ proxy of the output error
     col_scales: torch.Tensor | None = None  # [K] per-input-column scales (RC binarizers), fp16-representable
+    probe_losses: dict[int, float] = field(default_factory=dict)  # S -> summed block loss (salient search)
 
 
 def to_fp16_grid(x: torch.Tensor) -> torch.Tensor:
@@ -83,10 +84,13 @@ def quantize_matrix(
     rc_mu: bool = False,
     x_iters: int = 2,
     rc_iters: int = 15,
+    probe: tuple[int, ...] = (),
 ) -> MatrixResult:
     """Quantize `w` [rows, K] with error compensation through `u` (U of H^-1); `fit(block, d)` picks the
     block's mask and ARB scales, `binarizer` (compress/blockq.py) its final parameters and signs. `salient`
-    columns per block get the second-order residual term."""
+    columns per block get the second-order residual term. For each S in `probe` (S <= salient) every block is
+    also quantized with its top-S salient columns from the same block state (the compensation follows
+    `salient`), and the summed block losses are returned in `probe_losses`."""
     w = w.float().clone()
     rows, k = w.shape
     n_groups = (k + group_size - 1) // group_size
@@ -100,6 +104,7 @@ def quantize_matrix(
     alpha2 = torch.zeros(rows, n_groups) if salient else None
     step_errors: list[float] = []
     loss = 0.0
+    probe_losses: dict[int, float] = {}
     for g, start in enumerate(range(0, k, group_size)):
         end = min(start + group_size, k)
         block = w[:, start:end].clone()
@@ -115,7 +120,15 @@ def quantize_matrix(
         if salient:
             # Salient columns: the largest OBS column scores sum_i w_ij^2 / U_jj^2 in this block.
             score = (block.square() * fitted.keep.float()).sum(0) / d.square()
-            salient_local = sorted(score.topk(min(salient, end - start)).indices.tolist())
+            ranking = score.topk(min(salient, end - start)).indices.tolist()
+            salient_local = sorted(ranking)
+        for count in probe:
+            sal = sorted(ranking[:count]) if count else []
+            kwargs = {"rc_mu": rc_mu, "x_iters": x_iters, "rc_iters": rc_iters}
+            trial = quantize_block(
+                block, u_block, fitted.keep, fitted.alpha, fitted.mu, sal, binarizer, **kwargs
+            )
+            probe_losses[count] = probe_losses.get(count, 0.0) + trial.loss
         bq = quantize_block(
             block,
             u_block,
@@ -139,5 +152,5 @@ def quantize_matrix(
         loss += bq.loss
         w[:, end:] -= bq.errs @ u[start:end, end:]
     return MatrixResult(
-        keep, signs, alpha, mu, sal_cols, sal_signs, alpha2, step_errors, loss, col_scales=col_scales
+        keep, signs, alpha, mu, sal_cols, sal_signs, alpha2, step_errors, loss, col_scales, probe_losses
     )

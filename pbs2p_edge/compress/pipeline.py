@@ -94,6 +94,7 @@ def compress(
     """
     from pbs2p_edge.format import pack
 
+
     check_supported(model)
     if calib_ids.dim() != 2 or calib_ids.shape[0] < 1 or calib_ids.shape[1] < 2:
         raise Pbs2pError(f"calibration ids must be [samples, seq_len >= 2], got {list(calib_ids.shape)}")
@@ -148,8 +149,6 @@ def compress_linear(
     linear: torch.nn.Linear, hessian: HessianAccumulator, n: int, config: PBS2PConfig
 ) -> tuple[Any, dict[str, Any]]:
     """Compress one linear in place: returns (SparseBinaryWeight, stats); linear.weight becomes W_hat."""
-    from pbs2p_edge.format import pack
-
     t0 = time.perf_counter()
     w = linear.weight.detach().float().clone()
     u, dead = inverse_factor(hessian.hessian(), config.damping)
@@ -165,31 +164,25 @@ def compress_linear(
         metric=config.prune_metric,
     )
     bias = linear.bias.detach().float().numpy().copy() if linear.bias is not None else None
-    candidates = salient_candidates(config)
+    kwargs = {"rc_mu": config.rc_mu, "x_iters": config.x_iters, "rc_iters": config.arb_iters}
     tried: dict[str, dict[str, float]] = {}
-    best: tuple[float, Any, Any] | None = None
-    for count in candidates:
+    if config.salient_search:
+        # One pass at the largest S probes every candidate S on the same block states; then the pass at the
+        # chosen S (reused when it is the largest).
+        candidates = salient_candidates(config)
         r = quantize_matrix(
-            w,
-            u,
-            fit,
-            config.group_size,
-            count,
-            config.binarizer,
-            rc_mu=config.rc_mu,
-            x_iters=config.x_iters,
-            rc_iters=config.arb_iters,
+            w, u, fit, config.group_size, config.salient, config.binarizer, probe=tuple(candidates), **kwargs
         )
-        candidate = _to_weight(r, n, config, bias)
-        if len(candidates) == 1:
-            best = (0.0, r, candidate)
-            break
-        bits = 8 * pack(candidate).nbytes / max(candidate.mask.size, 1)
-        score = salient_score(r.loss, bits, config.salient_rate)
-        tried[str(count)] = {"loss": r.loss, "bits": bits, "score": score}
-        if best is None or score < best[0]:
-            best = (score, r, candidate)
-    _, r, sbw = best
+        for count in candidates:
+            bits = packed_bits(linear, n, config, count)
+            score = salient_score(r.probe_losses[count], bits, config.salient_rate)
+            tried[str(count)] = {"loss": r.probe_losses[count], "bits": bits, "score": score}
+        chosen = min(candidates, key=lambda c: (tried[str(c)]["score"], c))
+        if chosen != config.salient:
+            r = quantize_matrix(w, u, fit, config.group_size, chosen, config.binarizer, **kwargs)
+    else:
+        r = quantize_matrix(w, u, fit, config.group_size, config.salient, config.binarizer, **kwargs)
+    sbw = _to_weight(r, n, config, bias)
     w_hat = torch.from_numpy(sbw.dense()).to(linear.weight.dtype)
     original = linear.weight.detach().float()
     rel_error = float((original - w_hat.float()).norm() / original.norm().clamp_min(1e-12))
@@ -221,6 +214,35 @@ def salient_score(loss: float, bits: float, rate: float) -> float:
     """Search objective: log2 of the GPTQ loss plus `rate` per stored bit per weight (rate 2 = one bit must
     at least quarter the error, the rate-distortion slope of a Gaussian source)."""
     return math.log2(max(loss, 1e-300)) + rate * bits
+
+
+def packed_bits(linear: torch.nn.Linear, n: int, config: PBS2PConfig, salient: int) -> float:
+    """Stored bits per weight of `linear` packed with `salient` columns per group (sizes only)."""
+    import numpy as np
+
+    from pbs2p_edge.compress.blockq import uses_col_scales
+    from pbs2p_edge.format import SparseBinaryWeight, pack
+
+    rows, k = linear.weight.shape
+    groups = -(-k // config.group_size)
+    mask = np.zeros((rows, k // config.m, config.m), dtype=bool)
+    mask[..., :n] = True
+    starts = np.arange(groups)[:, None] * config.group_size
+    weight = SparseBinaryWeight(
+        n=n,
+        m=config.m,
+        group_size=config.group_size,
+        mask=mask.reshape(rows, k),
+        signs=np.zeros((rows, k), dtype=bool),
+        alpha=np.zeros((rows, groups), np.float32),
+        mu=np.zeros((rows, groups), np.float32),
+        salient_cols=starts + np.arange(salient)[None, :] if salient else None,
+        salient_signs=np.zeros((rows, groups, salient), dtype=bool) if salient else None,
+        alpha2=np.zeros((rows, groups), np.float32) if salient else None,
+        bias=None if linear.bias is None else np.zeros(rows, np.float32),
+        col_scales=np.ones(k, np.float32) if uses_col_scales(config.binarizer) else None,
+    )
+    return 8 * pack(weight).nbytes / (rows * k)
 
 
 def _to_weight(r: Any, n: int, config: PBS2PConfig, bias: Any) -> Any:
