@@ -49,7 +49,7 @@ import click
     help="Salient columns per group with a second sign plane, or 'auto' to search S per layer [default: 1].",
 )
 @click.option(
-    "--salient-max", type=int, default=None, help="--salient auto: largest S tried per layer [default: 8]."
+    "--salient-max", type=int, default=None, help="--salient auto: largest S tried per layer [default: 4]."
 )
 @click.option(
     "--salient-rate",
@@ -134,7 +134,7 @@ def _parse_salient(text: str | None, largest: int | None) -> dict[str, Any]:
     from pbs2p_edge.errors import Pbs2pError
 
     if text is not None and text.strip().lower() == "auto":
-        return {"salient_search": True, "salient": 8 if largest is None else largest}
+        return {"salient_search": True, "salient": 4 if largest is None else largest}
     if largest is not None:
         raise Pbs2pError("--salient-max applies to --salient auto only")
     if text is None:
