@@ -94,7 +94,6 @@ def compress(
     """
     from pbs2p_edge.format import pack
 
-
     check_supported(model)
     if calib_ids.dim() != 2 or calib_ids.shape[0] < 1 or calib_ids.shape[1] < 2:
         raise Pbs2pError(f"calibration ids must be [samples, seq_len >= 2], got {list(calib_ids.shape)}")
