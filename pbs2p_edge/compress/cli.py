@@ -60,7 +60,7 @@ import click
 @click.option(
     "--binarizer",
     default=None,
-    help="Block binarizer: arb, arbx (ARB-X), arbrc (ARB-RC), arbrcx (RC + X) [default: arb].",
+    help="Block binarizer: arb, arbx (ARB-X), arbrc (ARB-RC), arbrcx (RC + X) [default: arbx].",
 )
 @click.option("--rc-mu/--no-rc-mu", default=None, help="RC binarizers: keep a per-row mean [default: off].")
 @click.option(
