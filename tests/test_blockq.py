@@ -209,3 +209,10 @@ def test_salient_search_never_does_worse_than_no_salient_columns() -> None:
     assert tried["0"]["score"] == salient_score(tried["0"]["loss"], tried["0"]["bits"], config.salient_rate)
     assert zero_stats["salient"] == 0 and zero_stats["loss"] > 0
     assert 8 * pack(sbw).nbytes / sbw.mask.size == chosen["bits"]
+
+
+def test_config_lists_the_same_binarizers() -> None:
+    from pbs2p_edge.compress import blockq
+    from pbs2p_edge.config import BINARIZERS
+
+    assert BINARIZERS == blockq.BINARIZERS
