@@ -20,6 +20,8 @@ METHODS = ("pbs2p", "naive", "binarize_only")
 # Decoder-only families with LLaMA's layer structure (q/k/v/o + gate/up/down linears per layer).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 PRUNE_METRICS = ("obs", "magnitude")
+# Block-wise recovery targets: the FP layer applied to the compressed model's inputs, or the FP model's own states.
+RECOVER_TARGETS = ("compressed_inputs", "fp_states")
 _NM_PATTERN = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
 
 
@@ -73,6 +75,22 @@ class PBS2PConfig:
     cfs_samples: int = 16
     # Calibration sequences per forward batch (memory only, does not change the result).
     batch_size: int = 8
+    # Recovery (compress/recover.py): wall-time seconds of block-wise Adam over all layers (0 = off), its
+    # target, learning rate (relative to each tensor's mean |value|) and sequences per step.
+    recover_seconds: float = 0.0
+    recover_target: str = "compressed_inputs"
+    recover_lr: float = 5e-3
+    recover_micro_batch: int = 1
+    # End-to-end recovery on the top-k KL to the FP model's log-probs (0 = off).
+    e2e_seconds: float = 0.0
+    e2e_lr: float = 5e-4
+    e2e_micro_batch: int = 2
+    e2e_topk: int = 64
+    # Bit budget (compress/budget.py): honest bits/weight over the compressed linears to spend (None = off);
+    # calibration sequences of the per-layer sensitivity probe.
+    budget_bits: float | None = None
+    budget_probe_samples: int = 2
+    budget_probe_len: int = 128
 
     @classmethod
     def from_nm(cls, nm: str, **kwargs: Any) -> PBS2PConfig:
@@ -102,8 +120,32 @@ class PBS2PConfig:
             raise Pbs2pError(f"damping must be in (0, 10) (got {self.damping})")
         if self.seed < 0:
             raise Pbs2pError(f"seed must be >= 0 (got {self.seed})")
+        self._check_recovery()
         self._resolve_steps()
         self._resolve_cfs()
+
+    def _check_recovery(self) -> None:
+        if self.recover_target not in RECOVER_TARGETS:
+            raise Pbs2pError(
+                f"unknown recovery target {self.recover_target!r} (choose from {', '.join(RECOVER_TARGETS)})"
+            )
+        for name in ("recover_seconds", "e2e_seconds"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+                raise Pbs2pError(f"{name.replace('_', ' ')} must be >= 0 (got {value!r})")
+        for name in ("recover_lr", "e2e_lr"):
+            if not 0 < getattr(self, name) < 1:
+                raise Pbs2pError(f"{name.replace('_', ' ')} must be in (0, 1) (got {getattr(self, name)})")
+        _positive(
+            self,
+            "recover_micro_batch",
+            "e2e_micro_batch",
+            "e2e_topk",
+            "budget_probe_samples",
+            "budget_probe_len",
+        )
+        if self.budget_bits is not None and not 0 < self.budget_bits <= 32:
+            raise Pbs2pError(f"budget bits must be in (0, 32] bits per weight (got {self.budget_bits})")
 
     def _resolve_steps(self) -> None:
         pruned = self.m - self.n
