@@ -60,7 +60,7 @@ bench-kernels: setup
 	nice -n 10 $(BIN)/python bench/kernels.py
 
 bench-compress: setup
-	nice -n 10 $(BIN)/python bench/compress_table.py
+	nice -n 10 $(BIN)/python bench/compress_table.py --name ablation
 
 test: setup system-deps test-kernels lint test-python
 

@@ -63,10 +63,18 @@ def _loss_from_hidden(model: Any, hidden: torch.Tensor, ids: torch.Tensor) -> fl
 
 
 def layer_sensitivity(
-    model: Any, ids: torch.Tensor, names: tuple[str, ...], n: int, m: int, group_size: int
+    model: Any,
+    ids: torch.Tensor,
+    names: tuple[str, ...],
+    n: int,
+    m: int,
+    group_size: int,
+    progress: bool = False,
 ) -> list[float]:
     """Loss increase per decoder layer when only that layer is quick-binarized (FP model, `ids` sequences).
     The FP hidden states entering each layer are cached once, so probing layer l runs layers l..L-1 only."""
+    from tqdm.auto import tqdm
+
     from pbs2p_edge.compress.pipeline import _run_layer, capture_layer_inputs
 
     layers = model.model.layers
@@ -77,7 +85,10 @@ def layer_sensitivity(
             states.append(_run_layer(layer, states[-1], kwargs))
         base = _loss_from_hidden(model, states[-1], ids)
         out = []
-        for index, layer in enumerate(layers):
+        bar = tqdm(
+            list(enumerate(layers)), desc="budget: layer sensitivity", unit="layer", disable=not progress
+        )
+        for index, layer in bar:
             saved = {}
             for name in names:
                 linear = layer.get_submodule(name)

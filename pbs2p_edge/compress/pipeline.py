@@ -120,14 +120,16 @@ def compress(
         else:
             layer_n = [config.n] * len(layers)
         cfs_seconds = time.perf_counter() - start
-        budget = _plan_budget(model, calib_ids, layer_n, config) if config.budget_bits is not None else {}
+        budget = {}
+        if config.budget_bits is not None:
+            budget = _plan_budget(model, calib_ids, layer_n, config, progress)
         int4_layers = set(budget.get("int4_layers", []))
         nbits: dict[str, Any] = {}
         teacher = None
         if config.e2e_seconds > 0:
             from pbs2p_edge.compress.recover import teacher_topk
 
-            teacher = teacher_topk(model, calib_ids, config.e2e_topk, config.batch_size)
+            teacher = teacher_topk(model, calib_ids, config.e2e_topk, config.e2e_micro_batch)
         chunks = capture_layer_inputs(model, calib_ids, config.batch_size)
         fp_chunks = [hs for hs, _ in chunks] if config.recover_target == "fp_states" else []
         recovery: list[dict[str, Any]] = []
@@ -187,7 +189,7 @@ def compress(
 
 
 def _plan_budget(
-    model: Any, calib_ids: torch.Tensor, layer_n: list[int], config: PBS2PConfig
+    model: Any, calib_ids: torch.Tensor, layer_n: list[int], config: PBS2PConfig, progress: bool
 ) -> dict[str, Any]:
     """Bits of the pattern, per-layer sensitivity probe, and the layers the budget keeps in int4."""
     from pbs2p_edge.compress import budget as b
@@ -196,7 +198,9 @@ def _plan_budget(
     packed, int4, weights = b.layer_bits(model, LINEAR_NAMES, layer_n, config)
     b.check_budget(config.budget_bits, packed, weights)
     probe = calib_ids[: config.budget_probe_samples, : config.budget_probe_len]
-    sensitivity = b.layer_sensitivity(model, probe, LINEAR_NAMES, config.n, config.m, config.group_size)
+    sensitivity = b.layer_sensitivity(
+        model, probe, LINEAR_NAMES, config.n, config.m, config.group_size, progress
+    )
     chosen = b.choose_int4_layers(sensitivity, packed, int4, weights, config.budget_bits)
     return {
         "budget_bits": config.budget_bits,

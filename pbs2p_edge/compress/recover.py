@@ -141,7 +141,9 @@ def _fp16_values(t: torch.Tensor) -> np.ndarray:
 class _Swap:
     """Replace named nn.Linear submodules of `root` by TunableLinears; `restore` writes back and undoes it."""
 
-    def __init__(self, root: nn.Module, weights: dict[str, Any]) -> None:
+    def __init__(self, root: nn.Module, weights: dict[str, Any], free_dense: bool = False) -> None:
+        """`free_dense`: drop the dense W_hat of the swapped linears while tuning (rebuilt by `restore`), so
+        a whole model holds 1 byte per compressed weight instead of 4."""
         self.root = root
         self.weights = weights
         self.originals: dict[str, nn.Module] = {}
@@ -154,24 +156,19 @@ class _Swap:
             self.originals[name] = linear
             self.tunables[name] = TunableLinear(w, linear.bias)
             _set(root, name, self.tunables[name])
+            if free_dense:
+                linear.weight.data = torch.empty(0, dtype=linear.weight.dtype)
 
     def params(self) -> list[nn.Parameter]:
         return [p for t in self.tunables.values() for p in t.tuned()]
 
-    def state(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.params()]
-
-    def load(self, state: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p, v in zip(self.params(), state, strict=True):
-                p.copy_(v)
-
     def restore(self, write: bool) -> None:
+        """Put the linears back with W_hat = dense() of their weights (tuned values first if `write`)."""
         for name, linear in self.originals.items():
             if write:
                 self.tunables[name].write_back(self.weights[name])
-                w_hat = torch.from_numpy(self.weights[name].dense()).to(linear.weight.dtype)
-                linear.weight.data.copy_(w_hat)
+            w_hat = torch.from_numpy(self.weights[name].dense()).to(linear.weight.dtype)
+            linear.weight.data = w_hat
             _set(self.root, name, linear)
 
 
@@ -194,14 +191,6 @@ class _Norms:
             module.weight = self.originals[i] * self.scales[i]  # type: ignore[assignment]
 
         return hook
-
-    def state(self) -> list[torch.Tensor]:
-        return [s.detach().clone() for s in self.scales]
-
-    def load(self, state: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for s, v in zip(self.scales, state, strict=True):
-                s.copy_(v)
 
     def prepare(self) -> None:
         for n in self.norms:
@@ -333,6 +322,7 @@ def recover_layer(
 def teacher_topk(
     model: nn.Module, calib_ids: torch.Tensor, k: int, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # (batch_size sequences at a time: the full-vocabulary logits of one batch are the peak)
     """The FP model's top-k log-probabilities and their token ids per calibration position (fp16 / int32)."""
     values, indices = [], []
     with torch.no_grad():
@@ -383,7 +373,10 @@ def recover_e2e(
         return sum(parts) / calib_ids.shape[0]
 
     before = total_kl()
-    swap = _Swap(model, weights)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)  # no gradients for the embedding/head or anything not tuned
+    swap = _Swap(model, weights, free_dense=True)
     norms = _Norms(m for name, m in model.named_modules() if name.endswith("norm") and hasattr(m, "weight"))
     norms.prepare()
     opt = torch.optim.Adam(swap.params() + norms.scales, lr=lr)
