@@ -22,6 +22,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 PRUNE_METRICS = ("obs", "magnitude")
 # Block-wise recovery targets: the FP layer applied to the compressed model's inputs, or the FP model's own states.
 RECOVER_TARGETS = ("compressed_inputs", "fp_states")
+# Block binarizers (compress/blockq.py); kept in sync with blockq.BINARIZERS (no torch import here).
+BINARIZERS = ("arb", "arbx", "arbrc", "arbrcx")
 _NM_PATTERN = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
 
 
@@ -59,9 +61,20 @@ class PBS2PConfig:
     # Columns per scale group, also the GPTQ block width.
     group_size: int = 128
     arb_iters: int = 15
+    # Block binarizer (docs/METHOD.md): "arb" alpha, mu per row; "arbx" the same refitted against the block's
+    # GPTQ error; "arbrc" row x column scales; "arbrcx" RC refitted against the GPTQ error.
+    binarizer: str = "arb"
+    # RC binarizers: also keep a per-row mean mu (W ~ c_j (alpha_r b + mu_r)).
+    rc_mu: bool = False
+    # X binarizers: alternations of (GPTQ sweep -> signs, closed-form parameters for those signs).
+    x_iters: int = 2
     # Salient columns per group with a second-order residual sign plane (0 = off). One column per group
     # costs ~0.15 bits/weight and keeps SmolLM2-135M out of collapse (docs/METHOD.md, salient columns).
+    # With `salient_search` this is the largest S tried; S is then chosen per layer.
     salient: int = 1
+    # Salient search: per layer, the S in 0..salient minimizing log2(GPTQ loss) + salient_rate * bits/weight.
+    salient_search: bool = False
+    salient_rate: float = 2.0
     calib_samples: int = 32
     calib_len: int = 256
     damping: float = 0.01
@@ -113,7 +126,15 @@ class PBS2PConfig:
             )
         if self.group_size < self.m or self.group_size % self.m:
             raise Pbs2pError(f"group size {self.group_size} must be a positive multiple of M ({self.m})")
-        _positive(self, "arb_iters", "calib_samples", "calib_len", "cfs_samples", "batch_size")
+        if self.binarizer not in BINARIZERS:
+            raise Pbs2pError(f"unknown binarizer {self.binarizer!r} (choose from {', '.join(BINARIZERS)})")
+        if self.rc_mu and self.binarizer not in ("arbrc", "arbrcx"):
+            raise Pbs2pError(f"rc_mu applies to the RC binarizers only (binarizer is {self.binarizer})")
+        if self.salient_search and self.salient < 1:
+            raise Pbs2pError("salient search needs a largest S of at least 1")
+        if not 0 <= self.salient_rate <= 64:
+            raise Pbs2pError(f"salient rate must be in [0, 64] (got {self.salient_rate})")
+        _positive(self, "arb_iters", "x_iters", "calib_samples", "calib_len", "cfs_samples", "batch_size")
         if self.salient < 0 or self.salient > self.group_size // 2:
             raise Pbs2pError(f"salient columns per group must be between 0 and {self.group_size // 2}")
         if not 0 < self.damping < 10:

@@ -89,3 +89,35 @@ def test_bad_method_options(tiny_model_dir: Path, tmp_path: Path) -> None:
     ):
         result = _run(["--model", str(tiny_model_dir), *extra, *FAST, "-o", out])
         _assert_refused(result, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--binarizer", "arbz"], "unknown binarizer 'arbz'"),
+        (["--binarizer", "arbx", "--rc-mu"], "RC binarizers only"),
+        (["--x-iters", "0"], "x iters"),
+        (["--salient", "many"], "invalid --salient"),
+        (["--salient", "auto", "--salient-max", "0"], "largest S"),
+        (["--salient", "2", "--salient-max", "4"], "--salient auto only"),
+        (["--salient", "auto", "--salient-rate", "-1"], "salient rate"),
+    ],
+)
+def test_bad_binarizer_options(tiny_model_dir: Path, tmp_path: Path, extra: list[str], fragment: str) -> None:
+    result = _run(["--model", str(tiny_model_dir), *extra, *FAST, "-o", str(tmp_path / "m.pt")])
+    _assert_refused(result, tmp_path, fragment)
+
+
+def test_compress_with_rc_and_salient_search(
+    tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path
+) -> None:
+    from pbs2p_edge.checkpoint import load_checkpoint
+
+    out = tmp_path / "model.pt"
+    args = ["--model", str(tiny_model_dir), "--text", str(corpus_text_file), "--binarizer", "arbrcx"]
+    result = _run([*args, "--salient", "auto", "--salient-max", "1", *FAST, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "binarizer: arbrcx" in result.output
+    results = load_checkpoint(out)["compression"]["results"]
+    assert set(results["salient_per_linear"]) <= {0, 1}
+    assert results["binarizer"] == "arbrcx"

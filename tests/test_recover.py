@@ -29,8 +29,9 @@ def _explicit(w, alpha, mu, alpha2, cols):
     return out + extra
 
 
-def test_tunable_linear_matches_dense_and_its_gradients_are_exact() -> None:
-    w = random_weight(24, 320, salient=2, seed=3)
+@pytest.mark.parametrize("col_scales", [False, True])
+def test_tunable_linear_matches_dense_and_its_gradients_are_exact(col_scales: bool) -> None:
+    w = random_weight(24, 320, salient=2, seed=3, col_scales=col_scales)
     lin = TunableLinear(w, None)
     assert torch.allclose(lin.weight(), torch.from_numpy(w.dense()), atol=1e-7)
     x = torch.randn(5, 320)
@@ -39,10 +40,16 @@ def test_tunable_linear_matches_dense_and_its_gradients_are_exact() -> None:
     loss.backward()
     cols = torch.from_numpy(np.asarray(w.salient_cols)).reshape(-1)
     ref = [(p.detach() * lin.ref).requires_grad_() for p in (lin.alpha, lin.mu, lin.alpha2)]
-    ref_loss = (x @ _explicit(w, *ref, cols).T - target).square().sum()
+    w_ref = _explicit(w, *ref, cols)
+    if col_scales:
+        c = (lin.col_scales.detach() * lin.c_ref).requires_grad_()
+        w_ref = w_ref * c[None, :]
+    ref_loss = (x @ w_ref.T - target).square().sum()
     ref_loss.backward()
     for p, r in zip((lin.alpha, lin.mu, lin.alpha2), ref, strict=True):
         assert torch.allclose(p.grad, r.grad * lin.ref, rtol=1e-4, atol=1e-4)
+    if col_scales:
+        assert torch.allclose(lin.col_scales.grad, c.grad * lin.c_ref, rtol=1e-4, atol=1e-4)
 
 
 def _tiny_compressed(tiny_model_dir: Path, corpus_text_file: Path):

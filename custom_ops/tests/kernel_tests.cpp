@@ -34,6 +34,7 @@ struct Disk {
   std::vector<uint16_t> scales, alpha2;
   std::vector<int32_t> salient_cols;
   std::vector<float> bias;
+  std::vector<uint16_t> col_scales;
   DiskView view() const {
     DiskView d;
     d.header = header.data();
@@ -52,6 +53,8 @@ struct Disk {
     d.alpha2_len = alpha2.size();
     d.bias = bias.data();
     d.bias_len = bias.size();
+    d.col_scales = col_scales.data();
+    d.col_scales_len = col_scales.size();
     return d;
   }
 };
@@ -59,24 +62,27 @@ struct Disk {
 struct Case {
   int rows, k, n, m, group_size, salient, tokens;
   bool bias;
+  bool col_scales = false;
 };
 
 std::string name_of(const Case& c) {
   char buf[160];
-  std::snprintf(buf, sizeof buf, "rows=%d k=%d %d:%d group=%d salient=%d bias=%d tokens=%d", c.rows, c.k, c.n, c.m,
-                c.group_size, c.salient, int(c.bias), c.tokens);
+  std::snprintf(buf, sizeof buf, "rows=%d k=%d %d:%d group=%d salient=%d bias=%d col_scales=%d tokens=%d", c.rows,
+                c.k, c.n, c.m, c.group_size, c.salient, int(c.bias), int(c.col_scales), c.tokens);
   return buf;
 }
 
 void set_bit(std::vector<uint8_t>& v, size_t i) { v[i / 8] |= uint8_t(1u << (i % 8)); }
 
 // Random logical layer packed by this (independent) C++ packer; also returns W_hat computed from the logical
-// values directly, so decode_dense() and the packer check each other.
-Disk make_disk(const Case& c, std::mt19937& rng, std::vector<float>* w_hat) {
+// values directly, so decode_dense() and the packer check each other, and (if asked) W_hat without the column
+// scales (the weight the kernels apply to x * c).
+Disk make_disk(const Case& c, std::mt19937& rng, std::vector<float>* w_hat, std::vector<float>* w_v1 = nullptr) {
   Disk d;
   const int G = (c.k + c.group_size - 1) / c.group_size;
   d.header = {kMagic, kVersion, c.n, c.m, c.group_size, c.rows, c.k,
-              (c.salient ? kFlagSalient : 0) | (c.bias ? kFlagBias : 0), c.salient, G, 0, 0, 0, 0, 0, 0};
+              (c.salient ? kFlagSalient : 0) | (c.bias ? kFlagBias : 0) | (c.col_scales ? kFlagColScales : 0),
+              c.salient, G, 0, 0, 0, 0, 0, 0};
   const size_t mask_row = size_t((c.k + 7) / 8), sign_row = size_t((c.k / c.m * c.n + 7) / 8);
   d.mask.assign(size_t(c.rows) * mask_row, 0);
   d.signs.assign(size_t(c.rows) * sign_row, 0);
@@ -127,8 +133,13 @@ Disk make_disk(const Case& c, std::mt19937& rng, std::vector<float>* w_hat) {
     std::normal_distribution<float> nb(0.0f, 0.1f);
     for (int r = 0; r < c.rows; ++r) d.bias.push_back(nb(rng));
   }
+  if (c.col_scales) {  // log-uniform in [1/4, 4], some exactly 1
+    std::uniform_real_distribution<float> ue(-2.0f, 2.0f);
+    for (int j = 0; j < c.k; ++j) d.col_scales.push_back(float_to_half(j % 7 == 0 ? 1.0f : std::exp2(ue(rng))));
+  }
   // W_hat from the logical values (same float32 operation order as the Python dense()).
   w_hat->assign(size_t(c.rows) * c.k, 0.0f);
+  if (w_v1) w_v1->assign(size_t(c.rows) * c.k, 0.0f);
   const size_t sal_row = size_t((G * c.salient + 7) / 8);
   for (int r = 0; r < c.rows; ++r)
     for (int j = 0; j < c.k; ++j) {
@@ -143,7 +154,8 @@ Disk make_disk(const Case& c, std::mt19937& rng, std::vector<float>* w_hat) {
           const size_t bi = size_t(r) * sal_row * 8 + size_t(g) * c.salient + s;
           v += ((d.salient_signs[bi / 8] >> (bi % 8)) & 1) ? a2 : -a2;
         }
-      (*w_hat)[size_t(r) * c.k + j] = v;
+      if (w_v1) (*w_v1)[size_t(r) * c.k + j] = v;
+      (*w_hat)[size_t(r) * c.k + j] = c.col_scales ? v * half_to_float(d.col_scales[size_t(j)]) : v;
     }
   return d;
 }
@@ -184,8 +196,8 @@ std::vector<const char*> built_kernels() {
 
 void run_case(const Case& c, std::mt19937& rng) {
   const std::string name = name_of(c);
-  std::vector<float> w_logical;
-  Disk d = make_disk(c, rng, &w_logical);
+  std::vector<float> w_logical, w_v1;
+  Disk d = make_disk(c, rng, &w_logical, &w_v1);
   std::vector<float> w_dec;
   const std::string e = decode_dense(d.view(), &w_dec);
   check(e.empty(), name + ": decode_dense: " + e);
@@ -221,8 +233,13 @@ void run_case(const Case& c, std::mt19937& rng) {
             name + " tables=" + kn + ": differ from generic tables");
     }
   }
+  // The kernels see x * c (float32 products) and W_hat without c; the bound is over those.
+  std::vector<float> scratch;
+  const float* xs = scale_activations(rw, x.data(), size_t(c.tokens), &scratch);
+  check(c.col_scales == (xs != x.data()), name + ": scale_activations applies exactly when col_scales are set");
+  const std::vector<float> x_scaled(xs, xs + x.size());
   std::vector<double> y_exact, bound;
-  exact_and_bound(c, w_logical, x, d, &y_exact, &bound);
+  exact_and_bound(c, w_v1, x_scaled, d, &y_exact, &bound);
   std::vector<float> y_generic(size_t(c.tokens) * c.rows, NAN);
   for (const char* kn : built_kernels()) {
     std::vector<float> y(size_t(c.tokens) * c.rows, NAN);
@@ -278,8 +295,28 @@ void bad_inputs(std::mt19937& rng) {
   }
   {
     Disk d = make_disk(c, rng, &w);
-    d.header[kHdrVersion] = 2;
-    check(repack(d.view(), &rw).find("version") != std::string::npos, "bad version rejected");
+    for (int32_t v : {0, 3, -1, 1 << 30}) {
+      d.header[kHdrVersion] = v;
+      check(repack(d.view(), &rw).find("version") != std::string::npos, "bad version rejected");
+    }
+  }
+  {
+    Disk d = make_disk(c, rng, &w);
+    d.header[kHdrVersion] = 1;  // a version 1 weight (no col_scales) is still read
+    check(repack(d.view(), &rw).empty(), "version 1 header accepted");
+    d.header[kHdrFlags] |= kFlagColScales;
+    d.col_scales.assign(size_t(c.k), float_to_half(1.0f));
+    check(repack(d.view(), &rw).find("unknown header flags") != std::string::npos,
+          "col_scales flag refused in a version 1 header");
+  }
+  {
+    Case cc = c;
+    cc.col_scales = true;
+    Disk d = make_disk(cc, rng, &w);
+    d.col_scales.pop_back();
+    check(repack(d.view(), &rw).find("col_scales has") != std::string::npos, "short col_scales rejected");
+    d.col_scales.clear();
+    check(repack(d.view(), &rw).find("col_scales has") != std::string::npos, "missing col_scales rejected");
   }
   {
     Disk d = make_disk(c, rng, &w);
@@ -344,6 +381,7 @@ int from_python(const std::string& dir) {
   d.salient_signs = read_array<uint8_t>(dir, "salient_signs");
   d.alpha2 = read_array<uint16_t>(dir, "alpha2");
   d.bias = read_array<float>(dir, "bias");
+  d.col_scales = read_array<uint16_t>(dir, "col_scales");  // absent file (version 1 arrays) = empty
   const std::vector<float> w_py = read_array<float>(dir, "w_dense");
   const std::vector<float> x = read_array<float>(dir, "x");
   const std::vector<float> y_py = read_array<float>(dir, "y_kernel");
@@ -389,6 +427,12 @@ int main(int argc, char** argv) {
       {37, 384, 6, 8, 256, 0, 2, false},   // group > chunk: several chunks per group
       {70, 640, 9, 16, 160, 3, 4, true},   // M = 16, group not a multiple of 64
       {300, 1536, 4, 8, 128, 0, 9, false}, // many rows
+      // column scales (format v2), on the awkward shapes above
+      {33, 200, 5, 8, 48, 2, 3, true, true},
+      {1, 8, 6, 8, 128, 0, 3, false, true},
+      {100, 1000, 4, 8, 128, 1, 5, false, true},
+      {70, 640, 9, 16, 160, 3, 4, true, true},
+      {37, 384, 6, 8, 256, 0, 17, false, true},
   };
   for (const Case& c : cases) run_case(c, rng);
   bad_inputs(rng);

@@ -23,14 +23,6 @@ INT4_BITS = 4
 INT4_BLOCK = 32
 
 
-def packed_bits(rows: int, k: int, n: int, m: int, group_size: int, salient: int) -> int:
-    """Stored bits of one packed linear with these parameters (every byte of the packed format)."""
-    from pbs2p_edge.format import pack
-    from pbs2p_edge.format.random import random_weight
-
-    return 8 * int(pack(random_weight(rows, k, n, m, group_size, salient)).nbytes)
-
-
 def int4_bits(rows: int, k: int) -> int:
     """Stored bits of one linear in MatMulNBits 4-bit: packed nibbles + one fp32 scale per block of 32."""
     blocks = -(-k // INT4_BLOCK)
@@ -106,16 +98,21 @@ def layer_sensitivity(
 def layer_bits(
     model: Any, names: tuple[str, ...], layer_n: list[int], config: Any
 ) -> tuple[list[int], list[int], list[int]]:
-    """(packed bits, int4 bits, weights) per decoder layer for the chosen per-layer N."""
+    """(packed bits, int4 bits, weights) per decoder layer for the chosen per-layer N (packed sizes at the
+    configured salient count: with the salient search this is the largest S, an upper bound)."""
+    from pbs2p_edge.compress.pipeline import packed_bits
+
     packed, int4, weights = [], [], []
     cache: dict[tuple[int, int, int], int] = {}
     for index, layer in enumerate(model.model.layers):
         p = q = w = 0
         for name in names:
-            rows, k = layer.get_submodule(name).weight.shape
+            linear = layer.get_submodule(name)
+            rows, k = linear.weight.shape
             key = (rows, k, layer_n[index])
             if key not in cache:
-                cache[key] = packed_bits(rows, k, layer_n[index], config.m, config.group_size, config.salient)
+                per_weight = packed_bits(linear, layer_n[index], config, config.salient)
+                cache[key] = round(per_weight * rows * k)
             p += cache[key]
             q += int4_bits(rows, k)
             w += rows * k

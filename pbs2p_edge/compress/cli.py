@@ -45,9 +45,26 @@ import click
 @click.option("--cfs-range", default=None, help="CFS: N_low:N_high bounds of a layer's N [default: N-1:N+1].")
 @click.option(
     "--salient",
-    type=int,
     default=None,
-    help="Salient columns per group with a second sign plane [default: 1].",
+    help="Salient columns per group with a second sign plane, or 'auto' to search S per layer [default: 1].",
+)
+@click.option(
+    "--salient-max", type=int, default=None, help="--salient auto: largest S tried per layer [default: 8]."
+)
+@click.option(
+    "--salient-rate",
+    type=float,
+    default=None,
+    help="--salient auto: log2-error cost of one bit per weight [default: 2].",
+)
+@click.option(
+    "--binarizer",
+    default=None,
+    help="Block binarizer: arb, arbx (ARB-X), arbrc (ARB-RC), arbrcx (RC + X) [default: arb].",
+)
+@click.option("--rc-mu/--no-rc-mu", default=None, help="RC binarizers: keep a per-row mean [default: off].")
+@click.option(
+    "--x-iters", type=int, default=None, help="X binarizers: sweep/refit alternations [default: 2]."
 )
 @click.option("--rescore/--no-rescore", default=None, help="SPBO: re-score between steps [default: on].")
 @click.option(
@@ -110,7 +127,10 @@ def build_config(options: dict[str, Any]) -> Any:
         "calib_len": options["calib_len"],
         "cfs": options["cfs"],
         "cfs_delta": options["cfs_delta"],
-        "salient": options["salient"],
+        "binarizer": options["binarizer"],
+        "rc_mu": options["rc_mu"],
+        "x_iters": options["x_iters"],
+        "salient_rate": options["salient_rate"],
         "rescore": options["rescore"],
         "prune_metric": options["metric"],
         "arb_iters": options["arb_iters"],
@@ -125,6 +145,7 @@ def build_config(options: dict[str, Any]) -> Any:
         chosen["recover_seconds"] = 0.0
     if options["cfs_range"] is not None:
         chosen["cfs_n_low"], chosen["cfs_n_high"] = _parse_range(options["cfs_range"])
+    chosen.update(_parse_salient(options["salient"], options["salient_max"]))
     settings = {key: value for key, value in chosen.items() if value is not None}
     return PBS2PConfig(n=n, m=m, method=options["method"], seed=options["seed"], **settings)
 
@@ -148,6 +169,22 @@ def _parse_range(text: str) -> tuple[int, int]:
         return int(low), int(high)
     except ValueError:
         raise Pbs2pError(f"invalid CFS range {text!r}: expected N_low:N_high like 5:7") from None
+
+
+def _parse_salient(text: str | None, largest: int | None) -> dict[str, Any]:
+    """--salient N (fixed S) or --salient auto (search 0..--salient-max per layer)."""
+    from pbs2p_edge.errors import Pbs2pError
+
+    if text is not None and text.strip().lower() == "auto":
+        return {"salient_search": True, "salient": 8 if largest is None else largest}
+    if largest is not None:
+        raise Pbs2pError("--salient-max applies to --salient auto only")
+    if text is None:
+        return {}
+    try:
+        return {"salient": int(text)}
+    except ValueError:
+        raise Pbs2pError(f"invalid --salient {text!r}: expected a column count or 'auto'") from None
 
 
 def _run(**options: Any) -> None:
@@ -179,6 +216,15 @@ def _run(**options: Any) -> None:
     click.echo(summary(compressed.results, output))
 
 
+def _salient_text(results: dict[str, Any]) -> str:
+    counts = results.get("salient_per_linear") or []
+    if not counts:
+        return "?"
+    if len(set(counts)) == 1:
+        return str(counts[0])
+    return f"{min(counts)}..{max(counts)} (mean {sum(counts) / len(counts):.2f}, searched)"
+
+
 def summary(results: dict[str, Any], output: Any) -> str:
     layer_n = results["layer_n"]
     lines = [
@@ -186,6 +232,7 @@ def summary(results: dict[str, Any], output: Any) -> str:
         f"({results['calibration']['samples']} x {results['calibration']['seq_len']} calibration tokens)",
         f"  bits per weight (compressed linears): {results['bits_per_weight']:.3f} honest "
         f"(signs + mask + scales), {results['bits_per_weight_paper_style']:.3f} paper-style (kept signs only)",
+        f"  binarizer: {results.get('binarizer', 'arb')}, salient columns per group: {_salient_text(results)}",
         f"  per-layer N: {' '.join(map(str, layer_n))} (parameter-weighted average {results['average_n']:.3f})",
         f"  time: {results['seconds']:.1f} s",
     ]

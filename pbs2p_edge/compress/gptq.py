@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pbs2p_edge.compress.binarize import salient_residual, sign_of
+from pbs2p_edge.compress.blockq import quantize_block, uses_col_scales
 from pbs2p_edge.compress.spbo import BlockFit
 
 
@@ -64,6 +64,8 @@ class MatrixResult:
     alpha2: torch.Tensor | None  # [rows, G]
     step_errors: list[float] = field(default_factory=list)  # summed over blocks, per SPBO step
     loss: float = 0.0  # sum of ((w - q) / U_jj)^2, the GPTQ proxy of the output error
+    col_scales: torch.Tensor | None = None  # [K] per-input-column scales (RC binarizers), fp16-representable
+    probe_losses: dict[int, float] = field(default_factory=dict)  # S -> summed block loss (salient search)
 
 
 def to_fp16_grid(x: torch.Tensor) -> torch.Tensor:
@@ -77,9 +79,18 @@ def quantize_matrix(
     fit: Callable[[torch.Tensor, torch.Tensor], BlockFit],
     group_size: int,
     salient: int = 0,
+    binarizer: str = "arb",
+    *,
+    rc_mu: bool = False,
+    x_iters: int = 2,
+    rc_iters: int = 15,
+    probe: tuple[int, ...] = (),
 ) -> MatrixResult:
     """Quantize `w` [rows, K] with error compensation through `u` (U of H^-1); `fit(block, d)` picks the
-    block's mask and scales. `salient` columns per block get the second-order residual term."""
+    block's mask and ARB scales, `binarizer` (compress/blockq.py) its final parameters and signs. `salient`
+    columns per block get the second-order residual term. For each S in `probe` (S <= salient) every block is
+    also quantized with its top-S salient columns from the same block state (the compensation follows
+    `salient`), and the summed block losses are returned in `probe_losses`."""
     w = w.float().clone()
     rows, k = w.shape
     n_groups = (k + group_size - 1) // group_size
@@ -87,11 +98,13 @@ def quantize_matrix(
     signs = torch.zeros(rows, k, dtype=torch.bool)
     alpha = torch.zeros(rows, n_groups)
     mu = torch.zeros(rows, n_groups)
+    col_scales = torch.ones(k) if uses_col_scales(binarizer) else None
     sal_cols = torch.zeros(n_groups, salient, dtype=torch.int64) if salient else None
     sal_signs = torch.zeros(rows, n_groups, salient, dtype=torch.bool) if salient else None
     alpha2 = torch.zeros(rows, n_groups) if salient else None
     step_errors: list[float] = []
     loss = 0.0
+    probe_losses: dict[int, float] = {}
     for g, start in enumerate(range(0, k, group_size)):
         end = min(start + group_size, k)
         block = w[:, start:end].clone()
@@ -102,36 +115,42 @@ def quantize_matrix(
             step_errors = [a + b for a, b in zip(step_errors, fitted.step_errors, strict=True)]
         else:
             step_errors = list(fitted.step_errors)
-        a16, m16 = to_fp16_grid(fitted.alpha), to_fp16_grid(fitted.mu)
-        alpha[:, g], mu[:, g] = a16, m16
         keep[:, start:end] = fitted.keep
-        mask = fitted.keep.float()
         salient_local: list[int] = []
-        a2 = None
         if salient:
             # Salient columns: the largest OBS column scores sum_i w_ij^2 / U_jj^2 in this block.
-            score = (block.square() * mask).sum(0) / d.square()
-            salient_local = sorted(score.topk(min(salient, end - start)).indices.tolist())
-            base = a16[:, None] * sign_of(block - m16[:, None]) + m16[:, None]
-            cols = torch.tensor(salient_local)
-            a2, _ = salient_residual(block, base, mask, cols)
-            a2 = to_fp16_grid(a2)
-            alpha2[:, g] = a2
-            sal_cols[g] = cols + start
-        errs = torch.zeros_like(block)
-        for i in range(end - start):
-            col = block[:, i]
-            s = col >= m16
-            q = a16 * torch.where(s, 1.0, -1.0) + m16
-            if i in salient_local:
-                s2 = col >= q
-                q = q + a2 * torch.where(s2, 1.0, -1.0)
-                sal_signs[:, g, salient_local.index(i)] = s2 & fitted.keep[:, i]
-            q = q * mask[:, i]
-            signs[:, start + i] = s & fitted.keep[:, i]
-            err = (col - q) / d[i]
-            block[:, i:] -= err[:, None] * u_block[i, i:][None, :]
-            errs[:, i] = err
-        loss += float(errs.square().sum())
-        w[:, end:] -= errs @ u[start:end, end:]
-    return MatrixResult(keep, signs, alpha, mu, sal_cols, sal_signs, alpha2, step_errors, loss)
+            score = (block.square() * fitted.keep.float()).sum(0) / d.square()
+            ranking = score.topk(min(salient, end - start)).indices.tolist()
+            salient_local = sorted(ranking)
+        for count in probe:
+            sal = sorted(ranking[:count]) if count else []
+            kwargs = {"rc_mu": rc_mu, "x_iters": x_iters, "rc_iters": rc_iters}
+            trial = quantize_block(
+                block, u_block, fitted.keep, fitted.alpha, fitted.mu, sal, binarizer, **kwargs
+            )
+            probe_losses[count] = probe_losses.get(count, 0.0) + trial.loss
+        bq = quantize_block(
+            block,
+            u_block,
+            fitted.keep,
+            fitted.alpha,
+            fitted.mu,
+            salient_local,
+            binarizer,
+            rc_mu=rc_mu,
+            x_iters=x_iters,
+            rc_iters=rc_iters,
+        )
+        alpha[:, g], mu[:, g] = bq.params.alpha, bq.params.mu
+        signs[:, start:end] = bq.signs
+        if col_scales is not None:
+            col_scales[start:end] = bq.params.col
+        if salient:
+            alpha2[:, g] = bq.params.alpha2
+            sal_cols[g] = torch.tensor(salient_local) + start
+            sal_signs[:, g] = bq.s2
+        loss += bq.loss
+        w[:, end:] -= bq.errs @ u[start:end, end:]
+    return MatrixResult(
+        keep, signs, alpha, mu, sal_cols, sal_signs, alpha2, step_errors, loss, col_scales, probe_losses
+    )

@@ -275,8 +275,6 @@ def compress_linear(
     linear: torch.nn.Linear, hessian: HessianAccumulator, n: int, config: PBS2PConfig
 ) -> tuple[Any, dict[str, Any]]:
     """Compress one linear in place: returns (SparseBinaryWeight, stats); linear.weight becomes W_hat."""
-    from pbs2p_edge.format import SparseBinaryWeight
-
     t0 = time.perf_counter()
     w = linear.weight.detach().float().clone()
     u, dead = inverse_factor(hessian.hessian(), config.damping)
@@ -291,9 +289,93 @@ def compress_linear(
         rescore=config.rescore,
         metric=config.prune_metric,
     )
-    r = quantize_matrix(w, u, fit, config.group_size, config.salient)
     bias = linear.bias.detach().float().numpy().copy() if linear.bias is not None else None
-    sbw = SparseBinaryWeight(
+    kwargs = {"rc_mu": config.rc_mu, "x_iters": config.x_iters, "rc_iters": config.arb_iters}
+    tried: dict[str, dict[str, float]] = {}
+    if config.salient_search:
+        # One pass at the largest S probes every candidate S on the same block states; then the pass at the
+        # chosen S (reused when it is the largest).
+        candidates = salient_candidates(config)
+        r = quantize_matrix(
+            w, u, fit, config.group_size, config.salient, config.binarizer, probe=tuple(candidates), **kwargs
+        )
+        for count in candidates:
+            bits = packed_bits(linear, n, config, count)
+            score = salient_score(r.probe_losses[count], bits, config.salient_rate)
+            tried[str(count)] = {"loss": r.probe_losses[count], "bits": bits, "score": score}
+        chosen = min(candidates, key=lambda c: (tried[str(c)]["score"], c))
+        if chosen != config.salient:
+            r = quantize_matrix(w, u, fit, config.group_size, chosen, config.binarizer, **kwargs)
+    else:
+        r = quantize_matrix(w, u, fit, config.group_size, config.salient, config.binarizer, **kwargs)
+    sbw = _to_weight(r, n, config, bias)
+    w_hat = torch.from_numpy(sbw.dense()).to(linear.weight.dtype)
+    original = linear.weight.detach().float()
+    rel_error = float((original - w_hat.float()).norm() / original.norm().clamp_min(1e-12))
+    linear.weight.data.copy_(w_hat)
+    return sbw, {
+        "n": n,
+        "rel_error": rel_error,
+        "loss": r.loss,
+        "step_errors": r.step_errors,
+        "salient": sbw.salient,
+        "salient_tried": tried,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def salient_candidates(config: PBS2PConfig) -> list[int]:
+    """S values tried per layer: the fixed S, or with the search 0, 1, 2, 3, 4, 6, 8, ... up to the maximum."""
+    if not config.salient_search:
+        return [config.salient]
+    values = {0, config.salient}
+    step = 1
+    while step < config.salient:
+        values.add(step)
+        step = step + 1 if step < 4 else step * 3 // 2
+    return sorted(v for v in values if v <= config.salient)
+
+
+def salient_score(loss: float, bits: float, rate: float) -> float:
+    """Search objective: log2 of the GPTQ loss plus `rate` per stored bit per weight (rate 2 = one bit must
+    at least quarter the error, the rate-distortion slope of a Gaussian source)."""
+    return math.log2(max(loss, 1e-300)) + rate * bits
+
+
+def packed_bits(linear: torch.nn.Linear, n: int, config: PBS2PConfig, salient: int) -> float:
+    """Stored bits per weight of `linear` packed with `salient` columns per group (sizes only)."""
+    import numpy as np
+
+    from pbs2p_edge.compress.blockq import uses_col_scales
+    from pbs2p_edge.format import SparseBinaryWeight, pack
+
+    rows, k = linear.weight.shape
+    groups = -(-k // config.group_size)
+    mask = np.zeros((rows, k // config.m, config.m), dtype=bool)
+    mask[..., :n] = True
+    starts = np.arange(groups)[:, None] * config.group_size
+    weight = SparseBinaryWeight(
+        n=n,
+        m=config.m,
+        group_size=config.group_size,
+        mask=mask.reshape(rows, k),
+        signs=np.zeros((rows, k), dtype=bool),
+        alpha=np.zeros((rows, groups), np.float32),
+        mu=np.zeros((rows, groups), np.float32),
+        salient_cols=starts + np.arange(salient)[None, :] if salient else None,
+        salient_signs=np.zeros((rows, groups, salient), dtype=bool) if salient else None,
+        alpha2=np.zeros((rows, groups), np.float32) if salient else None,
+        bias=None if linear.bias is None else np.zeros(rows, np.float32),
+        col_scales=np.ones(k, np.float32) if uses_col_scales(config.binarizer) else None,
+    )
+    return 8 * pack(weight).nbytes / (rows * k)
+
+
+def _to_weight(r: Any, n: int, config: PBS2PConfig, bias: Any) -> Any:
+    from pbs2p_edge.format import SparseBinaryWeight
+
+    extra = {} if r.col_scales is None else {"col_scales": r.col_scales.numpy()}
+    return SparseBinaryWeight(
         n=n,
         m=config.m,
         group_size=config.group_size,
@@ -305,18 +387,8 @@ def compress_linear(
         salient_signs=None if r.salient_signs is None else r.salient_signs.numpy(),
         alpha2=None if r.alpha2 is None else r.alpha2.numpy(),
         bias=bias,
+        **extra,
     )
-    w_hat = torch.from_numpy(sbw.dense()).to(linear.weight.dtype)
-    original = linear.weight.detach().float()
-    rel_error = float((original - w_hat.float()).norm() / original.norm().clamp_min(1e-12))
-    linear.weight.data.copy_(w_hat)
-    return sbw, {
-        "n": n,
-        "rel_error": rel_error,
-        "loss": r.loss,
-        "step_errors": r.step_errors,
-        "seconds": time.perf_counter() - t0,
-    }
 
 
 def _run_layer(layer: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -427,6 +499,8 @@ def _summarize(
     return {
         "method": config.method,
         "nm": config.nm,
+        "binarizer": config.binarizer,
+        "salient_per_linear": [w.salient for w in weights.values()],
         "layer_n": layer_n,
         "layer_cosine": cosines,
         "layer_importance": importance,

@@ -81,6 +81,7 @@ DiskSizes disk_sizes(const Params& p) {
   s.salient_signs = sal ? rows * ceil_div(g * sal, 8) : 0;
   s.alpha2 = sal ? rows * g : 0;
   s.bias = p.has_bias ? rows : 0;
+  s.col_scales = p.has_col_scales ? k : 0;
   return s;
 }
 
@@ -88,10 +89,11 @@ std::string parse_header(const int32_t* h, size_t len, Params* out) {
   if (h == nullptr || len != size_t(kHeaderLen))
     return "header must hold " + std::to_string(kHeaderLen) + " int32 values, got " + std::to_string(len);
   if (h[kHdrMagic] != kMagic) return "header magic mismatch: not a pbs2p packed weight";
-  if (h[kHdrVersion] != kVersion)
-    return "unsupported packed format version " + std::to_string(h[kHdrVersion]) + " (this build reads " +
-           std::to_string(kVersion) + ")";
+  if (h[kHdrVersion] < kMinVersion || h[kHdrVersion] > kVersion)
+    return "unsupported packed format version " + std::to_string(h[kHdrVersion]) + " (this build reads versions " +
+           std::to_string(kMinVersion) + ".." + std::to_string(kVersion) + ")";
   Params p;
+  p.version = h[kHdrVersion];
   p.n = h[kHdrN];
   p.m = h[kHdrM];
   p.group_size = h[kHdrGroupSize];
@@ -101,6 +103,8 @@ std::string parse_header(const int32_t* h, size_t len, Params* out) {
   p.groups = h[kHdrGroups];
   const int flags = h[kHdrFlags];
   p.has_bias = (flags & kFlagBias) != 0;
+  p.has_col_scales = (flags & kFlagColScales) != 0;
+  const int known_flags = kFlagSalient | kFlagBias | (p.version >= 2 ? kFlagColScales : 0);
   if (p.m != 4 && p.m != 8 && p.m != 16) return "M must be 4, 8 or 16, got " + std::to_string(p.m);
   if (p.n < 1 || p.n > p.m) return "N must be in [1, M], got N=" + std::to_string(p.n) + " M=" + std::to_string(p.m);
   if (p.rows < 1 || p.k < 1) return "bad weight shape " + join_shape({p.rows, p.k});
@@ -112,7 +116,8 @@ std::string parse_header(const int32_t* h, size_t len, Params* out) {
     return "header groups=" + std::to_string(p.groups) + " != ceil(K / group_size)";
   if (p.salient < 0 || p.salient > p.group_size) return "bad salient count " + std::to_string(p.salient);
   if (((flags & kFlagSalient) != 0) != (p.salient > 0)) return "salient flag and salient count disagree";
-  if ((flags & ~(kFlagSalient | kFlagBias)) != 0) return "unknown header flags " + std::to_string(flags);
+  if ((flags & ~known_flags) != 0)
+    return "unknown header flags " + std::to_string(flags) + " for format version " + std::to_string(p.version);
   for (int i = kHdrGroups + 1; i < kHeaderLen; ++i)
     if (h[i] != 0) return "reserved header entries must be 0";
   *out = p;
@@ -133,6 +138,7 @@ std::string validate(const DiskView& d, const Params& p) {
   if (!(e = check("salient_signs", d.salient_signs_len, s.salient_signs)).empty()) return e;
   if (!(e = check("alpha2", d.alpha2_len, s.alpha2)).empty()) return e;
   if (!(e = check("bias", d.bias_len, s.bias)).empty()) return e;
+  if (!(e = check("col_scales", d.col_scales_len, s.col_scales)).empty()) return e;
   const size_t mask_row = size_t(p.k) / 8 + (p.k % 8 ? 1 : 0);
   for (int r = 0; r < p.rows; ++r) {
     const uint8_t* mrow = d.mask + size_t(r) * mask_row;
@@ -188,6 +194,7 @@ std::string decode_dense(const DiskView& d, std::vector<float>* w) {
       const float a2 = half_to_float(d.alpha2[size_t(r) * p.groups + g]);
       v += bit(d.salient_signs + size_t(r) * sal_row, size_t(g) * p.salient + s2) ? a2 : -a2;
     }
+    if (p.has_col_scales) v *= half_to_float(d.col_scales[j]);
     (*w)[size_t(r) * p.k + j] = v;
   });
   return "";
@@ -195,7 +202,7 @@ std::string decode_dense(const DiskView& d, std::vector<float>* w) {
 
 size_t RuntimeWeight::runtime_bytes() const {
   return codes.size() + scales.size() * 2 + salient_cols.size() * 4 + salient_coef.size() + alpha2.size() * 2 +
-         bias.size() * 4;
+         bias.size() * 4 + col_scales.size() * 4;
 }
 
 std::string repack(const DiskView& d, RuntimeWeight* out) {
@@ -241,6 +248,8 @@ std::string repack(const DiskView& d, RuntimeWeight* out) {
     }
   }
   w.bias.assign(d.bias, d.bias + (p.has_bias ? size_t(p.rows) : 0));
+  w.col_scales.resize(p.has_col_scales ? size_t(p.k) : 0);
+  for (size_t j = 0; j < w.col_scales.size(); ++j) w.col_scales[j] = half_to_float(d.col_scales[j]);
   return "";
 }
 
@@ -350,7 +359,20 @@ void tile_generic(PBS2P_TILE_ARGS) {
   }
 }
 
-void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y, TableFn tables) {
+const float* scale_activations(const RuntimeWeight& w, const float* x, size_t tokens, std::vector<float>* scratch) {
+  if (w.col_scales.empty()) return x;
+  const size_t k = w.col_scales.size();
+  if (scratch->size() < tokens * k) scratch->resize(tokens * k);
+  float* out = scratch->data();
+  const float* c = w.col_scales.data();
+  for (size_t t = 0; t < tokens; ++t)
+    for (size_t j = 0; j < k; ++j) out[t * k + j] = x[t * k + j] * c[j];
+  return out;
+}
+
+void matmul(const RuntimeWeight& w, TileFn fn, const float* x_in, int tokens, float* y, TableFn tables) {
+  std::vector<float> scaled;
+  const float* x = scale_activations(w, x_in, size_t(tokens), &scaled);
   const ChunkMap cm = make_chunks(w.p.k, w.p.group_size);
   ActTables t;
   t.tokens = tokens;
