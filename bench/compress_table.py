@@ -145,6 +145,50 @@ def run_row(row: str, tokens: int, ctx: int, calib: dict[str, int]) -> dict[str,
     return out
 
 
+def import_row(row: str, ckpt_path: Path, time_log: Path | None, tokens: int, ctx: int) -> dict[str, Any]:
+    """A row from an existing checkpoint: its recorded compression results, perplexity measured here."""
+    import re
+
+    from pbs2p_edge import sources
+    from pbs2p_edge.checkpoint import build_model, load_checkpoint
+    from pbs2p_edge.evaluate import perplexity
+
+    ckpt = load_checkpoint(ckpt_path)
+    model, _ = build_model(ckpt)
+    _, tokenizer = sources.load_model(None)
+    result = perplexity(model, sources.evaluation_ids(tokenizer, tokens), ctx=ctx, progress=False)
+    compression = dict(ckpt["compression"])
+    r = compression.pop("results")
+    rss = None
+    if time_log is not None:
+        found = re.search(
+            r"Maximum resident set size \(kbytes\): (\d+)", time_log.read_text(errors="replace")
+        )
+        rss = int(found.group(1)) / 1e6 if found else None
+    method, nm, _ = parse_row(row)
+    return {
+        "row": row,
+        "method": method,
+        "nm": nm,
+        "ppl": result["ppl"],
+        "tokens": result["tokens"],
+        "config": compression,
+        "compress_seconds": r["seconds"],
+        "bits_per_weight": r["bits_per_weight"],
+        "bits_per_weight_mask_coded": r["bits_per_weight_mask_coded"],
+        "bits_per_weight_paper_style": r["bits_per_weight_paper_style"],
+        "layer_n": r["layer_n"],
+        "average_n": r["average_n"],
+        "checkpoint_mb": ckpt_path.stat().st_size / 1e6,
+        "projected_bundle_mb": r.get("projected_bundle_bytes", 0) / 1e6,
+        "int4_layers": (r.get("budget") or {}).get("int4_layers", []),
+        "recovery": _recovery_summary(r),
+        "peak_rss_gb": rss if rss is not None else float("nan"),
+        "imported_from": f"pbs2p-edge compress -> {ckpt_path.name}",
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
 def _recovery_summary(r: dict[str, Any]) -> dict[str, Any]:
     blocks = r.get("recovery") or []
     out: dict[str, Any] = {}
@@ -204,8 +248,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Perplexity (log) against honest bits/weight, one labelled point per row; FP as a line."""
+def plot(rows: list[dict[str, Any]], path: Path, int4_reference: float | None = None) -> None:
+    """Perplexity (log) against honest bits/weight, one labelled point per row; FP as a line; the int4
+    bundle's deployed perplexity (given, 5.0 bits) as a reference point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,6 +269,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             fontsize=6,
             xytext=(3, 3),
             textcoords="offset points",
+        )
+    if int4_reference:
+        ax.scatter(
+            5.0, int4_reference, marker="*", s=120, color="black", label=f"int4 bundle ({int4_reference:.2f})"
         )
     ax.set_yscale("log")
     ax.set_xlabel("honest bits per weight over the compressed linears (everything stored)")
@@ -260,6 +309,22 @@ def main() -> None:
         help="copy the rows of bench/results/NAME.json (measured before recovery/budget existed, so their "
         "settings equal the explicit +recover_seconds=0+e2e_seconds=0+budget_bits=none rows) into --name",
     )
+    parser.add_argument(
+        "--int4-reference",
+        type=float,
+        default=None,
+        help="perplexity of the int4 bundle as deployed, plotted at 5.0 bits (`pbs2p-edge export default "
+        "--format int4 -o int4 && pbs2p-edge eval int4`)",
+    )
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="ROW=CKPT[,TIME_LOG]",
+        help="add a row from a model.pt made by `pbs2p-edge compress` (scored here like every row; compress "
+        "seconds from the checkpoint, peak RSS from a `/usr/bin/time -v` log of that compress if given)",
+    )
     parser.add_argument("--one-row", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -275,8 +340,16 @@ def main() -> None:
         return
 
     rows = _existing(args.name)
-    if args.seed_from:
-        old = json.loads((RESULTS / f"{args.seed_from}.json").read_text())
+    for spec in args.imports:
+        row, _, paths = spec.rpartition("=")
+        ckpt, _, log = paths.partition(",")
+        result = import_row(row, Path(ckpt), Path(log) if log else None, args.tokens, args.ctx)
+        rows = [r for r in rows if r["row"] != row] + [result]
+        _write(args, _ordered(rows), calib)
+    if args.imports:
+        return
+    if args.seed_from or not args.rows:
+        old = json.loads((RESULTS / f"{args.seed_from}.json").read_text()) if args.seed_from else {"rows": []}
         for r in old["rows"]:
             key = r["row"] if r["method"] == "fp" else r["row"] + _OFF
             r = {**r, "row": key, "measured": old["meta"]["date"] + f" ({args.seed_from}.json)"}
@@ -331,7 +404,7 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], calib: dict[str
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     (RESULTS / f"{args.name}.md").write_text(markdown(rows, meta))
-    plot(rows, RESULTS / f"{args.name}.png")
+    plot(rows, RESULTS / f"{args.name}.png", args.int4_reference)
 
 
 if __name__ == "__main__":
