@@ -37,7 +37,8 @@ setup: $(VENV)/.installed
 system-deps:
 	bash scripts/install_system_deps.sh
 
-# The demo compresses with the full defaults (32 x 256 calibration tokens; about 90 s on 2 cores).
+# The demo compresses with the full defaults (32 x 256 calibration tokens, the bit-budget probe and 600 s of
+# block-wise recovery on top of the post-training pass).
 DEMO_COMPRESS ?=
 DEMO_PROMPT ?= What is the capital of France?
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 # Explicit settings, so that a row keeps its meaning when the PBS2PConfig defaults change.
-_OFF = "+recover_seconds=0+e2e_seconds=0+budget_bits=none"
+_OFF = "+recover_seconds=0+e2e_seconds=0+budget=false"
 DEFAULT_ROWS = ",".join(
     [
         "fp",
@@ -41,8 +41,10 @@ DEFAULT_ROWS = ",".join(
         "pbs2p-6:8" + _OFF,
         "pbs2p-5:8" + _OFF,
         "pbs2p-4:8" + _OFF,
-        "pbs2p-6:8+recover_seconds=600+e2e_seconds=0+budget_bits=none",
+        "pbs2p-6:8+recover_seconds=600+e2e_seconds=0+budget=false",
+        "pbs2p-6:8+recover_seconds=0+e2e_seconds=0+budget_bits=2.5",
         "pbs2p-6:8+recover_seconds=600+e2e_seconds=0+budget_bits=2.5",
+        "pbs2p-6:8+recover_seconds=600+e2e_seconds=120+budget_bits=2.5",
     ]
 )
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -264,7 +266,7 @@ def plot(rows: list[dict[str, Any]], path: Path, int4_reference: float | None = 
         marker = "s" if r["method"] == "int4" else "o"
         ax.scatter(r["bits_per_weight"], r["ppl"], marker=marker)
         ax.annotate(
-            r["row"].replace("+recover_seconds=0+e2e_seconds=0+budget_bits=none", ""),
+            r["row"].replace(_OFF, ""),
             (r["bits_per_weight"], r["ppl"]),
             fontsize=6,
             xytext=(3, 3),
@@ -307,7 +309,7 @@ def main() -> None:
         "--seed-from",
         default=None,
         help="copy the rows of bench/results/NAME.json (measured before recovery/budget existed, so their "
-        "settings equal the explicit +recover_seconds=0+e2e_seconds=0+budget_bits=none rows) into --name",
+        "settings equal the explicit +recover_seconds=0+e2e_seconds=0+budget=false rows) into --name",
     )
     parser.add_argument(
         "--int4-reference",

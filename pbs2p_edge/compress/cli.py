@@ -81,7 +81,8 @@ import click
     "--recover-seconds",
     type=float,
     default=None,
-    help="Block-wise recovery: seconds of Adam over all layers, signs and mask frozen [default: see METHOD.md].",
+    help="Block-wise recovery: seconds of Adam over all layers, signs and mask frozen "
+    "[default: 600 per 106 M compressed weights, at most 600].",
 )
 @click.option("--recover/--no-recover", default=None, help="Turn block-wise recovery on or off.")
 @click.option(
@@ -100,7 +101,11 @@ import click
     "--budget-bits",
     type=float,
     default=None,
-    help="Honest bits/weight to spend over the compressed linears: the most sensitive layers go int4.",
+    help="Honest bits/weight to spend over the compressed linears: the most sensitive layers go int4 "
+    "[default: 2.5 when the N:M pattern stores less].",
+)
+@click.option(
+    "--budget/--no-budget", "budget", default=None, help="Turn the bit budget on or off [default: on]."
 )
 @click.option("-o", "--output", required=True, type=click.Path(), help="Checkpoint to write (model.pt).")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
@@ -139,6 +144,7 @@ def build_config(options: dict[str, Any]) -> Any:
         "recover_seconds": _budget(options["recover_seconds"], "--recover-seconds"),
         "recover_target": options["recover_target"],
         "budget_bits": options["budget_bits"],
+        "budget": options["budget"],
         "e2e_seconds": _budget(options["e2e_seconds"], "--e2e-seconds", allow_zero=True),
     }
     if options["recover"] is False:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pbs2p_edge.compress import cfs
 from pbs2p_edge.compress.gptq import HessianAccumulator, inverse_factor, quantize_matrix
 from pbs2p_edge.compress.spbo import fit_block
-from pbs2p_edge.config import SUPPORTED_MODEL_TYPES, PBS2PConfig
+from pbs2p_edge.config import DEFAULT_BUDGET_BITS, SUPPORTED_MODEL_TYPES, PBS2PConfig
 from pbs2p_edge.errors import Pbs2pError
 
 LINEAR_NAMES = (
@@ -109,6 +109,7 @@ def compress(
     start = time.perf_counter()
     with deterministic(config.seed), torch.no_grad():
         params = [sum(layer.get_submodule(n).weight.numel() for n in LINEAR_NAMES) for layer in layers]
+        recover_seconds = config.recover_seconds_for(sum(params))
         cosines: list[float] = []
         importance: list[float] = []
         if config.cfs:
@@ -121,7 +122,7 @@ def compress(
             layer_n = [config.n] * len(layers)
         cfs_seconds = time.perf_counter() - start
         budget = {}
-        if config.budget_bits is not None:
+        if config.budget:
             budget = _plan_budget(model, calib_ids, layer_n, config, progress)
         int4_layers = set(budget.get("int4_layers", []))
         nbits: dict[str, Any] = {}
@@ -159,7 +160,7 @@ def compress(
                 layer_seconds.append(time.perf_counter() - t0)
                 continue
             hessians = _collect_hessians(layer, chunks)
-            fp_layer = copy.deepcopy(layer) if config.recover_seconds > 0 else None
+            fp_layer = copy.deepcopy(layer) if recover_seconds > 0 else None
             for name in LINEAR_NAMES:
                 full = f"model.layers.{index}.{name}"
                 linear = layer.get_submodule(name)
@@ -167,7 +168,8 @@ def compress(
             del hessians
             if fp_layer is not None:
                 local = {name: weights[f"model.layers.{index}.{name}"] for name in LINEAR_NAMES}
-                done, outs = _recover(layer, fp_layer, local, chunks, fp_chunks, config, len(layers))
+                per_layer = recover_seconds / len(layers)
+                done, outs = _recover(layer, fp_layer, local, chunks, fp_chunks, config, per_layer)
                 recovery.append(done)
                 bar.set_postfix(N=layer_n[index], err=f"{done['before']:.3f}->{done['after']:.3f}")
                 chunks = [(out, kwargs) for out, (_, kwargs) in zip(outs, chunks, strict=True)]
@@ -184,7 +186,7 @@ def compress(
         budget=budget, projected_bundle_bytes=projected_bundle_bytes(model, results["packed_bytes"])
     )
     results.update(seconds=time.perf_counter() - start, cfs_seconds=cfs_seconds, layer_seconds=layer_seconds)
-    results.update(recovery=recovery, e2e=e2e)
+    results.update(recovery=recovery, e2e=e2e, recover_seconds=recover_seconds)
     return CompressedModel(model, config, weights, packed, results, dict(tokenizer_files), nbits)
 
 
@@ -196,15 +198,19 @@ def _plan_budget(
 
     t0 = time.perf_counter()
     packed, int4, weights = b.layer_bits(model, LINEAR_NAMES, layer_n, config)
-    b.check_budget(config.budget_bits, packed, weights)
+    budget_bits = config.budget_bits if config.budget_bits is not None else DEFAULT_BUDGET_BITS
+    pattern = sum(packed) / sum(weights)
+    if config.budget_bits is None and pattern >= budget_bits:
+        return {"budget_bits": budget_bits, "pattern_bits": pattern, "int4_layers": [], "sensitivity": []}
+    b.check_budget(budget_bits, packed, weights)
     probe = calib_ids[: config.budget_probe_samples, : config.budget_probe_len]
     sensitivity = b.layer_sensitivity(
         model, probe, LINEAR_NAMES, config.n, config.m, config.group_size, progress
     )
-    chosen = b.choose_int4_layers(sensitivity, packed, int4, weights, config.budget_bits)
+    chosen = b.choose_int4_layers(sensitivity, packed, int4, weights, budget_bits)
     return {
-        "budget_bits": config.budget_bits,
-        "pattern_bits": sum(packed) / sum(weights),
+        "budget_bits": budget_bits,
+        "pattern_bits": pattern,
         "sensitivity": sensitivity,
         "int4_layers": chosen,
         "probe_seconds": time.perf_counter() - t0,
@@ -218,7 +224,7 @@ def _recover(
     chunks: list[tuple[torch.Tensor, dict[str, Any]]],
     fp_chunks: list[torch.Tensor],
     config: PBS2PConfig,
-    n_layers: int,
+    seconds: float,
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Block-wise recovery of one layer against the FP layer's outputs (targets per `recover_target`)."""
     from pbs2p_edge.compress.recover import recover_layer
@@ -235,7 +241,7 @@ def _recover(
         weights,
         chunks,
         targets,
-        seconds=config.recover_seconds / n_layers,
+        seconds=seconds,
         lr=config.recover_lr,
         micro_batch=config.recover_micro_batch,
         seed=config.seed,
