@@ -69,7 +69,7 @@ class PBS2PConfig:
     arb_iters: int = 15
     # Block binarizer (docs/METHOD.md): "arb" alpha, mu per row; "arbx" the same refitted against the block's
     # GPTQ error; "arbrc" row x column scales; "arbrcx" RC refitted against the GPTQ error.
-    binarizer: str = "arb"
+    binarizer: str = "arbx"
     # RC binarizers: also keep a per-row mean mu (W ~ c_j (alpha_r b + mu_r)).
     rc_mu: bool = False
     # X binarizers: alternations of (GPTQ sweep -> signs, closed-form parameters for those signs).

@@ -49,7 +49,7 @@ import click
     help="Salient columns per group with a second sign plane, or 'auto' to search S per layer [default: 1].",
 )
 @click.option(
-    "--salient-max", type=int, default=None, help="--salient auto: largest S tried per layer [default: 8]."
+    "--salient-max", type=int, default=None, help="--salient auto: largest S tried per layer [default: 4]."
 )
 @click.option(
     "--salient-rate",
@@ -60,7 +60,7 @@ import click
 @click.option(
     "--binarizer",
     default=None,
-    help="Block binarizer: arb, arbx (ARB-X), arbrc (ARB-RC), arbrcx (RC + X) [default: arb].",
+    help="Block binarizer: arb, arbx (ARB-X), arbrc (ARB-RC), arbrcx (RC + X) [default: arbx].",
 )
 @click.option("--rc-mu/--no-rc-mu", default=None, help="RC binarizers: keep a per-row mean [default: off].")
 @click.option(
@@ -182,7 +182,7 @@ def _parse_salient(text: str | None, largest: int | None) -> dict[str, Any]:
     from pbs2p_edge.errors import Pbs2pError
 
     if text is not None and text.strip().lower() == "auto":
-        return {"salient_search": True, "salient": 8 if largest is None else largest}
+        return {"salient_search": True, "salient": 4 if largest is None else largest}
     if largest is not None:
         raise Pbs2pError("--salient-max applies to --salient auto only")
     if text is None:
