@@ -30,21 +30,24 @@ from typing import Any
 
 # Explicit settings, so that a row keeps its meaning when the PBS2PConfig defaults change.
 _OFF = "+recover_seconds=0+e2e_seconds=0+budget=false"
+_ARB = "+binarizer=arb"  # the binarizer before ARB-X / ARB-RC existed
 DEFAULT_ROWS = ",".join(
     [
         "fp",
         "int4",
-        "binarize_only" + _OFF,
-        "naive-6:8" + _OFF,
-        "naive-5:8" + _OFF,
-        "naive-4:8" + _OFF,
-        "pbs2p-6:8" + _OFF,
-        "pbs2p-5:8" + _OFF,
-        "pbs2p-4:8" + _OFF,
-        "pbs2p-6:8+recover_seconds=600+e2e_seconds=0+budget=false",
-        "pbs2p-6:8+recover_seconds=0+e2e_seconds=0+budget_bits=2.5",
-        "pbs2p-6:8+recover_seconds=600+e2e_seconds=0+budget_bits=2.5",
-        "pbs2p-6:8+recover_seconds=600+e2e_seconds=120+budget_bits=2.5",
+        "binarize_only" + _ARB + _OFF,
+        "naive-6:8" + _ARB + _OFF,
+        "naive-5:8" + _ARB + _OFF,
+        "naive-4:8" + _ARB + _OFF,
+        "pbs2p-6:8" + _ARB + _OFF,
+        "pbs2p-5:8" + _ARB + _OFF,
+        "pbs2p-4:8" + _ARB + _OFF,
+        "pbs2p-6:8+binarizer=arbx" + _OFF,
+        "pbs2p-6:8+binarizer=arbx+recover_seconds=600+e2e_seconds=0+budget=false",
+        "pbs2p-6:8+binarizer=arbx+recover_seconds=0+e2e_seconds=0+budget_bits=2.5",
+        "pbs2p-6:8" + _ARB + "+recover_seconds=600+e2e_seconds=0+budget_bits=2.5",
+        "pbs2p-6:8+binarizer=arbx+recover_seconds=600+e2e_seconds=0+budget_bits=2.5",
+        "pbs2p-6:8+binarizer=arbx+recover_seconds=600+e2e_seconds=120+budget_bits=2.5",
     ]
 )
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -266,7 +269,7 @@ def plot(rows: list[dict[str, Any]], path: Path, int4_reference: float | None = 
         marker = "s" if r["method"] == "int4" else "o"
         ax.scatter(r["bits_per_weight"], r["ppl"], marker=marker)
         ax.annotate(
-            r["row"].replace(_OFF, ""),
+            r["row"].replace(_OFF, "").replace("+e2e_seconds=0", ""),
             (r["bits_per_weight"], r["ppl"]),
             fontsize=6,
             xytext=(3, 3),
@@ -309,7 +312,7 @@ def main() -> None:
         "--seed-from",
         default=None,
         help="copy the rows of bench/results/NAME.json (measured before recovery/budget existed, so their "
-        "settings equal the explicit +recover_seconds=0+e2e_seconds=0+budget=false rows) into --name",
+        "settings equal the explicit +binarizer=arb+recover_seconds=0+e2e_seconds=0+budget=false rows) into --name",
     )
     parser.add_argument(
         "--int4-reference",
@@ -353,7 +356,7 @@ def main() -> None:
     if args.seed_from or not args.rows:
         old = json.loads((RESULTS / f"{args.seed_from}.json").read_text()) if args.seed_from else {"rows": []}
         for r in old["rows"]:
-            key = r["row"] if r["method"] == "fp" else r["row"] + _OFF
+            key = r["row"] if r["method"] == "fp" else r["row"] + _ARB + _OFF
             r = {**r, "row": key, "measured": old["meta"]["date"] + f" ({args.seed_from}.json)"}
             rows = [x for x in rows if x["row"] != key] + [r]
         _write(args, _ordered(rows), calib)
