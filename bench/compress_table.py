@@ -330,6 +330,13 @@ def main() -> None:
         help="add a row from a model.pt made by `pbs2p-edge compress` (scored here like every row; compress "
         "seconds from the checkpoint, peak RSS from a `/usr/bin/time -v` log of that compress if given)",
     )
+    parser.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        metavar="OLD=>NEW",
+        help="relabel a stored row (e.g. to spell out a setting whose default changed since it was measured)",
+    )
     parser.add_argument("--one-row", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -345,6 +352,12 @@ def main() -> None:
         return
 
     rows = _existing(args.name)
+    for spec in args.rename:
+        old, _, new = spec.partition("=>")
+        rows = [{**r, "row": new} if r["row"] == old else r for r in rows]
+    if args.rename:
+        _write(args, _ordered(rows), calib)
+        return
     for spec in args.imports:
         row, _, paths = spec.rpartition("=")
         ckpt, _, log = paths.partition(",")
