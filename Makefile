@@ -37,7 +37,8 @@ setup: $(VENV)/.installed
 system-deps:
 	bash scripts/install_system_deps.sh
 
-# The demo compresses with the full defaults (32 x 256 calibration tokens; about 90 s on 2 cores).
+# The demo compresses with the full defaults (32 x 256 calibration tokens, the bit-budget probe and 600 s of
+# block-wise recovery on top of the post-training pass).
 DEMO_COMPRESS ?=
 DEMO_PROMPT ?= What is the capital of France?
 
@@ -60,7 +61,7 @@ bench-kernels: setup
 	nice -n 10 $(BIN)/python bench/kernels.py
 
 bench-compress: setup
-	nice -n 10 $(BIN)/python bench/compress_table.py
+	nice -n 10 $(BIN)/python bench/compress_table.py --name ablation
 
 test: setup system-deps test-kernels lint test-python
 

@@ -43,12 +43,13 @@ class Source:
         self.tokenizer = tokenizer
         self.tokenizer_files = tokenizer_files
         self.packed: dict[str, Any] = meta.get("packed", {})
+        self.nbits: dict[str, Any] = meta.get("nbits", {})
         self.compression: dict[str, Any] | None = meta.get("compression")
         self.description: str = meta.get("description", "")
 
 
 def _load_checkpoint_source(path: Path) -> Source:
-    from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
+    from pbs2p_edge.checkpoint import build_model, load_checkpoint, nbits_layers, packed_layers
 
     if path.is_dir():
         raise Pbs2pError(
@@ -64,6 +65,7 @@ def _load_checkpoint_source(path: Path) -> Source:
         tokenizer,
         files,
         packed=packed_layers(ckpt),
+        nbits=nbits_layers(ckpt),
         compression=ckpt.get("compression"),
         description=str(path),
     )
@@ -301,10 +303,25 @@ def _factory(src: Source, weights: str, accuracy_level: int) -> Factory:
     """Which linears become which module: packed ones -> SparseBinaryMatMul, all projections -> MatMulNBits."""
     if weights == "pbs2p":
         check_packed_names(src.model, src.packed)
+        if src.nbits:
+            return _mixed_factory(pbs2p_factory(src.packed), src.nbits, accuracy_level)
         return pbs2p_factory(src.packed)
     if weights == "int4":
         return int4_factory(accuracy_level=accuracy_level)
     return lambda name, linear: None  # fp32 keeps every linear as it is
+
+
+def _mixed_factory(packed: Factory, nbits: dict[str, Any], accuracy_level: int) -> Factory:
+    """Packed layers -> SparseBinaryMatMul; layers the checkpoint keeps in n-bit -> MatMulNBits (its bytes)."""
+    from pbs2p_edge.export.nbits import NBitsLinear
+
+    def make(name: str, linear: Any) -> Any:
+        q = nbits.get(name)
+        if q is None:
+            return packed(name, linear)
+        return NBitsLinear(linear, q.bits, q.block_size, accuracy_level, quantized=q)
+
+    return make
 
 
 def _write_files(tmp: Path, src: Source, config: ExportConfig, library: Path | None, mode: str) -> str | None:

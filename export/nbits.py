@@ -78,9 +78,18 @@ def matmul_nbits(
 class NBitsLinear(EmittingModule):
     """A linear stored as MatMulNBits: eagerly `x @ dequant(W).T + b`, one MatMulNBits (+ Add) when exported."""
 
-    def __init__(self, linear: nn.Linear, bits: int, block_size: int, accuracy_level: int) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        bits: int,
+        block_size: int,
+        accuracy_level: int,
+        quantized: BlockQuantized | None = None,
+    ) -> None:
         super().__init__()
-        self.quantized = quantize_rows(linear.weight.detach().float().numpy(), bits, block_size)
+        if quantized is None:
+            quantized = quantize_rows(linear.weight.detach().float().numpy(), bits, block_size)
+        self.quantized = quantized
         self.accuracy_level = accuracy_level
         self.register_buffer("weight_q", torch.from_numpy(self.quantized.packed))
         self.register_buffer("weight_scales", torch.from_numpy(self.quantized.scales))

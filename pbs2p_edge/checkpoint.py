@@ -4,7 +4,10 @@ A plain dict of tensors and JSON-like values, so `torch.load(weights_only=True)`
 any pickled code:
     {"format": "pbs2p-edge-checkpoint", "version": 1, "model_config": {...}, "tokenizer": {file: text},
      "compression": {PBS2PConfig fields..., "results": {...}},
-     "dense_state": {name: tensor}, "packed": {linear name: {array name: tensor}}}
+     "dense_state": {name: tensor}, "packed": {linear name: {array name: tensor}},
+     "nbits": {linear name: {"packed": uint8, "scales": float32, "meta": int64 [bits, block_size, K]}}}
+Version 2 added "nbits" (layers the bit budget keeps in ONNX Runtime's MatMulNBits 4-bit format); version 1
+checkpoints (no "nbits") still load, with no such layers.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from pbs2p_edge.config import SUPPORTED_MODEL_TYPES
 from pbs2p_edge.errors import Pbs2pError, atomic_path
 
 FORMAT = "pbs2p-edge-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # Text files a Hugging Face tokenizer may need (binary sentencepiece models are not carried).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -63,6 +67,8 @@ def checkpoint_dict(compressed: Any) -> dict[str, Any]:
     replaced = set()
     for name in compressed.packed:
         replaced.update({f"{name}.weight", f"{name}.bias"})
+    nbits = dict(getattr(compressed, "nbits", {}) or {})
+    replaced.update(f"{name}.weight" for name in nbits)  # their bias (if any) stays in dense_state
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     dense = {
         key: value.detach().clone().contiguous()
@@ -81,6 +87,7 @@ def checkpoint_dict(compressed: Any) -> dict[str, Any]:
         "compression": {**compressed.config.to_dict(), "results": _plain(compressed.results)},
         "dense_state": dense,
         "packed": packed,
+        "nbits": {name: {key: t.clone().contiguous() for key, t in e.items()} for name, e in nbits.items()},
     }
 
 
@@ -115,10 +122,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise Pbs2pError(f"checkpoint {p} is truncated or corrupt ({_first_line(exc)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise Pbs2pError(f"{p} is not a pbs2p-edge checkpoint")
-    if data.get("version") != VERSION:
+    if data.get("version") not in READABLE_VERSIONS:
         raise Pbs2pError(
-            f"checkpoint {p} has version {data.get('version')!r}; this pbs2p-edge reads version {VERSION}"
+            f"checkpoint {p} has version {data.get('version')!r}; this pbs2p-edge reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
+    if data.get("version") == 1:
+        data.setdefault("nbits", {})
+    if not isinstance(data.get("nbits"), dict):
+        raise Pbs2pError(f"checkpoint {p} is damaged: 'nbits' is missing or not a dict")
     for key, kind in _REQUIRED.items():
         if not isinstance(data.get(key), kind):
             raise Pbs2pError(f"checkpoint {p} is damaged: {key!r} is missing or not a {kind.__name__}")
@@ -133,6 +145,24 @@ def packed_layers(ckpt: dict[str, Any]) -> dict[str, Any]:
         name: PackedWeight.from_arrays({key: tensor.numpy() for key, tensor in arrays.items()})
         for name, arrays in ckpt["packed"].items()
     }
+
+
+def nbits_layers(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """{linear module name: pbs2p_edge.export.nbits.BlockQuantized} of the layers kept in MatMulNBits."""
+    from pbs2p_edge.export.nbits import BlockQuantized
+
+    out = {}
+    for name, entry in (ckpt.get("nbits") or {}).items():
+        try:
+            bits, block, k = (int(v) for v in entry["meta"].tolist())
+            packed, scales = entry["packed"].numpy(), entry["scales"].numpy()
+        except (KeyError, AttributeError, TypeError, ValueError):
+            raise Pbs2pError(f"checkpoint n-bit layer {name} is damaged") from None
+        rows, blocks = scales.shape if scales.ndim == 2 else (0, 0)
+        if bits != 4 or packed.shape != (rows, blocks, block * bits // 8) or blocks * block < k or rows < 1:
+            raise Pbs2pError(f"checkpoint n-bit layer {name} is damaged (shapes do not match its meta)")
+        out[name] = BlockQuantized(packed=packed, scales=scales, bits=bits, block_size=block, k=k)
+    return out
 
 
 def build_model(ckpt: dict[str, Any]) -> tuple[Any, Any]:
@@ -162,6 +192,8 @@ def build_model(ckpt: dict[str, Any]) -> tuple[Any, Any]:
         state[f"{name}.weight"] = torch.from_numpy(weight.dense())
         if weight.bias is not None:
             state[f"{name}.bias"] = torch.from_numpy(weight.bias.astype("float32"))
+    for name, quantized in nbits_layers(ckpt).items():
+        state[f"{name}.weight"] = torch.from_numpy(quantized.dequantize())
     missing, unexpected = model.load_state_dict(state, strict=False)
     if config.tie_word_embeddings:
         missing = [key for key in missing if key != "lm_head.weight"]

@@ -20,6 +20,14 @@ METHODS = ("pbs2p", "naive", "binarize_only")
 # Decoder-only families with LLaMA's layer structure (q/k/v/o + gate/up/down linears per layer).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 PRUNE_METRICS = ("obs", "magnitude")
+# Block-wise recovery targets: the FP layer applied to the compressed model's inputs, or the FP model's own states.
+RECOVER_TARGETS = ("compressed_inputs", "fp_states")
+# Defaults of the recovery and budget stages (docs/METHOD.md): with `recover_seconds` None the block-wise
+# budget is 600 s per 106 M compressed weights (SmolLM2-135M's), capped at 600 s; with `budget_bits` None
+# the budget is DEFAULT_BUDGET_BITS when the pattern stores less, else nothing is spent.
+RECOVER_SECONDS_PER_MWEIGHT = 600.0 / 106.0
+RECOVER_MAX_AUTO_SECONDS = 600.0
+DEFAULT_BUDGET_BITS = 2.5
 # Block binarizers (compress/blockq.py); kept in sync with blockq.BINARIZERS (no torch import here).
 BINARIZERS = ("arb", "arbx", "arbrc", "arbrcx")
 _NM_PATTERN = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
@@ -86,6 +94,25 @@ class PBS2PConfig:
     cfs_samples: int = 16
     # Calibration sequences per forward batch (memory only, does not change the result).
     batch_size: int = 8
+    # Recovery (compress/recover.py): wall-time seconds of block-wise Adam over all layers (0 = off, None =
+    # scaled to the model, see RECOVER_SECONDS_PER_MWEIGHT), its target, learning rate (relative to each
+    # tensor's mean |value|) and sequences per step.
+    recover_seconds: float | None = None
+    recover_target: str = "compressed_inputs"
+    recover_lr: float = 5e-3
+    recover_micro_batch: int = 1
+    # End-to-end recovery on the top-k KL to the FP model's log-probs (0 = off).
+    e2e_seconds: float = 0.0
+    e2e_lr: float = 5e-4
+    e2e_micro_batch: int = 2
+    e2e_topk: int = 64
+    # Bit budget (compress/budget.py): honest bits/weight over the compressed linears to spend (None =
+    # DEFAULT_BUDGET_BITS if the pattern fits under it; a given value below the pattern is an error); `budget`
+    # False turns the stage off; calibration sequences x tokens of the per-layer sensitivity probe.
+    budget: bool = True
+    budget_bits: float | None = None
+    budget_probe_samples: int = 2
+    budget_probe_len: int = 128
 
     @classmethod
     def from_nm(cls, nm: str, **kwargs: Any) -> PBS2PConfig:
@@ -123,8 +150,34 @@ class PBS2PConfig:
             raise Pbs2pError(f"damping must be in (0, 10) (got {self.damping})")
         if self.seed < 0:
             raise Pbs2pError(f"seed must be >= 0 (got {self.seed})")
+        self._check_recovery()
         self._resolve_steps()
         self._resolve_cfs()
+
+    def _check_recovery(self) -> None:
+        if self.recover_target not in RECOVER_TARGETS:
+            raise Pbs2pError(
+                f"unknown recovery target {self.recover_target!r} (choose from {', '.join(RECOVER_TARGETS)})"
+            )
+        for name in ("recover_seconds", "e2e_seconds"):
+            value = getattr(self, name)
+            if value is None and name == "recover_seconds":
+                continue
+            if not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+                raise Pbs2pError(f"{name.replace('_', ' ')} must be >= 0 (got {value!r})")
+        for name in ("recover_lr", "e2e_lr"):
+            if not 0 < getattr(self, name) < 1:
+                raise Pbs2pError(f"{name.replace('_', ' ')} must be in (0, 1) (got {getattr(self, name)})")
+        _positive(
+            self,
+            "recover_micro_batch",
+            "e2e_micro_batch",
+            "e2e_topk",
+            "budget_probe_samples",
+            "budget_probe_len",
+        )
+        if self.budget_bits is not None and not 0 < self.budget_bits <= 32:
+            raise Pbs2pError(f"budget bits must be in (0, 32] bits per weight (got {self.budget_bits})")
 
     def _resolve_steps(self) -> None:
         pruned = self.m - self.n
@@ -151,6 +204,12 @@ class PBS2PConfig:
             )
         if self.cfs_delta < 0:
             raise Pbs2pError(f"CFS delta must be >= 0 (got {self.cfs_delta})")
+
+    def recover_seconds_for(self, weights: int) -> float:
+        """Block-wise recovery seconds for a model with `weights` compressed weights."""
+        if self.recover_seconds is not None:
+            return float(self.recover_seconds)
+        return min(RECOVER_MAX_AUTO_SECONDS, RECOVER_SECONDS_PER_MWEIGHT * weights / 1e6)
 
     def steps_for(self, n: int) -> int:
         """SPBO steps of a layer that keeps `n` of M (CFS may give layers different N)."""

@@ -77,6 +77,36 @@ import click
 @click.option(
     "--damping", type=float, default=None, help="Hessian damping, fraction of mean diag [default: 0.01]."
 )
+@click.option(
+    "--recover-seconds",
+    type=float,
+    default=None,
+    help="Block-wise recovery: seconds of Adam over all layers, signs and mask frozen "
+    "[default: 600 per 106 M compressed weights, at most 600].",
+)
+@click.option("--recover/--no-recover", default=None, help="Turn block-wise recovery on or off.")
+@click.option(
+    "--recover-target",
+    type=click.Choice(["compressed_inputs", "fp_states"]),
+    default=None,
+    help="Block-wise recovery target: FP layer on the compressed inputs, or the FP model's own states.",
+)
+@click.option(
+    "--e2e-seconds",
+    type=float,
+    default=None,
+    help="End-to-end recovery: seconds of Adam on the KL to the FP model's logits (0 = off).",
+)
+@click.option(
+    "--budget-bits",
+    type=float,
+    default=None,
+    help="Honest bits/weight to spend over the compressed linears: the most sensitive layers go int4 "
+    "[default: 2.5 when the N:M pattern stores less].",
+)
+@click.option(
+    "--budget/--no-budget", "budget", default=None, help="Turn the bit budget on or off [default: on]."
+)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Checkpoint to write (model.pt).")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -111,12 +141,30 @@ def build_config(options: dict[str, Any]) -> Any:
         "arb_iters": options["arb_iters"],
         "group_size": options["group_size"],
         "damping": options["damping"],
+        "recover_seconds": _budget(options["recover_seconds"], "--recover-seconds"),
+        "recover_target": options["recover_target"],
+        "budget_bits": options["budget_bits"],
+        "budget": options["budget"],
+        "e2e_seconds": _budget(options["e2e_seconds"], "--e2e-seconds", allow_zero=True),
     }
+    if options["recover"] is False:
+        chosen["recover_seconds"] = 0.0
     if options["cfs_range"] is not None:
         chosen["cfs_n_low"], chosen["cfs_n_high"] = _parse_range(options["cfs_range"])
     chosen.update(_parse_salient(options["salient"], options["salient_max"]))
     settings = {key: value for key, value in chosen.items() if value is not None}
     return PBS2PConfig(n=n, m=m, method=options["method"], seed=options["seed"], **settings)
+
+
+def _budget(value: float | None, flag: str, allow_zero: bool = False) -> float | None:
+    from pbs2p_edge.errors import Pbs2pError
+
+    if value is None:
+        return None
+    if value < 0 or (value == 0 and not allow_zero) or value != value or value > 1e6:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise Pbs2pError(f"{flag} must be a number of seconds {bound} (got {value})")
+    return float(value)
 
 
 def _parse_range(text: str) -> tuple[int, int]:
@@ -194,4 +242,29 @@ def summary(results: dict[str, Any], output: Any) -> str:
         f"  per-layer N: {' '.join(map(str, layer_n))} (parameter-weighted average {results['average_n']:.3f})",
         f"  time: {results['seconds']:.1f} s",
     ]
+    budget = results.get("budget") or {}
+    if budget:
+        lines.append(
+            f"  bit budget {budget['budget_bits']:g} (pattern alone {budget['pattern_bits']:.3f}): "
+            f"int4 decoder layers {budget['int4_layers'] or 'none'}"
+        )
+    if "projected_bundle_bytes" in results:
+        lines.append(
+            f"  projected bundle weights (int4 head): {results['projected_bundle_bytes'] / 1e6:.1f} MB"
+        )
+    recovery = results.get("recovery") or []
+    if recovery:
+        kept = sum(1 for r in recovery if r["kept"])
+        before = sum(r["before"] for r in recovery) / len(recovery)
+        after = sum(r["after"] for r in recovery) / len(recovery)
+        lines.append(
+            f"  block recovery: mean layer error {before:.3f} -> {after:.3f} (relative to the layer's update), "
+            f"kept in {kept}/{len(recovery)} layers, {sum(r['steps'] for r in recovery)} steps"
+        )
+    e2e = results.get("e2e") or {}
+    if e2e:
+        lines.append(
+            f"  end-to-end recovery: top-k KL {e2e['before']:.4f} -> {e2e['after']:.4f} "
+            f"({'kept' if e2e['kept'] else 'discarded'}, {e2e['steps']} steps)"
+        )
     return "\n".join(lines)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import time
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from pbs2p_edge.compress import cfs
 from pbs2p_edge.compress.gptq import HessianAccumulator, inverse_factor, quantize_matrix
 from pbs2p_edge.compress.spbo import fit_block
-from pbs2p_edge.config import SUPPORTED_MODEL_TYPES, PBS2PConfig
+from pbs2p_edge.config import DEFAULT_BUDGET_BITS, SUPPORTED_MODEL_TYPES, PBS2PConfig
 from pbs2p_edge.errors import Pbs2pError
 
 LINEAR_NAMES = (
@@ -50,6 +51,8 @@ class CompressedModel:
     packed: dict[str, Any]  # module name -> pbs2p_edge.format.PackedWeight
     results: dict[str, Any]
     tokenizer_files: dict[str, str] = field(default_factory=dict)
+    # module name -> MatMulNBits 4-bit entry {packed, scales, meta} for layers the bit budget keeps in int4
+    nbits: dict[str, Any] = field(default_factory=dict)
 
 
 class _StopForward(Exception):
@@ -106,6 +109,7 @@ def compress(
     start = time.perf_counter()
     with deterministic(config.seed), torch.no_grad():
         params = [sum(layer.get_submodule(n).weight.numel() for n in LINEAR_NAMES) for layer in layers]
+        recover_seconds = config.recover_seconds_for(sum(params))
         cosines: list[float] = []
         importance: list[float] = []
         if config.cfs:
@@ -117,7 +121,19 @@ def compress(
         else:
             layer_n = [config.n] * len(layers)
         cfs_seconds = time.perf_counter() - start
+        budget = {}
+        if config.budget:
+            budget = _plan_budget(model, calib_ids, layer_n, config, progress)
+        int4_layers = set(budget.get("int4_layers", []))
+        nbits: dict[str, Any] = {}
+        teacher = None
+        if config.e2e_seconds > 0:
+            from pbs2p_edge.compress.recover import teacher_topk
+
+            teacher = teacher_topk(model, calib_ids, config.e2e_topk, config.e2e_micro_batch)
         chunks = capture_layer_inputs(model, calib_ids, config.batch_size)
+        fp_chunks = [hs for hs, _ in chunks] if config.recover_target == "fp_states" else []
+        recovery: list[dict[str, Any]] = []
         weights: dict[str, Any] = {}
         stats: dict[str, Any] = {}
         layer_seconds: list[float] = []
@@ -130,18 +146,135 @@ def compress(
         for index, layer in bar:
             bar.set_postfix(N=layer_n[index])
             t0 = time.perf_counter()
+            if index in int4_layers:
+                from pbs2p_edge.compress.budget import int4_linear
+
+                fp_layer = copy.deepcopy(layer) if fp_chunks else None
+                for name in LINEAR_NAMES:
+                    nbits[f"model.layers.{index}.{name}"] = int4_linear(layer.get_submodule(name))
+                if fp_layer is not None:
+                    fp_chunks[:] = [
+                        _run_layer(fp_layer, hs, kw) for hs, (_, kw) in zip(fp_chunks, chunks, strict=True)
+                    ]
+                chunks = [(_run_layer(layer, hs, kwargs), kwargs) for hs, kwargs in chunks]
+                layer_seconds.append(time.perf_counter() - t0)
+                continue
             hessians = _collect_hessians(layer, chunks)
+            fp_layer = copy.deepcopy(layer) if recover_seconds > 0 else None
             for name in LINEAR_NAMES:
                 full = f"model.layers.{index}.{name}"
                 linear = layer.get_submodule(name)
                 weights[full], stats[full] = compress_linear(linear, hessians[name], layer_n[index], config)
             del hessians
+            if fp_layer is not None:
+                local = {name: weights[f"model.layers.{index}.{name}"] for name in LINEAR_NAMES}
+                per_layer = recover_seconds / len(layers)
+                done, outs = _recover(layer, fp_layer, local, chunks, fp_chunks, config, per_layer)
+                recovery.append(done)
+                bar.set_postfix(N=layer_n[index], err=f"{done['before']:.3f}->{done['after']:.3f}")
+                chunks = [(out, kwargs) for out, (_, kwargs) in zip(outs, chunks, strict=True)]
+                layer_seconds.append(time.perf_counter() - t0)
+                continue
             chunks = [(_run_layer(layer, hs, kwargs), kwargs) for hs, kwargs in chunks]
             layer_seconds.append(time.perf_counter() - t0)
+    e2e: dict[str, Any] = {}
+    if teacher is not None:
+        e2e = _recover_e2e(model, weights, calib_ids, teacher, config, progress)
     packed = {name: pack(w) for name, w in weights.items()}
-    results = _summarize(config, calib_ids, layer_n, cosines, importance, packed, weights, stats)
+    results = _summarize(config, calib_ids, layer_n, cosines, importance, packed, weights, stats, nbits)
+    results.update(
+        budget=budget, projected_bundle_bytes=projected_bundle_bytes(model, results["packed_bytes"])
+    )
     results.update(seconds=time.perf_counter() - start, cfs_seconds=cfs_seconds, layer_seconds=layer_seconds)
-    return CompressedModel(model, config, weights, packed, results, dict(tokenizer_files))
+    results.update(recovery=recovery, e2e=e2e, recover_seconds=recover_seconds)
+    return CompressedModel(model, config, weights, packed, results, dict(tokenizer_files), nbits)
+
+
+def _plan_budget(
+    model: Any, calib_ids: torch.Tensor, layer_n: list[int], config: PBS2PConfig, progress: bool
+) -> dict[str, Any]:
+    """Bits of the pattern, per-layer sensitivity probe, and the layers the budget keeps in int4."""
+    from pbs2p_edge.compress import budget as b
+
+    t0 = time.perf_counter()
+    packed, int4, weights = b.layer_bits(model, LINEAR_NAMES, layer_n, config)
+    budget_bits = config.budget_bits if config.budget_bits is not None else DEFAULT_BUDGET_BITS
+    pattern = sum(packed) / sum(weights)
+    if config.budget_bits is None and pattern >= budget_bits:
+        return {"budget_bits": budget_bits, "pattern_bits": pattern, "int4_layers": [], "sensitivity": []}
+    b.check_budget(budget_bits, packed, weights)
+    probe = calib_ids[: config.budget_probe_samples, : config.budget_probe_len]
+    sensitivity = b.layer_sensitivity(
+        model, probe, LINEAR_NAMES, config.n, config.m, config.group_size, progress
+    )
+    chosen = b.choose_int4_layers(sensitivity, packed, int4, weights, budget_bits)
+    return {
+        "budget_bits": budget_bits,
+        "pattern_bits": pattern,
+        "sensitivity": sensitivity,
+        "int4_layers": chosen,
+        "probe_seconds": time.perf_counter() - t0,
+    }
+
+
+def _recover(
+    layer: Any,
+    fp_layer: Any,
+    weights: dict[str, Any],
+    chunks: list[tuple[torch.Tensor, dict[str, Any]]],
+    fp_chunks: list[torch.Tensor],
+    config: PBS2PConfig,
+    seconds: float,
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Block-wise recovery of one layer against the FP layer's outputs (targets per `recover_target`)."""
+    from pbs2p_edge.compress.recover import recover_layer
+
+    if config.recover_target == "fp_states":
+        targets = [
+            _run_layer(fp_layer, hs, kwargs) for hs, (_, kwargs) in zip(fp_chunks, chunks, strict=True)
+        ]
+        fp_chunks[:] = targets
+    else:
+        targets = [_run_layer(fp_layer, hs, kwargs) for hs, kwargs in chunks]
+    return recover_layer(
+        layer,
+        weights,
+        chunks,
+        targets,
+        seconds=seconds,
+        lr=config.recover_lr,
+        micro_batch=config.recover_micro_batch,
+        seed=config.seed,
+    )
+
+
+def _recover_e2e(
+    model: Any,
+    weights: dict[str, Any],
+    calib_ids: torch.Tensor,
+    teacher: tuple[torch.Tensor, torch.Tensor],
+    config: PBS2PConfig,
+    progress: bool,
+) -> dict[str, Any]:
+    from pbs2p_edge.compress.recover import recover_e2e
+
+    total = round(config.e2e_seconds)
+    with tqdm(total=total, desc="recover end-to-end", unit="s", disable=not progress) as bar:
+
+        def tick(elapsed: float) -> None:
+            bar.update(round(elapsed) - bar.n)
+
+        return recover_e2e(
+            model,
+            weights,
+            calib_ids,
+            teacher,
+            seconds=config.e2e_seconds,
+            lr=config.e2e_lr,
+            micro_batch=config.e2e_micro_batch,
+            seed=config.seed,
+            progress=tick,
+        )
 
 
 def compress_linear(
@@ -349,16 +482,22 @@ def _summarize(
     packed: dict[str, Any],
     weights: dict[str, Any],
     stats: dict[str, Any],
+    nbits: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    n_weights = sum(int(w.mask.size) for w in weights.values())
-    stored_bits = sum(8 * int(p.nbytes) for p in packed.values())
+    from pbs2p_edge.compress.budget import nbits_bytes
+
+    nbits = nbits or {}
+    int4_weights = sum(int(e["meta"][2]) * int(e["scales"].shape[0]) for e in nbits.values())
+    int4_bits = sum(8 * nbits_bytes(e) for e in nbits.values())
+    n_weights = sum(int(w.mask.size) for w in weights.values()) + int4_weights
+    stored_bits = sum(8 * int(p.nbytes) for p in packed.values()) + int4_bits
     # Paper-style: only the signs of kept weights (+ the salient second sign plane); no mask, no scales.
-    sign_bits = sum(int(w.mask.sum()) for w in weights.values())
+    sign_bits = sum(int(w.mask.sum()) for w in weights.values()) + 4 * int4_weights
     for w in weights.values():
         if w.salient_signs is not None:
             sign_bits += int(w.mask[:, w.salient_cols.reshape(-1)].sum())
     # The stored mask costs 1 bit per weight; an entropy-coded N:M mask would need log2(C(M, N)) / M.
-    coded_bits = sum(
+    coded_bits = int4_bits + sum(
         8 * (int(p.nbytes) - int(p.arrays["mask"].nbytes))
         + w.mask.size * math.log2(math.comb(w.m, w.n)) / w.m
         for p, w in ((packed[name], weights[name]) for name in weights)
@@ -375,6 +514,7 @@ def _summarize(
         / max(n_weights, 1),
         "compressed_weights": n_weights,
         "packed_bytes": stored_bits // 8,
+        "int4_linears": sorted(nbits),
         "bits_per_weight": stored_bits / max(n_weights, 1),
         "bits_per_weight_paper_style": sign_bits / max(n_weights, 1),
         "bits_per_weight_mask_coded": coded_bits / max(n_weights, 1),
@@ -383,8 +523,26 @@ def _summarize(
     }
 
 
+def projected_bundle_bytes(model: Any, linear_bytes: int) -> int:
+    """Weight bytes of the default PBS2P bundle: the compressed linears as stored, the embedding/head in
+    MatMulNBits int4 (blocks of 32, fp32 scales; a tied matrix once), every other tensor (norms) in fp32."""
+    from pbs2p_edge.compress.budget import int4_bits
+
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    matrices = [embed] if head is None or head.data_ptr() == embed.data_ptr() else [embed, head]
+    head_bytes = sum(int4_bits(int(w.shape[0]), int(w.shape[1])) // 8 for w in matrices)
+    skip = {id(w) for w in matrices}
+    linears = {
+        id(p) for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()
+    }
+    rest = sum(4 * p.numel() for p in model.parameters() if id(p) not in skip and id(p) not in linears)
+    return int(linear_bytes + head_bytes + rest)
+
+
 def _layer_params(weights: dict[str, Any], n_layers: int) -> list[int]:
     params = [0] * n_layers
     for name, w in weights.items():
         params[int(name.split(".")[2])] += int(w.mask.size)
+    # (int4 layers have no packed weights; their N does not enter the average)
     return params

@@ -1,0 +1,424 @@
+"""Recovery: tune the continuous parameters of compressed linears with signs and mask frozen.
+
+W_hat = c[j] * mask * (alpha[r, g] s + mu[r, g] + [j salient] alpha2[r, g] s2)  (c = column scales, if any)
+
+`TunableLinear` computes W_hat from the frozen int8 sign planes on the fly, in forward and again in backward
+(a custom autograd function), so no W-sized tensor outlives one linear's forward or backward: the end-to-end
+pass of a 1.5B model holds 1 byte per weight (sign * mask) instead of the fp32 weight. Parameters are stored
+divided by a per-tensor reference scale so one Adam learning rate means a relative step for every tensor.
+
+- `recover_layer`: one decoder layer, Adam on MSE(layer(x), target) under a wall-time budget (block-wise).
+- `recover_e2e`: the whole model, Adam on the KL from the FP model's top-k log-probs (precomputed by
+  `teacher_topk`, so no second model is held).
+Both keep the tuned values only if the error on all calibration data went down, then round them to fp16 and
+write them back into the SparseBinaryWeight (`write_back`), so checkpoint, eval and export see the same model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FP16_MAX = 65504.0
+
+
+class _BinaryMatmul(torch.autograd.Function):
+    """y = x @ W_hat^T (+ b) with W_hat rebuilt from (sm, salient, scales) in forward and backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: TunableLinear, *params: torch.Tensor) -> torch.Tensor:
+        ctx.module = module
+        ctx.save_for_backward(x, *params)
+        with torch.no_grad():
+            return nn.functional.linear(x, module.weight(), module.bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:
+        x, *params = ctx.saved_tensors
+        module: TunableLinear = ctx.module
+        with torch.no_grad():
+            base = module.base_weight()
+            w = base if module.col_scales is None else base * (module.col_scales * module.c_ref)[None, :]
+            grad_x = grad_y @ w if ctx.needs_input_grad[0] else None
+            del w
+            grad_w = grad_y.reshape(-1, grad_y.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            grads = module.param_grads(grad_w, base)
+        return (grad_x, None, *(grads[id(p)] for p in params))
+
+
+class TunableLinear(nn.Module):
+    """A compressed linear whose alpha, mu, alpha2 (and column scales) are trainable; signs and mask frozen."""
+
+    def __init__(self, weight: Any, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        k = weight.k
+        col_group = torch.arange(k) // weight.group_size
+        mask = torch.from_numpy(np.asarray(weight.mask, dtype=bool))
+        sm = torch.where(torch.from_numpy(np.asarray(weight.signs, dtype=bool)), 1, -1).to(torch.int8)
+        self.register_buffer("col_group", col_group, persistent=False)
+        self.register_buffer("sm", sm * mask.to(torch.int8), persistent=False)
+        self.groups = weight.groups
+        alpha = torch.from_numpy(np.asarray(weight.alpha, dtype=np.float32)).half().float()
+        self.ref = float(alpha.abs().mean().clamp_min(1e-8))
+        self.alpha = nn.Parameter(alpha / self.ref)
+        self.mu = nn.Parameter(
+            torch.from_numpy(np.asarray(weight.mu, dtype=np.float32)).half().float() / self.ref
+        )
+        self.alpha2: nn.Parameter | None = None
+        if weight.salient_cols is not None and weight.salient > 0:
+            cols = torch.from_numpy(np.asarray(weight.salient_cols, dtype=np.int64)).reshape(-1)
+            signs2 = torch.from_numpy(np.asarray(weight.salient_signs, dtype=bool)).reshape(weight.rows, -1)
+            s2 = torch.where(signs2, 1, -1).to(torch.int8) * mask[:, cols].to(torch.int8)
+            self.register_buffer("sal_cols", cols, persistent=False)
+            self.register_buffer("sal_groups", col_group[cols], persistent=False)
+            self.register_buffer("s2", s2, persistent=False)
+            a2 = torch.from_numpy(np.asarray(weight.alpha2, dtype=np.float32)).half().float()
+            self.alpha2 = nn.Parameter(a2 / self.ref)
+        self.col_scales: nn.Parameter | None = None
+        self.c_ref = 1.0
+        cs = getattr(weight, "col_scales", None)
+        if cs is not None:
+            c = torch.from_numpy(np.asarray(cs, dtype=np.float32)).half().float()
+            self.c_ref = float(c.abs().mean().clamp_min(1e-8))
+            self.col_scales = nn.Parameter(c / self.c_ref)
+        self.bias = None if bias is None else bias.detach().clone()
+
+    def tuned(self) -> list[nn.Parameter]:
+        return [p for p in (self.alpha, self.mu, self.alpha2, self.col_scales) if p is not None]
+
+    def base_weight(self) -> torch.Tensor:
+        """mask * (alpha s + mu + salient term), without column scales, float32 [rows, K]."""
+        sm = self.sm.float()
+        w = (self.alpha * self.ref)[:, self.col_group] * sm + (self.mu * self.ref)[
+            :, self.col_group
+        ] * sm.abs()
+        if self.alpha2 is not None:
+            w[:, self.sal_cols] += (self.alpha2 * self.ref)[:, self.sal_groups] * self.s2.float()
+        return w
+
+    def weight(self) -> torch.Tensor:
+        w = self.base_weight()
+        return w if self.col_scales is None else w * (self.col_scales * self.c_ref)[None, :]
+
+    def param_grads(self, grad_w: torch.Tensor, base: torch.Tensor) -> dict[int, torch.Tensor]:
+        grads: dict[int, torch.Tensor] = {}
+        if self.col_scales is not None:
+            grads[id(self.col_scales)] = (grad_w * base).sum(0) * self.c_ref
+            grad_w = grad_w * (self.col_scales * self.c_ref)[None, :]
+        sm = self.sm.float()
+        rows = grad_w.shape[0]
+        zeros = torch.zeros(rows, self.groups)
+        grads[id(self.alpha)] = zeros.index_add(1, self.col_group, grad_w * sm) * self.ref
+        grads[id(self.mu)] = zeros.index_add(1, self.col_group, grad_w * sm.abs()) * self.ref
+        if self.alpha2 is not None:
+            g2 = grad_w[:, self.sal_cols] * self.s2.float()
+            grads[id(self.alpha2)] = zeros.index_add(1, self.sal_groups, g2) * self.ref
+        return grads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _BinaryMatmul.apply(x, self, *self.tuned())
+
+    def write_back(self, weight: Any) -> None:
+        """Round the tuned values to fp16 and store them in the SparseBinaryWeight `weight`."""
+        weight.alpha = _fp16_values(self.alpha * self.ref)
+        weight.mu = _fp16_values(self.mu * self.ref)
+        if self.alpha2 is not None:
+            weight.alpha2 = _fp16_values(self.alpha2 * self.ref)
+        if self.col_scales is not None:
+            weight.col_scales = _fp16_values(self.col_scales * self.c_ref)
+
+
+def _fp16_values(t: torch.Tensor) -> np.ndarray:
+    values = t.detach().float().clamp(-FP16_MAX, FP16_MAX).numpy()
+    return values.astype(np.float16).astype(np.float32)
+
+
+class _Swap:
+    """Replace named nn.Linear submodules of `root` by TunableLinears; `restore` writes back and undoes it."""
+
+    def __init__(self, root: nn.Module, weights: dict[str, Any], free_dense: bool = False) -> None:
+        """`free_dense`: drop the dense W_hat of the swapped linears while tuning (rebuilt by `restore`), so
+        a whole model holds 1 byte per compressed weight instead of 4."""
+        self.root = root
+        self.weights = weights
+        self.originals: dict[str, nn.Module] = {}
+        self.tunables: dict[str, TunableLinear] = {}
+        self.saved = {
+            name: (w.alpha, w.mu, w.alpha2, getattr(w, "col_scales", None)) for name, w in weights.items()
+        }
+        for name, w in weights.items():
+            linear = root.get_submodule(name)
+            self.originals[name] = linear
+            self.tunables[name] = TunableLinear(w, linear.bias)
+            _set(root, name, self.tunables[name])
+            if free_dense:
+                linear.weight.data = torch.empty(0, dtype=linear.weight.dtype)
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for t in self.tunables.values() for p in t.tuned()]
+
+    def restore(self, write: bool) -> None:
+        """Put the linears back with W_hat = dense() of their weights (tuned values first if `write`)."""
+        for name, linear in self.originals.items():
+            if write:
+                self.tunables[name].write_back(self.weights[name])
+            w_hat = torch.from_numpy(self.weights[name].dense()).to(linear.weight.dtype)
+            linear.weight.data = w_hat
+            _set(self.root, name, linear)
+
+
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+class _Norms:
+    """RMSNorm weights made trainable in relative units (w = w0 * p, p starts at 1)."""
+
+    def __init__(self, norms: Iterable[nn.Module]) -> None:
+        self.norms = list(norms)
+        self.originals = [n.weight.detach().clone() for n in self.norms]
+        self.scales = [nn.Parameter(torch.ones_like(w)) for w in self.originals]
+        self.handles = [n.register_forward_pre_hook(self._hook(i)) for i, n in enumerate(self.norms)]
+
+    def _hook(self, i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, _args: Any) -> None:
+            module.weight = self.originals[i] * self.scales[i]  # type: ignore[assignment]
+
+        return hook
+
+    def prepare(self) -> None:
+        for n in self.norms:
+            w = n.weight
+            del n.weight
+            n.weight = w.detach()  # a plain tensor attribute while tuning (the hook overwrites it)
+
+    def restore(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for n, w0, s in zip(self.norms, self.originals, self.scales, strict=True):
+            value = (w0 * s).detach()
+            del n.weight
+            n.weight = nn.Parameter(value, requires_grad=False)
+
+
+def _slice_kwargs(kwargs: dict[str, Any], batch: int, lo: int, hi: int) -> dict[str, Any]:
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1:
+            return v[lo:hi]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        return v
+
+    return {key: cut(value) for key, value in kwargs.items()}
+
+
+def micro_batches(
+    chunks: list[tuple[torch.Tensor, dict[str, Any]]], targets: list[torch.Tensor], size: int
+) -> list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]]:
+    out = []
+    for (hidden, kwargs), target in zip(chunks, targets, strict=True):
+        b = hidden.shape[0]
+        for lo in range(0, b, size):
+            hi = min(lo + size, b)
+            out.append((hidden[lo:hi], _slice_kwargs(kwargs, b, lo, hi), target[lo:hi]))
+    return out
+
+
+def _layer_out(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def layer_outputs(
+    layer: nn.Module, chunks: list[tuple[torch.Tensor, dict[str, Any]]], targets: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], float]:
+    """(layer outputs per chunk, ||layer(x) - target||^2 / ||target - x||^2 over all chunks): the error
+    relative to the layer's update of the residual stream."""
+    num = den = 0.0
+    outs = []
+    with torch.no_grad():
+        for (hidden, kwargs), target in zip(chunks, targets, strict=True):
+            out = _layer_out(layer, hidden, kwargs)
+            num += float((out - target).square().sum())
+            den += float((target - hidden).square().sum())
+            outs.append(out)
+    return outs, num / max(den, 1e-30)
+
+
+def layer_error(
+    layer: nn.Module, chunks: list[tuple[torch.Tensor, dict[str, Any]]], targets: list[torch.Tensor]
+) -> float:
+    return layer_outputs(layer, chunks, targets)[1]
+
+
+def recover_layer(
+    layer: nn.Module,
+    weights: dict[str, Any],
+    chunks: list[tuple[torch.Tensor, dict[str, Any]]],
+    targets: list[torch.Tensor],
+    seconds: float,
+    lr: float,
+    micro_batch: int,
+    seed: int = 0,
+    max_steps: int | None = None,
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Tune `layer`'s compressed linears (`weights`: submodule name -> SparseBinaryWeight) and its RMSNorm
+    weights with Adam on MSE(layer(x), target) for `seconds` of wall time. Keeps the result only if the
+    error over all chunks went down. Returns ({before, after, steps, kept, seconds}, the layer's outputs per
+    chunk as stored, i.e. the next layer's inputs)."""
+    t0 = time.perf_counter()
+    outs_before, before = layer_outputs(layer, chunks, targets)
+    swap = _Swap(layer, weights)
+    norms = _Norms(m for name, m in layer.named_modules() if name.endswith("layernorm"))
+    norms.prepare()
+    batches = micro_batches(chunks, targets, micro_batch)
+    opt = torch.optim.Adam(swap.params() + norms.scales, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    steps = 0
+    deadline = time.perf_counter() + seconds  # optimisation time; at least one step
+    with torch.enable_grad():
+        while steps == 0 or time.perf_counter() < deadline:
+            for i in torch.randperm(len(batches), generator=generator).tolist():
+                hidden, kwargs, target = batches[i]
+                out = _layer_out(layer, hidden, kwargs)
+                loss = (out - target).square().mean() / (target - hidden).square().mean().clamp_min(1e-30)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                if time.perf_counter() >= deadline or steps == max_steps:
+                    deadline = 0.0
+                    break
+    norms.restore()
+    swap.restore(write=True)  # fp16-rounded tuned values, exactly what is stored
+    outs, after = layer_outputs(layer, chunks, targets)
+    kept = after < before
+    if not kept:
+        for name, module in swap.originals.items():
+            w = swap.weights[name]
+            w.alpha, w.mu, w.alpha2, saved = swap.saved[name]
+            if saved is not None:
+                w.col_scales = saved
+            module.weight.data.copy_(torch.from_numpy(w.dense()).to(module.weight.dtype))
+        for n, w0 in zip(norms.norms, norms.originals, strict=True):
+            n.weight.data.copy_(w0)
+        outs, after = outs_before, before
+    stats = {
+        "before": before,
+        "after": after,
+        "steps": steps,
+        "kept": kept,
+        "seconds": time.perf_counter() - t0,
+    }
+    return stats, outs
+
+
+def teacher_topk(
+    model: nn.Module, calib_ids: torch.Tensor, k: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # (batch_size sequences at a time: the full-vocabulary logits of one batch are the peak)
+    """The FP model's top-k log-probabilities and their token ids per calibration position (fp16 / int32)."""
+    values, indices = [], []
+    with torch.no_grad():
+        for batch in calib_ids.split(batch_size):
+            logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
+            top = logp.topk(k, dim=-1)
+            values.append(top.values.half())
+            indices.append(top.indices.int())
+    return torch.cat(values), torch.cat(indices)
+
+
+def _kl_topk(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) restricted to the teacher's top-k tokens, mean over positions."""
+    s_logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, t_idx.long())
+    t = t_logp.float()
+    return (t.exp() * (t - s_logp)).sum(-1).mean()
+
+
+def recover_e2e(
+    model: nn.Module,
+    weights: dict[str, Any],
+    calib_ids: torch.Tensor,
+    teacher: tuple[torch.Tensor, torch.Tensor],
+    seconds: float,
+    lr: float,
+    micro_batch: int,
+    seed: int = 0,
+    progress: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """Tune every compressed linear's scales and every RMSNorm (incl. the final norm) on the top-k KL to the
+    FP model's log-probs, for `seconds` of wall time. Kept only if the KL over all calibration data fell."""
+    t0 = time.perf_counter()
+    t_logp, t_idx = teacher
+
+    def total_kl() -> float:
+        with torch.no_grad():
+            parts = [
+                float(
+                    _kl_topk(
+                        model(input_ids=calib_ids[i : i + micro_batch], use_cache=False).logits,
+                        t_logp[i : i + micro_batch],
+                        t_idx[i : i + micro_batch],
+                    )
+                )
+                * min(micro_batch, calib_ids.shape[0] - i)
+                for i in range(0, calib_ids.shape[0], micro_batch)
+            ]
+        return sum(parts) / calib_ids.shape[0]
+
+    before = total_kl()
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)  # no gradients for the embedding/head or anything not tuned
+    swap = _Swap(model, weights, free_dense=True)
+    norms = _Norms(m for name, m in model.named_modules() if name.endswith("norm") and hasattr(m, "weight"))
+    norms.prepare()
+    opt = torch.optim.Adam(swap.params() + norms.scales, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    starts = list(range(0, calib_ids.shape[0], micro_batch))
+    steps = 0
+    deadline = time.perf_counter() + seconds  # optimisation time; at least one step
+    with torch.enable_grad():
+        while steps == 0 or time.perf_counter() < deadline:
+            for i in torch.randperm(len(starts), generator=generator).tolist():
+                lo = starts[i]
+                hi = lo + micro_batch
+                logits = model(input_ids=calib_ids[lo:hi], use_cache=False).logits
+                loss = _kl_topk(logits, t_logp[lo:hi], t_idx[lo:hi])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                if progress is not None:
+                    progress(min(time.perf_counter() - t0, seconds))
+                if time.perf_counter() >= deadline:
+                    break
+    if progress is not None:
+        progress(seconds)
+    norms.restore()
+    swap.restore(write=True)
+    after = total_kl()
+    kept = after < before
+    if not kept:
+        for name, module in swap.originals.items():
+            w = swap.weights[name]
+            w.alpha, w.mu, w.alpha2, saved = swap.saved[name]
+            if saved is not None:
+                w.col_scales = saved
+            module.weight.data.copy_(torch.from_numpy(w.dense()).to(module.weight.dtype))
+        for n, w0 in zip(norms.norms, norms.originals, strict=True):
+            n.weight.data.copy_(w0)
+        after = before
+    return {
+        "before": before,
+        "after": after,
+        "steps": steps,
+        "kept": kept,
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,110 @@
+"""Bit budget (compress/budget.py): exact accounting, int4-kept layers in model.pt, eval and the exported
+bundle (validated), old checkpoints still load, and one-line errors for impossible budgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pbs2p_edge.compress.budget import choose_int4_layers, int4_bits, quick_binarize
+from pbs2p_edge.compress.cli import compress_command
+
+FAST = ["--calib-samples", "4", "--calib-len", "32", "--no-progress"]
+_BUILT: dict[str, Path] = {}
+
+
+def _budget_checkpoint(factory: pytest.TempPathFactory, model_dir: Path, text: Path) -> Path:
+    if "ckpt" not in _BUILT:
+        out = factory.mktemp("budget") / "model.pt"
+        args = ["--model", str(model_dir), "--text", str(text), "--nm", "6:8", "--budget-bits", "3.7"]
+        result = CliRunner().invoke(compress_command, [*args, *FAST, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert "int4 decoder layers [" in result.output
+        _BUILT["ckpt"] = out
+    return _BUILT["ckpt"]
+
+
+@pytest.fixture(scope="module")
+def budget_ckpt(tmp_path_factory, tiny_model_dir, corpus_text_file) -> Path:
+    return _budget_checkpoint(tmp_path_factory, tiny_model_dir, corpus_text_file)
+
+
+def test_budget_accounting_equals_the_stored_bytes(budget_ckpt: Path) -> None:
+    from pbs2p_edge.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(budget_ckpt)
+    results = ckpt["compression"]["results"]
+    int4_layers = results["budget"]["int4_layers"]
+    assert len(int4_layers) == 1
+    names = sorted(ckpt["nbits"])
+    assert len(names) == 7 and all(f"layers.{int4_layers[0]}." in n for n in names)
+    stored = sum(t.numel() * t.element_size() for arrays in ckpt["packed"].values() for t in arrays.values())
+    stored += sum(e["packed"].numel() + 4 * e["scales"].numel() for e in ckpt["nbits"].values())
+    assert results["packed_bytes"] == stored
+    weights = results["compressed_weights"]
+    assert results["bits_per_weight"] == pytest.approx(8 * stored / weights)
+    assert results["bits_per_weight"] <= 3.7
+    # int4 layers cost exactly 5 bits per weight (4-bit values + an fp32 scale per 32).
+    int4_weights = sum(int(e["meta"][2]) * e["scales"].shape[0] for e in ckpt["nbits"].values())
+    int4_stored = sum(e["packed"].numel() + 4 * e["scales"].numel() for e in ckpt["nbits"].values())
+    assert 8 * int4_stored == 5 * int4_weights
+    assert results["projected_bundle_bytes"] > stored
+
+
+def test_int4_layers_rebuild_exactly_and_export_as_matmulnbits(budget_ckpt: Path, tmp_path: Path) -> None:
+    from pbs2p_edge.checkpoint import build_model, load_checkpoint, nbits_layers
+    from pbs2p_edge.export import export_bundle
+
+    ckpt = load_checkpoint(budget_ckpt)
+    model, _ = build_model(ckpt)
+    for name, q in nbits_layers(ckpt).items():
+        assert torch.equal(model.get_submodule(name).weight, torch.from_numpy(q.dequantize()))
+    out = tmp_path / "bundle"
+    export_bundle(budget_ckpt, out)  # teacher-forced validation on (raises on failure)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulNBits") == 7 + 1  # the int4 layer's 7 projections + the int4 head
+    assert ops.count("SparseBinaryMatMul") == 7
+
+
+def test_version_1_checkpoints_still_load(budget_ckpt: Path, tmp_path: Path) -> None:
+    from pbs2p_edge.checkpoint import load_checkpoint
+
+    data = torch.load(budget_ckpt, weights_only=True)
+    data["version"] = 1
+    data.pop("nbits")
+    old = tmp_path / "old.pt"
+    torch.save(data, old)
+    assert load_checkpoint(old)["nbits"] == {}
+
+
+def test_greedy_choice_respects_the_budget() -> None:
+    # 3 layers of 100 weights at 2 bits; int4 costs 5: each extra layer costs 300 bits = 1 bit/weight overall.
+    packed, int4, weights = [200] * 3, [500] * 3, [100] * 3
+    assert choose_int4_layers([0.1, 0.5, 0.3], packed, int4, weights, 2.0) == []
+    assert choose_int4_layers([0.1, 0.5, 0.3], packed, int4, weights, 3.0) == [1]
+    assert choose_int4_layers([0.1, 0.5, 0.3], packed, int4, weights, 4.5) == [1, 2]
+    assert int4_bits(4, 64) == 4 * 64 * 5
+
+
+def test_quick_binarize_keeps_n_of_m() -> None:
+    w = torch.randn(8, 64)
+    q = quick_binarize(w, 6, 8, 32)
+    assert ((q != 0).reshape(8, 8, 8).sum(-1) == 6).all()
+
+
+@pytest.mark.parametrize("value,fragment", [("1.0", "below"), ("-2", "budget"), ("40", "budget")])
+def test_bad_budget(tiny_model_dir: Path, tmp_path: Path, value: str, fragment: str) -> None:
+    result = CliRunner().invoke(
+        compress_command,
+        ["--model", str(tiny_model_dir), "--budget-bits", value, *FAST, "-o", str(tmp_path / "m.pt")],
+    )
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and "Loading" not in line]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in result.output
+    assert not (tmp_path / "m.pt").exists()
