@@ -43,13 +43,15 @@ def test_four_threads_on_one_session_get_their_own_outputs(pbs2p_bundle: Path) -
     generator = Generator(pbs2p_bundle, threads=1)
     prompts = [*PROMPTS, "sparse masks on the edge", "the small language model"]
     options = [dict(temperature=1.0, seed=i) for i in range(len(prompts))]  # seeded: same tokens every run
-    alone = [generator.generate(p, 20, **o).token_ids for p, o in zip(prompts, options)]
+    alone = [generator.generate(p, 20, **o).token_ids for p, o in zip(prompts, options, strict=True)]
     assert len({tuple(a) for a in alone}) == len(prompts)  # different inputs, different outputs
     forks = [generator.fork() for _ in prompts]
     assert all(f.session.session is generator.session.session for f in forks)  # one onnxruntime session
     with ThreadPoolExecutor(max_workers=4) as pool:
         for _ in range(3):
-            jobs = [pool.submit(f.generate, p, 20, **o) for f, p, o in zip(forks, prompts, options)]
+            jobs = [
+                pool.submit(f.generate, p, 20, **o) for f, p, o in zip(forks, prompts, options, strict=True)
+            ]
             assert [job.result().token_ids for job in jobs] == alone
 
 
