@@ -11,7 +11,7 @@ SHELL  := /bin/bash
 
 NATIVE_SOURCES := $(shell find custom_ops -type f -not -path '*/build*' 2>/dev/null) pyproject.toml
 
-.PHONY: setup system-deps demo bench-kernels bench-compress test test-python test-kernels lint clean help
+.PHONY: setup system-deps demo bench-kernels bench-compress test test-python test-kernels fuzz-ops lint clean help
 
 help:
 	@echo "make demo   - set up and run compress -> export -> generate -> bench on the default model"
@@ -66,6 +66,11 @@ test: setup system-deps test-kernels lint test-python
 
 test-kernels:
 	bash scripts/kernel_tests.sh
+
+# Long fuzz run of the op's packed-weight parser (libFuzzer with clang, else the seeded driver; ASan + UBSan).
+FUZZ_RUNS ?= 100000
+fuzz-ops:
+	nice -n 10 bash scripts/fuzz_ops.sh $(FUZZ_RUNS) 1
 
 lint:
 	$(BIN)/ruff check .

@@ -69,7 +69,7 @@ class SparseBinaryLinear(EmittingModule):
         # Plain attributes, not parameters: the graph must not carry the dense weight.
         self.weight_hat = linear.weight.detach()
         self.bias_eager = None if linear.bias is None else linear.bias.detach()
-        self._kernel_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._kernel_weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         self.attributes = {k: int(v) for k, v in packed.op_attributes().items()}
         self.input_names = _register_inputs(self, packed.op_inputs())
 
@@ -88,8 +88,9 @@ class SparseBinaryLinear(EmittingModule):
             return self._kernel_forward(x)
         return nn.functional.linear(x, self.weight_hat, self.bias_eager)
 
-    def _split_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the binarized part mask*(alpha*s + mu), the salient residual part or None), both [rows, K]."""
+    def _split_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(the binarized part mask*(alpha*s + mu), the salient residual part or None, both [rows, K], without
+        the column scales; the column scales c [K] or None)."""
         from pbs2p_edge.format import unpack
 
         w = unpack(self.packed)
@@ -102,7 +103,11 @@ class SparseBinaryLinear(EmittingModule):
                 signs = np.where(w.salient_signs[:, g, :], 1.0, -1.0)
                 residual[:, cols] = w.mask[:, cols] * signs * w.alpha2[:, g : g + 1]
         as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
-        return as_tensor(binary), None if residual is None else as_tensor(residual)
+        return (
+            as_tensor(binary),
+            None if residual is None else as_tensor(residual),
+            None if w.col_scales is None else as_tensor(w.col_scales),
+        )
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from pbs2p_edge.format.packed import ACT_MAX
@@ -110,8 +115,10 @@ class SparseBinaryLinear(EmittingModule):
 
         if self._kernel_weights is None:
             self._kernel_weights = self._split_weights()
-        binary, residual = self._kernel_weights
+        binary, residual, col_scales = self._kernel_weights
         flat = x.reshape(-1, self.in_features).float()
+        if col_scales is not None:  # y = W_hat_v1 @ (x * c), scaled before the int7 quantization
+            flat = flat * col_scales
         pieces = []
         for begin, end, _ in chunk_bounds(self.in_features, self.packed.group_size):
             chunk = flat[:, begin:end]

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build and run the C++ kernel tests (custom_ops/tests, no ONNX Runtime needed) three ways:
-#   native (Release), native with ASan + UBSan, and cross-built for aarch64 under qemu (NEON path).
+#   native (Release), native with ASan + UBSan, and cross-built for aarch64 under qemu (NEON path);
+# then a short fixed-seed fuzz run of the packed-weight parser + repack + matmul under ASan + UBSan
+# (scripts/fuzz_ops.sh, FUZZ_RUNS cases, default 5000; the long run is `make fuzz-ops`).
 # Ends with one summary line; exit status is non-zero if any configuration fails.
-# Env: BUILD_ROOT (default build/kernel-tests), SKIP_AARCH64=1 to skip the cross build.
+# Env: BUILD_ROOT (default build/kernel-tests), SKIP_AARCH64=1 to skip the cross build, FUZZ_RUNS.
 set -uo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,10 +54,19 @@ else
     -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++
 fi
 
+echo "== fuzz: ${FUZZ_RUNS:-5000} cases, seed 1"
+fuzz_line="$(BUILD_ROOT="$root/fuzz" JOBS="$jobs" bash "$repo/scripts/fuzz_ops.sh" "${FUZZ_RUNS:-5000}" 1 | tail -n 40)"
+echo "$fuzz_line" | tail -n 1
+results+=("fuzz: $(echo "$fuzz_line" | tail -n 1)")
+if ! echo "$fuzz_line" | tail -n 1 | grep -q '^FUZZ PASSED'; then
+  echo "$fuzz_line"
+  failed=1
+fi
+
 echo "== kernel test summary"
 printf '  %s\n' "${results[@]}"
 if [[ $failed == 0 ]]; then
-  echo "KERNEL TESTS PASSED (native, sanitizers, aarch64-qemu)"
+  echo "KERNEL TESTS PASSED (native, sanitizers, aarch64-qemu, fuzz)"
 else
   echo "KERNEL TESTS FAILED"
 fi

@@ -27,23 +27,31 @@ from pbs2p_edge.format.reference import chunk_bounds
 
 REPO = Path(__file__).resolve().parents[1]
 
+V1_FIXTURE = REPO / "tests/data/packed_v1_9x96.npz"
+
 SHAPES = [
-    # rows, k, n, m, group_size, salient, bias
-    (1, 8, 6, 8, 128, 0, False),
-    (33, 200, 5, 8, 48, 2, True),
-    (64, 576, 4, 8, 128, 0, False),
-    (31, 64, 2, 4, 64, 1, True),
-    (70, 640, 9, 16, 160, 3, False),
+    # rows, k, n, m, group_size, salient, bias, col_scales
+    (1, 8, 6, 8, 128, 0, False, False),
+    (33, 200, 5, 8, 48, 2, True, False),
+    (64, 576, 4, 8, 128, 0, False, False),
+    (31, 64, 2, 4, 64, 1, True, False),
+    (70, 640, 9, 16, 160, 3, False, False),
+    (1, 8, 6, 8, 128, 0, False, True),
+    (33, 200, 5, 8, 48, 2, True, True),
+    (70, 640, 9, 16, 160, 3, False, True),
 ]
 
 
-@pytest.mark.parametrize("rows,k,n,m,gs,salient,bias", SHAPES)
-def test_pack_unpack_is_bit_exact(rows, k, n, m, gs, salient, bias):
-    w = random_weight(rows, k, n, m, gs, salient=salient, bias=bias, seed=rows)
+@pytest.mark.parametrize("rows,k,n,m,gs,salient,bias,col_scales", SHAPES)
+def test_pack_unpack_is_bit_exact(rows, k, n, m, gs, salient, bias, col_scales):
+    w = random_weight(rows, k, n, m, gs, salient=salient, bias=bias, seed=rows, col_scales=col_scales)
     p = pack(w)
     assert list(p.arrays) == list(ARRAY_ORDER)
+    assert p.version == fmt.VERSION == 2 and p.has_col_scales == col_scales
+    assert p.arrays["col_scales"].shape == ((k,) if col_scales else (0,))
     u = unpack(p)
     assert np.abs(u.dense() - w.dense()).max(initial=0.0) <= DENSE_ROUNDTRIP_MAX_ABS
+    assert (u.col_scales is None) == (not col_scales)
     assert np.array_equal(u.mask, w.mask)
     assert np.array_equal(u.signs, w.signs & w.mask)  # pruned weights' signs are not stored
     again = pack(u)
@@ -69,6 +77,75 @@ def test_dense_follows_the_formula_with_fp16_scales():
             assert d[r, j] == (np.float32(want) if w.mask[r, j] else 0.0)
 
 
+def test_col_scales_scale_the_columns_of_dense():
+    w = random_weight(12, 96, 6, 8, 32, salient=1, bias=True, seed=2)
+    plain = w.dense()
+    w.col_scales = np.exp2(np.random.default_rng(1).uniform(-2, 2, 96)).astype(np.float32)
+    c16 = w.col_scales.astype(np.float16).astype(np.float32)
+    assert np.array_equal(w.dense(), plain * c16[None, :])  # c rounded to fp16, one float32 product
+    p = pack(w)
+    assert np.array_equal(p.arrays["col_scales"], w.col_scales.astype(np.float16))
+    assert p.header[fmt.HDR_FLAGS] & fmt.FLAG_COL_SCALES
+    x = np.random.default_rng(3).normal(size=(4, 96)).astype(np.float32)
+    exact = reference_matmul(x, p)
+    want = x.astype(np.float64) @ (plain * c16[None, :]).astype(np.float64).T + w.bias
+    np.testing.assert_allclose(exact, want.astype(np.float32), rtol=1e-6, atol=1e-6)
+    w.col_scales = np.ones(95, np.float32)
+    with pytest.raises(Pbs2pError, match="col_scales has shape"):
+        pack(w)
+    w.col_scales = np.full(96, 1e6, np.float32)
+    with pytest.raises(Pbs2pError, match="col_scales has values"):
+        pack(w)
+
+
+def test_kernel_arithmetic_scales_activations_before_quantizing():
+    w = random_weight(40, 256, 6, 8, 64, salient=2, bias=True, seed=8, col_scales=True)
+    p = pack(w)
+    x = np.random.default_rng(4).normal(size=(3, 256)).astype(np.float32)
+    # kernel_matmul(x, W with c) is exactly kernel_matmul(x * c, W without c)
+    w_plain = unpack(p)
+    c = w_plain.col_scales
+    w_plain.col_scales = None
+    assert np.array_equal(kernel_matmul(x, p), kernel_matmul(x * c[None, :], pack(w_plain)))
+    exact, approx = reference_matmul(x, p), kernel_matmul(x, p)
+    nmse = float(((approx - exact) ** 2).sum() / (exact**2).sum())
+    assert 0.0 < nmse <= KERNEL_VS_EXACT_NMSE
+
+
+def test_version_1_arrays_from_the_old_packer_still_read():
+    """tests/data/packed_v1_9x96.npz was written by the version 1 packer (`git show e24bdaa:pbs2p_edge/format/
+    packed.py`, random_weight(9, 96, 5, 8, 40, salient=2, bias=True, seed=7)): 8 arrays, no col_scales key."""
+    data = dict(np.load(V1_FIXTURE))
+    w_dense = data.pop("w_dense")
+    assert "col_scales" not in data and int(data["header"][fmt.HDR_VERSION]) == 1
+    p = PackedWeight.from_arrays(data)
+    assert p.version == 1 and not p.has_col_scales and p.arrays["col_scales"].shape == (0,)
+    assert np.array_equal(unpack(p).dense(), w_dense)
+    assert p.op_attributes()["has_col_scales"] == 0 and [n for n, _ in p.op_inputs()] == list(ARRAY_ORDER)
+    x = np.random.default_rng(0).normal(size=(2, 96)).astype(np.float32)
+    np.testing.assert_allclose(reference_matmul(x, p), x @ w_dense.T + data["bias"], rtol=1e-5, atol=1e-5)
+    # an empty col_scales array is as good as an absent key; a version 1 header with the flag is refused
+    assert PackedWeight.from_arrays({**data, "col_scales": np.zeros(0, np.float16)}).version == 1
+    header = data["header"].copy()
+    header[fmt.HDR_FLAGS] |= fmt.FLAG_COL_SCALES
+    with pytest.raises(Pbs2pError, match="unknown to format version 1"):
+        PackedWeight.from_arrays({**data, "header": header, "col_scales": np.ones(96, np.float16)})
+    # re-packing a version 1 weight writes version 2 with the same bytes otherwise
+    again = pack(unpack(p))
+    assert again.version == 2
+    for name in fmt.ARRAY_ORDER_V1[1:]:
+        assert np.array_equal(again.arrays[name], data[name]), name
+
+
+def test_other_versions_are_refused_with_one_message():
+    p = pack(random_weight(8, 64, 6, 8, 32))
+    for version in (0, 3, -1, 2**31 - 1):
+        header = p.arrays["header"].copy()
+        header[fmt.HDR_VERSION] = version
+        with pytest.raises(Pbs2pError, match=rf"^unsupported packed format version {version} "):
+            PackedWeight.from_arrays({**p.arrays, "header": header})
+
+
 def test_bits_per_weight_counts_everything():
     for n, expected in ((6, 2.0), (5, 1.875), (4, 1.75)):
         p = pack(random_weight(256, 4096, n, 8, 128))
@@ -77,6 +154,10 @@ def test_bits_per_weight_counts_everything():
         assert p.nbytes == sum(a.nbytes for a in p.arrays.values())
         assert p.bits_breakdown()["paper_style_signs_only"] == n / 8
         assert p.bits_breakdown()["runtime_layout"] == pytest.approx(2.25)
+        assert p.bits_breakdown()["col_scales"] == 0.0
+    p = pack(random_weight(256, 4096, 6, 8, 128, col_scales=True))
+    assert p.bits_breakdown()["col_scales"] == pytest.approx(16 / 256)  # fp16 per column = 16 / rows bpw
+    assert p.bits_per_weight == pytest.approx(2.0 + 16 / 256 + 64 * 8 / (256 * 4096))
 
 
 def test_kernel_arithmetic_is_close_to_exact():
@@ -159,6 +240,8 @@ def test_constants_match_the_cpp_header():
     assert const("kVersion") == fmt.VERSION
     assert const("kHeaderLen") == fmt.HEADER_LEN
     assert const("kFlagSalient") == fmt.FLAG_SALIENT and const("kFlagBias") == fmt.FLAG_BIAS
+    assert const("kFlagColScales") == fmt.FLAG_COL_SCALES
+    assert (const("kMinVersion"), const("kVersion")) == (min(fmt.READ_VERSIONS), max(fmt.READ_VERSIONS))
     assert const("kTileRows") == fmt.TILE_ROWS
     assert const("kChunkCols") == fmt.CHUNK_COLS
     assert const("kActMax") == fmt.ACT_MAX

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pbs2p_edge.format import kernel_matmul, pack, random_weight
+from pbs2p_edge.format import PackedWeight, kernel_matmul, pack, random_weight
 
 REPO = Path(__file__).resolve().parents[1]
 BIN_NAME = "pbs2p_kernel_tests"
@@ -50,13 +50,19 @@ def kernel_test_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "rows,k,n,m,gs,salient,bias,tokens",
-    [(33, 200, 5, 8, 48, 2, True, 3), (64, 576, 6, 8, 128, 0, False, 1), (70, 640, 9, 16, 160, 3, True, 4)],
+    "rows,k,n,m,gs,salient,bias,tokens,col_scales",
+    [
+        (33, 200, 5, 8, 48, 2, True, 3, False),
+        (64, 576, 6, 8, 128, 0, False, 1, False),
+        (70, 640, 9, 16, 160, 3, True, 4, False),
+        (33, 200, 5, 8, 48, 2, True, 3, True),
+        (45, 1000, 4, 8, 128, 0, False, 2, True),
+    ],
 )
 def test_python_arrays_decode_bit_exactly_in_cpp(
-    kernel_test_bin, tmp_path, rows, k, n, m, gs, salient, bias, tokens
+    kernel_test_bin, tmp_path, rows, k, n, m, gs, salient, bias, tokens, col_scales
 ):
-    w = random_weight(rows, k, n, m, gs, salient=salient, bias=bias, seed=k)
+    w = random_weight(rows, k, n, m, gs, salient=salient, bias=bias, seed=k, col_scales=col_scales)
     p = pack(w)
     for name, arr in p.arrays.items():
         (tmp_path / f"{name}.bin").write_bytes(np.ascontiguousarray(arr).tobytes())
@@ -69,6 +75,24 @@ def test_python_arrays_decode_bit_exactly_in_cpp(
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "PASSED" in out.stdout
+
+
+def test_version_1_arrays_from_the_old_packer_run_in_cpp(kernel_test_bin, tmp_path):
+    """The version 1 fixture (8 arrays, no col_scales file) decodes bit-exactly and runs in C++."""
+    data = dict(np.load(REPO / "tests/data/packed_v1_9x96.npz"))
+    w_dense = data.pop("w_dense")
+    for name, arr in data.items():
+        (tmp_path / f"{name}.bin").write_bytes(np.ascontiguousarray(arr).tobytes())
+    assert not (tmp_path / "col_scales.bin").exists()
+    x = np.random.default_rng(5).normal(size=(3, 96)).astype(np.float32)
+    (tmp_path / "x.bin").write_bytes(x.tobytes())
+    (tmp_path / "w_dense.bin").write_bytes(w_dense.astype(np.float32).tobytes())
+    p = PackedWeight.from_arrays(data)
+    (tmp_path / "y_kernel.bin").write_bytes(kernel_matmul(x, p).astype(np.float32).tobytes())
+    out = subprocess.run(
+        [str(kernel_test_bin), "--from", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "PASSED" in out.stdout, out.stdout + out.stderr
 
 
 def test_cpp_program_rejects_corrupt_python_arrays(kernel_test_bin, tmp_path):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import json
+import platform
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -13,6 +18,7 @@ from pbs2p_edge.format import PackedWeight, kernel_matmul, pack, random_weight, 
 from pbs2p_edge.format import packed as fmt
 
 CPU = ["CPUExecutionProvider"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def build_model(
@@ -64,22 +70,26 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 CASES = [
-    # rows, k, n, m, group_size, salient, bias, x leading shape
-    (1, 8, 6, 8, 128, 0, False, (1, 1)),
-    (33, 200, 5, 8, 48, 2, True, (2, 3)),
-    (64, 576, 6, 8, 128, 0, False, (1, 1)),
-    (70, 576, 4, 8, 128, 1, True, (1, 17)),
-    (31, 64, 2, 4, 64, 0, True, (5,)),
-    (200, 320, 6, 8, 128, 0, False, (2, 1)),
+    # rows, k, n, m, group_size, salient, bias, x leading shape, col_scales
+    (1, 8, 6, 8, 128, 0, False, (1, 1), False),
+    (33, 200, 5, 8, 48, 2, True, (2, 3), False),
+    (64, 576, 6, 8, 128, 0, False, (1, 1), False),
+    (70, 576, 4, 8, 128, 1, True, (1, 17), False),
+    (31, 64, 2, 4, 64, 0, True, (5,), False),
+    (200, 320, 6, 8, 128, 0, False, (2, 1), False),
+    (33, 200, 5, 8, 48, 2, True, (2, 3), True),
+    (70, 1000, 4, 8, 128, 1, False, (1, 17), True),
+    (1, 8, 6, 8, 128, 0, True, (1, 1), True),
 ]
 
 
 @pytest.mark.parametrize("kernel", ["default", "generic"])
-@pytest.mark.parametrize("rows,k,n,m,gs,salient,bias,lead", CASES)
-def test_op_matches_numpy(monkeypatch, kernel, rows, k, n, m, gs, salient, bias, lead):
+@pytest.mark.parametrize("rows,k,n,m,gs,salient,bias,lead,col_scales", CASES)
+def test_op_matches_numpy(monkeypatch, kernel, rows, k, n, m, gs, salient, bias, lead, col_scales):
     if kernel != "default":
         monkeypatch.setenv(ops.ENV_KERNEL, kernel)  # read by the library when the session creates the kernel
-    p = pack(random_weight(rows, k, n, m, gs, salient=salient, bias=bias, seed=rows + k))
+    w = random_weight(rows, k, n, m, gs, salient=salient, bias=bias, seed=rows + k, col_scales=col_scales)
+    p = pack(w)
     x = np.random.default_rng(rows).normal(size=(*lead, k)).astype(np.float32)
     x_shape = ["a", k] if len(lead) == 1 else ["a", "b", k]
     (y,) = session(build_model(p, x_shape=x_shape)).run(None, {"X": x})
@@ -89,8 +99,9 @@ def test_op_matches_numpy(monkeypatch, kernel, rows, k, n, m, gs, salient, bias,
     assert float(((y - exact) ** 2).sum() / (exact**2).sum()) <= KERNEL_VS_EXACT_NMSE
 
 
-def test_threads_and_non_constant_weights_agree():
-    p = pack(random_weight(300, 512, 6, 8, 128, salient=1, bias=True, seed=9))
+@pytest.mark.parametrize("col_scales", [False, True])
+def test_threads_and_non_constant_weights_agree(col_scales):
+    p = pack(random_weight(300, 512, 6, 8, 128, salient=1, bias=True, seed=9, col_scales=col_scales))
     x = np.random.default_rng(2).normal(size=(2, 9, 512)).astype(np.float32)
     (y1,) = session(build_model(p), threads=1).run(None, {"X": x})
     (y2,) = session(build_model(p), threads=2).run(None, {"X": x})
@@ -108,6 +119,52 @@ def test_non_finite_activation_gives_nan_for_that_token_only():
     (y,) = session(build_model(p, x_shape=["a", 128])).run(None, {"X": x})
     assert np.isfinite(y[0]).all() and np.isnan(y[1]).all() and np.isnan(y[2]).all()
     assert np.array_equal(np.isnan(kernel_matmul(x, p)), np.isnan(y))
+
+
+def _v1_graph(data: dict[str, np.ndarray]) -> bytes:
+    """A node as op version 1 graphs have it: 9 inputs (no col_scales), no has_col_scales attribute."""
+    p = PackedWeight.from_arrays(data)
+    attrs = p.op_attributes()
+    del attrs["has_col_scales"]
+    return build_model(p, attrs=attrs, arrays={name: data[name] for name in fmt.ARRAY_ORDER_V1})
+
+
+def test_version_1_graphs_and_arrays_still_run():
+    data = dict(np.load(REPO / "tests/data/packed_v1_9x96.npz"))
+    w_dense = data.pop("w_dense")
+    x = np.random.default_rng(6).normal(size=(2, 5, 96)).astype(np.float32)
+    p = PackedWeight.from_arrays(data)
+    (y1,) = session(_v1_graph(data)).run(None, {"X": x})
+    (y2,) = session(build_model(p)).run(None, {"X": x})  # the 10-input form with a version 1 header
+    assert np.array_equal(y1, y2)
+    assert rel_err(y1, kernel_matmul(x, p)) <= OP_VS_KERNEL_REFERENCE_REL
+    exact = x.astype(np.float64) @ w_dense.T.astype(np.float64) + data["bias"]
+    assert float(((y1 - exact) ** 2).sum() / (exact**2).sum()) <= KERNEL_VS_EXACT_NMSE
+    # a 9-input node cannot carry column scales
+    q = pack(random_weight(40, 64, 6, 8, 32, col_scales=True))
+    short = {name: q.arrays[name] for name in fmt.ARRAY_ORDER_V1}
+    assert "has_col_scales=1" in _run_error(build_model(q, arrays=short), np.ones((1, 2, 64), np.float32))
+
+
+def test_col_scales_attribute_and_arrays_are_checked():
+    p = pack(random_weight(40, 64, 6, 8, 32, col_scales=True))
+    x = np.ones((1, 2, 64), np.float32)
+    msg = _run_error(build_model(p, attrs={**p.op_attributes(), "has_col_scales": 0}), x)
+    assert "attribute has_col_scales=0 but the packed header says 1" in msg
+    arrays = dict(p.op_inputs())
+    msg = _run_error(build_model(p, arrays={**arrays, "col_scales": arrays["col_scales"][:-1]}), x)
+    assert "col_scales has 63 elements, expected 64" in msg
+
+
+def test_ops_info_symbol():
+    lib = ctypes.CDLL(str(ops.library_path()))
+    lib.Pbs2pOpsInfo.restype = ctypes.c_char_p
+    info = json.loads(lib.Pbs2pOpsInfo().decode())
+    assert info["op_version"] == 2 and info["format_versions"] == list(fmt.READ_VERSIONS)
+    assert info["kernels"][0] == "generic" and set(info["kernels"]) <= {"generic", "avx2", "neon"}
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        assert "neon" in info["kernels"]
 
 
 def test_shape_inference_names_the_output_shape():
@@ -149,8 +206,8 @@ def test_bad_inputs_give_clear_errors():
     assert "magic" in _run_error(build_model(p, arrays={**arrays, "header": header}), x)
 
     header = arrays["header"].copy()
-    header[fmt.HDR_VERSION] = 2
-    assert "version 2" in _run_error(build_model(p, arrays={**arrays, "header": header}), x)
+    header[fmt.HDR_VERSION] = 3
+    assert "version 3" in _run_error(build_model(p, arrays={**arrays, "header": header}), x)
 
     mask = arrays["mask"].copy()
     mask[0, 0] ^= 1

@@ -28,22 +28,26 @@ struct DiskView {
   size_t alpha2_len = 0;
   const float* bias = nullptr;  // [rows]
   size_t bias_len = 0;
+  const uint16_t* col_scales = nullptr;  // fp16 bits, [K] (version 2 with kFlagColScales), else empty
+  size_t col_scales_len = 0;
 };
 
 struct Params {
-  int n = 0, m = 0, group_size = 0, rows = 0, k = 0, salient = 0, groups = 0;
-  bool has_bias = false;
+  int version = 0, n = 0, m = 0, group_size = 0, rows = 0, k = 0, salient = 0, groups = 0;
+  bool has_bias = false, has_col_scales = false;
 };
 
-// Expected element counts of every disk array for given parameters.
+// Expected element counts of every disk array for given parameters (size_t products overflow-checked).
 struct DiskSizes {
-  size_t mask, signs, scales, salient_cols, salient_signs, alpha2, bias;
+  size_t mask, signs, scales, salient_cols, salient_signs, alpha2, bias, col_scales;
 };
-DiskSizes disk_sizes(const Params& p);
+std::string disk_sizes(const Params& p, DiskSizes* out);
 
-// Parse and validate the header; "" on success, else a one-line message.
+// Parse and validate the header, every field against its range (hostile input: any int32 values); "" on
+// success, else a one-line message.
 std::string parse_header(const int32_t* header, size_t len, Params* out);
-// Validate every array size and the N:M mask; "" on success.
+// Validate every array's element count against the header, the N:M mask, salient columns (inside their group,
+// distinct) and finite fp16 scales; "" on success. After this, every index the kernels compute is in bounds.
 std::string validate(const DiskView& disk, const Params& p);
 
 // Runtime (repacked) weight, built once per session.
@@ -56,6 +60,7 @@ struct RuntimeWeight {
   std::vector<int8_t> salient_coef;     // [tiles][G][S][32]: +1, -1, 0 (pruned)
   std::vector<uint16_t> alpha2;         // [tiles][G][32]
   std::vector<float> bias;              // [rows] or empty
+  std::vector<float> col_scales;        // [k] (fp16 values as float) or empty
   size_t runtime_bytes() const;
 };
 
@@ -111,6 +116,10 @@ float half_to_float(uint16_t h);
 uint16_t float_to_half(float f);
 // Adds the salient second-order term (exact float x) and the bias for one tile and tokens [t_begin, t_end).
 void add_salient_and_bias(const RuntimeWeight& w, const float* x, int tile, int t_begin, int t_end, float* y);
+
+// x itself when w has no column scales, else x * c (float32 products, one pass) written into *scratch, which is
+// grown as needed. Every kernel and the numpy/PyTorch twins scale exactly this way.
+const float* scale_activations(const RuntimeWeight& w, const float* x, size_t tokens, std::vector<float>* scratch);
 
 // Whole matmul on the calling thread (tests, single-threaded users): y [tokens][rows] = x [tokens][k] @ W_hat^T.
 void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y, TableFn tables = nullptr);

@@ -1,4 +1,6 @@
-// ONNX Runtime glue for SparseBinaryMatMul (domain pbs2p.edge, version 1), lite custom-op API.
+// ONNX Runtime glue for SparseBinaryMatMul (domain pbs2p.edge, op version 2), lite custom-op API.
+// Inputs: X, then the packed arrays header .. bias (format version 1: 9 inputs in all) and optionally col_scales
+// (format version 2: 10 inputs); the lite API declares every input optional, so graphs of either length load.
 // No exception ever crosses into ONNX Runtime: problems become an OrtStatus naming the shapes.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -6,7 +8,10 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -21,6 +26,8 @@ using F16 = Ort::Float16_t;
 
 constexpr const char* kOpName = "SparseBinaryMatMul";
 constexpr const char* kDomain = "pbs2p.edge";
+constexpr int kOpVersion = 2;  // 2: optional 10th input col_scales + attribute has_col_scales
+constexpr size_t kMinInputs = 9, kMaxInputs = 10;
 constexpr int kTokenBlock = 4;  // tokens per GEMM work item: their tables stay in L2 while tiles stream
 
 std::string shape_str(const std::vector<int64_t>& s) {
@@ -35,7 +42,7 @@ Ort::Status error(const std::string& msg) { return Ort::Status((std::string(kOpN
 
 // The (attribute) parameters an exporter wrote; checked against every header.
 struct Attrs {
-  int64_t n = -1, m = -1, group_size = -1, rows = -1, k = -1, salient = 0, has_bias = 0;
+  int64_t n = -1, m = -1, group_size = -1, rows = -1, k = -1, salient = 0, has_bias = 0, has_col_scales = 0;
 };
 
 std::string check_attrs(const Attrs& a, const pbs2p::Params& p) {
@@ -50,6 +57,7 @@ std::string check_attrs(const Attrs& a, const pbs2p::Params& p) {
   cmp("k", a.k, p.k);
   cmp("salient", a.salient, p.salient);
   cmp("has_bias", a.has_bias, p.has_bias ? 1 : 0);
+  cmp("has_col_scales", a.has_col_scales, p.has_col_scales ? 1 : 0);
   return os.str();
 }
 
@@ -66,7 +74,7 @@ struct Work {
   pbs2p::ActTables* tables;
   pbs2p::TileFn fn;
   pbs2p::TableFn table_fn;
-  const float* x;
+  const float* x;  // activations as the kernels see them (already multiplied by the column scales)
   float* y;
   int tokens;
 };
@@ -101,11 +109,32 @@ struct SparseBinaryMatMul {
       init_error_ = std::string("missing or bad attribute (needs n, m, group_size, rows, k, salient, has_bias): ") + e.what();
       return;
     }
+    int64_t has_cs = 0;  // optional attribute (graphs written for op version 1 lack it)
+    if (OrtStatus* st = api->KernelInfoGetAttribute_int64(info, "has_col_scales", &has_cs)) {
+      api->ReleaseStatus(st);
+      has_cs = 0;
+    }
+    attrs_.has_col_scales = has_cs;
+    size_t n_inputs = 0;
+    if (OrtStatus* st = api->KernelInfo_GetInputCount(info, &n_inputs)) {
+      api->ReleaseStatus(st);
+      init_error_ = "cannot read the node's input count";
+      return;
+    }
+    if (n_inputs < kMinInputs || n_inputs > kMaxInputs) {
+      init_error_ = "expects 9 inputs (X + 8 packed arrays, format v1) or 10 (X + 9 packed arrays, format v2), got " +
+                    std::to_string(n_inputs);
+      return;
+    }
+    if (has_cs != 0 && n_inputs < kMaxInputs) {
+      init_error_ = "attribute has_col_scales=" + std::to_string(has_cs) + " but the node has no col_scales input";
+      return;
+    }
     fn_ = pbs2p::best_tile_fn(&kernel_name_);
     table_fn_ = pbs2p::table_fn_by_name(kernel_name_);
     // Repack once here when every weight input is an initializer (the normal exported graph).
-    std::vector<const OrtValue*> consts(9, nullptr);
-    for (size_t idx = 1; idx < 9; ++idx) {
+    std::vector<const OrtValue*> consts(kMaxInputs, nullptr);
+    for (size_t idx = 1; idx < n_inputs; ++idx) {
       int is_const = 0;
       OrtStatus* st = api->KernelInfoGetConstantInput_tensor(info, idx, &is_const, &consts[idx]);
       if (st != nullptr) {
@@ -124,6 +153,8 @@ struct SparseBinaryMatMul {
       d.salient_signs = tensor_data<uint8_t>(consts[6], &d.salient_signs_len);
       d.alpha2 = reinterpret_cast<const uint16_t*>(tensor_data<F16>(consts[7], &d.alpha2_len));
       d.bias = tensor_data<float>(consts[8], &d.bias_len);
+      if (consts[9] != nullptr)
+        d.col_scales = reinterpret_cast<const uint16_t*>(tensor_data<F16>(consts[9], &d.col_scales_len));
       init_error_ = load(d, &weight_);
       prepacked_ = init_error_.empty();
       if (prepacked_) chunks_ = pbs2p::make_chunks(weight_.p.k, weight_.p.group_size);
@@ -143,7 +174,8 @@ struct SparseBinaryMatMul {
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& X, const Tensor<int32_t>& header,
                       const Tensor<uint8_t>& mask, const Tensor<uint8_t>& signs, const Tensor<F16>& scales,
                       const Tensor<int32_t>& salient_cols, const Tensor<uint8_t>& salient_signs,
-                      const Tensor<F16>& alpha2, const Tensor<float>& bias, Tensor<float>& Y) {
+                      const Tensor<F16>& alpha2, const Tensor<float>& bias,
+                      std::optional<const Tensor<F16>*> col_scales, Tensor<float>& Y) {
     try {
       if (!init_error_.empty()) return error(init_error_);
       const pbs2p::RuntimeWeight* w = &weight_;
@@ -166,6 +198,10 @@ struct SparseBinaryMatMul {
         d.alpha2_len = size_t(alpha2.NumberOfElement());
         d.bias = bias.Data();
         d.bias_len = size_t(bias.NumberOfElement());
+        if (col_scales.has_value() && *col_scales != nullptr) {
+          d.col_scales = reinterpret_cast<const uint16_t*>((*col_scales)->Data());
+          d.col_scales_len = size_t((*col_scales)->NumberOfElement());
+        }
         const std::string e = load(d, &local);
         if (!e.empty()) return error(e);
         w = &local;
@@ -181,7 +217,11 @@ struct SparseBinaryMatMul {
       ys.back() = rows;
       float* y = Y.Allocate(ys);
       if (tokens == 0) return Ort::Status{nullptr};
-      const float* x = X.Data();
+      // Column scales: one scratch pass x * c per call (per-thread for decode, per-call for prefill).
+      thread_local std::vector<float> decode_scaled;
+      std::vector<float> prefill_scaled;
+      const float* x = pbs2p::scale_activations(*w, X.Data(), size_t(tokens),
+                                                tokens <= 16 ? &decode_scaled : &prefill_scaled);
 
       const pbs2p::ChunkMap local_cm = prepacked_ ? pbs2p::ChunkMap{} : pbs2p::make_chunks(w->p.k, w->p.group_size);
       const pbs2p::ChunkMap& cm = prepacked_ ? chunks_ : local_cm;
@@ -227,8 +267,16 @@ OrtStatusPtr ORT_API_CALL infer_output_shape(const OrtCustomOp*, OrtShapeInferCo
   try {
     const OrtApi& api = Ort::GetApi();
     Ort::ShapeInferContext ctx(&api, raw);
-    if (ctx.GetInputCount() != 9) return error("expects 9 inputs (X + 8 packed weight arrays)").release();
+    const size_t n_inputs = ctx.GetInputCount();
+    if (n_inputs < kMinInputs || n_inputs > kMaxInputs)
+      return error("expects 9 inputs (X + 8 packed arrays, format v1) or 10 (X + 9 packed arrays, format v2), got " +
+                   std::to_string(n_inputs))
+          .release();
     const int64_t rows = ctx.GetAttrInt("rows"), k = ctx.GetAttrInt("k");
+    if (rows < 1 || rows > INT32_MAX || k < 1 || k > INT32_MAX)
+      return error("attributes rows=" + std::to_string(rows) + ", k=" + std::to_string(k) +
+                   " must be in [1, 2^31 - 1]")
+          .release();
     const Ort::ShapeInferContext::Shape& shape = ctx.GetInputShape(0);
     if (shape.empty()) return error("input X must have rank >= 1").release();
     if (shape.back().IsInt() && shape.back().AsInt() >= 0 && shape.back().AsInt() != k)
@@ -256,7 +304,45 @@ OrtStatusPtr ORT_API_CALL infer_output_shape(const OrtCustomOp*, OrtShapeInferCo
   }
 }
 
+std::string ops_info_json() {
+  std::string kernels, versions;
+  for (const char* name : {"generic", "avx2", "neon"})
+    if (pbs2p::tile_fn_by_name(name) != nullptr) kernels += std::string(kernels.empty() ? "\"" : ", \"") + name + "\"";
+  for (int v = pbs2p::kMinVersion; v <= pbs2p::kVersion; ++v) versions += (versions.empty() ? "" : ", ") + std::to_string(v);
+  return "{\"op_version\": " + std::to_string(kOpVersion) + ", \"format_versions\": [" + versions +
+         "], \"kernels\": [" + kernels + "]}";
+}
+
+using LiteOp = Ort::Custom::OrtLiteCustomStruct<SparseBinaryMatMul>;
+
+// Kernel creation that can fail: the lite API's CreateKernel cannot report an error, so a broken constant weight
+// (bad header, sizes that disagree with it, attributes that disagree) would only surface at the first Run. With
+// CreateKernelV2 the session creation itself fails with the op's one-line message.
+OrtStatusPtr ORT_API_CALL create_kernel_checked(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
+                                                void** kernel) noexcept {
+  try {
+    auto k = std::make_unique<LiteOp::Kernel>();
+    if (OrtStatus* st = api->KernelInfo_GetInputCount(info, &k->num_input_)) return st;
+    if (OrtStatus* st = api->KernelInfo_GetOutputCount(info, &k->num_output_)) return st;
+    k->custom_op_ = std::make_unique<SparseBinaryMatMul>(api, info);
+    if (!k->custom_op_->init_error_.empty())
+      return api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kOpName) + ": " + k->custom_op_->init_error_).c_str());
+    k->ep_ = "CPUExecutionProvider";
+    *kernel = k.release();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, (std::string(kOpName) + ": creating the kernel failed: " + e.what()).c_str());
+  }
+}
+
 }  // namespace
+
+// What this library implements, as static JSON: {"op_version": 2, "format_versions": [1, 2], "kernels": [...]}
+// ("kernels": the tile kernels usable on this CPU). Needs no ONNX Runtime: safe to call before RegisterCustomOps.
+extern "C" __attribute__((visibility("default"))) const char* Pbs2pOpsInfo(void) {
+  static const std::string info = ops_info_json();
+  return info.c_str();
+}
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
@@ -272,6 +358,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     if (domain == nullptr) {
       auto* op = Ort::Custom::CreateLiteCustomOp<SparseBinaryMatMul>(kOpName, "CPUExecutionProvider");
       op->InferOutputShapeFn = infer_output_shape;
+      op->CreateKernelV2 = create_kernel_checked;
       OrtCustomOpDomain* d = nullptr;
       Ort::ThrowOnError(api->CreateCustomOpDomain(kDomain, &d));
       Ort::ThrowOnError(api->CustomOpDomain_Add(d, op));

@@ -12,8 +12,10 @@
 #include <vector>
 
 #include "../kernels/kernels.h"
+#include "test_disk.h"
 
 using namespace pbs2p;
+using namespace pbs2p::test;
 
 namespace {
 
@@ -25,127 +27,6 @@ void check(bool ok, const std::string& what) {
     ++g_failures;
     std::printf("FAIL %s\n", what.c_str());
   }
-}
-
-// Disk arrays owned by the test.
-struct Disk {
-  std::vector<int32_t> header = std::vector<int32_t>(kHeaderLen, 0);
-  std::vector<uint8_t> mask, signs, salient_signs;
-  std::vector<uint16_t> scales, alpha2;
-  std::vector<int32_t> salient_cols;
-  std::vector<float> bias;
-  DiskView view() const {
-    DiskView d;
-    d.header = header.data();
-    d.header_len = header.size();
-    d.mask = mask.data();
-    d.mask_len = mask.size();
-    d.signs = signs.data();
-    d.signs_len = signs.size();
-    d.scales = scales.data();
-    d.scales_len = scales.size();
-    d.salient_cols = salient_cols.data();
-    d.salient_cols_len = salient_cols.size();
-    d.salient_signs = salient_signs.data();
-    d.salient_signs_len = salient_signs.size();
-    d.alpha2 = alpha2.data();
-    d.alpha2_len = alpha2.size();
-    d.bias = bias.data();
-    d.bias_len = bias.size();
-    return d;
-  }
-};
-
-struct Case {
-  int rows, k, n, m, group_size, salient, tokens;
-  bool bias;
-};
-
-std::string name_of(const Case& c) {
-  char buf[160];
-  std::snprintf(buf, sizeof buf, "rows=%d k=%d %d:%d group=%d salient=%d bias=%d tokens=%d", c.rows, c.k, c.n, c.m,
-                c.group_size, c.salient, int(c.bias), c.tokens);
-  return buf;
-}
-
-void set_bit(std::vector<uint8_t>& v, size_t i) { v[i / 8] |= uint8_t(1u << (i % 8)); }
-
-// Random logical layer packed by this (independent) C++ packer; also returns W_hat computed from the logical
-// values directly, so decode_dense() and the packer check each other.
-Disk make_disk(const Case& c, std::mt19937& rng, std::vector<float>* w_hat) {
-  Disk d;
-  const int G = (c.k + c.group_size - 1) / c.group_size;
-  d.header = {kMagic, kVersion, c.n, c.m, c.group_size, c.rows, c.k,
-              (c.salient ? kFlagSalient : 0) | (c.bias ? kFlagBias : 0), c.salient, G, 0, 0, 0, 0, 0, 0};
-  const size_t mask_row = size_t((c.k + 7) / 8), sign_row = size_t((c.k / c.m * c.n + 7) / 8);
-  d.mask.assign(size_t(c.rows) * mask_row, 0);
-  d.signs.assign(size_t(c.rows) * sign_row, 0);
-  std::uniform_real_distribution<float> ua(0.01f, 0.03f), um(-0.006f, 0.006f), u01(0.0f, 1.0f);
-  d.scales.resize(size_t(c.rows) * G * 2);
-  for (auto& s : d.scales) s = 0;
-  for (size_t i = 0; i < d.scales.size(); i += 2) {
-    d.scales[i] = float_to_half(ua(rng));
-    d.scales[i + 1] = float_to_half(um(rng));
-  }
-  std::vector<int> code(size_t(c.rows) * c.k, 0);
-  for (int r = 0; r < c.rows; ++r) {
-    size_t kept = 0;
-    for (int j0 = 0; j0 < c.k; j0 += c.m) {
-      std::vector<int> idx(size_t(c.m));
-      for (int i = 0; i < c.m; ++i) idx[size_t(i)] = i;
-      std::shuffle(idx.begin(), idx.end(), rng);
-      std::vector<bool> keep(size_t(c.m), false);
-      for (int i = 0; i < c.n; ++i) keep[size_t(idx[size_t(i)])] = true;
-      for (int i = 0; i < c.m; ++i) {
-        if (!keep[size_t(i)]) continue;
-        const int j = j0 + i;
-        set_bit(d.mask, size_t(r) * mask_row * 8 + size_t(j));
-        const bool plus = u01(rng) < 0.5f;
-        if (plus) set_bit(d.signs, size_t(r) * sign_row * 8 + kept);
-        ++kept;
-        code[size_t(r) * c.k + j] = plus ? 1 : -1;
-      }
-    }
-  }
-  if (c.salient) {
-    const size_t sal_row = size_t((G * c.salient + 7) / 8);
-    d.salient_signs.assign(size_t(c.rows) * sal_row, 0);
-    d.alpha2.resize(size_t(c.rows) * G);
-    for (auto& a : d.alpha2) a = float_to_half(ua(rng) * 0.5f);
-    for (int g = 0; g < G; ++g) {
-      const int b = g * c.group_size, width = std::min(c.k, b + c.group_size) - b;
-      std::vector<int> cols(static_cast<size_t>(width));
-      for (int i = 0; i < width; ++i) cols[size_t(i)] = b + i;
-      std::shuffle(cols.begin(), cols.end(), rng);
-      for (int s = 0; s < c.salient; ++s) d.salient_cols.push_back(cols[size_t(s)]);
-    }
-    for (int r = 0; r < c.rows; ++r)
-      for (int i = 0; i < G * c.salient; ++i)
-        if (u01(rng) < 0.5f) set_bit(d.salient_signs, size_t(r) * sal_row * 8 + size_t(i));
-  }
-  if (c.bias) {
-    std::normal_distribution<float> nb(0.0f, 0.1f);
-    for (int r = 0; r < c.rows; ++r) d.bias.push_back(nb(rng));
-  }
-  // W_hat from the logical values (same float32 operation order as the Python dense()).
-  w_hat->assign(size_t(c.rows) * c.k, 0.0f);
-  const size_t sal_row = size_t((G * c.salient + 7) / 8);
-  for (int r = 0; r < c.rows; ++r)
-    for (int j = 0; j < c.k; ++j) {
-      const int cd = code[size_t(r) * c.k + j];
-      if (!cd) continue;
-      const int g = j / c.group_size;
-      const float a = half_to_float(d.scales[(size_t(r) * G + g) * 2]);
-      float v = (cd > 0 ? a : -a) + half_to_float(d.scales[(size_t(r) * G + g) * 2 + 1]);
-      for (int s = 0; s < c.salient; ++s)
-        if (d.salient_cols[size_t(g) * c.salient + s] == j) {
-          const float a2 = half_to_float(d.alpha2[size_t(r) * G + g]);
-          const size_t bi = size_t(r) * sal_row * 8 + size_t(g) * c.salient + s;
-          v += ((d.salient_signs[bi / 8] >> (bi % 8)) & 1) ? a2 : -a2;
-        }
-      (*w_hat)[size_t(r) * c.k + j] = v;
-    }
-  return d;
 }
 
 // Exact y in double, and a rigorous bound on the kernels' activation-quantization error:
@@ -184,8 +65,8 @@ std::vector<const char*> built_kernels() {
 
 void run_case(const Case& c, std::mt19937& rng) {
   const std::string name = name_of(c);
-  std::vector<float> w_logical;
-  Disk d = make_disk(c, rng, &w_logical);
+  std::vector<float> w_logical, w_v1;
+  Disk d = make_disk(c, rng, &w_logical, &w_v1);
   std::vector<float> w_dec;
   const std::string e = decode_dense(d.view(), &w_dec);
   check(e.empty(), name + ": decode_dense: " + e);
@@ -221,8 +102,13 @@ void run_case(const Case& c, std::mt19937& rng) {
             name + " tables=" + kn + ": differ from generic tables");
     }
   }
+  // The kernels see x * c (float32 products) and W_hat without c; the bound is over those.
+  std::vector<float> scratch;
+  const float* xs = scale_activations(rw, x.data(), size_t(c.tokens), &scratch);
+  check(c.col_scales == (xs != x.data()), name + ": scale_activations applies exactly when col_scales are set");
+  const std::vector<float> x_scaled(xs, xs + x.size());
   std::vector<double> y_exact, bound;
-  exact_and_bound(c, w_logical, x, d, &y_exact, &bound);
+  exact_and_bound(c, w_v1, x_scaled, d, &y_exact, &bound);
   std::vector<float> y_generic(size_t(c.tokens) * c.rows, NAN);
   for (const char* kn : built_kernels()) {
     std::vector<float> y(size_t(c.tokens) * c.rows, NAN);
@@ -278,8 +164,28 @@ void bad_inputs(std::mt19937& rng) {
   }
   {
     Disk d = make_disk(c, rng, &w);
-    d.header[kHdrVersion] = 2;
-    check(repack(d.view(), &rw).find("version") != std::string::npos, "bad version rejected");
+    for (int32_t v : {0, 3, -1, 1 << 30}) {
+      d.header[kHdrVersion] = v;
+      check(repack(d.view(), &rw).find("version") != std::string::npos, "bad version rejected");
+    }
+  }
+  {
+    Disk d = make_disk(c, rng, &w);
+    d.header[kHdrVersion] = 1;  // a version 1 weight (no col_scales) is still read
+    check(repack(d.view(), &rw).empty(), "version 1 header accepted");
+    d.header[kHdrFlags] |= kFlagColScales;
+    d.col_scales.assign(size_t(c.k), float_to_half(1.0f));
+    check(repack(d.view(), &rw).find("unknown header flags") != std::string::npos,
+          "col_scales flag refused in a version 1 header");
+  }
+  {
+    Case cc = c;
+    cc.col_scales = true;
+    Disk d = make_disk(cc, rng, &w);
+    d.col_scales.pop_back();
+    check(repack(d.view(), &rw).find("col_scales has") != std::string::npos, "short col_scales rejected");
+    d.col_scales.clear();
+    check(repack(d.view(), &rw).find("col_scales has") != std::string::npos, "missing col_scales rejected");
   }
   {
     Disk d = make_disk(c, rng, &w);
@@ -300,6 +206,42 @@ void bad_inputs(std::mt19937& rng) {
     Disk d = make_disk(c, rng, &w);
     d.salient_cols[0] = 63;  // outside group 0
     check(repack(d.view(), &rw).find("outside group") != std::string::npos, "salient column outside group rejected");
+  }
+  {  // hostile headers: huge / negative fields never reach an allocation or an out-of-bounds read
+    const struct {
+      int field;
+      int32_t value;
+      const char* want;
+    } hostile[] = {
+        {kHdrRows, INT32_MAX, "mask has"},        {kHdrRows, -40, "bad weight shape"},
+        {kHdrK, -64, "bad weight shape"},         {kHdrGroupSize, 1 << 30, "group_size"},
+        {kHdrSalient, INT32_MAX, "salient count"}, {kHdrSalient, -1, "salient count"},
+        {kHdrGroups, INT32_MAX, "groups="},       {kHdrN, 0, "N must be"},
+        {kHdrFlags, 64 | kFlagSalient | kFlagBias, "unknown header flags"},
+    };
+    for (const auto& h : hostile) {
+      Disk d = make_disk(c, rng, &w);
+      d.header[size_t(h.field)] = h.value;
+      const std::string e = repack(d.view(), &rw);
+      check(e.find(h.want) != std::string::npos, "hostile header field " + std::to_string(h.field) + "=" +
+                                                     std::to_string(h.value) + " -> '" + e + "'");
+    }
+    Disk d = make_disk(c, rng, &w);
+    d.header[kHdrK] = INT32_MAX - 7;  // consistent groups, arrays far too small
+    d.header[kHdrGroups] = int32_t((int64_t(INT32_MAX) - 7 + c.group_size - 1) / c.group_size);
+    check(repack(d.view(), &rw).find("mask has") != std::string::npos, "K near INT32_MAX rejected by array sizes");
+  }
+  {
+    Case c2 = c;
+    c2.salient = 2;
+    Disk d2 = make_disk(c2, rng, &w);
+    d2.salient_cols[1] = d2.salient_cols[0];
+    check(repack(d2.view(), &rw).find("appears twice") != std::string::npos, "repeated salient column rejected");
+  }
+  {
+    Disk d = make_disk(c, rng, &w);
+    d.scales[5] = 0x7c00;  // +inf
+    check(repack(d.view(), &rw).find("non-finite") != std::string::npos, "non-finite fp16 scale rejected");
   }
   {
     Disk d = make_disk(c, rng, &w);
@@ -344,6 +286,7 @@ int from_python(const std::string& dir) {
   d.salient_signs = read_array<uint8_t>(dir, "salient_signs");
   d.alpha2 = read_array<uint16_t>(dir, "alpha2");
   d.bias = read_array<float>(dir, "bias");
+  d.col_scales = read_array<uint16_t>(dir, "col_scales");  // absent file (version 1 arrays) = empty
   const std::vector<float> w_py = read_array<float>(dir, "w_dense");
   const std::vector<float> x = read_array<float>(dir, "x");
   const std::vector<float> y_py = read_array<float>(dir, "y_kernel");
@@ -389,6 +332,12 @@ int main(int argc, char** argv) {
       {37, 384, 6, 8, 256, 0, 2, false},   // group > chunk: several chunks per group
       {70, 640, 9, 16, 160, 3, 4, true},   // M = 16, group not a multiple of 64
       {300, 1536, 4, 8, 128, 0, 9, false}, // many rows
+      // column scales (format v2), on the awkward shapes above
+      {33, 200, 5, 8, 48, 2, 3, true, true},
+      {1, 8, 6, 8, 128, 0, 3, false, true},
+      {100, 1000, 4, 8, 128, 1, 5, false, true},
+      {70, 640, 9, 16, 160, 3, 4, true, true},
+      {37, 384, 6, 8, 256, 0, 17, false, true},
   };
   for (const Case& c : cases) run_case(c, rng);
   bad_inputs(rng);

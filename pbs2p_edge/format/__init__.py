@@ -2,7 +2,9 @@
 
 from pbs2p_edge.format.packed import (
     ARRAY_ORDER,
+    FLAG_COL_SCALES,
     MAGIC,
+    READ_VERSIONS,
     VERSION,
     PackedWeight,
     SparseBinaryWeight,
@@ -15,7 +17,9 @@ from pbs2p_edge.format.reference import kernel_matmul, reference_matmul
 
 __all__ = [
     "ARRAY_ORDER",
+    "FLAG_COL_SCALES",
     "MAGIC",
+    "READ_VERSIONS",
     "VERSION",
     "PackedWeight",
     "SparseBinaryWeight",

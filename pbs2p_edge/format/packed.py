@@ -1,7 +1,8 @@
 """Packed sparse-binary weights: the disk format of docs/FORMAT.md (numpy only, no torch).
 
-`SparseBinaryWeight` is the logical layer (mask, signs, fp16-rounded scales); `pack` turns it into the arrays
-stored in checkpoints and ONNX initializers, `unpack` inverts it bit for bit. custom_ops/include/pbs2p/format.h
+`SparseBinaryWeight` is the logical layer (mask, signs, fp16-rounded scales, optional per-column scales);
+`pack` turns it into the arrays stored in checkpoints and ONNX initializers (always format version 2), `unpack`
+inverts it bit for bit; `PackedWeight.from_arrays` reads versions 1 and 2. custom_ops/include/pbs2p/format.h
 mirrors the constants below.
 """
 
@@ -16,13 +17,16 @@ import numpy as np
 from pbs2p_edge.errors import Pbs2pError
 
 MAGIC = 0x50324250  # bytes "PB2P" read as little-endian int32
-VERSION = 1
+VERSION = 2  # what pack() writes
+READ_VERSIONS = (1, 2)  # what from_arrays() (and the op) read; version 1 has no col_scales
 HEADER_LEN = 16
 HDR_MAGIC, HDR_VERSION, HDR_N, HDR_M, HDR_GROUP_SIZE, HDR_ROWS, HDR_K, HDR_FLAGS, HDR_SALIENT, HDR_GROUPS = (
     range(10)
 )
 FLAG_SALIENT = 1
 FLAG_BIAS = 2
+FLAG_COL_SCALES = 4  # version 2 only: per-input-column fp16 scale c[j]
+FLAGS_BY_VERSION = {1: FLAG_SALIENT | FLAG_BIAS, 2: FLAG_SALIENT | FLAG_BIAS | FLAG_COL_SCALES}
 SUPPORTED_M = (4, 8, 16)
 MAX_GROUP_SIZE = 4096
 FP16_MAX = 65504.0
@@ -32,8 +36,19 @@ TILE_ROWS = 32
 CHUNK_COLS = 64
 ACT_MAX = 63
 
-# Op input order after X; every name is always present (empty arrays for absent parts).
-ARRAY_ORDER = ("header", "mask", "signs", "scales", "salient_cols", "salient_signs", "alpha2", "bias")
+# Op input order after X; every name is always present (empty arrays for absent parts). Version 1 stops at bias.
+ARRAY_ORDER = (
+    "header",
+    "mask",
+    "signs",
+    "scales",
+    "salient_cols",
+    "salient_signs",
+    "alpha2",
+    "bias",
+    "col_scales",
+)
+ARRAY_ORDER_V1 = ARRAY_ORDER[:-1]
 ARRAY_DTYPES = {
     "header": np.int32,
     "mask": np.uint8,
@@ -43,6 +58,7 @@ ARRAY_DTYPES = {
     "salient_signs": np.uint8,
     "alpha2": np.float16,
     "bias": np.float32,
+    "col_scales": np.float16,
 }
 
 
@@ -84,6 +100,7 @@ class SparseBinaryWeight:
     salient_signs: np.ndarray | None = None  # bool [rows, G, S]
     alpha2: np.ndarray | None = None  # float32 [rows, G]
     bias: np.ndarray | None = None  # float32 [rows]
+    col_scales: np.ndarray | None = None  # float32 [K], fp16-representable: W_hat[:, j] *= c[j]
 
     @property
     def rows(self) -> int:
@@ -148,9 +165,13 @@ class SparseBinaryWeight:
                 raise Pbs2pError("salient columns must be distinct within a group")
         if self.bias is not None and np.asarray(self.bias).shape != (rows,):
             raise Pbs2pError(f"bias has shape {list(np.asarray(self.bias).shape)}, expected [{rows}]")
+        if self.col_scales is not None and np.asarray(self.col_scales).shape != (k,):
+            raise Pbs2pError(
+                f"col_scales has shape {list(np.asarray(self.col_scales).shape)}, expected [{k}]"
+            )
 
     def dense(self) -> np.ndarray:
-        """W_hat as float32 [rows, K], with alpha, mu, alpha2 rounded to fp16 exactly as stored."""
+        """W_hat as float32 [rows, K], with alpha, mu, alpha2 (and col_scales) rounded to fp16 as stored."""
         self.validate()
         col_group = np.arange(self.k) // self.group_size
         alpha = _fp16(self.alpha, "alpha").astype(np.float32)[:, col_group]
@@ -162,7 +183,10 @@ class SparseBinaryWeight:
             for g, cols in enumerate(np.asarray(self.salient_cols)):
                 for s, col in enumerate(cols):
                     w[:, col] += np.where(signs2[:, g, s], alpha2[:, g], -alpha2[:, g])
-        return np.where(np.asarray(self.mask, dtype=bool), w, np.float32(0.0)).astype(np.float32)
+        w = np.where(np.asarray(self.mask, dtype=bool), w, np.float32(0.0)).astype(np.float32)
+        if self.col_scales is not None:
+            w = w * _fp16(self.col_scales, "col_scales").astype(np.float32)[None, :]
+        return w
 
 
 def _empty(name: str) -> np.ndarray:
@@ -187,13 +211,21 @@ class PackedWeight:
     salient = property(lambda self: int(self.header[HDR_SALIENT]))
     groups = property(lambda self: int(self.header[HDR_GROUPS]))
     has_bias = property(lambda self: bool(self.header[HDR_FLAGS] & FLAG_BIAS))
+    has_col_scales = property(lambda self: bool(self.header[HDR_FLAGS] & FLAG_COL_SCALES))
+    version = property(lambda self: int(self.header[HDR_VERSION]))
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> PackedWeight:
-        """Validate magic, version, parameters and every array's dtype and shape (torch tensors accepted)."""
-        missing = [name for name in ARRAY_ORDER if name not in arrays]
+        """Validate magic, version, parameters and every array's dtype and shape (torch tensors accepted).
+
+        Version 1 (no `col_scales`; the key may be absent, as in old checkpoints, or an empty array) and
+        version 2 are read; a version 1 header is kept as stored and `col_scales` becomes an empty array.
+        """
+        missing = [name for name in ARRAY_ORDER_V1 if name not in arrays]
         if missing:
             raise Pbs2pError(f"packed weight lacks arrays {missing}")
+        arrays = dict(arrays)
+        arrays.setdefault("col_scales", _empty("col_scales"))
         out: dict[str, np.ndarray] = {}
         for name in ARRAY_ORDER:
             value = arrays[name]
@@ -210,9 +242,11 @@ class PackedWeight:
             raise Pbs2pError(f"packed header has shape {list(h.shape)}, expected [{HEADER_LEN}]")
         if int(h[HDR_MAGIC]) != MAGIC:
             raise Pbs2pError("packed header magic mismatch: not a pbs2p packed weight")
-        if int(h[HDR_VERSION]) != VERSION:
+        version = int(h[HDR_VERSION])
+        if version not in READ_VERSIONS:
             raise Pbs2pError(
-                f"unsupported packed format version {int(h[HDR_VERSION])} (this build reads {VERSION})"
+                f"unsupported packed format version {version} (this build reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))})"
             )
         if np.any(h[HDR_GROUPS + 1 :] != 0):
             raise Pbs2pError("packed header reserved entries must be 0")
@@ -221,14 +255,26 @@ class PackedWeight:
         flags, s, g = int(h[HDR_FLAGS]), int(h[HDR_SALIENT]), int(h[HDR_GROUPS])
         if g != -(-k // gs):
             raise Pbs2pError(f"packed header groups={g} != ceil(K={k} / group_size={gs})")
-        if flags & ~(FLAG_SALIENT | FLAG_BIAS) or bool(flags & FLAG_SALIENT) != (s > 0) or s < 0 or s > gs:
+        if flags & ~FLAGS_BY_VERSION[version]:
+            raise Pbs2pError(f"packed header flags={flags} has bits unknown to format version {version}")
+        if bool(flags & FLAG_SALIENT) != (s > 0) or s < 0 or s > gs:
             raise Pbs2pError(f"packed header flags={flags} / salient={s} are inconsistent")
-        expected = _shapes(n, m, rows, k, g, s, bool(flags & FLAG_BIAS))
+        expected = _shapes(n, m, rows, k, g, s, bool(flags & FLAG_BIAS), bool(flags & FLAG_COL_SCALES))
         for name, shape in expected.items():
             if out[name].shape != shape:
                 raise Pbs2pError(
                     f"packed array {name} has shape {list(out[name].shape)}, expected {list(shape)}"
                 )
+        if s:
+            cols = out["salient_cols"].astype(np.int64)
+            lo = np.arange(g)[:, None] * gs
+            if np.any(cols < lo) or np.any(cols >= np.minimum(lo + gs, k)):
+                raise Pbs2pError("packed salient_cols has a column outside its group")
+            if np.any(np.diff(np.sort(cols, axis=1), axis=1) == 0):
+                raise Pbs2pError("packed salient_cols repeats a column within a group")
+        for name in ("scales", "alpha2", "col_scales"):
+            if not np.all(np.isfinite(out[name])):
+                raise Pbs2pError(f"packed array {name} has non-finite values")
         return cls(out)
 
     @property
@@ -250,7 +296,8 @@ class PackedWeight:
         return per
 
     def op_inputs(self) -> list[tuple[str, np.ndarray]]:
-        """The SparseBinaryMatMul weight inputs (initializers) after X, in op input order."""
+        """The SparseBinaryMatMul weight inputs (initializers) after X, in op input order (the 9-array v2
+        form; a version 1 weight passes an empty col_scales)."""
         return [(name, self.arrays[name]) for name in ARRAY_ORDER]
 
     def op_attributes(self) -> dict[str, int]:
@@ -262,6 +309,7 @@ class PackedWeight:
             "k": self.k,
             "salient": self.salient,
             "has_bias": int(self.has_bias),
+            "has_col_scales": int(self.has_col_scales),
         }
 
 
@@ -273,10 +321,14 @@ def runtime_bits_per_weight(p: PackedWeight) -> float:
         bits += tiles_rows * p.groups * (8 * p.salient + 16) + p.groups * p.salient * 32
     if p.has_bias:
         bits += p.rows * 32
+    if p.has_col_scales:
+        bits += p.k * 32  # float32 c[j] in the runtime weight
     return bits / (p.rows * p.k)
 
 
-def _shapes(n: int, m: int, rows: int, k: int, g: int, s: int, has_bias: bool) -> dict[str, tuple[int, ...]]:
+def _shapes(
+    n: int, m: int, rows: int, k: int, g: int, s: int, has_bias: bool, has_col_scales: bool
+) -> dict[str, tuple[int, ...]]:
     return {
         "mask": (rows, -(-k // 8)),
         "signs": (rows, -(-(k // m * n) // 8)),
@@ -285,6 +337,7 @@ def _shapes(n: int, m: int, rows: int, k: int, g: int, s: int, has_bias: bool) -
         "salient_signs": (rows, -(-(g * s) // 8)) if s else (0,),
         "alpha2": (rows, g) if s else (0,),
         "bias": (rows,) if has_bias else (0,),
+        "col_scales": (k,) if has_col_scales else (0,),
     }
 
 
@@ -295,7 +348,11 @@ def pack(w: SparseBinaryWeight) -> PackedWeight:
     mask = np.asarray(w.mask, dtype=bool)
     signs = np.asarray(w.signs, dtype=bool)
     header = np.zeros(HEADER_LEN, dtype=np.int32)
-    flags = (FLAG_SALIENT if s else 0) | (FLAG_BIAS if w.bias is not None else 0)
+    flags = (
+        (FLAG_SALIENT if s else 0)
+        | (FLAG_BIAS if w.bias is not None else 0)
+        | (FLAG_COL_SCALES if w.col_scales is not None else 0)
+    )
     header[: HDR_GROUPS + 1] = [MAGIC, VERSION, w.n, w.m, w.group_size, rows, k, flags, s, g]
     kept = k // w.m * w.n
     arrays = {
@@ -308,6 +365,7 @@ def pack(w: SparseBinaryWeight) -> PackedWeight:
         "salient_signs": _empty("salient_signs"),
         "alpha2": _empty("alpha2"),
         "bias": _empty("bias"),
+        "col_scales": _empty("col_scales"),
     }
     if s:
         arrays["salient_cols"] = np.ascontiguousarray(w.salient_cols, dtype=np.int32)
@@ -316,6 +374,8 @@ def pack(w: SparseBinaryWeight) -> PackedWeight:
         arrays["alpha2"] = _fp16(w.alpha2, "alpha2")
     if w.bias is not None:
         arrays["bias"] = np.ascontiguousarray(w.bias, dtype=np.float32)
+    if w.col_scales is not None:
+        arrays["col_scales"] = _fp16(w.col_scales, "col_scales")
     return PackedWeight.from_arrays(arrays)
 
 
@@ -345,4 +405,6 @@ def unpack(p: PackedWeight) -> SparseBinaryWeight:
         w.alpha2 = a["alpha2"].astype(np.float32)
     if p.has_bias:
         w.bias = a["bias"].copy()
+    if p.has_col_scales:
+        w.col_scales = a["col_scales"].astype(np.float32)
     return w

@@ -16,8 +16,10 @@ def random_weight(
     salient: int = 0,
     bias: bool = False,
     seed: int = 0,
+    col_scales: bool = False,
 ) -> SparseBinaryWeight:
-    """A random N:M sparse-binary layer with plausible scales (alpha ~ 0.02, |mu| << alpha)."""
+    """A random N:M sparse-binary layer with plausible scales (alpha ~ 0.02, |mu| << alpha; column scales,
+    if asked for, log-uniform in [0.25, 4])."""
     rng = np.random.default_rng(seed)
     runs = rng.random((rows, k // m, m)).argsort(axis=-1) < n  # exactly n kept per run
     mask = runs.reshape(rows, k)
@@ -41,4 +43,7 @@ def random_weight(
         w.alpha2 = rng.uniform(0.005, 0.015, (rows, g)).astype(np.float32)
     if bias:
         w.bias = rng.normal(0.0, 0.1, rows).astype(np.float32)
+    if col_scales:
+        c = np.exp2(rng.uniform(-2.0, 2.0, k)).astype(np.float16).astype(np.float32)
+        w.col_scales = c
     return w

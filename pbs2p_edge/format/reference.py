@@ -35,12 +35,15 @@ def chunk_bounds(k: int, group_size: int) -> list[tuple[int, int, int]]:
 
 
 def kernel_matmul(x: np.ndarray, p: PackedWeight) -> np.ndarray:
-    """What the C++ kernels compute: activations quantized to int7 per chunk of <= 64 columns of a group
-    (scale = max|x| / 63, round half to even), exact integer sums, then scaled by fp16 alpha/mu."""
+    """What the C++ kernels compute: activations scaled by the column scales c (if any, float32 product),
+    quantized to int7 per chunk of <= 64 columns of a group (scale = max|x| / 63, round half to even), exact
+    integer sums, then scaled by fp16 alpha/mu; the salient term uses the scaled float activations."""
     x = _check_x(x, p)
     w = unpack(p)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, p.k)
+    if w.col_scales is not None:  # y = W_hat_v1 @ (x * c): one float32 product per activation, as in C++
+        x2 = x2 * w.col_scales.astype(np.float32)[None, :]
     ternary = np.where(w.mask, np.where(w.signs, 1, -1), 0).astype(np.int64)
     kept = w.mask.astype(np.int64)
     y = np.zeros((x2.shape[0], p.rows), dtype=np.float64)

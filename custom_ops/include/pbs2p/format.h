@@ -1,8 +1,13 @@
 // Packed sparse-binary weight format (docs/FORMAT.md is the prose twin of this header; both must agree,
 // tests/test_format.py checks the constants against pbs2p_edge.format).
 //
-// Logical layer: W_hat[r, j] = mask[r, j] * (alpha[r, g] * s[r, j] + mu[r, g] + salient? alpha2[r, g] * s2[r, j]),
-// g = j / group_size, every aligned run of M columns of a row keeps exactly N weights.
+// Logical layer: W_hat[r, j] = c[j] * mask[r, j] * (alpha[r, g] * s[r, j] + mu[r, g] + salient? alpha2[r, g] * s2[r, j]),
+// g = j / group_size, every aligned run of M columns of a row keeps exactly N weights; c[j] (version 2, flag
+// kFlagColScales) is a per-input-column fp16 scale, 1 when absent. The kernels compute y = W_hat_v1 @ (x * c):
+// activations are multiplied by c (float32 product) before quantization, and the salient term uses the scaled x.
+//
+// Versions: 1 = 8 arrays (header .. bias); 2 = 9 arrays, col_scales appended last. Writers emit version 2,
+// readers accept both (kMinVersion .. kVersion) and refuse anything else.
 //
 // Two layouts exist:
 //  * the DISK layout (ONNX initializers, checkpoint arrays): 1 mask bit per weight + 1 sign bit per KEPT weight
@@ -20,7 +25,8 @@ namespace pbs2p {
 
 // ---- header (int32 little-endian, kHeaderLen entries) ----
 constexpr int32_t kMagic = 0x50324250;  // bytes "PB2P"
-constexpr int32_t kVersion = 1;
+constexpr int32_t kVersion = 2;     // written by the packer
+constexpr int32_t kMinVersion = 1;  // oldest version still read (no col_scales, flag bit 2 unknown)
 enum HeaderField : int {
   kHdrMagic = 0,
   kHdrVersion = 1,
@@ -29,13 +35,14 @@ enum HeaderField : int {
   kHdrGroupSize = 4,
   kHdrRows = 5,
   kHdrK = 6,
-  kHdrFlags = 7,
+  kHdrFlags = 7,     // bit 0 salient, bit 1 bias, bit 2 col_scales (version 2 only), others 0
   kHdrSalient = 8,  // S: salient columns per group (0 = none)
   kHdrGroups = 9,   // G = ceil(K / group_size)
   kHeaderLen = 16,  // entries 10..15 reserved, must be 0
 };
 constexpr int32_t kFlagSalient = 1;
 constexpr int32_t kFlagBias = 2;
+constexpr int32_t kFlagColScales = 4;  // version 2: col_scales fp16 [K] present
 
 // Accepted parameter ranges (the packer refuses anything else).
 constexpr int kMaxM = 16;             // M in {4, 8, 16}; K % M == 0
@@ -53,7 +60,7 @@ static_assert(sizeof(DiskBlock64<6>) == 14, "6:8 block: 14 bytes / 64 weights = 
 static_assert(sizeof(DiskBlock64<5>) == 13, "5:8 block: 13 bytes / 64 weights = 1.625 bpw before scales");
 static_assert(sizeof(DiskBlock64<4>) == 12, "4:8 block: 12 bytes / 64 weights = 1.5 bpw before scales");
 
-// Disk scales: fp16 pairs (alpha, mu) per row and group: [rows][G][2].
+// Disk scales: fp16 pairs (alpha, mu) per row and group: [rows][G][2]. Column scales (v2): fp16 [K].
 struct DiskScales {
   uint16_t alpha;
   uint16_t mu;

@@ -7,6 +7,10 @@
 
 #include "../kernels.h"
 
+#if defined(PBS2P_HAVE_AVX2)
+#include <cpuid.h>
+#endif
+
 namespace pbs2p {
 namespace {
 
@@ -71,27 +75,42 @@ uint16_t float_to_half(float f) {  // round to nearest even, as numpy's astype(f
   return uint16_t(sign | ((rounded - 0x38000000u) >> 13));
 }
 
-DiskSizes disk_sizes(const Params& p) {
+namespace {
+
+// a * b into *out; false on overflow of size_t (matters on 32-bit targets, and guards any future widening).
+bool mul_size(size_t a, size_t b, size_t* out) { return !__builtin_mul_overflow(a, b, out); }
+bool add_size(size_t a, size_t b, size_t* out) { return !__builtin_add_overflow(a, b, out); }
+
+bool half_is_finite(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }
+
+}  // namespace
+
+std::string disk_sizes(const Params& p, DiskSizes* out) {
+  // Parameters come from parse_header (1 <= rows, k <= INT32_MAX, 4 <= group_size <= 4096, 0 <= S <= group_size,
+  // G = ceil(K / group_size)), so every factor below is non-negative; products are still checked.
   DiskSizes s{};
   const size_t rows = size_t(p.rows), k = size_t(p.k), g = size_t(p.groups), sal = size_t(p.salient);
-  s.mask = rows * (k / 8 + (k % 8 ? 1 : 0));
-  s.signs = rows * ceil_div(k / size_t(p.m) * size_t(p.n), 8);
-  s.scales = rows * g * 2;
-  s.salient_cols = g * sal;
-  s.salient_signs = sal ? rows * ceil_div(g * sal, 8) : 0;
-  s.alpha2 = sal ? rows * g : 0;
+  const size_t mask_row = ceil_div(k, 8), sign_row = ceil_div(k / size_t(p.m) * size_t(p.n), 8);
+  size_t gs2 = 0, sal_bits = 0;
+  bool ok = mul_size(rows, mask_row, &s.mask) && mul_size(rows, sign_row, &s.signs) && mul_size(g, 2, &gs2) &&
+            mul_size(rows, gs2, &s.scales) && mul_size(g, sal, &s.salient_cols) && mul_size(g, sal, &sal_bits);
+  if (ok && sal) ok = mul_size(rows, ceil_div(sal_bits, 8), &s.salient_signs) && mul_size(rows, g, &s.alpha2);
+  if (!ok) return "array sizes of a [" + std::to_string(p.rows) + ", " + std::to_string(p.k) + "] weight overflow";
   s.bias = p.has_bias ? rows : 0;
-  return s;
+  s.col_scales = p.has_col_scales ? k : 0;
+  *out = s;
+  return "";
 }
 
 std::string parse_header(const int32_t* h, size_t len, Params* out) {
   if (h == nullptr || len != size_t(kHeaderLen))
     return "header must hold " + std::to_string(kHeaderLen) + " int32 values, got " + std::to_string(len);
   if (h[kHdrMagic] != kMagic) return "header magic mismatch: not a pbs2p packed weight";
-  if (h[kHdrVersion] != kVersion)
-    return "unsupported packed format version " + std::to_string(h[kHdrVersion]) + " (this build reads " +
-           std::to_string(kVersion) + ")";
+  if (h[kHdrVersion] < kMinVersion || h[kHdrVersion] > kVersion)
+    return "unsupported packed format version " + std::to_string(h[kHdrVersion]) + " (this build reads versions " +
+           std::to_string(kMinVersion) + ".." + std::to_string(kVersion) + ")";
   Params p;
+  p.version = h[kHdrVersion];
   p.n = h[kHdrN];
   p.m = h[kHdrM];
   p.group_size = h[kHdrGroupSize];
@@ -101,18 +120,29 @@ std::string parse_header(const int32_t* h, size_t len, Params* out) {
   p.groups = h[kHdrGroups];
   const int flags = h[kHdrFlags];
   p.has_bias = (flags & kFlagBias) != 0;
-  if (p.m != 4 && p.m != 8 && p.m != 16) return "M must be 4, 8 or 16, got " + std::to_string(p.m);
-  if (p.n < 1 || p.n > p.m) return "N must be in [1, M], got N=" + std::to_string(p.n) + " M=" + std::to_string(p.m);
-  if (p.rows < 1 || p.k < 1) return "bad weight shape " + join_shape({p.rows, p.k});
-  if (p.k % p.m != 0) return "K=" + std::to_string(p.k) + " is not a multiple of M=" + std::to_string(p.m);
+  p.has_col_scales = (flags & kFlagColScales) != 0;
+  const int known_flags = kFlagSalient | kFlagBias | (p.version >= 2 ? kFlagColScales : 0);
+  if (p.m != 4 && p.m != 8 && p.m != 16) return "header M must be 4, 8 or 16, got " + std::to_string(p.m);
+  if (p.n < 1 || p.n > p.m)
+    return "header N must be in [1, M], got N=" + std::to_string(p.n) + " M=" + std::to_string(p.m);
+  if (p.rows < 1 || p.k < 1) return "bad weight shape " + join_shape({p.rows, p.k}) + " in the header";
+  if (p.k % p.m != 0) return "header K=" + std::to_string(p.k) + " is not a multiple of M=" + std::to_string(p.m);
   if (p.group_size < 4 || p.group_size % 4 != 0 || p.group_size > kMaxGroupSize)
-    return "group_size must be a multiple of 4 in [4, " + std::to_string(kMaxGroupSize) + "], got " +
+    return "header group_size must be a multiple of 4 in [4, " + std::to_string(kMaxGroupSize) + "], got " +
            std::to_string(p.group_size);
-  if (p.groups != int((p.k + p.group_size - 1) / p.group_size))
-    return "header groups=" + std::to_string(p.groups) + " != ceil(K / group_size)";
-  if (p.salient < 0 || p.salient > p.group_size) return "bad salient count " + std::to_string(p.salient);
-  if (((flags & kFlagSalient) != 0) != (p.salient > 0)) return "salient flag and salient count disagree";
-  if ((flags & ~(kFlagSalient | kFlagBias)) != 0) return "unknown header flags " + std::to_string(flags);
+  const int64_t want_groups = (int64_t(p.k) + p.group_size - 1) / p.group_size;  // 64-bit: K may be INT32_MAX
+  if (int64_t(p.groups) != want_groups)
+    return "header groups=" + std::to_string(p.groups) + " != ceil(K / group_size) = " + std::to_string(want_groups);
+  if (p.salient < 0 || p.salient > p.group_size)
+    return "header salient count " + std::to_string(p.salient) + " is not in [0, group_size]";
+  // every group, the last (shortest) included, must hold S distinct columns
+  const int64_t last_width = int64_t(p.k) - int64_t(p.groups - 1) * p.group_size;
+  if (p.salient > last_width)
+    return "header salient count " + std::to_string(p.salient) + " exceeds the last group's " +
+           std::to_string(last_width) + " columns";
+  if (((flags & kFlagSalient) != 0) != (p.salient > 0)) return "header salient flag and salient count disagree";
+  if ((flags & ~known_flags) != 0)
+    return "unknown header flags " + std::to_string(flags) + " for format version " + std::to_string(p.version);
   for (int i = kHdrGroups + 1; i < kHeaderLen; ++i)
     if (h[i] != 0) return "reserved header entries must be 0";
   *out = p;
@@ -120,20 +150,25 @@ std::string parse_header(const int32_t* h, size_t len, Params* out) {
 }
 
 std::string validate(const DiskView& d, const Params& p) {
-  const DiskSizes s = disk_sizes(p);
-  auto check = [](const char* name, size_t got, size_t want) -> std::string {
-    if (got == want) return "";
-    return std::string(name) + " has " + std::to_string(got) + " elements, expected " + std::to_string(want);
+  DiskSizes s;
+  std::string e = disk_sizes(p, &s);
+  if (!e.empty()) return e;
+  // Every array's element count must be exactly what the header implies: this ties rows * K to the bytes the
+  // graph really feeds, so no loop below (or in repack) can run past an array or size a giant allocation.
+  auto check = [](const char* name, const void* ptr, size_t got, size_t want) -> std::string {
+    if (got == want && (got == 0 || ptr != nullptr)) return "";
+    return std::string(name) + " has " + std::to_string(got) + " elements, expected " + std::to_string(want) +
+           " from the packed header";
   };
-  std::string e;
-  if (!(e = check("mask", d.mask_len, s.mask)).empty()) return e;
-  if (!(e = check("signs", d.signs_len, s.signs)).empty()) return e;
-  if (!(e = check("scales", d.scales_len, s.scales)).empty()) return e;
-  if (!(e = check("salient_cols", d.salient_cols_len, s.salient_cols)).empty()) return e;
-  if (!(e = check("salient_signs", d.salient_signs_len, s.salient_signs)).empty()) return e;
-  if (!(e = check("alpha2", d.alpha2_len, s.alpha2)).empty()) return e;
-  if (!(e = check("bias", d.bias_len, s.bias)).empty()) return e;
-  const size_t mask_row = size_t(p.k) / 8 + (p.k % 8 ? 1 : 0);
+  if (!(e = check("mask", d.mask, d.mask_len, s.mask)).empty()) return e;
+  if (!(e = check("signs", d.signs, d.signs_len, s.signs)).empty()) return e;
+  if (!(e = check("scales", d.scales, d.scales_len, s.scales)).empty()) return e;
+  if (!(e = check("salient_cols", d.salient_cols, d.salient_cols_len, s.salient_cols)).empty()) return e;
+  if (!(e = check("salient_signs", d.salient_signs, d.salient_signs_len, s.salient_signs)).empty()) return e;
+  if (!(e = check("alpha2", d.alpha2, d.alpha2_len, s.alpha2)).empty()) return e;
+  if (!(e = check("bias", d.bias, d.bias_len, s.bias)).empty()) return e;
+  if (!(e = check("col_scales", d.col_scales, d.col_scales_len, s.col_scales)).empty()) return e;
+  const size_t mask_row = ceil_div(size_t(p.k), 8);
   for (int r = 0; r < p.rows; ++r) {
     const uint8_t* mrow = d.mask + size_t(r) * mask_row;
     for (int j0 = 0; j0 < p.k; j0 += p.m) {
@@ -144,12 +179,31 @@ std::string validate(const DiskView& d, const Params& p) {
                " keep " + std::to_string(count) + " weights, N:M requires " + std::to_string(p.n);
     }
   }
-  for (int g = 0; g < p.groups; ++g)
-    for (int s2 = 0; s2 < p.salient; ++s2) {
-      const int c = d.salient_cols[size_t(g) * p.salient + s2];
-      if (c < g * p.group_size || c >= std::min(p.k, (g + 1) * p.group_size))
-        return "salient column " + std::to_string(c) + " is outside group " + std::to_string(g);
+  if (p.salient) {
+    std::vector<int32_t> cols(size_t(p.salient));
+    for (int g = 0; g < p.groups; ++g) {
+      const int64_t lo = int64_t(g) * p.group_size, hi = std::min<int64_t>(p.k, lo + p.group_size);
+      for (int s2 = 0; s2 < p.salient; ++s2) {
+        const int32_t c = d.salient_cols[size_t(g) * size_t(p.salient) + size_t(s2)];
+        if (c < lo || c >= hi)
+          return "salient column " + std::to_string(c) + " is outside group " + std::to_string(g) + " [" +
+                 std::to_string(lo) + ", " + std::to_string(hi) + ")";
+        cols[size_t(s2)] = c;
+      }
+      std::sort(cols.begin(), cols.end());
+      if (std::adjacent_find(cols.begin(), cols.end()) != cols.end())
+        return "salient column " + std::to_string(*std::adjacent_find(cols.begin(), cols.end())) +
+               " appears twice in group " + std::to_string(g);
     }
+  }
+  auto finite = [](const char* name, const uint16_t* v, size_t n) -> std::string {
+    for (size_t i = 0; i < n; ++i)
+      if (!half_is_finite(v[i])) return std::string(name) + " holds a non-finite fp16 value at element " + std::to_string(i);
+    return "";
+  };
+  if (!(e = finite("scales", d.scales, d.scales_len)).empty()) return e;
+  if (!(e = finite("alpha2", d.alpha2, d.alpha2_len)).empty()) return e;
+  if (!(e = finite("col_scales", d.col_scales, d.col_scales_len)).empty()) return e;
   return "";
 }
 
@@ -175,7 +229,9 @@ std::string decode_dense(const DiskView& d, std::vector<float>* w) {
   std::string e = parse_header(d.header, d.header_len, &p);
   if (e.empty()) e = validate(d, p);
   if (!e.empty()) return e;
-  w->assign(size_t(p.rows) * p.k, 0.0f);
+  size_t n = 0;
+  if (!mul_size(size_t(p.rows), size_t(p.k), &n)) return "dense size overflows";
+  w->assign(n, 0.0f);
   const size_t sal_row = p.salient ? ceil_div(size_t(p.groups) * p.salient, 8) : 0;
   for_each_code(d, p, [&](int r, int j, uint8_t code) {
     if (code == kCodeZero) return;
@@ -188,6 +244,7 @@ std::string decode_dense(const DiskView& d, std::vector<float>* w) {
       const float a2 = half_to_float(d.alpha2[size_t(r) * p.groups + g]);
       v += bit(d.salient_signs + size_t(r) * sal_row, size_t(g) * p.salient + s2) ? a2 : -a2;
     }
+    if (p.has_col_scales) v *= half_to_float(d.col_scales[j]);
     (*w)[size_t(r) * p.k + j] = v;
   });
   return "";
@@ -195,7 +252,7 @@ std::string decode_dense(const DiskView& d, std::vector<float>* w) {
 
 size_t RuntimeWeight::runtime_bytes() const {
   return codes.size() + scales.size() * 2 + salient_cols.size() * 4 + salient_coef.size() + alpha2.size() * 2 +
-         bias.size() * 4;
+         bias.size() * 4 + col_scales.size() * 4;
 }
 
 std::string repack(const DiskView& d, RuntimeWeight* out) {
@@ -205,15 +262,30 @@ std::string repack(const DiskView& d, RuntimeWeight* out) {
   if (!e.empty()) return e;
   RuntimeWeight& w = *out;
   w.p = p;
-  w.tiles = (p.rows + kTileRows - 1) / kTileRows;
+  w.tiles = int((int64_t(p.rows) + kTileRows - 1) / kTileRows);
   const size_t quads = size_t(p.k) / 4, G = size_t(p.groups), S = size_t(p.salient);
-  w.codes.assign(size_t(w.tiles) * quads * kTileRows, 0);
+  // Runtime sizes, checked before any allocation. validate() tied rows * K to the mask the graph feeds
+  // (rows * ceil(K/8) bytes), so these are at most a small multiple of the disk arrays' bytes.
+  size_t padded_rows = 0, n_codes = 0, n_scales = 0, n_coef = 0, gs = 0;
+  const bool sizes_ok = mul_size(size_t(w.tiles), kTileRows, &padded_rows) && mul_size(padded_rows, quads, &n_codes) &&
+                        mul_size(padded_rows, G, &n_scales) && mul_size(n_scales, 2, &n_scales) &&
+                        mul_size(G, S, &gs) && mul_size(padded_rows, gs, &n_coef);
+  size_t disk_bytes = 0;
+  for (size_t b : {d.mask_len, d.signs_len, d.scales_len * 2, d.salient_cols_len * 4, d.salient_signs_len,
+                   d.alpha2_len * 2, d.bias_len * 4, d.col_scales_len * 2})
+    if (!add_size(disk_bytes, b, &disk_bytes)) return "packed array sizes overflow";
+  size_t runtime = 0, cap = 0;
+  if (!sizes_ok || !add_size(n_codes, n_scales * 2, &runtime) || !add_size(runtime, n_coef, &runtime) ||
+      !mul_size(disk_bytes, 64, &cap) || runtime > cap + (size_t(1) << 16))
+    return "runtime layout of a [" + std::to_string(p.rows) + ", " + std::to_string(p.k) +
+           "] weight would not fit the arrays it comes from";
+  w.codes.assign(n_codes, 0);
   for_each_code(d, p, [&](int r, int j, uint8_t code) {
     const size_t tile = size_t(r) / kTileRows, i = size_t(r) % kTileRows, q = size_t(j) / 4;
     const int shift = (j % 4) * 2;  // cols 0,1 -> low nibble bits 0-3; cols 2,3 -> high nibble
     w.codes[(tile * quads + q) * kTileRows + i] |= uint8_t(code << shift);
   });
-  w.scales.assign(size_t(w.tiles) * G * 2 * kTileRows, 0);
+  w.scales.assign(n_scales, 0);
   for (int r = 0; r < p.rows; ++r)
     for (size_t g = 0; g < G; ++g) {
       const size_t tile = size_t(r) / kTileRows, i = size_t(r) % kTileRows;
@@ -222,7 +294,7 @@ std::string repack(const DiskView& d, RuntimeWeight* out) {
       ts[kTileRows + i] = d.scales[(size_t(r) * G + g) * 2 + 1];
     }
   w.salient_cols.assign(d.salient_cols, d.salient_cols + G * S);
-  w.salient_coef.assign(size_t(w.tiles) * G * S * kTileRows, 0);
+  w.salient_coef.assign(n_coef, 0);
   w.alpha2.assign(S ? size_t(w.tiles) * G * kTileRows : 0, 0);
   if (S) {
     const size_t mask_row = size_t(p.k) / 8 + (p.k % 8 ? 1 : 0);
@@ -241,6 +313,8 @@ std::string repack(const DiskView& d, RuntimeWeight* out) {
     }
   }
   w.bias.assign(d.bias, d.bias + (p.has_bias ? size_t(p.rows) : 0));
+  w.col_scales.resize(p.has_col_scales ? size_t(p.k) : 0);
+  for (size_t j = 0; j < w.col_scales.size(); ++j) w.col_scales[j] = half_to_float(d.col_scales[j]);
   return "";
 }
 
@@ -350,7 +424,20 @@ void tile_generic(PBS2P_TILE_ARGS) {
   }
 }
 
-void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y, TableFn tables) {
+const float* scale_activations(const RuntimeWeight& w, const float* x, size_t tokens, std::vector<float>* scratch) {
+  if (w.col_scales.empty()) return x;
+  const size_t k = w.col_scales.size();
+  if (scratch->size() < tokens * k) scratch->resize(tokens * k);
+  float* out = scratch->data();
+  const float* c = w.col_scales.data();
+  for (size_t t = 0; t < tokens; ++t)
+    for (size_t j = 0; j < k; ++j) out[t * k + j] = x[t * k + j] * c[j];
+  return out;
+}
+
+void matmul(const RuntimeWeight& w, TileFn fn, const float* x_in, int tokens, float* y, TableFn tables) {
+  std::vector<float> scaled;
+  const float* x = scale_activations(w, x_in, size_t(tokens), &scaled);
   const ChunkMap cm = make_chunks(w.p.k, w.p.group_size);
   ActTables t;
   t.tokens = tokens;
@@ -370,8 +457,11 @@ TileFn tile_fn_by_name(const char* name) {
 #if defined(PBS2P_HAVE_AVX2)
   if (std::strcmp(name, "avx2") == 0) {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-      return tile_avx2;
+    // F16C from CPUID.1:ECX bit 29 (clang before 15 has no "f16c" for __builtin_cpu_supports); the avx2 check
+    // also covers the OS saving the AVX state.
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29)) != 0;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c) return tile_avx2;
     return nullptr;
   }
 #endif
