@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# `make test-arm`: the runtime end to end on arm64 (Raspberry Pi 4/5 class), under qemu-user.
+#  1. an arm64 Debian trixie rootfs (scripts/arm_rootfs.sh; cached in .cache/arm-rootfs);
+#  2. `pip install` of this checkout inside it: builds libpbs2p_edge_ops.so natively for aarch64 (NEON kernels)
+#     against Debian's libonnxruntime-dev headers, with the onnxruntime aarch64 wheel;
+#  3. two PBS2P bundles exported on x86 (cached in .cache/arm-test): a tiny random one, and the default model
+#     compressed with a small calibration (16 x 128 tokens, 5 ARB iterations: a quick compression, not the
+#     demo's; the kernels and graph are the same);
+#  4. greedy tokens on x86 and on arm64 compared (scripts/arm_greedy.py), `pbs2p-edge generate` text compared,
+#     and `pbs2p-edge verify` + `pbs2p-edge bench` run on arm64. Times under emulation are not figures.
+# Writes bench/results/arm.md (or $ARM_RESULTS). Exit status non-zero if anything fails or tokens differ.
+# Env: ARM_ROOTFS, ARM_CACHE (default .cache/arm-test), ARM_REEXPORT=1 to re-export the cached bundles.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+root="${ARM_ROOTFS:-$repo/.cache/arm-rootfs}"
+cache="${ARM_CACHE:-$repo/.cache/arm-test}"
+results="${ARM_RESULTS:-$repo/bench/results/arm.md}"
+py="$repo/.venv/bin/python"
+prompt="What is the capital of France?"
+tokens=32
+start=$SECONDS
+step() { echo "== [$((SECONDS - start)) s] $*" >&2; }
+
+ORT_VERSION="$("$py" -c 'import onnxruntime; print(onnxruntime.__version__)')" bash scripts/arm_rootfs.sh
+
+in_arm() {  # run a command inside the rootfs under qemu-aarch64, with the bundles at /bundles
+  proot -q qemu-aarch64-static -0 -r "$root" -b /dev -b /proc -b /sys -b "$cache:/bundles" -w /src \
+    /usr/bin/env -i PATH=/opt/pbs2p/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt "$@"
+}
+
+step "copy the checkout (tracked + untracked, not ignored) into the rootfs at /src; keep its build/ cache"
+mkdir -p "$root/src"
+find "$root/src" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$root/src"
+
+step "pip install the runtime inside the rootfs (native aarch64 build of the ops library; slow under qemu)"
+in_arm pip install -q --no-build-isolation /src >"$cache.pip.log" 2>&1 || { tail -n 40 "$cache.pip.log"; exit 1; }
+in_arm python3 -c 'from pbs2p_edge import ops; p = ops.library_path(); print(p, ops.library_info(p).describe())'
+
+mkdir -p "$cache"
+if [[ ! -f "$cache/tiny/manifest.json" || "${ARM_REEXPORT:-0}" == 1 ]]; then
+  step "export the tiny PBS2P bundle on x86"
+  nice -n 10 "$py" scripts/make_tiny_bundle.py "$cache/tiny"
+fi
+if [[ ! -f "$cache/pbs2p/manifest.json" || "${ARM_REEXPORT:-0}" == 1 ]]; then
+  step "compress the default model (small calibration) and export it on x86"
+  if [[ ! -f "$cache/model.pt" || "${ARM_REEXPORT:-0}" == 1 ]]; then
+    nice -n 10 .venv/bin/pbs2p-edge compress --nm 6:8 --calib-samples 16 --calib-len 128 --arb-iters 5 \
+      -o "$cache/model.pt" --force --no-progress
+  fi
+  nice -n 10 .venv/bin/pbs2p-edge export "$cache/model.pt" -o "$cache/pbs2p" --format pbs2p --force
+fi
+
+step "greedy tokens on x86"
+"$py" scripts/arm_greedy.py "$cache/tiny" "$cache/pbs2p" --prompt "$prompt" -n $tokens --out "$cache/x86.json"
+.venv/bin/pbs2p-edge generate "$cache/pbs2p" --prompt "$prompt" -n $tokens >"$cache/x86.txt"
+
+step "arm64: pbs2p-edge verify, greedy tokens, pbs2p-edge generate"
+in_arm pbs2p-edge verify /bundles/pbs2p
+in_arm python3 scripts/arm_greedy.py /bundles/tiny /bundles/pbs2p --prompt "$prompt" -n $tokens \
+  --out /bundles/arm.json
+in_arm pbs2p-edge generate /bundles/pbs2p --prompt "$prompt" -n $tokens >"$cache/arm.txt"
+PBS2P_KERNEL=generic in_arm python3 scripts/arm_greedy.py /bundles/tiny -n $tokens --out /bundles/arm-generic.json
+
+step "arm64: pbs2p-edge bench (emulated: the times are not figures)"
+in_arm pbs2p-edge bench /bundles/tiny /bundles/pbs2p --pp 16 --tg 16 --reps 1 --warmup 0 --threads 1 \
+  >"$cache/arm-bench.md"
+
+status=0
+{
+  echo "# make test-arm: greedy tokens on x86-64 vs arm64 (qemu-user, NEON kernels)"
+  echo
+  echo "Prompt \"$prompt\", $tokens new tokens, 1 thread; prefill logits compared at the prompt's last position."
+  echo
+  "$py" scripts/arm_greedy.py --compare "$cache/x86.json" "$cache/arm.json" || status=1
+  echo
+  echo "arm64 with PBS2P_KERNEL=generic (scalar kernels) vs x86-64, tiny bundle:"
+  echo
+  "$py" - "$cache/x86.json" "$cache/arm-generic.json" <<'PY' || status=1
+import json, sys
+x86, arm = (json.load(open(p)) for p in sys.argv[1:3])
+for penalty, run in x86["tiny"]["greedy"].items():
+    same = run["token_ids"] == arm["tiny"]["greedy"][penalty]["token_ids"]
+    print(f"- repetition penalty {penalty}: tokens {'identical' if same else 'DIFFER'}")
+    if not same:
+        sys.exit(1)
+PY
+  echo
+  if cmp -s "$cache/x86.txt" "$cache/arm.txt"; then
+    echo "\`pbs2p-edge generate\` text of the default PBS2P bundle: identical on x86-64 and arm64."
+  else
+    echo "\`pbs2p-edge generate\` text of the default PBS2P bundle: DIFFERS between x86-64 and arm64."
+    status=1
+  fi
+  echo
+  echo "\`pbs2p-edge bench\` on arm64 ran (qemu emulation: its times are not figures, so not shown)."
+  echo
+  echo "Wall time of this run: $((SECONDS - start)) s (shared machine)."
+} | tee "$results"
+[[ $status == 0 ]] && echo "TEST-ARM PASSED" || echo "TEST-ARM FAILED"
+exit $status
