@@ -26,7 +26,8 @@ step() { echo "== [$((SECONDS - start)) s] $*" >&2; }
 ORT_VERSION="$("$py" -c 'import onnxruntime; print(onnxruntime.__version__)')" bash scripts/arm_rootfs.sh
 
 in_arm() {  # run a command inside the rootfs under qemu-aarch64, with the bundles at /bundles
-  proot -q qemu-aarch64-static -0 -r "$root" -b /dev -b /proc -b /sys -b "$cache:/bundles" -w /src \
+  proot -q qemu-aarch64-static -0 -r "$root" -b /dev -b /proc -b /sys -b "$root/etc/pbs2p-cpuinfo:/proc/cpuinfo" \
+    -b "$cache:/bundles" -w /src \
     /usr/bin/env -i PATH=/opt/pbs2p/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt "$@"
 }
@@ -37,7 +38,7 @@ find "$root/src" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
 git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$root/src"
 
 step "pip install the runtime inside the rootfs (native aarch64 build of the ops library; slow under qemu)"
-in_arm pip install -q --no-build-isolation /src >"$cache.pip.log" 2>&1 || { tail -n 40 "$cache.pip.log"; exit 1; }
+in_arm python3 -m pip install -q --no-build-isolation /src >"$cache.pip.log" 2>&1 || { tail -n 40 "$cache.pip.log"; exit 1; }
 in_arm python3 -c 'from pbs2p_edge import ops; p = ops.library_path(); print(p, ops.library_info(p).describe())'
 
 mkdir -p "$cache"
@@ -55,18 +56,21 @@ if [[ ! -f "$cache/pbs2p/manifest.json" || "${ARM_REEXPORT:-0}" == 1 ]]; then
 fi
 
 step "greedy tokens on x86"
-"$py" scripts/arm_greedy.py "$cache/tiny" "$cache/pbs2p" --prompt "$prompt" -n $tokens --out "$cache/x86.json"
+"$py" scripts/arm_greedy.py "$cache/tiny" --prompt "$prompt" -n $tokens --out "$cache/x86-tiny.json"
+"$py" scripts/arm_greedy.py "$cache/pbs2p" --prompt "$prompt" -n $tokens --penalties 1.0 --out "$cache/x86-pbs2p.json"
 .venv/bin/pbs2p-edge generate "$cache/pbs2p" --prompt "$prompt" -n $tokens >"$cache/x86.txt"
 
 step "arm64: pbs2p-edge verify, greedy tokens, pbs2p-edge generate"
 in_arm pbs2p-edge verify /bundles/pbs2p
-in_arm python3 scripts/arm_greedy.py /bundles/tiny /bundles/pbs2p --prompt "$prompt" -n $tokens \
-  --out /bundles/arm.json
+in_arm python3 scripts/arm_greedy.py /bundles/tiny --prompt "$prompt" -n $tokens --out /bundles/arm-tiny.json
+in_arm python3 scripts/arm_greedy.py /bundles/pbs2p --prompt "$prompt" -n $tokens --penalties 1.0 \
+  --out /bundles/arm-pbs2p.json
 in_arm pbs2p-edge generate /bundles/pbs2p --prompt "$prompt" -n $tokens >"$cache/arm.txt"
-PBS2P_KERNEL=generic in_arm python3 scripts/arm_greedy.py /bundles/tiny -n $tokens --out /bundles/arm-generic.json
+in_arm PBS2P_KERNEL=generic python3 scripts/arm_greedy.py /bundles/tiny --prompt "$prompt" -n $tokens \
+  --out /bundles/arm-generic.json
 
 step "arm64: pbs2p-edge bench (emulated: the times are not figures)"
-in_arm pbs2p-edge bench /bundles/tiny /bundles/pbs2p --pp 16 --tg 16 --reps 1 --warmup 0 --threads 1 \
+in_arm pbs2p-edge bench /bundles/tiny /bundles/pbs2p --pp 8 --tg 8 --reps 1 --warmup 0 --threads 1 \
   >"$cache/arm-bench.md"
 
 status=0
@@ -75,11 +79,12 @@ status=0
   echo
   echo "Prompt \"$prompt\", $tokens new tokens, 1 thread; prefill logits compared at the prompt's last position."
   echo
-  "$py" scripts/arm_greedy.py --compare "$cache/x86.json" "$cache/arm.json" || status=1
+  "$py" scripts/arm_greedy.py --compare "$cache/x86-tiny.json" "$cache/arm-tiny.json" || status=1
+  "$py" scripts/arm_greedy.py --compare "$cache/x86-pbs2p.json" "$cache/arm-pbs2p.json" | tail -n +3 || status=1
   echo
   echo "arm64 with PBS2P_KERNEL=generic (scalar kernels) vs x86-64, tiny bundle:"
   echo
-  "$py" - "$cache/x86.json" "$cache/arm-generic.json" <<'PY' || status=1
+  "$py" - "$cache/x86-tiny.json" "$cache/arm-generic.json" <<'PY' || status=1
 import json, sys
 x86, arm = (json.load(open(p)) for p in sys.argv[1:3])
 for penalty, run in x86["tiny"]["greedy"].items():
