@@ -27,7 +27,7 @@ def pbs2p_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
 def test_soak_script_rss_growth_and_concurrency(pbs2p_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     command = [sys.executable, str(REPO / "bench" / "soak.py"), str(pbs2p_bundle), "--steps", "3000"]
-    command += ["--warmup", "400", "--seq-len", "200", "--json", str(out)]
+    command += ["--warmup", "4000", "--seq-len", "200", "--json", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
