@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build (once) an arm64 Debian trixie rootfs for `make test-arm`, from Debian's packages, cached in $ARM_ROOTFS
 # (default <repo>/.cache/arm-rootfs; a finished one has .pbs2p-rootfs-ready). Runs its programs under
-# qemu-user through proot: no binfmt_misc registration, no root inside.
+# qemu-user: chroot through binfmt_misc (scripts/arm_run.sh), as root.
 #
 # How: `debootstrap --foreign` resolves and downloads trixie arm64 (minbase + a C++ toolchain, cmake, Python,
 # libonnxruntime-dev: what a Raspberry Pi OS user installs, docs/DEPLOY.md), then every package is unpacked
@@ -21,7 +21,7 @@ pip_host="${PIP_HOST:-$repo/.venv/bin/pip}"
 
 missing=()
 [[ -x /usr/sbin/debootstrap ]] || missing+=(debootstrap)
-command -v proot >/dev/null 2>&1 || missing+=(proot)
+command -v update-binfmts >/dev/null 2>&1 || missing+=(binfmt-support)
 command -v qemu-aarch64-static >/dev/null 2>&1 || missing+=(qemu-user-static)
 if [[ ${#missing[@]} -gt 0 ]]; then
   if [[ "$(id -u)" -ne 0 ]]; then
@@ -33,7 +33,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 if [[ "$(id -u)" -ne 0 ]]; then
-  echo "error: debootstrap needs root (run make test-arm as root, or with sudo)" >&2
+  echo "error: debootstrap and chroot need root (run make test-arm as root, or with sudo)" >&2
   exit 2
 fi
 
@@ -61,9 +61,7 @@ for i in 0 1 2 3; do
   printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\n' "$i"
   printf 'CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n'
 done >"$partial/etc/pbs2p-cpuinfo"
-run() { proot -q qemu-aarch64-static -0 -r "$partial" -b /dev -b /proc -b /sys \
-  -b "$partial/etc/pbs2p-cpuinfo:/proc/cpuinfo" -w / \
-  /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"; }
+run() { bash "$repo/scripts/arm_run.sh" "$partial" "$partial/tmp" "$@"; }
 echo "arm rootfs: ldconfig, python venv (under qemu)" >&2
 run /sbin/ldconfig >>"$log" 2>&1
 run /usr/bin/python3 -m venv --without-pip /opt/pbs2p >>"$log" 2>&1
@@ -74,7 +72,7 @@ echo "arm rootfs: aarch64 wheels for CPython $pyver into /opt/pbs2p (host pip)" 
   --platform manylinux2014_aarch64 --python-version "$pyver" --implementation cp --only-binary=:all: \
   "onnxruntime${ORT_VERSION:+==$ORT_VERSION}" numpy tokenizers click tqdm psutil pip \
   "scikit-build-core>=0.10" >>"$log" 2>&1 || { tail -n 30 "$log" >&2; exit 1; }
-# proot exits 0 even when the guest dies of a signal: check the output instead.
+# A guest killed by a signal may still leave exit status 0 through qemu: check the output instead.
 check="$(run /opt/pbs2p/bin/python -c 'import onnxruntime, numpy, tokenizers; print("ort", onnxruntime.__version__)' 2>&1)"
 echo "$check" >>"$log"
 [[ "$check" == *"ort "* ]] || { echo "error: onnxruntime does not import in the rootfs: $check" >&2; exit 1; }
