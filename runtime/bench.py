@@ -94,8 +94,15 @@ class WorkerProcess:
         command += ["--ops-library", ops_library] if ops_library and not bare else []
         command += [] if bare else ["--no-verify-hash"]  # run_bench hashed the files already
         self._stderr: IO[bytes] = tempfile.TemporaryFile()
+        # cwd "/": `python -m` puts the cwd first on sys.path, and run from a source checkout with a regular
+        # (non-editable) install, the checkout's pbs2p_edge/ (without runtime/) would shadow the installed one.
         self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            cwd=os.path.abspath(os.sep),
         )
         self.info = self.receive()
 
