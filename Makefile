@@ -11,11 +11,12 @@ SHELL  := /bin/bash
 
 NATIVE_SOURCES := $(shell find custom_ops -type f -not -path '*/build*' 2>/dev/null) pyproject.toml
 
-.PHONY: setup system-deps demo bench-kernels bench-compress test test-python test-kernels fuzz-ops lint clean help
+.PHONY: setup system-deps demo bench-kernels bench-compress test test-python test-kernels fuzz-ops test-arm lint clean help
 
 help:
 	@echo "make demo   - set up and run compress -> export -> generate -> bench on the default model"
 	@echo "make test   - set up and run every test (Python, C++ kernels native + ASan/UBSan + aarch64/qemu)"
+	@echo "make test-arm - the runtime end to end in an arm64 Debian rootfs under qemu (slow; docs/DEPLOY.md)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +73,10 @@ test-kernels:
 FUZZ_RUNS ?= 100000
 fuzz-ops:
 	nice -n 10 bash scripts/fuzz_ops.sh $(FUZZ_RUNS) 1
+
+# Not part of `make test`: a cold run (rootfs + native aarch64 build + exports) takes far over 15 minutes.
+test-arm: setup
+	bash scripts/test_arm.sh
 
 lint:
 	$(BIN)/ruff check .

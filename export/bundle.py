@@ -8,6 +8,7 @@ sibling directory and renamed into place only after validation passed, so a fail
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from pbs2p_edge.export.decoder import Decoder
 from pbs2p_edge.export.head import make_head
 from pbs2p_edge.export.onnx_export import DATA_FILE, MODEL_FILE, OPSET, export_onnx
 from pbs2p_edge.export.patch import Factory, check_packed_names, pbs2p_factory, swapped_linears
+from pbs2p_edge.runtime.integrity import file_entries
 
 BUNDLE_FORMAT = "pbs2p-edge-bundle"
 BUNDLE_VERSION = 1
@@ -264,10 +266,14 @@ def export_bundle(
     started = time.perf_counter()
 
     library = None
+    requires_ops = None
     if weights == "pbs2p":
+        from pbs2p_edge import ops
+
         library = _ops_library()
         check_ops_library(library)
         src = _load_checkpoint_source(Path(source) if source is not None else Path("model.pt"))
+        requires_ops = _ops_requirement(ops.library_info(library), src.packed)
     else:
         src = _load_fp_source(None if source is None else str(source))
     config = export_config(src.model.config)
@@ -294,9 +300,31 @@ def export_bundle(
                 src.tokenizer,
                 threshold_db=threshold,
             )
+        manifest["requires_ops"] = requires_ops
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+        _normal_modes(tmp)
+        manifest["files"] = file_entries(tmp)  # last: sizes and sha256 of everything but the manifest
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _ops_requirement(info: Any, packed: dict[str, Any]) -> dict[str, Any]:
+    """What the graph needs from an ops library: the exporting library's op version, the packed formats used."""
+    from pbs2p_edge.format.packed import HDR_VERSION
+
+    formats = sorted({int(p.header[HDR_VERSION]) for p in packed.values()})
+    return {"op_version": info.op_version, "format_versions": formats}
+
+
+def _normal_modes(root: Path) -> None:
+    """Files rw-r--r--, directories rwxr-xr-x (less what the umask removes), whatever wrote them (onnx writes
+    the external data owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _factory(src: Source, weights: str, accuracy_level: int) -> Factory:
@@ -325,19 +353,21 @@ def _mixed_factory(packed: Factory, nbits: dict[str, Any], accuracy_level: int) 
 
 
 def _write_files(tmp: Path, src: Source, config: ExportConfig, library: Path | None, mode: str) -> str | None:
-    """Tokenizer files, the ops library (copied or referenced) and genai_config.json; returns the library ref."""
+    """Tokenizer files, the ops library (copied or referenced) and genai_config.json; returns the manifest's
+    library name (None when referenced: a manifest names only files inside the bundle)."""
     for name, text in src.tokenizer_files.items():
         (tmp / Path(name).name).write_text(text, encoding="utf-8")
     if not (tmp / "tokenizer.json").is_file():
         raise Pbs2pError(f"{src.description} has no tokenizer.json: the bundle needs a fast tokenizer")
-    library_ref: str | None = None
+    library_ref: str | None = None  # the manifest's: a file inside the bundle or nothing
+    genai_library: str | None = None  # onnxruntime-genai's: it loads what genai_config.json names
     if library is not None:
         if mode == "copy":
             shutil.copy2(library, tmp / library.name)
-            library_ref = library.name
+            library_ref = genai_library = library.name
         else:
-            library_ref = str(library.resolve())
-    (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(config, library_ref), indent=2) + "\n")
+            genai_library = str(library.resolve())
+    (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(config, genai_library), indent=2) + "\n")
     return library_ref
 
 
@@ -352,6 +382,8 @@ def _manifest(
 ) -> dict[str, Any]:
     import onnxruntime
     import torch
+
+    import pbs2p_edge
 
     tokenizer_paths = [tmp / Path(n).name for n in src.tokenizer_files]
     library_bytes = _dir_bytes([tmp / library_ref]) if library_ref and "/" not in library_ref else 0
@@ -393,5 +425,10 @@ def _manifest(
         "outputs": config.output_names(),
         "custom_ops": _count_ops(tmp / MODEL_FILE),
         "sizes": sizes,
-        "exporter": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "opset": OPSET},
+        "exporter": {
+            "pbs2p_edge": pbs2p_edge.__version__,
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "opset": OPSET,
+        },
     }

@@ -43,6 +43,8 @@ def cli() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--ops-library", metavar="PATH", default=None, help="Bundle only: see `generate --help`.")
+@click.option("--no-verify-hash", is_flag=True, help="Bundle only: skip the sha256 of its files.")
 def eval_command(
     source: str | None,
     text_path: str | None,
@@ -51,6 +53,8 @@ def eval_command(
     threads: int | None,
     as_json: bool,
     no_progress: bool,
+    ops_library: str | None,
+    no_verify_hash: bool,
 ) -> None:
     """Perplexity of SOURCE on held-out text.
 
@@ -68,12 +72,16 @@ def eval_command(
     if source is not None and _is_bundle_dir(source):
         from pbs2p_edge.runtime.perplexity import BundleScorer
 
-        scorer = BundleScorer(source, threads=threads)
+        scorer = BundleScorer(
+            source, threads=threads, ops_library=ops_library, verify_hash=not no_verify_hash
+        )
         kind = scorer.kind
         load_seconds = time.perf_counter() - start
         ids = sources.evaluation_token_list(scorer.encode, tokens, text_path)
         result = scorer.perplexity(ids, ctx=ctx, progress=not no_progress)
     else:
+        if ops_library is not None or no_verify_hash:
+            raise Pbs2pError("--ops-library and --no-verify-hash apply to a bundle directory only")
         from pbs2p_edge.evaluate import perplexity
 
         if threads is not None:
@@ -126,9 +134,9 @@ def _add_stage_commands() -> None:
     # Stage command modules import only click at module level; their work is imported when they run.
     from pbs2p_edge.compress.cli import compress_command
     from pbs2p_edge.export.cli import export_command
-    from pbs2p_edge.runtime.cli import bench_command, generate_command
+    from pbs2p_edge.runtime.cli import bench_command, generate_command, verify_command
 
-    for command in (compress_command, export_command, generate_command, bench_command):
+    for command in (compress_command, export_command, generate_command, bench_command, verify_command):
         cli.add_command(command)
 
 

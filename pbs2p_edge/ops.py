@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,11 @@ def _candidates() -> list[Path]:
 
 
 def library_path() -> Path:
-    """Path of the built custom-op library: $PBS2P_EDGE_OPS_LIBRARY, next to this package, or on sys.path."""
+    """Path of the built custom-op library: $PBS2P_EDGE_OPS_LIBRARY, next to this package, or on sys.path.
+
+    This is the only library the runtime registers unless the user passes another with `--ops-library`:
+    never the copy a bundle carries (docs/DEPLOY.md, "Trust").
+    """
     override = os.environ.get(ENV_LIBRARY)
     if override:
         path = Path(override)
@@ -41,6 +48,52 @@ def library_path() -> Path:
         f"{LIBRARY_NAME} not found next to pbs2p_edge or on sys.path: build it with `pip install -e .` "
         f"(after scripts/fetch_ort_headers.sh) or set {ENV_LIBRARY}"
     )
+
+
+@dataclass(frozen=True)
+class OpsInfo:
+    """What an ops library says it implements (its `Pbs2pOpsInfo()` JSON)."""
+
+    op_version: int
+    format_versions: tuple[int, ...]
+    kernels: tuple[str, ...]
+    reported: bool  # False: a library from before Pbs2pOpsInfo (op version 1, packed format 1)
+
+    def describe(self) -> str:
+        formats = ", ".join(map(str, self.format_versions))
+        kernels = f", kernels {', '.join(self.kernels)}" if self.kernels else ""
+        return f"op version {self.op_version}, packed formats {formats}{kernels}"
+
+
+LEGACY_INFO = OpsInfo(op_version=1, format_versions=(1,), kernels=(), reported=False)
+
+
+def library_info(path: str | os.PathLike) -> OpsInfo:
+    """Read `Pbs2pOpsInfo()` of a library with ctypes (this loads it: call it only on a trusted library).
+
+    A library without the symbol predates it: op version 1, packed format 1.
+    """
+    try:
+        handle = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise Pbs2pError(f"cannot load the ops library {path}: {str(exc).strip()}") from None
+    try:
+        function = handle.Pbs2pOpsInfo
+    except AttributeError:
+        return LEGACY_INFO
+    function.restype = ctypes.c_char_p
+    function.argtypes = []
+    raw = function()
+    try:
+        info = json.loads(raw.decode("utf-8"))
+        op_version = info["op_version"]
+        formats = tuple(info["format_versions"])
+        kernels = tuple(str(k) for k in info.get("kernels", ()))
+    except (AttributeError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise Pbs2pError(f"the ops library {path} reports malformed Pbs2pOpsInfo {raw!r}") from None
+    if not isinstance(op_version, int) or not all(isinstance(v, int) for v in formats):
+        raise Pbs2pError(f"the ops library {path} reports malformed Pbs2pOpsInfo {raw!r}")
+    return OpsInfo(op_version, formats, kernels, reported=True)
 
 
 def register(session_options: Any) -> Path:

@@ -40,6 +40,8 @@ class BenchSettings:
     profile_context: int = 64
     profile_steps: int = 16
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
+    ops_library: str | None = None  # --ops-library; None = the installed package's
+    verify_hash: bool = True  # sha256 of every bundle file, once, in this process (workers check sizes)
 
     def __post_init__(self) -> None:
         for name in ("pp", "tg", "reps"):
@@ -81,6 +83,7 @@ class WorkerProcess:
         profile_prefix: str | None = None,
         bare: bool = False,
         prefill_chunk: int | None = None,
+        ops_library: str | None = None,
     ):
         self.label = f"{bundle} (threads {threads})" if not bare else "bare onnxruntime session"
         command = [sys.executable, "-m", "pbs2p_edge.runtime.bench_worker"]
@@ -88,9 +91,18 @@ class WorkerProcess:
         command += ["--threads", str(threads)] if threads else []
         command += ["--profile-prefix", profile_prefix] if profile_prefix else []
         command += ["--prefill-chunk", str(prefill_chunk)] if prefill_chunk else []
+        command += ["--ops-library", ops_library] if ops_library and not bare else []
+        command += [] if bare else ["--no-verify-hash"]  # run_bench hashed the files already
         self._stderr: IO[bytes] = tempfile.TemporaryFile()
+        # cwd "/": `python -m` puts the cwd first on sys.path, and run from a source checkout with a regular
+        # (non-editable) install, the checkout's pbs2p_edge/ (without runtime/) would shadow the installed one.
         self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            cwd=os.path.abspath(os.sep),
         )
         self.info = self.receive()
 
@@ -222,7 +234,11 @@ def _ratios(rows: list[dict]) -> list[dict]:
 def _profile(bundle: Path, threads: int, settings: BenchSettings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pbs2p-profile-") as tmp:
         worker = WorkerProcess(
-            bundle, threads, profile_prefix=str(Path(tmp) / "ort"), prefill_chunk=settings.prefill_chunk
+            bundle,
+            threads,
+            profile_prefix=str(Path(tmp) / "ort"),
+            prefill_chunk=settings.prefill_chunk,
+            ops_library=settings.ops_library,
         )
         try:
             context = min(
@@ -239,7 +255,11 @@ def run_bench(
 ) -> dict:
     """Measure every bundle at every thread count; return the full report (see `docs/DEPLOY.md` for fields)."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    bundles = [load_bundle(path) for path in bundle_dirs]  # fail fast, before any subprocess
+    # Fail fast, before any subprocess: manifest, paths, sizes, hashes, ops library versions.
+    bundles = [
+        load_bundle(path, ops_library=settings.ops_library, verify_hash=settings.verify_hash)
+        for path in bundle_dirs
+    ]
     names = [b.name for b in bundles]
     if len(set(b.path for b in bundles)) != len(bundles):
         raise Pbs2pError(f"the same bundle is listed twice: {names}")
@@ -256,7 +276,12 @@ def run_bench(
     try:
         for bundle in bundles:
             for threads in settings.threads:
-                worker = WorkerProcess(bundle.path, threads, prefill_chunk=settings.prefill_chunk)
+                worker = WorkerProcess(
+                    bundle.path,
+                    threads,
+                    prefill_chunk=settings.prefill_chunk,
+                    ops_library=settings.ops_library,
+                )
                 log(f"loaded {bundle.name} (threads {threads}) in {worker.info['load_seconds']:.2f} s")
                 workers.append((worker, threads))
                 samples.append({"pp_tps": [], "tg_tps": [], "ttft": [], "steps": [], "kv_cache_bytes": 0})

@@ -99,6 +99,8 @@ class Worker:
         threads: int | None,
         profile_prefix: str | None,
         prefill_chunk: int | None = None,
+        ops_library: str | None = None,
+        verify_hash: bool = True,
     ) -> None:
         from pbs2p_edge.runtime.bundle import bundle_bytes, load_bundle
         from pbs2p_edge.runtime.sampling import Sampler, SamplingConfig
@@ -107,7 +109,7 @@ class Worker:
 
         self.rss_before_load = current_rss()
         start = time.perf_counter()
-        self.bundle = load_bundle(bundle_dir)
+        self.bundle = load_bundle(bundle_dir, ops_library=ops_library, verify_hash=verify_hash)
         load_tokenizer(self.bundle.tokenizer_path)
         ChatTemplate.from_bundle(self.bundle.path)
         self.session = DecoderSession(
@@ -234,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile-prefix", default=None)
     parser.add_argument("--prefill-chunk", type=int, default=None)
+    parser.add_argument("--ops-library", default=None)
+    parser.add_argument("--no-verify-hash", action="store_true")
     parser.add_argument("--bare", action="store_true")
     args = parser.parse_args(argv)
     protocol, sys.stdout = sys.stdout, sys.stderr  # stray prints must not corrupt the protocol stream
@@ -241,7 +245,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.bare:
             protocol.write(json.dumps(measure_bare(args.threads)) + "\n")
             return
-        _serve(Worker(args.bundle, args.threads, args.profile_prefix, args.prefill_chunk), protocol)
+        worker = Worker(
+            args.bundle,
+            args.threads,
+            args.profile_prefix,
+            args.prefill_chunk,
+            ops_library=args.ops_library,
+            verify_hash=not args.no_verify_hash,
+        )
+        _serve(worker, protocol)
     except Exception as exc:  # reported to the parent, which raises it as Pbs2pError with this text
         message = str(exc) if isinstance(exc, Pbs2pError) else f"{type(exc).__name__}: {exc}"
         protocol.write(json.dumps({"error": message}) + "\n")

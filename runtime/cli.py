@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
+
+NO_VERIFY_HASH_HELP = "Check the bundle's file sizes but skip their sha256 (faster load on slow devices)."
+OPS_LIBRARY_HELP = (
+    "Register this custom-op library instead of the installed pbs2p-edge's (e.g. the bundle's own copy); "
+    "also $PBS2P_EDGE_OPS_LIBRARY. Never taken from the bundle unless named here."
+)
+
+
+def trust_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`--ops-library PATH` and `--no-verify-hash`, shared by generate, bench and eval."""
+    function = click.option("--no-verify-hash", is_flag=True, help=NO_VERIFY_HASH_HELP)(function)
+    return click.option("--ops-library", metavar="PATH", default=None, help=OPS_LIBRARY_HELP)(function)
 
 
 def _read_prompt(prompt: str) -> str:
@@ -49,6 +63,7 @@ def _read_prompt(prompt: str) -> str:
     help="Prompt tokens per onnxruntime run (less memory; default: all).",
 )
 @click.option("--stats", is_flag=True, help="Print token counts and speeds to stderr at the end.")
+@trust_options
 def generate_command(
     bundle: str,
     prompt: str,
@@ -63,11 +78,14 @@ def generate_command(
     threads: int | None,
     prefill_chunk: int | None,
     stats: bool,
+    ops_library: str | None,
+    no_verify_hash: bool,
 ) -> None:
     """Generate text from BUNDLE (a directory made by `pbs2p-edge export`), streamed to stdout.
 
     Needs only onnxruntime, numpy and tokenizers. Ends at the end-of-sequence token, --max-new-tokens, or the
-    model's context. A prompt longer than the context is refused. Ctrl-C stops and keeps what was printed.
+    model's context. A prompt longer than the context is refused. Ctrl-C stops, keeps what was printed and
+    exits with 130. The bundle's files are checked against its manifest (sizes, sha256) before loading.
     """
     from pbs2p_edge.errors import Pbs2pError
     from pbs2p_edge.runtime.generate import Generator
@@ -75,7 +93,13 @@ def generate_command(
     if max_new_tokens < 1:
         raise Pbs2pError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     text = _read_prompt(prompt)
-    generator = Generator(bundle, threads=threads, prefill_chunk=prefill_chunk)
+    generator = Generator(
+        bundle,
+        threads=threads,
+        prefill_chunk=prefill_chunk,
+        ops_library=ops_library,
+        verify_hash=not no_verify_hash,
+    )
     generation = generator.start(
         text,
         max_new_tokens,
@@ -135,6 +159,7 @@ def generate_command(
 @click.option(
     "--prefill-chunk", type=int, default=None, help="Prompt tokens per run in pp (default: all at once)."
 )
+@trust_options
 def bench_command(
     bundles: tuple[str, ...],
     pp: int,
@@ -147,6 +172,8 @@ def bench_command(
     profile: bool,
     profile_steps: int,
     prefill_chunk: int | None,
+    ops_library: str | None,
+    no_verify_hash: bool,
 ) -> None:
     """Measure BUNDLES side by side, llama-bench style: prefill and decode speed, latency, load time, memory.
 
@@ -162,6 +189,7 @@ def bench_command(
     if profile_steps < 1:
         raise Pbs2pError(f"--profile-steps must be at least 1, got {profile_steps}")
     options = dict(pp=pp, tg=tg, reps=reps, warmup=warmup, profile=profile, profile_steps=profile_steps)
+    options.update(ops_library=ops_library, verify_hash=not no_verify_hash)
     if prefill_chunk is not None:
         options["prefill_chunk"] = prefill_chunk
     if threads_text is not None:
@@ -177,3 +205,33 @@ def bench_command(
 
         plot_report(report, plot_path)
         click.echo(f"wrote {plot_path}", err=True)
+
+
+@click.command("verify")
+@click.argument("bundle", type=click.Path())
+@click.option("--ops-library", metavar="PATH", default=None, help=OPS_LIBRARY_HELP)
+def verify_command(bundle: str, ops_library: str | None) -> None:
+    """Check BUNDLE against its manifest: every path inside the bundle, every file's size and sha256, and
+    that the ops library this runtime would register (the installed one, or --ops-library) runs its graph.
+
+    Exit 0 with a summary; exit 2 with one line naming the first bad file. Builds no onnxruntime session.
+    """
+    from pbs2p_edge.errors import Pbs2pError
+    from pbs2p_edge.runtime.bundle import load_bundle
+
+    loaded = load_bundle(bundle, ops_library=ops_library, verify_hash=True, warn=lambda message: None)
+    files = loaded.files
+    if files is None:
+        raise Pbs2pError(
+            f"bundle {loaded.path} records no file sizes or hashes (exported by an older pbs2p-edge): re-export it"
+        )
+    click.echo(
+        f"{loaded.path}: OK: {files.files} files, {files.bytes / 2**20:.1f} MiB, sizes and sha256 match the manifest"
+    )
+    if loaded.ops_library is not None and loaded.ops_info is not None:
+        click.echo(f"ops library: {loaded.ops_library} ({loaded.ops_info.describe()})")
+    else:
+        click.echo("ops library: none needed")
+    if files.unlisted:
+        shown = ", ".join(files.unlisted[:5]) + (" ..." if len(files.unlisted) > 5 else "")
+        click.echo(f"not in the manifest (ignored, never read by the runtime): {shown}")

@@ -7,6 +7,7 @@ with `stop_reason == "context"`.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Iterator
@@ -99,7 +100,9 @@ class Generation:
 class Generator:
     """Load a bundle once, then generate from prompts: `Generator("bundle/").generate("Hello", 32).text`.
 
-    One generation at a time per Generator: they share the session's KV cache.
+    One generation at a time per Generator: they share the session's KV cache. For concurrent generations,
+    give each thread its own `fork()`: forks share the loaded model and have their own cache.
+    `ops_library` and `verify_hash` are load_bundle's (runtime/bundle.py).
     """
 
     def __init__(
@@ -107,11 +110,20 @@ class Generator:
         bundle_dir: str | os.PathLike,
         threads: int | None = None,
         prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+        *,
+        ops_library: str | os.PathLike | None = None,
+        verify_hash: bool = True,
     ) -> None:
-        self.bundle = load_bundle(bundle_dir)
+        self.bundle = load_bundle(bundle_dir, ops_library=ops_library, verify_hash=verify_hash)
         self.tokenizer = load_tokenizer(self.bundle.tokenizer_path)
         self.chat_template = ChatTemplate.from_bundle(self.bundle.path)
         self.session = DecoderSession(self.bundle, threads=threads, prefill_chunk=prefill_chunk)
+
+    def fork(self) -> Generator:
+        """A Generator over the same loaded model (one onnxruntime session) with its own KV cache."""
+        other = copy.copy(self)
+        other.session = self.session.fork()
+        return other
 
     @property
     def context_length(self) -> int:

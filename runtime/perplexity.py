@@ -41,8 +41,15 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> float:
 class BundleScorer:
     """A bundle loaded for scoring: `BundleScorer("out/pbs2p").perplexity(ids, ctx=512)`."""
 
-    def __init__(self, bundle_dir: str | os.PathLike, threads: int | None = None) -> None:
-        self.bundle = load_bundle(bundle_dir)
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike,
+        threads: int | None = None,
+        *,
+        ops_library: str | os.PathLike | None = None,
+        verify_hash: bool = True,
+    ) -> None:
+        self.bundle = load_bundle(bundle_dir, ops_library=ops_library, verify_hash=verify_hash)
         self.tokenizer = load_tokenizer(self.bundle.tokenizer_path)
         self.session = DecoderSession(self.bundle, threads=threads)
 

@@ -9,6 +9,7 @@ model. The graph's own Concat still writes P+S rows per layer per step; that cop
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from pathlib import Path
@@ -88,6 +89,12 @@ class DecoderSession:
         self.past_len = 0
         self.last_run_seconds = 0.0  # wall time of the last onnxruntime run (the rest of forward is Python)
         self.reset()
+
+    def fork(self) -> DecoderSession:
+        """The same onnxruntime session (thread-safe to run) with a new, empty KV cache of its own."""
+        other = copy.copy(self)
+        other.reset()
+        return other
 
     def _check_contract(self) -> None:
         inputs = {i.name for i in self.session.get_inputs()}

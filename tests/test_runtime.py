@@ -272,8 +272,11 @@ def test_bundle_errors(fp32_bundle: Path, tmp_path: Path) -> None:
     (copy / "manifest.json").write_text(json.dumps({**manifest, "format": "something-else"}))
     with pytest.raises(Pbs2pError, match="not a pbs2p-edge bundle"):
         load_bundle(copy)
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "ops_library": "libpbs2p_edge_ops.so"}))
-    with pytest.raises(Pbs2pError, match="ops library"):
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "ops_library": "/usr/lib/libfoo.so"}))
+    with pytest.raises(Pbs2pError, match="absolute path"):
+        load_bundle(copy)
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "ops_library": "../libfoo.so"}))
+    with pytest.raises(Pbs2pError, match="escapes the bundle"):
         load_bundle(copy)
 
 
@@ -282,15 +285,11 @@ def test_ops_library_for_another_cpu_is_refused(fp32_bundle: Path, tmp_path: Pat
 
     from pbs2p_edge.runtime.bundle import load_bundle
 
-    copy = tmp_path / "copy"
-    shutil.copytree(fp32_bundle, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "ops_library": "libpbs2p_edge_ops.so"}))
     other = 0xB7 if platform.machine().lower() in ("x86_64", "amd64") else 0x3E  # aarch64 or x86-64
     header = b"\x7fELF\x02\x01\x01" + bytes(11) + other.to_bytes(2, "little") + bytes(44)
-    (copy / "libpbs2p_edge_ops.so").write_bytes(header)
+    (tmp_path / "libpbs2p_edge_ops.so").write_bytes(header)
     with pytest.raises(Pbs2pError, match="is built for"):
-        load_bundle(copy)
+        load_bundle(fp32_bundle, ops_library=tmp_path / "libpbs2p_edge_ops.so")
 
 
 def test_manifest_layers_must_match_the_graph(fp32_bundle: Path, tmp_path: Path) -> None:
@@ -348,13 +347,11 @@ def test_cli_generate_bad_input(fp32_bundle: Path, args: list[str], needle: str)
 def test_cli_generate_bad_bundles(fp32_bundle: Path, tmp_path: Path) -> None:
     assert_one_line_error(run_cli("generate", tmp_path / "missing", "-p", "hi"), "does not exist")
     assert_one_line_error(run_cli("generate", tmp_path, "-p", "hi"), "not a pbs2p-edge bundle")
-    copy = tmp_path / "copy"
-    shutil.copytree(fp32_bundle, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "ops_library": "libpbs2p_edge_ops.so"}))
-    assert_one_line_error(run_cli("generate", copy, "-p", "hi"), "ops library")
-    (copy / "libpbs2p_edge_ops.so").write_bytes(b"not a shared library")
-    assert_one_line_error(run_cli("generate", copy, "-p", "hi"), "cannot load the ops library")
+    fake = tmp_path / "libpbs2p_edge_ops.so"
+    assert_one_line_error(run_cli("generate", fp32_bundle, "-p", "hi", "--ops-library", fake), "no such file")
+    fake.write_bytes(b"not a shared library")
+    result = run_cli("generate", fp32_bundle, "-p", "hi", "--ops-library", fake)
+    assert_one_line_error(result, "cannot load the ops library")
 
 
 def test_cli_generate_rejects_non_utf8(fp32_bundle: Path) -> None:
