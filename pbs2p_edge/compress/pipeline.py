@@ -24,10 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pbs2p_edge.compress import cfs
+from pbs2p_edge.compress.families import layer_kwargs, layers_differ, linear_names
 from pbs2p_edge.compress.gptq import HessianAccumulator, inverse_factor, quantize_matrix
 from pbs2p_edge.compress.spbo import fit_block
 from pbs2p_edge.config import SUPPORTED_MODEL_TYPES, PBS2PConfig
 from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.families import check_config
 
 LINEAR_NAMES = (
     "self_attn.q_proj",
@@ -63,7 +65,8 @@ def check_supported(model: Any) -> None:
         raise Pbs2pError(
             f"model type {model_type} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    for name in LINEAR_NAMES:
+    check_config(model.config)
+    for name in linear_names(model):
         if not isinstance(layers[0].get_submodule(name), torch.nn.Linear):
             raise Pbs2pError(f"model type {model_type}: {name} is not a plain Linear, cannot compress it")
 
@@ -103,9 +106,10 @@ def compress(
         tokenizer_files = read_tokenizer_files(getattr(model.config, "_name_or_path", "") or "")
     model.float().eval()
     layers = model.model.layers
+    names = linear_names(model)
     start = time.perf_counter()
     with deterministic(config.seed), torch.no_grad():
-        params = [sum(layer.get_submodule(n).weight.numel() for n in LINEAR_NAMES) for layer in layers]
+        params = [sum(layer.get_submodule(n).weight.numel() for n in names) for layer in layers]
         cosines: list[float] = []
         importance: list[float] = []
         if config.cfs:
@@ -118,6 +122,8 @@ def compress(
             layer_n = [config.n] * len(layers)
         cfs_seconds = time.perf_counter() - start
         chunks = capture_layer_inputs(model, calib_ids, config.batch_size)
+        # Local/global layers get different masks and rotary tables: replay each layer's own (families.py).
+        per_layer = layer_kwargs(model, calib_ids, config.batch_size) if layers_differ(model) else None
         weights: dict[str, Any] = {}
         stats: dict[str, Any] = {}
         layer_seconds: list[float] = []
@@ -130,8 +136,10 @@ def compress(
         for index, layer in bar:
             bar.set_postfix(N=layer_n[index])
             t0 = time.perf_counter()
-            hessians = _collect_hessians(layer, chunks)
-            for name in LINEAR_NAMES:
+            if per_layer is not None:
+                chunks = [(hs, per_layer[b][index]) for b, (hs, _) in enumerate(chunks)]
+            hessians = _collect_hessians(layer, chunks, names)
+            for name in names:
                 full = f"model.layers.{index}.{name}"
                 linear = layer.get_submodule(name)
                 weights[full], stats[full] = compress_linear(linear, hessians[name], layer_n[index], config)
@@ -222,9 +230,9 @@ def capture_layer_inputs(
 
 
 def _collect_hessians(
-    layer: Any, chunks: list[tuple[torch.Tensor, dict[str, Any]]]
+    layer: Any, chunks: list[tuple[torch.Tensor, dict[str, Any]]], names: tuple[str, ...] = LINEAR_NAMES
 ) -> dict[str, HessianAccumulator]:
-    accumulators = {name: HessianAccumulator(layer.get_submodule(name).in_features) for name in LINEAR_NAMES}
+    accumulators = {name: HessianAccumulator(layer.get_submodule(name).in_features) for name in names}
     handles = []
     for name, acc in accumulators.items():
 
