@@ -185,6 +185,50 @@ def test_decoder_equals_transformers_and_family_details_matter(name: str) -> Non
     assert _max_diff(reference, _decoder_logits(model, changed, ids, tokens)) > 1e-2
 
 
+# Other settings the decoder reproduces, checked eagerly only: static rope variants, and Qwen's mixed
+# local/global layers (layer 0 global, layer 1 sliding).
+EAGER_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama_linear_rope": (
+        "llama",
+        {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}},
+    ),
+    "qwen3_yarn_rope": (
+        "qwen3",
+        {
+            "head_dim": 32,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "rope_theta": 1e6,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
+    "qwen2_mixed_windows": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(EAGER_CONFIGS))
+def test_decoder_equals_transformers_for_other_settings(name: str) -> None:
+    from pbs2p_edge.export.configs import export_config
+    from pbs2p_edge.export.validate import torch_logits
+
+    model = tiny_family_model(name, 300, EAGER_CONFIGS)
+    config = export_config(model.config)
+    if name == "qwen2_mixed_windows":
+        assert (
+            config.layer_windows == (None, 4)
+            and config.context_length == TINY_CONFIG["max_position_embeddings"]
+        )
+    ids = list(range(3, 17))
+    with torch.no_grad():
+        reference, tokens = torch_logits(model, ids, 6)
+    assert _max_diff(reference, _decoder_logits(model, config, ids, tokens)) < 1e-4
+
+
 # ------------------------------------------------------------------------------ compress, export, run
 
 
@@ -349,3 +393,24 @@ def test_unsupported_family_keeps_its_one_line_error(tmp_path: Path, tiny_model_
     result = run_cli("export", "--format", "fp32", folder, "-o", tmp_path / "bundle")
     assert_one_line_error(result, "olmo", "supported: ", "gemma3_text", "phi3", "qwen3", "smollm3")
     assert not (tmp_path / "bundle").exists()
+
+
+def test_compression_replays_each_layers_own_mask_and_rotary_table() -> None:
+    """Gemma 3's local and global layers get different masks and rotary tables; the layer-by-layer
+    compression must feed each layer its own (replaying layer 0's would run every layer as a local one)."""
+    from pbs2p_edge.compress.families import layer_kwargs, layers_differ
+    from pbs2p_edge.compress.pipeline import _run_layer, capture_layer_inputs
+
+    model = tiny_family_model("gemma3_text", 300)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert layers_differ(model)
+    with torch.no_grad():
+        expected = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        ((hidden, first_kwargs),) = capture_layer_inputs(model, ids, batch_size=2)
+        (own_kwargs,) = layer_kwargs(model, ids, batch_size=2)
+        replayed, reused = hidden, hidden
+        for layer, kwargs in zip(model.model.layers, own_kwargs, strict=True):
+            replayed = _run_layer(layer, replayed, kwargs)
+            reused = _run_layer(layer, reused, first_kwargs)
+        torch.testing.assert_close(model.model.norm(replayed), expected)
+        assert not torch.allclose(model.model.norm(reused), expected, atol=1e-3)
