@@ -79,18 +79,19 @@ def ort_session(model_path: Path, ops_library: Path | None, threads: int = 1) ->
 
 @contextlib.contextmanager
 def reference_head(hf_model: nn.Module, embed: torch.Tensor, head: torch.Tensor) -> Iterator[None]:
-    """Temporarily give the HF model the embedding and head weights the graph stores."""
-    old_embed, old_head = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
-    new_embed = nn.Embedding(embed.shape[0], embed.shape[1], _weight=embed.detach().clone())
-    new_head = nn.Linear(head.shape[1], head.shape[0], bias=False)
-    new_head.weight = nn.Parameter(head.detach().clone(), requires_grad=False)
-    hf_model.set_input_embeddings(new_embed)
-    hf_model.set_output_embeddings(new_head)
+    """Temporarily give the HF model the embedding and head weights the graph stores.
+
+    The weights are swapped inside the model's own modules, so a family's embedding module (Gemma's scales
+    its output by sqrt(hidden)) keeps computing what it computes; tied modules get separate copies.
+    """
+    embed_module, head_module = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
+    saved = embed_module.weight, head_module.weight
+    embed_module.weight = nn.Parameter(embed.detach().clone(), requires_grad=False)
+    head_module.weight = nn.Parameter(head.detach().clone(), requires_grad=False)
     try:
         yield
     finally:
-        hf_model.set_input_embeddings(old_embed)
-        hf_model.set_output_embeddings(old_head)
+        embed_module.weight, head_module.weight = saved
 
 
 def prompt_ids(tokenizer: Any, vocab_size: int, min_len: int = 12) -> list[int]:

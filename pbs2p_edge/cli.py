@@ -146,7 +146,8 @@ _add_stage_commands()
 def main(argv: list[str] | None = None) -> None:
     """Entry point: Pbs2pError -> `error: ...` on stderr and exit 2; Ctrl-C -> exit 130."""
     try:
-        cli.main(args=argv, prog_name="pbs2p-edge", standalone_mode=False)
+        # Without standalone mode click returns (not raises) a command's ctx.exit(code).
+        code = cli.main(args=argv, prog_name="pbs2p-edge", standalone_mode=False)
     except Pbs2pError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.families import SUPPORTED_MODEL_TYPES as _FAMILY_TYPES
 from pbs2p_edge.format.packed import SUPPORTED_M
 
 METHODS = ("pbs2p", "naive", "binarize_only")
-# Decoder-only families with LLaMA's layer structure (q/k/v/o + gate/up/down linears per layer).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Decoder-only families we compress and export (pbs2p_edge/families.py).
+SUPPORTED_MODEL_TYPES = _FAMILY_TYPES
 PRUNE_METRICS = ("obs", "magnitude")
 # Block-wise recovery targets: the FP layer applied to the compressed model's inputs, or the FP model's own states.
 RECOVER_TARGETS = ("compressed_inputs", "fp_states")

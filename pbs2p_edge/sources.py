@@ -73,6 +73,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> Path:
     source = {"gguf": gguf.name, "size": gguf.stat().st_size, "sha256_first_mib": head}
     if marker.is_file() and json.loads(marker.read_text()) == source:
         return out_dir
+    _refuse_ignored_rope_tensors(gguf)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -87,6 +88,26 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / _CONVERTED_MARKER).write_text(json.dumps(source))
     return out_dir
+
+
+# llama.cpp stores Llama 3.x rope scaling and Phi-3 LongRoPE as per-frequency factor tensors; transformers'
+# GGUF loader does not read them and would build the model with plain rotary frequencies.
+_ROPE_FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _refuse_ignored_rope_tensors(gguf: Path) -> None:
+    from gguf import GGUFReader
+
+    try:
+        names = {tensor.name for tensor in GGUFReader(str(gguf)).tensors}
+    except Exception as exc:  # gguf parse errors come in many types
+        raise Pbs2pError(f"cannot read GGUF file {gguf}: {type(exc).__name__}: {_first_line(exc)}") from None
+    for name in _ROPE_FACTOR_TENSORS:
+        if name in names:
+            raise Pbs2pError(
+                f"GGUF file {gguf} scales its rotary embedding with tensor {name}, which transformers' GGUF "
+                "loader ignores (the model would load with unscaled rope): use the model's Hugging Face folder"
+            )
 
 
 def _first_line(exc: BaseException) -> str:

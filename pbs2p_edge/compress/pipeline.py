@@ -25,10 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pbs2p_edge.compress import cfs
+from pbs2p_edge.compress.families import layer_kwargs, layers_differ, linear_names
 from pbs2p_edge.compress.gptq import HessianAccumulator, inverse_factor, quantize_matrix
 from pbs2p_edge.compress.spbo import fit_block
 from pbs2p_edge.config import DEFAULT_BUDGET_BITS, SUPPORTED_MODEL_TYPES, PBS2PConfig
 from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.families import check_config
 
 LINEAR_NAMES = (
     "self_attn.q_proj",
@@ -66,7 +68,8 @@ def check_supported(model: Any) -> None:
         raise Pbs2pError(
             f"model type {model_type} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    for name in LINEAR_NAMES:
+    check_config(model.config)
+    for name in linear_names(model):
         if not isinstance(layers[0].get_submodule(name), torch.nn.Linear):
             raise Pbs2pError(f"model type {model_type}: {name} is not a plain Linear, cannot compress it")
 
@@ -106,9 +109,10 @@ def compress(
         tokenizer_files = read_tokenizer_files(getattr(model.config, "_name_or_path", "") or "")
     model.float().eval()
     layers = model.model.layers
+    names = linear_names(model)
     start = time.perf_counter()
     with deterministic(config.seed), torch.no_grad():
-        params = [sum(layer.get_submodule(n).weight.numel() for n in LINEAR_NAMES) for layer in layers]
+        params = [sum(layer.get_submodule(n).weight.numel() for n in names) for layer in layers]
         recover_seconds = config.recover_seconds_for(sum(params))
         cosines: list[float] = []
         importance: list[float] = []
@@ -123,7 +127,7 @@ def compress(
         cfs_seconds = time.perf_counter() - start
         budget = {}
         if config.budget:
-            budget = _plan_budget(model, calib_ids, layer_n, config, progress)
+            budget = _plan_budget(model, calib_ids, layer_n, config, progress, names)
         int4_layers = set(budget.get("int4_layers", []))
         nbits: dict[str, Any] = {}
         teacher = None
@@ -132,6 +136,8 @@ def compress(
 
             teacher = teacher_topk(model, calib_ids, config.e2e_topk, config.e2e_micro_batch)
         chunks = capture_layer_inputs(model, calib_ids, config.batch_size)
+        # Local/global layers get different masks and rotary tables: replay each layer's own (families.py).
+        per_layer = layer_kwargs(model, calib_ids, config.batch_size) if layers_differ(model) else None
         fp_chunks = [hs for hs, _ in chunks] if config.recover_target == "fp_states" else []
         recovery: list[dict[str, Any]] = []
         weights: dict[str, Any] = {}
@@ -146,11 +152,13 @@ def compress(
         for index, layer in bar:
             bar.set_postfix(N=layer_n[index])
             t0 = time.perf_counter()
+            if per_layer is not None:
+                chunks = [(hs, per_layer[b][index]) for b, (hs, _) in enumerate(chunks)]
             if index in int4_layers:
                 from pbs2p_edge.compress.budget import int4_linear
 
                 fp_layer = copy.deepcopy(layer) if fp_chunks else None
-                for name in LINEAR_NAMES:
+                for name in names:
                     nbits[f"model.layers.{index}.{name}"] = int4_linear(layer.get_submodule(name))
                 if fp_layer is not None:
                     fp_chunks[:] = [
@@ -159,15 +167,15 @@ def compress(
                 chunks = [(_run_layer(layer, hs, kwargs), kwargs) for hs, kwargs in chunks]
                 layer_seconds.append(time.perf_counter() - t0)
                 continue
-            hessians = _collect_hessians(layer, chunks)
+            hessians = _collect_hessians(layer, chunks, names)
             fp_layer = copy.deepcopy(layer) if recover_seconds > 0 else None
-            for name in LINEAR_NAMES:
+            for name in names:
                 full = f"model.layers.{index}.{name}"
                 linear = layer.get_submodule(name)
                 weights[full], stats[full] = compress_linear(linear, hessians[name], layer_n[index], config)
             del hessians
             if fp_layer is not None:
-                local = {name: weights[f"model.layers.{index}.{name}"] for name in LINEAR_NAMES}
+                local = {name: weights[f"model.layers.{index}.{name}"] for name in names}
                 per_layer = recover_seconds / len(layers)
                 done, outs = _recover(layer, fp_layer, local, chunks, fp_chunks, config, per_layer)
                 recovery.append(done)
@@ -191,13 +199,18 @@ def compress(
 
 
 def _plan_budget(
-    model: Any, calib_ids: torch.Tensor, layer_n: list[int], config: PBS2PConfig, progress: bool
+    model: Any,
+    calib_ids: torch.Tensor,
+    layer_n: list[int],
+    config: PBS2PConfig,
+    progress: bool,
+    names: tuple[str, ...] = LINEAR_NAMES,
 ) -> dict[str, Any]:
     """Bits of the pattern, per-layer sensitivity probe, and the layers the budget keeps in int4."""
     from pbs2p_edge.compress import budget as b
 
     t0 = time.perf_counter()
-    packed, int4, weights = b.layer_bits(model, LINEAR_NAMES, layer_n, config)
+    packed, int4, weights = b.layer_bits(model, names, layer_n, config)
     budget_bits = config.budget_bits if config.budget_bits is not None else DEFAULT_BUDGET_BITS
     pattern = sum(packed) / sum(weights)
     if config.budget_bits is None and pattern >= budget_bits:
@@ -205,7 +218,7 @@ def _plan_budget(
     b.check_budget(budget_bits, packed, weights)
     probe = calib_ids[: config.budget_probe_samples, : config.budget_probe_len]
     sensitivity = b.layer_sensitivity(
-        model, probe, LINEAR_NAMES, config.n, config.m, config.group_size, progress
+        model, probe, names, config.n, config.m, config.group_size, progress
     )
     chosen = b.choose_int4_layers(sensitivity, packed, int4, weights, budget_bits)
     return {
@@ -427,9 +440,9 @@ def capture_layer_inputs(
 
 
 def _collect_hessians(
-    layer: Any, chunks: list[tuple[torch.Tensor, dict[str, Any]]]
+    layer: Any, chunks: list[tuple[torch.Tensor, dict[str, Any]]], names: tuple[str, ...] = LINEAR_NAMES
 ) -> dict[str, HessianAccumulator]:
-    accumulators = {name: HessianAccumulator(layer.get_submodule(name).in_features) for name in LINEAR_NAMES}
+    accumulators = {name: HessianAccumulator(layer.get_submodule(name).in_features) for name in names}
     handles = []
     for name, acc in accumulators.items():
 

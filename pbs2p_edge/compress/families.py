@@ -1,0 +1,59 @@
+"""Per-family pieces of the layer-by-layer compression: the linears of a layer and the inputs each layer gets.
+
+Most families pass every decoder layer the same keyword arguments (rotary tables, causal mask), so the
+pipeline replays layer 0's. Gemma 2/3 (and Qwen with `max_window_layers`) alternate local sliding-window and
+global layers, which get different masks and, in Gemma 3, different rotary tables: for those the keyword
+arguments of every layer are recorded once per calibration batch (`layer_kwargs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from pbs2p_edge.families import layer_linears
+
+
+class _Stop(Exception):
+    """Raised once the last decoder layer's arguments are recorded."""
+
+
+def linear_names(model: Any) -> tuple[str, ...]:
+    """The compressed linears of one decoder layer of `model` (Pbs2pError for unsupported families)."""
+    return layer_linears(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
+
+
+def layers_differ(model: Any) -> bool:
+    """True when decoder layers get different masks / rotary tables (mixed `layer_types`)."""
+    return len(set(getattr(model.config, "layer_types", None) or ())) > 1
+
+
+def layer_kwargs(model: Any, calib_ids: torch.Tensor, batch_size: int) -> list[list[dict[str, Any]]]:
+    """Per calibration batch (as `capture_layer_inputs` splits them), per decoder layer: its keyword arguments."""
+    layers = model.model.layers
+    recorded: list[list[dict[str, Any]]] = []
+    handles = []
+
+    def hook_for(index: int) -> Any:
+        def hook(_module: Any, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            kwargs.update(use_cache=False, past_key_values=None)
+            recorded[-1].append(kwargs)
+            if index == len(layers) - 1:
+                raise _Stop
+
+        return hook
+
+    for index, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(hook_for(index), with_kwargs=True))
+    try:
+        for batch in calib_ids.split(batch_size):
+            recorded.append([])
+            with contextlib.suppress(_Stop):
+                model(input_ids=batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorded
