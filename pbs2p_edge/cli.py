@@ -122,6 +122,24 @@ def _is_bundle_dir(source: str) -> bool:
     return False
 
 
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def models_command(as_json: bool) -> None:
+    """The embedded models SOURCE / --model accept by name: size, whether installed, how to install."""
+    from pbs2p_edge import sources
+
+    rows = [sources.model_status(model) for model in sources.EMBEDDED_MODELS.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        default = " (default)" if row["default"] else ""
+        click.echo(
+            f"{row['name']}{default}: {row['title']}, {row['parameters']} parameters, "
+            f"GGUF {row['gguf_bytes'] / 1e6:.0f} MB, {row['status']}; install: {row['install']}"
+        )
+
+
 def _add_stage_commands() -> None:
     # Stage command modules import only click at module level; their work is imported when they run.
     from pbs2p_edge.compress.cli import compress_command
