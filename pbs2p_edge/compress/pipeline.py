@@ -86,11 +86,14 @@ def compress(
     *,
     tokenizer_files: dict[str, str] | None = None,
     progress: bool = True,
+    store: Any = None,
 ) -> CompressedModel:
     """Compress the 7 linears of every decoder layer of `model` in place; embeddings, norms, head stay dense.
 
     `calib_ids` is a LongTensor [samples, seq_len]. `tokenizer_files` ({filename: text}) go into the
-    checkpoint; by default they are read from the folder the model was loaded from.
+    checkpoint; by default they are read from the folder the model was loaded from. With `store` (a
+    `lowmem.LayerStore`, model from `lowmem.skeleton_model`) each decoder layer is read from disk for its
+    turn and its linears dropped afterwards; the result is the same.
     """
     from pbs2p_edge.format import pack
 
@@ -109,7 +112,13 @@ def compress(
         cosines: list[float] = []
         importance: list[float] = []
         if config.cfs:
-            cosines = layer_cosines(model, calib_ids[: config.cfs_samples], config.batch_size)
+            if store is not None:
+                from pbs2p_edge.compress.lowmem import layer_cosines_streaming
+
+                cfs_ids = calib_ids[: config.cfs_samples]
+                cosines = layer_cosines_streaming(model, store, cfs_ids, config.batch_size)
+            else:
+                cosines = layer_cosines(model, calib_ids[: config.cfs_samples], config.batch_size)
             importance = cfs.importance_from_cosine(cosines)
             layer_n = cfs.allocate(
                 importance, params, config.n, config.cfs_n_low, config.cfs_n_high, config.cfs_delta
@@ -130,6 +139,8 @@ def compress(
         for index, layer in bar:
             bar.set_postfix(N=layer_n[index])
             t0 = time.perf_counter()
+            if store is not None:
+                store.load(index, layer)
             hessians = _collect_hessians(layer, chunks)
             for name in LINEAR_NAMES:
                 full = f"model.layers.{index}.{name}"
@@ -137,6 +148,8 @@ def compress(
                 weights[full], stats[full] = compress_linear(linear, hessians[name], layer_n[index], config)
             del hessians
             chunks = [(_run_layer(layer, hs, kwargs), kwargs) for hs, kwargs in chunks]
+            if store is not None:
+                store.release(index, layer, LINEAR_NAMES)
             layer_seconds.append(time.perf_counter() - t0)
     packed = {name: pack(w) for name, w in weights.items()}
     results = _summarize(config, calib_ids, layer_n, cosines, importance, packed, weights, stats)

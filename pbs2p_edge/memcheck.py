@@ -1,0 +1,70 @@
+"""Refuse a step up front when its memory, predicted from the model's size, exceeds what is available.
+
+The predictions are deliberately simple (bytes of fp32 tensors the step holds at once, plus a fixed allowance
+for the interpreter, torch and transformers) and are checked against measured peaks in docs/ARCHITECTURE.md's
+large-model notes. Setting PBS2P_EDGE_SKIP_MEMORY_CHECK=1 skips the check (at the risk of an OOM kill).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pbs2p_edge.errors import Pbs2pError
+
+GIB = 1 << 30
+BASE_BYTES = int(1.0 * GIB)  # python + torch + transformers + tokenizer, measured on the 135M model
+
+
+def available_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def require(needed: int, what: str) -> None:
+    """Raise Pbs2pError naming both figures when `needed` bytes exceed the available memory."""
+    if os.environ.get("PBS2P_EDGE_SKIP_MEMORY_CHECK") == "1":
+        return
+    available = available_bytes()
+    if needed > available:
+        raise Pbs2pError(
+            f"{what} needs about {needed / GIB:.1f} GiB of memory, {available / GIB:.1f} GiB is available "
+            "(free memory or set PBS2P_EDGE_SKIP_MEMORY_CHECK=1 to try anyway)"
+        )
+
+
+def config_params(config: object) -> tuple[int, int]:
+    """(parameters of the whole model, parameters of one decoder layer) from a HF LLaMA-family config."""
+    hidden = int(config.hidden_size)
+    inter = int(config.intermediate_size)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter + 2 * hidden
+    if getattr(config, "model_type", "") == "qwen2":
+        layer += head_dim * (heads + 2 * kv)  # q/k/v biases
+    vocab = int(config.vocab_size)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    total = int(config.num_hidden_layers) * layer + vocab * hidden * (1 if tied else 2) + hidden
+    return total, layer
+
+
+def fp32_model_bytes(config: object) -> int:
+    return 4 * config_params(config)[0]
+
+
+def eval_bytes(config: object, ctx: int) -> int:
+    """PyTorch perplexity of an fp32 model: the weights + one window's logits (fp32, a few copies)."""
+    return BASE_BYTES + fp32_model_bytes(config) + 3 * 4 * ctx * int(config.vocab_size)
+
+
+def compress_bytes(config: object, samples: int, seq_len: int) -> int:
+    """Low-memory compression: embeddings/head + one fp32 layer (x3 for W, W_hat and the GPTQ work) + the
+    fp64 Hessian of down_proj (x3 for its inverse) + calibration activations (x2) + 2 bytes per compressed
+    weight (mask and signs held until packing)."""
+    total, layer = config_params(config)
+    n_layers = int(config.num_hidden_layers)
+    hidden, inter = int(config.hidden_size), int(config.intermediate_size)
+    rest = total - n_layers * layer
+    activations = 2 * 4 * samples * seq_len * max(hidden, inter)
+    return BASE_BYTES + 4 * rest + 3 * 4 * layer + 3 * 8 * inter * inter + activations + 2 * n_layers * layer
