@@ -148,11 +148,16 @@ def build_model(ckpt: dict[str, Any]) -> tuple[Any, Any]:
         raise Pbs2pError(
             f"model type {model_type} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    from pbs2p_edge import memcheck
+
     try:
         config = AutoConfig.for_model(model_type, **settings)
-        model = AutoModelForCausalLM.from_config(config).float().eval()
+        # On the meta device: no random fp32 copy of the model beside the weights assigned below.
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     except Exception as exc:
         raise Pbs2pError(f"checkpoint model config cannot be built: {_first_line(exc)}") from None
+    memcheck.require_fp32_model(config, "rebuilding the compressed model in fp32")
     state = {
         key: value.float() if value.is_floating_point() else value
         for key, value in ckpt["dense_state"].items()
@@ -162,7 +167,7 @@ def build_model(ckpt: dict[str, Any]) -> tuple[Any, Any]:
         state[f"{name}.weight"] = torch.from_numpy(weight.dense())
         if weight.bias is not None:
             state[f"{name}.bias"] = torch.from_numpy(weight.bias.astype("float32"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         missing = [key for key in missing if key != "lm_head.weight"]
     if missing or unexpected:
@@ -171,6 +176,9 @@ def build_model(ckpt: dict[str, Any]) -> tuple[Any, Any]:
         )
     if config.tie_word_embeddings:
         model.tie_weights()
+    from pbs2p_edge.compress.lowmem import rebuild_computed_buffers
+
+    rebuild_computed_buffers(model)
     return model, tokenizer_from_files(ckpt["tokenizer"])
 
 

@@ -53,6 +53,11 @@ def fp32_model_bytes(config: object) -> int:
     return 4 * config_params(config)[0]
 
 
+def require_fp32_model(config: object, what: str) -> None:
+    """Refuse loading a model in fp32 (FP eval, export baselines, rebuilding model.pt) that cannot fit."""
+    require(BASE_BYTES + fp32_model_bytes(config), what)
+
+
 def eval_bytes(config: object, ctx: int) -> int:
     """PyTorch perplexity of an fp32 model: the weights + one window's logits (fp32, a few copies)."""
     return BASE_BYTES + fp32_model_bytes(config) + 3 * 4 * ctx * int(config.vocab_size)

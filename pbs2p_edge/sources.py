@@ -346,6 +346,9 @@ def load_model(path: str | os.PathLike | None = None) -> tuple[Any, Any]:
         raise Pbs2pError(f"{folder}/config.json is not a model config: {_first_line(exc)}") from None
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise Pbs2pError(f"{folder} is not a causal language model (model type {config.model_type!r})")
+    from pbs2p_edge import memcheck
+
+    memcheck.require_fp32_model(config, f"loading {folder.name} in fp32")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, config=config, dtype=torch.float32, local_files_only=True

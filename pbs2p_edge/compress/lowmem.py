@@ -40,25 +40,30 @@ class LayerStore:
             raise Pbs2pError(f"{folder} has no safetensors weights (model.safetensors or its index)")
         self.folder = folder
         self.weight_map = weight_map
-        self._handles: dict[str, Any] = {}
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """{name: fp32 tensor}. Each file is mapped only while its tensors are copied out: a mapping kept open
+        would count every page read so far in the process's RSS."""
         from safetensors import safe_open
 
-        file = self.weight_map.get(name)
-        if file is None:
-            raise Pbs2pError(f"{self.folder}: tensor {name} is missing from the safetensors files")
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.folder / file, framework="pt")
-        return self._handles[file].get_tensor(name).float()
-
-    def has(self, name: str) -> bool:
-        return name in self.weight_map
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            file = self.weight_map.get(name)
+            if file is None:
+                raise Pbs2pError(f"{self.folder}: tensor {name} is missing from the safetensors files")
+            by_file.setdefault(file, []).append(name)
+        result = {}
+        for file, file_names in by_file.items():
+            with safe_open(self.folder / file, framework="pt") as f:
+                for name in file_names:
+                    result[name] = f.get_tensor(name).float().clone()
+        return result
 
     def materialize(self, module: torch.nn.Module, prefix: str) -> None:
         """Give every parameter and persistent buffer of `module` its stored fp32 value (strict)."""
         names = list(module.state_dict())
-        state = {name: self.tensor(f"{prefix}{name}") for name in names}
+        loaded = self.tensors([f"{prefix}{name}" for name in names])
+        state = {name: loaded[f"{prefix}{name}"] for name in names}
         module.load_state_dict(state, strict=True, assign=True)
 
     def load(self, index: int, layer: torch.nn.Module) -> None:
@@ -93,13 +98,24 @@ def skeleton_model(folder: str | os.PathLike) -> tuple[Any, LayerStore]:
     for name, module in model.model.named_children():
         if module is layers:
             continue
-        if name == "rotary_emb":  # non-persistent buffers computed from the config: rebuild on the CPU
-            model.model.rotary_emb = type(module)(config=model.config)
-            continue
-        _materialize_or_tie(model, module, f"model.{name}", store)
+        if name != "rotary_emb":  # computed from the config, rebuilt below
+            _materialize_or_tie(model, module, f"model.{name}", store)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    rebuild_computed_buffers(model)
     return model, store
+
+
+def rebuild_computed_buffers(model: Any) -> None:
+    """Recreate on the CPU the modules whose only state is computed from the config (the rotary tables) of a
+    model built on the meta device; refuse if anything else was left on meta."""
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is not None and any(b.is_meta for b in rotary.buffers()):
+        model.model.rotary_emb = type(rotary)(config=model.config)
+    left = [n for n, t in [*model.named_buffers(), *model.named_parameters()] if t.is_meta]
+    left = [n for n in left if ".layers." not in f".{n}"]  # decoder layers may wait for their turn
+    if left:
+        raise Pbs2pError(f"model weights missing after loading: {', '.join(left[:3])}")
 
 
 def _materialize_or_tie(model: Any, module: torch.nn.Module, prefix: str, store: LayerStore) -> None:
@@ -112,14 +128,19 @@ def _materialize_or_tie(model: Any, module: torch.nn.Module, prefix: str, store:
 
 
 def layer_cosines_streaming(
-    model: Any, store: LayerStore, calib_ids: torch.Tensor, batch_size: int
+    model: Any, store: LayerStore, calib_ids: torch.Tensor, batch_size: int, progress: bool = True
 ) -> list[float]:
     """`pipeline.layer_cosines` one layer at a time: the same batches through the same layers, same sums."""
+    from tqdm.auto import tqdm
+
     from pbs2p_edge.compress.pipeline import _run_layer, capture_layer_inputs
 
     chunks = capture_layer_inputs(model, calib_ids, batch_size)
     cosines = []
-    for index, layer in enumerate(model.model.layers):
+    layers = tqdm(
+        list(enumerate(model.model.layers)), desc="cfs (dense pass)", unit="layer", disable=not progress
+    )
+    for index, layer in layers:
         store.load(index, layer)
         total, count = 0.0, 0
         outputs = []

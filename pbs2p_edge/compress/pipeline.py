@@ -116,7 +116,7 @@ def compress(
                 from pbs2p_edge.compress.lowmem import layer_cosines_streaming
 
                 cfs_ids = calib_ids[: config.cfs_samples]
-                cosines = layer_cosines_streaming(model, store, cfs_ids, config.batch_size)
+                cosines = layer_cosines_streaming(model, store, cfs_ids, config.batch_size, progress)
             else:
                 cosines = layer_cosines(model, calib_ids[: config.cfs_samples], config.batch_size)
             importance = cfs.importance_from_cosine(cosines)
