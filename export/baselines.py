@@ -23,10 +23,18 @@ def is_projection(name: str) -> bool:
     return ".layers." in f".{name}" and name.rpartition(".")[2] in _PROJECTIONS
 
 
-def int4_factory(block_size: int = INT4_BLOCK_SIZE, accuracy_level: int = 0) -> Factory:
+def int4_factory(
+    block_size: int = INT4_BLOCK_SIZE, accuracy_level: int = 0, release: bool = False
+) -> Factory:
+    """`release`: free each fp32 weight once quantized (the export needs only the quantized layer; a large
+    model would otherwise hold the fp32 and the dequantized copy of every projection at once)."""
+
     def make(name: str, linear: nn.Linear) -> nn.Module | None:
         if not is_projection(name):
             return None
-        return NBitsLinear(linear, bits=4, block_size=block_size, accuracy_level=accuracy_level)
+        module = NBitsLinear(linear, bits=4, block_size=block_size, accuracy_level=accuracy_level)
+        if release:
+            linear.to("meta")
+        return module
 
     return make

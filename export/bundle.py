@@ -303,7 +303,7 @@ def _factory(src: Source, weights: str, accuracy_level: int) -> Factory:
         check_packed_names(src.model, src.packed)
         return pbs2p_factory(src.packed)
     if weights == "int4":
-        return int4_factory(accuracy_level=accuracy_level)
+        return int4_factory(accuracy_level=accuracy_level, release=True)
     return lambda name, linear: None  # fp32 keeps every linear as it is
 
 

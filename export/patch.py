@@ -69,7 +69,7 @@ class SparseBinaryLinear(EmittingModule):
         # Plain attributes, not parameters: the graph must not carry the dense weight.
         self.weight_hat = linear.weight.detach()
         self.bias_eager = None if linear.bias is None else linear.bias.detach()
-        self._kernel_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._kernel_weights: tuple[torch.Tensor, Any, Any, Any] | None = None
         self.attributes = {k: int(v) for k, v in packed.op_attributes().items()}
         self.input_names = _register_inputs(self, packed.op_inputs())
 
@@ -104,13 +104,36 @@ class SparseBinaryLinear(EmittingModule):
         as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
         return as_tensor(binary), None if residual is None else as_tensor(residual)
 
+    def _compact_kernel_weights(self) -> tuple[torch.Tensor, Any, Any, Any]:
+        """(binary or W_hat, salient columns, binary - W_hat on them, residual on them).
+
+        The binarized part equals W_hat off the salient columns, so only those columns are kept beside W_hat
+        (a large model would otherwise hold two more fp32 copies of every layer). When it does not (W_hat is
+        not this packed weight's reconstruction), the full binarized matrix is kept instead.
+        """
+        binary, residual = self._split_weights()
+        if residual is None:
+            cols = torch.zeros(0, dtype=torch.long)
+        else:
+            cols = torch.nonzero(residual.abs().sum(dim=0) > 0).flatten()
+        outside = torch.ones(self.in_features, dtype=torch.bool)
+        outside[cols] = False
+        if self.weight_hat.shape != binary.shape or not torch.equal(
+            self.weight_hat[:, outside], binary[:, outside]
+        ):
+            return binary, None, None, residual
+        if cols.numel() == 0:
+            return self.weight_hat, None, None, None
+        delta = binary[:, cols] - self.weight_hat[:, cols]
+        return self.weight_hat, cols, delta.contiguous(), residual[:, cols].contiguous()
+
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from pbs2p_edge.format.packed import ACT_MAX
         from pbs2p_edge.format.reference import chunk_bounds
 
         if self._kernel_weights is None:
-            self._kernel_weights = self._split_weights()
-        binary, residual = self._kernel_weights
+            self._kernel_weights = self._compact_kernel_weights()
+        binary, cols, delta, residual = self._kernel_weights
         flat = x.reshape(-1, self.in_features).float()
         pieces = []
         for begin, end, _ in chunk_bounds(self.in_features, self.packed.group_size):
@@ -122,9 +145,12 @@ class SparseBinaryLinear(EmittingModule):
             inv = torch.where(amax > 0, torch.full_like(safe, float(ACT_MAX)) / safe, 0.0)
             q = torch.clamp(torch.round(chunk * inv), -ACT_MAX, ACT_MAX)
             pieces.append(q * (amax / torch.full_like(amax, float(ACT_MAX))))
-        y = torch.cat(pieces, dim=1) @ binary.T
+        xq = torch.cat(pieces, dim=1)
+        y = xq @ binary.T
+        if delta is not None:
+            y = y + xq[:, cols] @ delta.T
         if residual is not None:
-            y = y + flat @ residual.T
+            y = y + (flat if cols is None else flat[:, cols]) @ residual.T
         if self.bias_eager is not None:
             y = y + self.bias_eager
         return y.reshape(*x.shape[:-1], self.out_features)

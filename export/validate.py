@@ -81,9 +81,10 @@ def ort_session(model_path: Path, ops_library: Path | None, threads: int = 1) ->
 def reference_head(hf_model: nn.Module, embed: torch.Tensor, head: torch.Tensor) -> Iterator[None]:
     """Temporarily give the HF model the embedding and head weights the graph stores."""
     old_embed, old_head = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
-    new_embed = nn.Embedding(embed.shape[0], embed.shape[1], _weight=embed.detach().clone())
-    new_head = nn.Linear(head.shape[1], head.shape[0], bias=False)
-    new_head.weight = nn.Parameter(head.detach().clone(), requires_grad=False)
+    # No clones: these weights are only read, and a large vocabulary makes each copy a GiB.
+    new_embed = nn.Embedding(embed.shape[0], embed.shape[1], _weight=embed.detach())
+    new_head = nn.Linear(head.shape[1], head.shape[0], bias=False, device="meta")
+    new_head.weight = nn.Parameter(head.detach(), requires_grad=False)
     hf_model.set_input_embeddings(new_embed)
     hf_model.set_output_embeddings(new_head)
     try:
