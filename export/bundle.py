@@ -45,6 +45,7 @@ class Source:
         self.packed: dict[str, Any] = meta.get("packed", {})
         self.compression: dict[str, Any] | None = meta.get("compression")
         self.description: str = meta.get("description", "")
+        self.store: Any = meta.get("store")  # lowmem.LayerStore of layers not yet read (int4 baseline)
 
 
 def _load_checkpoint_source(path: Path) -> Source:
@@ -57,7 +58,8 @@ def _load_checkpoint_source(path: Path) -> Source:
     if not path.is_file():
         raise Pbs2pError(f"checkpoint {path} does not exist")
     ckpt = load_checkpoint(path)
-    model, tokenizer = build_model(ckpt)
+    # The packed layers stay packed (their modules decode W_hat per call): no fp32 copy of the model.
+    model, tokenizer = build_model(ckpt, dense_linears=False)
     files = {name: text for name, text in (ckpt.get("tokenizer") or {}).items() if isinstance(text, str)}
     return Source(
         model.eval(),
@@ -69,15 +71,23 @@ def _load_checkpoint_source(path: Path) -> Source:
     )
 
 
-def _load_fp_source(source: str | None) -> Source:
+def _load_fp_source(source: str | None, weights: str = "fp32") -> Source:
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import read_tokenizer_files
+    from pbs2p_edge.compress.lowmem import has_safetensors, materialize_except, skeleton_model
+    from pbs2p_edge.export.baselines import is_projection
 
     if source is not None and str(source).endswith(".pt"):
         raise Pbs2pError(f"{source} is a compressed checkpoint: export it with --format pbs2p")
     folder = sources.model_files(source)
-    model, tokenizer = sources.load_model(folder)
     files = read_tokenizer_files(folder)
+    if weights == "int4" and has_safetensors(folder):
+        # The projections stay on disk until the int4 factory reads and quantizes them one at a time.
+        model, store = skeleton_model(folder)
+        materialize_except(model, store, is_projection)
+        tokenizer = sources.load_tokenizer(folder)
+        return Source(model, tokenizer, files, description=str(source or "default"), store=store)
+    model, tokenizer = sources.load_model(folder)
     return Source(model, tokenizer, files, description=str(source or "default"))
 
 
@@ -267,7 +277,7 @@ def export_bundle(
         check_ops_library(library)
         src = _load_checkpoint_source(Path(source) if source is not None else Path("model.pt"))
     else:
-        src = _load_fp_source(None if source is None else str(source))
+        src = _load_fp_source(None if source is None else str(source), weights)
     config = export_config(src.model.config)
 
     with (
@@ -303,7 +313,7 @@ def _factory(src: Source, weights: str, accuracy_level: int) -> Factory:
         check_packed_names(src.model, src.packed)
         return pbs2p_factory(src.packed)
     if weights == "int4":
-        return int4_factory(accuracy_level=accuracy_level, release=True)
+        return int4_factory(accuracy_level=accuracy_level, release=True, store=src.store)
     return lambda name, linear: None  # fp32 keeps every linear as it is
 
 

@@ -86,7 +86,16 @@ class SparseBinaryLinear(EmittingModule):
             )
         if self.arithmetic == "kernel":
             return self._kernel_forward(x)
-        return nn.functional.linear(x, self.weight_hat, self.bias_eager)
+        return nn.functional.linear(x, self._dense_weight(), self.bias_eager)
+
+    def _dense_weight(self) -> torch.Tensor:
+        """W_hat: the model's weight, or (a model built without dense linears) decoded from the packed arrays
+        for this call only, so a large model never holds every layer in fp32."""
+        if not self.weight_hat.is_meta:
+            return self.weight_hat
+        from pbs2p_edge.format import unpack
+
+        return torch.from_numpy(unpack(self.packed).dense())
 
     def _split_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the binarized part mask*(alpha*s + mu), the salient residual part or None), both [rows, K]."""
@@ -131,9 +140,13 @@ class SparseBinaryLinear(EmittingModule):
         from pbs2p_edge.format.packed import ACT_MAX
         from pbs2p_edge.format.reference import chunk_bounds
 
-        if self._kernel_weights is None:
-            self._kernel_weights = self._compact_kernel_weights()
-        binary, cols, delta, residual = self._kernel_weights
+        if self.weight_hat.is_meta:  # no dense weights held: decode for this call only
+            binary, residual = self._split_weights()
+            cols, delta = None, None
+        else:
+            if self._kernel_weights is None:
+                self._kernel_weights = self._compact_kernel_weights()
+            binary, cols, delta, residual = self._kernel_weights
         flat = x.reshape(-1, self.in_features).float()
         pieces = []
         for begin, end, _ in chunk_bounds(self.in_features, self.packed.group_size):

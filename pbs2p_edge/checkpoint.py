@@ -135,8 +135,12 @@ def packed_layers(ckpt: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_model(ckpt: dict[str, Any]) -> tuple[Any, Any]:
-    """(causal LM in fp32 with the W_hat weights of the packed layers, tokenizer from the embedded files)."""
+def build_model(ckpt: dict[str, Any], dense_linears: bool = True) -> tuple[Any, Any]:
+    """(causal LM in fp32 with the W_hat weights of the packed layers, tokenizer from the embedded files).
+
+    `dense_linears=False` leaves the packed layers' weights on the meta device (biases are loaded): for the
+    exporter, whose modules compute W_hat from the packed arrays when they need it.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -157,19 +161,23 @@ def build_model(ckpt: dict[str, Any]) -> tuple[Any, Any]:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     except Exception as exc:
         raise Pbs2pError(f"checkpoint model config cannot be built: {_first_line(exc)}") from None
-    memcheck.require_fp32_model(config, "rebuilding the compressed model in fp32")
+    if dense_linears:
+        memcheck.require_fp32_model(config, "rebuilding the compressed model in fp32")
     state = {
         key: value.float() if value.is_floating_point() else value
         for key, value in ckpt["dense_state"].items()
     }
     for name, packed in packed_layers(ckpt).items():
         weight = unpack(packed)
-        state[f"{name}.weight"] = torch.from_numpy(weight.dense())
+        if dense_linears:
+            state[f"{name}.weight"] = torch.from_numpy(weight.dense())
         if weight.bias is not None:
             state[f"{name}.bias"] = torch.from_numpy(weight.bias.astype("float32"))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         missing = [key for key in missing if key != "lm_head.weight"]
+    if not dense_linears:
+        missing = [key for key in missing if key.removesuffix(".weight") not in ckpt["packed"]]
     if missing or unexpected:
         raise Pbs2pError(
             f"checkpoint weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"

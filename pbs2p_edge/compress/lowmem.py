@@ -156,6 +156,15 @@ def layer_cosines_streaming(
     return cosines
 
 
+def materialize_except(model: Any, store: LayerStore, skip: Any) -> None:
+    """Read every module still on the meta device from `store`, except those whose name `skip(name)` accepts."""
+    for name, module in model.named_modules():
+        if list(module.children()) or skip(name):
+            continue
+        if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+            store.materialize(module, f"{name}.")
+
+
 def has_safetensors(folder: str | os.PathLike) -> bool:
     folder = Path(folder)
     return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
