@@ -1,8 +1,8 @@
 """Refuse a step up front when its memory, predicted from the model's size, exceeds what is available.
 
 The predictions are deliberately simple (bytes of fp32 tensors the step holds at once, plus a fixed allowance
-for the interpreter, torch and transformers) and are checked against measured peaks in docs/ARCHITECTURE.md's
-large-model notes. Setting PBS2P_EDGE_SKIP_MEMORY_CHECK=1 skips the check (at the risk of an OOM kill).
+for the interpreter, torch and transformers); they err on the high side of the peaks measured on SmolLM2-135M
+and Qwen2.5-Coder-1.5B. Setting PBS2P_EDGE_SKIP_MEMORY_CHECK=1 skips the check (at the risk of an OOM kill).
 """
 
 from __future__ import annotations

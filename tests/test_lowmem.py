@@ -98,3 +98,37 @@ def test_qwen2_config_params_match_the_model(tiny_model_dir: Path, tmp_path: Pat
     model = AutoModelForCausalLM.from_pretrained(folder)
     total, _ = memcheck.config_params(model.config)
     assert total == sum(p.numel() for p in model.parameters())  # untied head, q/k/v biases
+
+
+@pytest.mark.parametrize("salient, bias", [(0, False), (2, True)])
+def test_export_modules_without_dense_copies_compute_the_same(salient: int, bias: bool) -> None:
+    """SparseBinaryLinear: W_hat held + compact salient correction, and W_hat decoded per call (meta weight),
+    agree with the kernels' numpy reference (`kernel_matmul`) to rounding."""
+    from pbs2p_edge.export.patch import SparseBinaryLinear
+    from pbs2p_edge.format import kernel_matmul, pack, random_weight
+
+    w = random_weight(40, 320, n=6, m=8, group_size=64, salient=salient, bias=bias, seed=5)
+    packed = pack(w)
+    x = torch.randn(3, 320, generator=torch.Generator().manual_seed(1))
+    expected = kernel_matmul(x.numpy(), packed)
+    linear = torch.nn.Linear(320, 40, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w.dense()))
+        if bias:
+            linear.bias.copy_(torch.from_numpy(w.bias))
+    held = SparseBinaryLinear(linear, packed)
+    linear.weight = torch.nn.Parameter(linear.weight.to("meta"), requires_grad=False)
+    lazy = SparseBinaryLinear(linear, packed)
+    for module in (held, lazy):
+        module.arithmetic = "float"
+        np.testing.assert_allclose(
+            module(x).detach().numpy(),
+            x.numpy() @ w.dense().T + (w.bias if bias else 0),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        module.arithmetic = "kernel"
+        np.testing.assert_allclose(module(x).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+    if salient:
+        _, cols, delta, residual = held._kernel_weights
+        assert cols.numel() == 2 * (320 // 64) and delta.shape == residual.shape == (40, cols.numel())
