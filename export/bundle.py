@@ -87,6 +87,15 @@ def _load_fp_source(source: str | None, weights: str = "fp32") -> Source:
         materialize_except(model, store, is_projection)
         tokenizer = sources.load_tokenizer(folder)
         return Source(model, tokenizer, files, description=str(source or "default"), store=store)
+    if weights == "fp32":
+        from transformers import AutoConfig
+
+        from pbs2p_edge import memcheck
+
+        # The exporter serializes every fp32 initializer while the model still holds them: twice the weights.
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        needed = memcheck.BASE_BYTES + 2 * memcheck.fp32_model_bytes(config)
+        memcheck.require(needed, f"exporting an fp32 bundle of {folder.name}")
     model, tokenizer = sources.load_model(folder)
     return Source(model, tokenizer, files, description=str(source or "default"))
 
