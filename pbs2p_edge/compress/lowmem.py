@@ -74,6 +74,20 @@ class LayerStore:
         for name in linear_names:
             layer.get_submodule(name).to("meta")
 
+    def release_embeddings(self, model: Any) -> None:
+        """Once decoder layer 0's inputs are captured the layer loop needs neither the embeddings nor the
+        head (a GiB each for a 150k vocabulary): drop them to meta until `restore`."""
+        model.get_input_embeddings().to("meta")
+        model.get_output_embeddings().to("meta")
+
+    def restore(self, model: Any, linear_names: tuple[str, ...]) -> None:
+        """Read back everything on meta except the compressed linears (for the checkpoint)."""
+        materialize_except(
+            model, self, lambda name: name.rpartition(".layers.")[2].partition(".")[2] in linear_names
+        )
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+
 
 def skeleton_model(folder: str | os.PathLike) -> tuple[Any, LayerStore]:
     """(causal LM with meta decoder layers and real embeddings/norm/head/rotary, its LayerStore)."""
@@ -158,8 +172,9 @@ def layer_cosines_streaming(
 
 def materialize_except(model: Any, store: LayerStore, skip: Any) -> None:
     """Read every module still on the meta device from `store`, except those whose name `skip(name)` accepts."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, module in model.named_modules():
-        if list(module.children()) or skip(name):
+        if list(module.children()) or skip(name) or (tied and module is model.get_output_embeddings()):
             continue
         if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
             store.materialize(module, f"{name}.")

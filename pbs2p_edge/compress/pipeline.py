@@ -127,6 +127,8 @@ def compress(
             layer_n = [config.n] * len(layers)
         cfs_seconds = time.perf_counter() - start
         chunks = capture_layer_inputs(model, calib_ids, config.batch_size)
+        if store is not None:
+            store.release_embeddings(model)
         weights: dict[str, Any] = {}
         stats: dict[str, Any] = {}
         layer_seconds: list[float] = []
@@ -151,6 +153,8 @@ def compress(
             if store is not None:
                 store.release(index, layer, LINEAR_NAMES)
             layer_seconds.append(time.perf_counter() - t0)
+        if store is not None:
+            store.restore(model, LINEAR_NAMES)
     packed = {name: pack(w) for name, w in weights.items()}
     results = _summarize(config, calib_ids, layer_n, cosines, importance, packed, weights, stats)
     results.update(seconds=time.perf_counter() - start, cfs_seconds=cfs_seconds, layer_seconds=layer_seconds)
