@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from pbs2p_edge.config import SUPPORTED_MODEL_TYPES
 from pbs2p_edge.errors import Pbs2pError
 
 
@@ -100,6 +101,10 @@ def skeleton_model(folder: str | os.PathLike) -> tuple[Any, LayerStore]:
         raise Pbs2pError(f"{folder}/config.json is not a model config: {exc}") from None
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise Pbs2pError(f"{folder} is not a causal language model (model type {config.model_type!r})")
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise Pbs2pError(
+            f"model type {config.model_type} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     config.name_or_path = str(folder)
     store = LayerStore(folder)
     with torch.device("meta"):
