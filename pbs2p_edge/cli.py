@@ -54,8 +54,8 @@ def eval_command(
 ) -> None:
     """Perplexity of SOURCE on held-out text.
 
-    SOURCE is a compressed model.pt, a Hugging Face model folder, a .gguf file, or omitted for the embedded
-    default model (SmolLM2-135M-Instruct), all scored in PyTorch with float activations; or a bundle directory
+    SOURCE is a compressed model.pt, a Hugging Face model folder, a .gguf file, an embedded model's name
+    (`pbs2p-edge models`), or omitted for the embedded default model (SmolLM2-135M-Instruct), all scored in PyTorch with float activations; or a bundle directory
     from `pbs2p-edge export`, scored torch-free with onnxruntime as deployed (the kernels' int7 activations,
     the exported head). Windows of --ctx tokens, non-overlapping, no BOS, each scored alone, over the first
     --tokens tokens of the evaluation split (or --text): the same windows for every kind of SOURCE.
