@@ -65,7 +65,7 @@ def checkpoint_dict(compressed: Any) -> dict[str, Any]:
         replaced.update({f"{name}.weight", f"{name}.bias"})
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     dense = {
-        key: value.detach().clone().contiguous()
+        key: _own_storage(value.detach())
         for key, value in model.state_dict().items()
         if key not in replaced and not (tied and key == "lm_head.weight")
     }
@@ -204,6 +204,14 @@ def tokenizer_from_files(files: dict[str, str]) -> Any:
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except Exception as exc:
             raise Pbs2pError(f"checkpoint tokenizer cannot be loaded: {_first_line(exc)}") from None
+
+
+def _own_storage(tensor: Any) -> Any:
+    """The tensor itself when it owns exactly its storage, else a compact copy (torch.save writes a view's
+    whole storage). A large model's embeddings are not copied for nothing."""
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes:
+        return tensor
+    return tensor.clone().contiguous()
 
 
 def _contiguous(array: Any) -> Any:

@@ -57,6 +57,13 @@ def test_streaming_compression_is_bit_identical(
     # no decoder linear stays materialized once the loop is done
     assert all(p.is_meta for n, p in skeleton.model.layers.named_parameters() if "proj" in n)
 
+    timing = ("seconds", "cfs_seconds", "layer_seconds", "layers")
+    assert {k: v for k, v in full.results.items() if k not in timing} == {
+        k: v for k, v in low.results.items() if k not in timing
+    }  # bits per weight (all three countings), per-layer N, cosines
+    assert full.weights.keys() == low.weights.keys()
+    name = next(iter(full.weights))
+    np.testing.assert_array_equal(full.weights[name].mask, low.weights[name].mask)
     assert full.results["layer_cosine"] == low.results["layer_cosine"]
     assert full.results["layer_n"] == low.results["layer_n"]
     assert full.packed.keys() == low.packed.keys()

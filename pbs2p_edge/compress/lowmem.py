@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,28 @@ import torch
 
 from pbs2p_edge.config import SUPPORTED_MODEL_TYPES
 from pbs2p_edge.errors import Pbs2pError
+
+
+class UnpackedWeights(Mapping):
+    """{linear name: SparseBinaryWeight} decoded from the packed form on each access (bit-exact round trip),
+    so the summary and callers see the weights without all of them being held unpacked."""
+
+    def __init__(self, packed: dict[str, Any]) -> None:
+        self._packed = packed
+
+    def __getitem__(self, name: str) -> Any:
+        from pbs2p_edge.format import unpack
+
+        return unpack(self._packed[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def clear(self) -> None:
+        """Nothing is held unpacked (the compress command clears the weights before saving)."""
 
 
 class LayerStore:
@@ -41,6 +64,19 @@ class LayerStore:
             raise Pbs2pError(f"{folder} has no safetensors weights (model.safetensors or its index)")
         self.folder = folder
         self.weight_map = weight_map
+        self.packed: dict[str, Any] = {}  # linear name -> PackedWeight of finished layers
+
+    def pack_layer(self, weights: dict[str, Any], index: int, linear_names: tuple[str, ...]) -> None:
+        """Move a finished layer's SparseBinaryWeights (a byte per weight for the mask, another for the
+        signs) to their packed form (about 2 bits per weight)."""
+        from pbs2p_edge.format import pack
+
+        for name in linear_names:
+            full = f"model.layers.{index}.{name}"
+            self.packed[full] = pack(weights.pop(full))
+
+    def unpacked_view(self) -> UnpackedWeights:
+        return UnpackedWeights(self.packed)
 
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         """{name: fp32 tensor}. Each file is mapped only while its tensors are copied out: a mapping kept open

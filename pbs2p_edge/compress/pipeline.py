@@ -152,10 +152,13 @@ def compress(
             chunks = [(_run_layer(layer, hs, kwargs), kwargs) for hs, kwargs in chunks]
             if store is not None:
                 store.release(index, layer, LINEAR_NAMES)
+                store.pack_layer(weights, index, LINEAR_NAMES)
             layer_seconds.append(time.perf_counter() - t0)
         if store is not None:
             store.restore(model, LINEAR_NAMES)
     packed = {name: pack(w) for name, w in weights.items()}
+    if store is not None:  # finished layers were packed as they went; `weights` unpacks them on access
+        packed, weights = store.packed, store.unpacked_view()
     results = _summarize(config, calib_ids, layer_n, cosines, importance, packed, weights, stats)
     results.update(seconds=time.perf_counter() - start, cfs_seconds=cfs_seconds, layer_seconds=layer_seconds)
     return CompressedModel(model, config, weights, packed, results, dict(tokenizer_files))
