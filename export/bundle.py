@@ -48,6 +48,7 @@ class Source:
         self.nbits: dict[str, Any] = meta.get("nbits", {})
         self.compression: dict[str, Any] | None = meta.get("compression")
         self.description: str = meta.get("description", "")
+        self.store: Any = meta.get("store")  # lowmem.LayerStore of layers not yet read (int4 baseline)
 
 
 def _load_checkpoint_source(path: Path) -> Source:
@@ -60,7 +61,8 @@ def _load_checkpoint_source(path: Path) -> Source:
     if not path.is_file():
         raise Pbs2pError(f"checkpoint {path} does not exist")
     ckpt = load_checkpoint(path)
-    model, tokenizer = build_model(ckpt)
+    # The packed layers stay packed (their modules decode W_hat per call): no fp32 copy of the model.
+    model, tokenizer = build_model(ckpt, dense_linears=False)
     files = {name: text for name, text in (ckpt.get("tokenizer") or {}).items() if isinstance(text, str)}
     return Source(
         model.eval(),
@@ -73,15 +75,32 @@ def _load_checkpoint_source(path: Path) -> Source:
     )
 
 
-def _load_fp_source(source: str | None) -> Source:
+def _load_fp_source(source: str | None, weights: str = "fp32") -> Source:
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import read_tokenizer_files
+    from pbs2p_edge.compress.lowmem import has_safetensors, materialize_except, skeleton_model
+    from pbs2p_edge.export.baselines import is_projection
 
     if source is not None and str(source).endswith(".pt"):
         raise Pbs2pError(f"{source} is a compressed checkpoint: export it with --format pbs2p")
     folder = sources.model_files(source)
-    model, tokenizer = sources.load_model(folder)
     files = read_tokenizer_files(folder)
+    if weights == "int4" and has_safetensors(folder):
+        # The projections stay on disk until the int4 factory reads and quantizes them one at a time.
+        model, store = skeleton_model(folder)
+        materialize_except(model, store, is_projection)
+        tokenizer = sources.load_tokenizer(folder)
+        return Source(model, tokenizer, files, description=str(source or "default"), store=store)
+    if weights == "fp32":
+        from transformers import AutoConfig
+
+        from pbs2p_edge import memcheck
+
+        # The exporter serializes every fp32 initializer while the model still holds them: twice the weights.
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        needed = memcheck.BASE_BYTES + 2 * memcheck.fp32_model_bytes(config)
+        memcheck.require(needed, f"exporting an fp32 bundle of {folder.name}")
+    model, tokenizer = sources.load_model(folder)
     return Source(model, tokenizer, files, description=str(source or "default"))
 
 
@@ -275,7 +294,7 @@ def export_bundle(
         src = _load_checkpoint_source(Path(source) if source is not None else Path("model.pt"))
         requires_ops = _ops_requirement(ops.library_info(library), src.packed)
     else:
-        src = _load_fp_source(None if source is None else str(source))
+        src = _load_fp_source(None if source is None else str(source), weights)
     config = export_config(src.model.config)
 
     with (
@@ -335,7 +354,7 @@ def _factory(src: Source, weights: str, accuracy_level: int) -> Factory:
             return _mixed_factory(pbs2p_factory(src.packed), src.nbits, accuracy_level)
         return pbs2p_factory(src.packed)
     if weights == "int4":
-        return int4_factory(accuracy_level=accuracy_level)
+        return int4_factory(accuracy_level=accuracy_level, release=True, store=src.store)
     return lambda name, linear: None  # fp32 keeps every linear as it is
 
 

@@ -17,7 +17,8 @@ import click
     type=click.Choice(["pbs2p", "fp32", "int4"]),
     default="pbs2p",
     show_default=True,
-    help="pbs2p: SOURCE is a model.pt; fp32/int4 baselines: SOURCE is a model folder, a .gguf or 'default'.",
+    help="pbs2p: SOURCE is a model.pt; fp32/int4 baselines: SOURCE is a model folder, a .gguf, 'default' "
+    "or an embedded model's name (pbs2p-edge models).",
 )
 @click.option(
     "--head",

@@ -96,10 +96,10 @@ class NBitsLinear(EmittingModule):
         self.bias = (
             None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         )
-        self.weight_eager = torch.from_numpy(self.quantized.dequantize())
+        # Decoded per eager call (not cached): a large model would otherwise hold an fp32 copy of every layer.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.emit_onnx:
-            return nn.functional.linear(x, self.weight_eager, self.bias)
+            return nn.functional.linear(x, torch.from_numpy(self.quantized.dequantize()), self.bias)
         y = matmul_nbits(x, self.weight_q, self.weight_scales, self.quantized, self.accuracy_level)
         return y if self.bias is None else y + self.bias

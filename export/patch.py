@@ -69,7 +69,7 @@ class SparseBinaryLinear(EmittingModule):
         # Plain attributes, not parameters: the graph must not carry the dense weight.
         self.weight_hat = linear.weight.detach()
         self.bias_eager = None if linear.bias is None else linear.bias.detach()
-        self._kernel_weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+        self._kernel_weights: tuple[torch.Tensor, Any, Any, Any, Any] | None = None
         self.attributes = {k: int(v) for k, v in packed.op_attributes().items()}
         self.input_names = _register_inputs(self, packed.op_inputs())
 
@@ -86,7 +86,16 @@ class SparseBinaryLinear(EmittingModule):
             )
         if self.arithmetic == "kernel":
             return self._kernel_forward(x)
-        return nn.functional.linear(x, self.weight_hat, self.bias_eager)
+        return nn.functional.linear(x, self._dense_weight(), self.bias_eager)
+
+    def _dense_weight(self) -> torch.Tensor:
+        """W_hat: the model's weight, or (a model built without dense linears) decoded from the packed arrays
+        for this call only, so a large model never holds every layer in fp32."""
+        if not self.weight_hat.is_meta:
+            return self.weight_hat
+        from pbs2p_edge.format import unpack
+
+        return torch.from_numpy(unpack(self.packed).dense())
 
     def _split_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(the binarized part mask*(alpha*s + mu), the salient residual part or None, both [rows, K], without
@@ -109,13 +118,43 @@ class SparseBinaryLinear(EmittingModule):
             None if w.col_scales is None else as_tensor(w.col_scales),
         )
 
+    def _compact_kernel_weights(self) -> tuple[torch.Tensor, Any, Any, Any, Any]:
+        """(binary or W_hat, salient columns, binary - W_hat on them, residual on them, column scales).
+
+        The binarized part equals W_hat off the salient columns, so only those columns are kept beside W_hat
+        (a large model would otherwise hold two more fp32 copies of every layer). When it does not (W_hat is
+        not this packed weight's reconstruction, or column scales multiply it), the full binarized matrix is
+        kept instead.
+        """
+        binary, residual, col_scales = self._split_weights()
+        if col_scales is not None:
+            return binary, None, None, residual, col_scales
+        if residual is None:
+            cols = torch.zeros(0, dtype=torch.long)
+        else:
+            cols = torch.nonzero(residual.abs().sum(dim=0) > 0).flatten()
+        outside = torch.ones(self.in_features, dtype=torch.bool)
+        outside[cols] = False
+        if self.weight_hat.shape != binary.shape or not torch.equal(
+            self.weight_hat[:, outside], binary[:, outside]
+        ):
+            return binary, None, None, residual, None
+        if cols.numel() == 0:
+            return self.weight_hat, None, None, None, None
+        delta = binary[:, cols] - self.weight_hat[:, cols]
+        return self.weight_hat, cols, delta.contiguous(), residual[:, cols].contiguous(), None
+
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from pbs2p_edge.format.packed import ACT_MAX
         from pbs2p_edge.format.reference import chunk_bounds
 
-        if self._kernel_weights is None:
-            self._kernel_weights = self._split_weights()
-        binary, residual, col_scales = self._kernel_weights
+        if self.weight_hat.is_meta:  # no dense weights held: decode for this call only
+            binary, residual, col_scales = self._split_weights()
+            cols, delta = None, None
+        else:
+            if self._kernel_weights is None:
+                self._kernel_weights = self._compact_kernel_weights()
+            binary, cols, delta, residual, col_scales = self._kernel_weights
         flat = x.reshape(-1, self.in_features).float()
         if col_scales is not None:  # y = W_hat_v1 @ (x * c), scaled before the int7 quantization
             flat = flat * col_scales
@@ -129,9 +168,12 @@ class SparseBinaryLinear(EmittingModule):
             inv = torch.where(amax > 0, torch.full_like(safe, float(ACT_MAX)) / safe, 0.0)
             q = torch.clamp(torch.round(chunk * inv), -ACT_MAX, ACT_MAX)
             pieces.append(q * (amax / torch.full_like(amax, float(ACT_MAX))))
-        y = torch.cat(pieces, dim=1) @ binary.T
+        xq = torch.cat(pieces, dim=1)
+        y = xq @ binary.T
+        if delta is not None:
+            y = y + xq[:, cols] @ delta.T
         if residual is not None:
-            y = y + flat @ residual.T
+            y = y + (flat if cols is None else flat[:, cols]) @ residual.T
         if self.bias_eager is not None:
             y = y + self.bias_eager
         return y.reshape(*x.shape[:-1], self.out_features)

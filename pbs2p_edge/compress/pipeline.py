@@ -92,11 +92,15 @@ def compress(
     *,
     tokenizer_files: dict[str, str] | None = None,
     progress: bool = True,
+    store: Any = None,
 ) -> CompressedModel:
-    """Compress the 7 linears of every decoder layer of `model` in place; embeddings, norms, head stay dense.
+    """Compress the linears of every decoder layer of `model` in place; embeddings, norms, head stay dense.
 
     `calib_ids` is a LongTensor [samples, seq_len]. `tokenizer_files` ({filename: text}) go into the
-    checkpoint; by default they are read from the folder the model was loaded from.
+    checkpoint; by default they are read from the folder the model was loaded from. With `store` (a
+    `lowmem.LayerStore`, model from `lowmem.skeleton_model`) each decoder layer is read from disk for its
+    turn and its linears dropped afterwards; the result is the same. That path has no whole model in memory,
+    so the bit budget's sensitivity probe is skipped and end-to-end recovery is refused.
     """
     from pbs2p_edge.format import pack
 
@@ -117,7 +121,13 @@ def compress(
         cosines: list[float] = []
         importance: list[float] = []
         if config.cfs:
-            cosines = layer_cosines(model, calib_ids[: config.cfs_samples], config.batch_size)
+            if store is not None:
+                from pbs2p_edge.compress.lowmem import layer_cosines_streaming
+
+                cfs_ids = calib_ids[: config.cfs_samples]
+                cosines = layer_cosines_streaming(model, store, cfs_ids, config.batch_size, progress)
+            else:
+                cosines = layer_cosines(model, calib_ids[: config.cfs_samples], config.batch_size)
             importance = cfs.importance_from_cosine(cosines)
             layer_n = cfs.allocate(
                 importance, params, config.n, config.cfs_n_low, config.cfs_n_high, config.cfs_delta
@@ -126,18 +136,28 @@ def compress(
             layer_n = [config.n] * len(layers)
         cfs_seconds = time.perf_counter() - start
         budget = {}
-        if config.budget:
+        if config.budget and store is None:
             budget = _plan_budget(model, calib_ids, layer_n, config, progress, names)
+        elif config.budget:
+            budget = {"skipped": "the low-memory path has no whole model to probe layer sensitivity on"}
         int4_layers = set(budget.get("int4_layers", []))
         nbits: dict[str, Any] = {}
         teacher = None
         if config.e2e_seconds > 0:
             from pbs2p_edge.compress.recover import teacher_topk
 
+            if store is not None:
+                raise Pbs2pError(
+                    "end-to-end recovery needs the whole model in memory; the low-memory path "
+                    "(models stored as safetensors larger than the in-memory limit) cannot run it: use --e2e-seconds 0"
+                )
+
             teacher = teacher_topk(model, calib_ids, config.e2e_topk, config.e2e_micro_batch)
         chunks = capture_layer_inputs(model, calib_ids, config.batch_size)
+        if store is not None:
+            store.release_embeddings(model)
         # Local/global layers get different masks and rotary tables: replay each layer's own (families.py).
-        per_layer = layer_kwargs(model, calib_ids, config.batch_size) if layers_differ(model) else None
+        layer_kwargs_by_batch = layer_kwargs(model, calib_ids, config.batch_size) if layers_differ(model) else None
         fp_chunks = [hs for hs, _ in chunks] if config.recover_target == "fp_states" else []
         recovery: list[dict[str, Any]] = []
         weights: dict[str, Any] = {}
@@ -152,43 +172,30 @@ def compress(
         for index, layer in bar:
             bar.set_postfix(N=layer_n[index])
             t0 = time.perf_counter()
-            if per_layer is not None:
-                chunks = [(hs, per_layer[b][index]) for b, (hs, _) in enumerate(chunks)]
+            if store is not None:
+                store.load(index, layer)
+            if layer_kwargs_by_batch is not None:
+                chunks = [(hs, layer_kwargs_by_batch[b][index]) for b, (hs, _) in enumerate(chunks)]
             if index in int4_layers:
-                from pbs2p_edge.compress.budget import int4_linear
-
-                fp_layer = copy.deepcopy(layer) if fp_chunks else None
-                for name in names:
-                    nbits[f"model.layers.{index}.{name}"] = int4_linear(layer.get_submodule(name))
-                if fp_layer is not None:
-                    fp_chunks[:] = [
-                        _run_layer(fp_layer, hs, kw) for hs, (_, kw) in zip(fp_chunks, chunks, strict=True)
-                    ]
-                chunks = [(_run_layer(layer, hs, kwargs), kwargs) for hs, kwargs in chunks]
-                layer_seconds.append(time.perf_counter() - t0)
-                continue
-            hessians = _collect_hessians(layer, chunks, names)
-            fp_layer = copy.deepcopy(layer) if recover_seconds > 0 else None
-            for name in names:
-                full = f"model.layers.{index}.{name}"
-                linear = layer.get_submodule(name)
-                weights[full], stats[full] = compress_linear(linear, hessians[name], layer_n[index], config)
-            del hessians
-            if fp_layer is not None:
-                local = {name: weights[f"model.layers.{index}.{name}"] for name in names}
-                per_layer = recover_seconds / len(layers)
-                done, outs = _recover(layer, fp_layer, local, chunks, fp_chunks, config, per_layer)
-                recovery.append(done)
-                bar.set_postfix(N=layer_n[index], err=f"{done['before']:.3f}->{done['after']:.3f}")
-                chunks = [(out, kwargs) for out, (_, kwargs) in zip(outs, chunks, strict=True)]
-                layer_seconds.append(time.perf_counter() - t0)
-                continue
-            chunks = [(_run_layer(layer, hs, kwargs), kwargs) for hs, kwargs in chunks]
+                chunks = _keep_int4(layer, index, names, chunks, fp_chunks, nbits)
+            else:
+                chunks = _compress_layer(
+                    layer, index, names, layer_n[index], chunks, fp_chunks, config, weights, stats,
+                    recover_seconds / len(layers), recovery, bar,
+                )
+            if store is not None:
+                store.release(index, layer, names)
+                if index not in int4_layers:
+                    store.pack_layer(weights, index, names)
             layer_seconds.append(time.perf_counter() - t0)
+        if store is not None:
+            store.restore(model, names)
     e2e: dict[str, Any] = {}
     if teacher is not None:
         e2e = _recover_e2e(model, weights, calib_ids, teacher, config, progress)
     packed = {name: pack(w) for name, w in weights.items()}
+    if store is not None:  # finished layers were packed as they went; `weights` unpacks them on access
+        packed, weights = store.packed, store.unpacked_view()
     results = _summarize(config, calib_ids, layer_n, cosines, importance, packed, weights, stats, nbits)
     results.update(
         budget=budget, projected_bundle_bytes=projected_bundle_bytes(model, results["packed_bytes"])
@@ -196,6 +203,55 @@ def compress(
     results.update(seconds=time.perf_counter() - start, cfs_seconds=cfs_seconds, layer_seconds=layer_seconds)
     results.update(recovery=recovery, e2e=e2e, recover_seconds=recover_seconds)
     return CompressedModel(model, config, weights, packed, results, dict(tokenizer_files), nbits)
+
+
+def _keep_int4(
+    layer: Any,
+    index: int,
+    names: tuple[str, ...],
+    chunks: list[tuple[torch.Tensor, dict[str, Any]]],
+    fp_chunks: list[torch.Tensor],
+    nbits: dict[str, Any],
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """A layer the bit budget keeps in int4 (MatMulNBits): quantize its linears, return the next inputs."""
+    from pbs2p_edge.compress.budget import int4_linear
+
+    fp_layer = copy.deepcopy(layer) if fp_chunks else None
+    for name in names:
+        nbits[f"model.layers.{index}.{name}"] = int4_linear(layer.get_submodule(name))
+    if fp_layer is not None:
+        fp_chunks[:] = [_run_layer(fp_layer, hs, kw) for hs, (_, kw) in zip(fp_chunks, chunks, strict=True)]
+    return [(_run_layer(layer, hs, kwargs), kwargs) for hs, kwargs in chunks]
+
+
+def _compress_layer(
+    layer: Any,
+    index: int,
+    names: tuple[str, ...],
+    n: int,
+    chunks: list[tuple[torch.Tensor, dict[str, Any]]],
+    fp_chunks: list[torch.Tensor],
+    config: PBS2PConfig,
+    weights: dict[str, Any],
+    stats: dict[str, Any],
+    recover_seconds: float,
+    recovery: list[dict[str, Any]],
+    bar: Any,
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Compress one decoder layer's linears (then block-wise recovery if on); return the next inputs."""
+    hessians = _collect_hessians(layer, chunks, names)
+    fp_layer = copy.deepcopy(layer) if recover_seconds > 0 else None
+    for name in names:
+        full = f"model.layers.{index}.{name}"
+        weights[full], stats[full] = compress_linear(layer.get_submodule(name), hessians[name], n, config)
+    del hessians
+    if fp_layer is None:
+        return [(_run_layer(layer, hs, kwargs), kwargs) for hs, kwargs in chunks]
+    local = {name: weights[f"model.layers.{index}.{name}"] for name in names}
+    done, outs = _recover(layer, fp_layer, local, chunks, fp_chunks, config, recover_seconds)
+    recovery.append(done)
+    bar.set_postfix(N=n, err=f"{done['before']:.3f}->{done['after']:.3f}")
+    return [(out, kwargs) for out, (_, kwargs) in zip(outs, chunks, strict=True)]
 
 
 def _plan_budget(

@@ -1,0 +1,81 @@
+"""Refuse a step up front when its memory, predicted from the model's size, exceeds what is available.
+
+The predictions are deliberately simple (bytes of fp32 tensors the step holds at once, plus a fixed allowance
+for the interpreter, torch and transformers); they err on the high side of the peaks measured on SmolLM2-135M
+and Qwen2.5-Coder-1.5B. Setting PBS2P_EDGE_SKIP_MEMORY_CHECK=1 skips the check (at the risk of an OOM kill).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pbs2p_edge.errors import Pbs2pError
+
+GIB = 1 << 30
+BASE_BYTES = int(1.0 * GIB)  # python + torch + transformers + tokenizer, measured on the 135M model
+
+
+def available_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def require(needed: int, what: str) -> None:
+    """Raise Pbs2pError naming both figures when `needed` bytes exceed the available memory."""
+    if os.environ.get("PBS2P_EDGE_SKIP_MEMORY_CHECK") == "1":
+        return
+    available = available_bytes()
+    if needed > available:
+        raise Pbs2pError(
+            f"{what} needs about {needed / GIB:.1f} GiB of memory, {available / GIB:.1f} GiB is available "
+            "(free memory or set PBS2P_EDGE_SKIP_MEMORY_CHECK=1 to try anyway)"
+        )
+
+
+def config_params(config: object) -> tuple[int, int]:
+    """(parameters of the whole model, parameters of one decoder layer) from a HF LLaMA-family config."""
+    hidden = int(config.hidden_size)
+    inter = int(config.intermediate_size)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter + 2 * hidden
+    if getattr(config, "model_type", "") == "qwen2":
+        layer += head_dim * (heads + 2 * kv)  # q/k/v biases
+    vocab = int(config.vocab_size)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    total = int(config.num_hidden_layers) * layer + vocab * hidden * (1 if tied else 2) + hidden
+    return total, layer
+
+
+def fp32_model_bytes(config: object) -> int:
+    return 4 * config_params(config)[0]
+
+
+def require_fp32_model(config: object, what: str) -> None:
+    """Refuse loading a model in fp32 (FP eval, export baselines, rebuilding model.pt) that cannot fit."""
+    require(BASE_BYTES + fp32_model_bytes(config), what)
+
+
+def eval_bytes(config: object, ctx: int) -> int:
+    """PyTorch perplexity of an fp32 model: the weights + one window's logits (fp32, a few copies)."""
+    return BASE_BYTES + fp32_model_bytes(config) + 3 * 4 * ctx * int(config.vocab_size)
+
+
+def compress_bytes(config: object, samples: int, seq_len: int) -> int:
+    """Low-memory compression, the larger of its two phases:
+    - start: the embeddings and head read in fp32 (each briefly twice while copied out of the file);
+    - layer loop (embeddings and head dropped): one fp32 layer (x3: W, W_hat and the GPTQ work), the fp64
+      Hessian of down_proj (x4: accumulator, damped copy, identity, inverse), the calibration activations
+      (x2) and 2 bytes per compressed weight so far (mask and signs held until packing).
+    Qwen2.5-Coder-1.5B, 32 x 256: 6.9 GiB predicted; 8.19 GiB measured when the loop still held the
+    embeddings and head (1.74 GiB), i.e. 6.45 GiB for the loop alone."""
+    total, layer = config_params(config)
+    n_layers = int(config.num_hidden_layers)
+    hidden, inter = int(config.hidden_size), int(config.intermediate_size)
+    rest = total - n_layers * layer
+    activations = 2 * 4 * samples * seq_len * max(hidden, inter)
+    start = 2 * 4 * rest
+    loop = 3 * 4 * layer + 4 * 8 * inter * inter + activations + 2 * n_layers * layer
+    return BASE_BYTES + max(start, loop)

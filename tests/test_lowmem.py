@@ -1,0 +1,141 @@
+"""Low-memory compression (one decoder layer in RAM) gives exactly what compressing the loaded model gives."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CONFIG
+
+from pbs2p_edge import memcheck, sources
+from pbs2p_edge.checkpoint import checkpoint_dict, read_tokenizer_files
+from pbs2p_edge.compress import compress
+from pbs2p_edge.compress.lowmem import LayerStore, has_safetensors, skeleton_model
+from pbs2p_edge.config import PBS2PConfig
+from pbs2p_edge.errors import Pbs2pError
+
+
+def _qwen2_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A tiny Qwen2 (q/k/v biases, untied head) saved in two safetensors shards."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path / "tiny_qwen2"
+    shutil.copytree(tiny_model_dir, out, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    settings = {**TINY_CONFIG, "vocab_size": vocab, "tie_word_embeddings": False, "use_sliding_window": False}
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **settings)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") or name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn(param.shape))
+    model.save_pretrained(out, max_shard_size="300KB")
+    return out
+
+
+@pytest.mark.parametrize("family, cfs", [("llama", False), ("qwen2", True)])
+def test_streaming_compression_is_bit_identical(
+    family: str, cfs: bool, tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path
+) -> None:
+    folder = tiny_model_dir if family == "llama" else _qwen2_dir(tmp_path, tiny_model_dir)
+    if family == "qwen2":
+        assert (folder / "model.safetensors.index.json").is_file()  # the sharded reader is exercised
+    config = PBS2PConfig(
+        n=6, m=8, calib_samples=4, calib_len=32, cfs=cfs, cfs_samples=4, batch_size=2, arb_iters=3
+    )
+    model, tokenizer = sources.load_model(folder)
+    calib = sources.calibration_ids(tokenizer, 4, 32, 0, corpus_text_file)
+    files = read_tokenizer_files(folder)
+    full = compress(model, config, calib, tokenizer_files=files, progress=False)
+
+    skeleton, store = skeleton_model(folder)
+    low = compress(skeleton, config, calib, tokenizer_files=files, progress=False, store=store)
+    # no decoder linear stays materialized once the loop is done
+    assert all(p.is_meta for n, p in skeleton.model.layers.named_parameters() if "proj" in n)
+
+    timing = ("seconds", "cfs_seconds", "layer_seconds", "layers")
+    assert {k: v for k, v in full.results.items() if k not in timing} == {
+        k: v for k, v in low.results.items() if k not in timing
+    }  # bits per weight (all three countings), per-layer N, cosines
+    assert full.weights.keys() == low.weights.keys()
+    name = next(iter(full.weights))
+    np.testing.assert_array_equal(full.weights[name].mask, low.weights[name].mask)
+    assert full.results["layer_cosine"] == low.results["layer_cosine"]
+    assert full.results["layer_n"] == low.results["layer_n"]
+    assert full.packed.keys() == low.packed.keys()
+    for name in full.packed:
+        for key, array in full.packed[name].arrays.items():
+            np.testing.assert_array_equal(array, low.packed[name].arrays[key], err_msg=f"{name}.{key}")
+    a, b = checkpoint_dict(full), checkpoint_dict(low)
+    assert a["dense_state"].keys() == b["dense_state"].keys()
+    for key, tensor in a["dense_state"].items():
+        assert torch.equal(tensor, b["dense_state"][key]), key
+    assert a["model_config"] == b["model_config"]
+
+
+def test_layer_store_refuses_a_folder_without_safetensors(tmp_path: Path) -> None:
+    assert not has_safetensors(tmp_path)
+    with pytest.raises(Pbs2pError, match="no safetensors"):
+        LayerStore(tmp_path)
+
+
+def test_memory_prediction_and_refusal(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    model, _ = sources.load_model(tiny_model_dir)
+    total, _layer = memcheck.config_params(config)
+    assert total == sum(p.numel() for p in model.parameters())  # tied head counted once
+    monkeypatch.setattr(memcheck, "available_bytes", lambda: 2 * memcheck.GIB)
+    memcheck.require(memcheck.compress_bytes(config, 32, 256), "compressing tiny")
+    with pytest.raises(Pbs2pError, match=r"needs about 3\.0 GiB of memory, 2\.0 GiB is available"):
+        memcheck.require(3 * memcheck.GIB, "evaluating tiny")
+    monkeypatch.setenv("PBS2P_EDGE_SKIP_MEMORY_CHECK", "1")
+    memcheck.require(3 * memcheck.GIB, "evaluating tiny")
+
+
+def test_qwen2_config_params_match_the_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = _qwen2_dir(tmp_path, tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    total, _ = memcheck.config_params(model.config)
+    assert total == sum(p.numel() for p in model.parameters())  # untied head, q/k/v biases
+
+
+@pytest.mark.parametrize("salient, bias", [(0, False), (2, True)])
+def test_export_modules_without_dense_copies_compute_the_same(salient: int, bias: bool) -> None:
+    """SparseBinaryLinear: W_hat held + compact salient correction, and W_hat decoded per call (meta weight),
+    agree with the kernels' numpy reference (`kernel_matmul`) to rounding."""
+    from pbs2p_edge.export.patch import SparseBinaryLinear
+    from pbs2p_edge.format import kernel_matmul, pack, random_weight
+
+    w = random_weight(40, 320, n=6, m=8, group_size=64, salient=salient, bias=bias, seed=5)
+    packed = pack(w)
+    x = torch.randn(3, 320, generator=torch.Generator().manual_seed(1))
+    expected = kernel_matmul(x.numpy(), packed)
+    linear = torch.nn.Linear(320, 40, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w.dense()))
+        if bias:
+            linear.bias.copy_(torch.from_numpy(w.bias))
+    held = SparseBinaryLinear(linear, packed)
+    linear.weight = torch.nn.Parameter(linear.weight.to("meta"), requires_grad=False)
+    lazy = SparseBinaryLinear(linear, packed)
+    for module in (held, lazy):
+        module.arithmetic = "float"
+        np.testing.assert_allclose(
+            module(x).detach().numpy(),
+            x.numpy() @ w.dense().T + (w.bias if bias else 0),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        module.arithmetic = "kernel"
+        np.testing.assert_allclose(module(x).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+    if salient:
+        _, cols, delta, residual = held._kernel_weights
+        assert cols.numel() == 2 * (320 // 64) and delta.shape == residual.shape == (40, cols.numel())
