@@ -157,7 +157,9 @@ def compress(
         if store is not None:
             store.release_embeddings(model)
         # Local/global layers get different masks and rotary tables: replay each layer's own (families.py).
-        layer_kwargs_by_batch = layer_kwargs(model, calib_ids, config.batch_size) if layers_differ(model) else None
+        layer_kwargs_by_batch = (
+            layer_kwargs(model, calib_ids, config.batch_size) if layers_differ(model) else None
+        )
         fp_chunks = [hs for hs, _ in chunks] if config.recover_target == "fp_states" else []
         recovery: list[dict[str, Any]] = []
         weights: dict[str, Any] = {}
@@ -180,8 +182,18 @@ def compress(
                 chunks = _keep_int4(layer, index, names, chunks, fp_chunks, nbits)
             else:
                 chunks = _compress_layer(
-                    layer, index, names, layer_n[index], chunks, fp_chunks, config, weights, stats,
-                    recover_seconds / len(layers), recovery, bar,
+                    layer,
+                    index,
+                    names,
+                    layer_n[index],
+                    chunks,
+                    fp_chunks,
+                    config,
+                    weights,
+                    stats,
+                    recover_seconds / len(layers),
+                    recovery,
+                    bar,
                 )
             if store is not None:
                 store.release(index, layer, names)
@@ -273,9 +285,7 @@ def _plan_budget(
         return {"budget_bits": budget_bits, "pattern_bits": pattern, "int4_layers": [], "sensitivity": []}
     b.check_budget(budget_bits, packed, weights)
     probe = calib_ids[: config.budget_probe_samples, : config.budget_probe_len]
-    sensitivity = b.layer_sensitivity(
-        model, probe, names, config.n, config.m, config.group_size, progress
-    )
+    sensitivity = b.layer_sensitivity(model, probe, names, config.n, config.m, config.group_size, progress)
     chosen = b.choose_int4_layers(sensitivity, packed, int4, weights, budget_bits)
     return {
         "budget_bits": budget_bits,
