@@ -45,7 +45,16 @@ def test_streaming_compression_is_bit_identical(
     if family == "qwen2":
         assert (folder / "model.safetensors.index.json").is_file()  # the sharded reader is exercised
     config = PBS2PConfig(
-        n=6, m=8, calib_samples=4, calib_len=32, cfs=cfs, cfs_samples=4, batch_size=2, arb_iters=3
+        n=6,
+        m=8,
+        calib_samples=4,
+        calib_len=32,
+        cfs=cfs,
+        cfs_samples=4,
+        batch_size=2,
+        arb_iters=3,
+        recover_seconds=0,  # wall-time recovery is not reproducible
+        budget=False,  # the streaming path has no whole model for the budget's probe
     )
     model, tokenizer = sources.load_model(folder)
     calib = sources.calibration_ids(tokenizer, 4, 32, 0, corpus_text_file)
@@ -137,5 +146,30 @@ def test_export_modules_without_dense_copies_compute_the_same(salient: int, bias
         module.arithmetic = "kernel"
         np.testing.assert_allclose(module(x).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
     if salient:
-        _, cols, delta, residual = held._kernel_weights
+        _, cols, delta, residual, col_scales = held._kernel_weights
+        assert col_scales is None
         assert cols.numel() == 2 * (320 // 64) and delta.shape == residual.shape == (40, cols.numel())
+
+
+def test_cli_low_memory_path_skips_the_budget_and_refuses_e2e(
+    tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layer-streaming path (forced here; large models take it by size) compresses, says that the bit
+    budget's probe was skipped, and refuses end-to-end recovery in one line."""
+    from click.testing import CliRunner
+
+    from pbs2p_edge.compress.cli import compress_command
+
+    monkeypatch.setenv("PBS2P_EDGE_LOW_MEMORY", "1")
+    base = ["--model", str(tiny_model_dir), "--text", str(corpus_text_file), "--nm", "6:8"]
+    fast = ["--calib-samples", "4", "--calib-len", "32", "--no-progress", "--recover-seconds", "1"]
+    out = tmp_path / "low.pt"
+    result = CliRunner().invoke(compress_command, [*base, *fast, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "bit budget skipped" in result.output and out.is_file()
+    result = CliRunner().invoke(
+        compress_command, [*base, *fast, "--e2e-seconds", "5", "-o", str(tmp_path / "e.pt")]
+    )
+    assert result.exit_code == 2
+    assert "end-to-end recovery needs the whole model" in result.output
+    assert not (tmp_path / "e.pt").exists()

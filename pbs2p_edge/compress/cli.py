@@ -5,6 +5,8 @@ Only click is imported at module level; torch and transformers load when the com
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import click
@@ -159,6 +161,21 @@ def build_config(options: dict[str, Any]) -> Any:
     return PBS2PConfig(n=n, m=m, method=options["method"], seed=options["seed"], **settings)
 
 
+# Models whose fp32 weights exceed this are compressed one decoder layer at a time from their safetensors
+# (compress/lowmem.py); smaller ones are held whole, which the bit budget's probe and E2E recovery need.
+LOW_MEMORY_BYTES = 2 << 30
+
+
+def _needs_low_memory(folder: Path) -> bool:
+    from transformers import AutoConfig
+
+    from pbs2p_edge import memcheck
+
+    if os.environ.get("PBS2P_EDGE_LOW_MEMORY") == "1":
+        return True
+    return memcheck.fp32_model_bytes(AutoConfig.from_pretrained(folder)) > LOW_MEMORY_BYTES
+
+
 def _budget(value: float | None, flag: str, allow_zero: bool = False) -> float | None:
     from pbs2p_edge.errors import Pbs2pError
 
@@ -197,7 +214,6 @@ def _parse_salient(text: str | None, largest: int | None) -> dict[str, Any]:
 
 
 def _run(**options: Any) -> None:
-    from pathlib import Path
 
     from pbs2p_edge.errors import Pbs2pError
 
@@ -215,7 +231,7 @@ def _run(**options: Any) -> None:
 
     folder = sources.model_files(options["model_path"])
     store = None
-    if has_safetensors(folder):  # low memory: one decoder layer in RAM at a time
+    if has_safetensors(folder) and _needs_low_memory(folder):  # one decoder layer in RAM at a time
         model, store = skeleton_model(folder)
         tokenizer = sources.load_tokenizer(folder)
     else:
@@ -264,7 +280,9 @@ def summary(results: dict[str, Any], output: Any) -> str:
         f"  time: {results['seconds']:.1f} s",
     ]
     budget = results.get("budget") or {}
-    if budget:
+    if budget.get("skipped"):
+        lines.append(f"  bit budget skipped: {budget['skipped']}")
+    elif budget:
         lines.append(
             f"  bit budget {budget['budget_bits']:g} (pattern alone {budget['pattern_bits']:.3f}): "
             f"int4 decoder layers {budget['int4_layers'] or 'none'}"
