@@ -207,6 +207,18 @@ class _Norms:
             n.weight = nn.Parameter(value, requires_grad=False)
 
 
+def _revert(swap: _Swap, norms: _Norms) -> None:
+    """Put back the scales and norm weights recovery started from (used when tuning did not lower the error)."""
+    for name, module in swap.originals.items():
+        w = swap.weights[name]
+        w.alpha, w.mu, w.alpha2, saved = swap.saved[name]
+        if saved is not None:
+            w.col_scales = saved
+        module.weight.data.copy_(torch.from_numpy(w.dense()).to(module.weight.dtype))
+    for n, w0 in zip(norms.norms, norms.originals, strict=True):
+        n.weight.data.copy_(w0)
+
+
 def _slice_kwargs(kwargs: dict[str, Any], batch: int, lo: int, hi: int) -> dict[str, Any]:
     def cut(v: Any) -> Any:
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1:
@@ -300,14 +312,7 @@ def recover_layer(
     outs, after = layer_outputs(layer, chunks, targets)
     kept = after < before
     if not kept:
-        for name, module in swap.originals.items():
-            w = swap.weights[name]
-            w.alpha, w.mu, w.alpha2, saved = swap.saved[name]
-            if saved is not None:
-                w.col_scales = saved
-            module.weight.data.copy_(torch.from_numpy(w.dense()).to(module.weight.dtype))
-        for n, w0 in zip(norms.norms, norms.originals, strict=True):
-            n.weight.data.copy_(w0)
+        _revert(swap, norms)
         outs, after = outs_before, before
     stats = {
         "before": before,
@@ -406,14 +411,7 @@ def recover_e2e(
     after = total_kl()
     kept = after < before
     if not kept:
-        for name, module in swap.originals.items():
-            w = swap.weights[name]
-            w.alpha, w.mu, w.alpha2, saved = swap.saved[name]
-            if saved is not None:
-                w.col_scales = saved
-            module.weight.data.copy_(torch.from_numpy(w.dense()).to(module.weight.dtype))
-        for n, w0 in zip(norms.norms, norms.originals, strict=True):
-            n.weight.data.copy_(w0)
+        _revert(swap, norms)
         after = before
     return {
         "before": before,
