@@ -54,8 +54,12 @@ def fp32_model_bytes(config: object) -> int:
 
 
 def require_fp32_model(config: object, what: str) -> None:
-    """Refuse loading a model in fp32 (FP eval, export baselines, rebuilding model.pt) that cannot fit."""
-    require(BASE_BYTES + fp32_model_bytes(config), what)
+    """Refuse loading a model in fp32 (FP eval, export baselines, rebuilding model.pt) that cannot fit.
+    Families we do not support are not predicted: loading them is refused later with the supported list."""
+    from pbs2p_edge.config import SUPPORTED_MODEL_TYPES
+
+    if getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES:
+        require(BASE_BYTES + fp32_model_bytes(config), what)
 
 
 def eval_bytes(config: object, ctx: int) -> int:

@@ -170,10 +170,14 @@ def _needs_low_memory(folder: Path) -> bool:
     from transformers import AutoConfig
 
     from pbs2p_edge import memcheck
+    from pbs2p_edge.config import SUPPORTED_MODEL_TYPES
 
     if os.environ.get("PBS2P_EDGE_LOW_MEMORY") == "1":
         return True
-    return memcheck.fp32_model_bytes(AutoConfig.from_pretrained(folder)) > LOW_MEMORY_BYTES
+    config = AutoConfig.from_pretrained(folder)
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False  # the in-memory path's check_supported names the problem
+    return memcheck.fp32_model_bytes(config) > LOW_MEMORY_BYTES
 
 
 def _budget(value: float | None, flag: str, allow_zero: bool = False) -> float | None:

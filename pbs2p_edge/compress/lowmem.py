@@ -167,6 +167,10 @@ def rebuild_computed_buffers(model: Any) -> None:
     rotary = getattr(model.model, "rotary_emb", None)
     if rotary is not None and any(b.is_meta for b in rotary.buffers()):
         model.model.rotary_emb = type(rotary)(config=model.config)
+    for module in model.modules():  # Gemma's scaled embeddings keep their scale as a non-persistent buffer
+        scale = getattr(module, "embed_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.is_meta and hasattr(module, "scalar_embed_scale"):
+            module.embed_scale = torch.tensor(float(module.scalar_embed_scale))
     left = [n for n, t in [*model.named_buffers(), *model.named_parameters()] if t.is_meta]
     left = [n for n in left if ".layers." not in f".{n}"]  # decoder layers may wait for their turn
     if left:
