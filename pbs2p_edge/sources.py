@@ -355,18 +355,26 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Any:
         raise Pbs2pError(f"cannot load a tokenizer from {folder}: {_first_line(exc)}") from None
 
 
-def load_model(path: str | os.PathLike | None = None) -> tuple[Any, Any]:
-    """Load (model in fp32, eval mode; tokenizer) from a local source. Raises Pbs2pError on bad input."""
-    import torch
+def causal_lm_config(folder: Path) -> Any:
+    """The transformers config of a local model folder, refused in one line unless it is a causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = model_files(path)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
         raise Pbs2pError(f"{folder}/config.json is not a model config: {_first_line(exc)}") from None
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise Pbs2pError(f"{folder} is not a causal language model (model type {config.model_type!r})")
+    return config
+
+
+def load_model(path: str | os.PathLike | None = None) -> tuple[Any, Any]:
+    """Load (model in fp32, eval mode; tokenizer) from a local source. Raises Pbs2pError on bad input."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = model_files(path)
+    config = causal_lm_config(folder)
     from pbs2p_edge import memcheck
 
     memcheck.require_fp32_model(config, f"loading {folder.name} in fp32")

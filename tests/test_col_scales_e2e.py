@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_runtime import torch_greedy
 
 from pbs2p_edge.format import PackedWeight, pack, unpack
 
@@ -84,21 +85,7 @@ def test_col_scales_export_validate_and_generate(tmp_path: Path, tiny_model_dir:
     eos = list(generator.bundle.eos_token_ids)
     for prompt in ("The model of a small", "binary weights and sparse"):
         ids = generator.encode(prompt)
-        assert generator.generate(ids, 24).token_ids == _torch_greedy(model.eval(), ids, 24, eos), prompt
-
-
-def _torch_greedy(model, ids: list[int], max_new_tokens: int, eos: list[int]) -> list[int]:
-    """Hugging Face greedy decoding, new tokens only, without the final EOS (the runtime does not emit it)."""
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=0,
-        )[0, len(ids) :].tolist()
-    return out[:-1] if out and out[-1] in eos else out
+        assert generator.generate(ids, 24).token_ids == torch_greedy(model.eval(), ids, 24, eos), prompt
 
 
 @pytest.mark.parametrize(("salient", "bias", "k"), [(0, False, 320), (2, True, 200)])

@@ -51,19 +51,24 @@ def _tiny_family_dir(tmp_path: Path, tiny_model_dir: Path, family: str) -> Path:
 
 @pytest.fixture(scope="module", params=list(FAMILY_CONFIGS))
 def family_bundle(request, tmp_path_factory, tiny_model_dir, corpus_text_file) -> tuple[str, Path]:
-    from pbs2p_edge.compress.cli import compress_command
-
     family = request.param
     tmp = tmp_path_factory.mktemp(family)
     source = _tiny_family_dir(tmp, tiny_model_dir, family)
+    return family, compress_and_export(source, corpus_text_file, tmp, calib_len=64)
+
+
+def compress_and_export(source: Path, text: Path, tmp: Path, calib_len: int) -> Path:
+    """`pbs2p-edge compress --nm 6:8` of a tiny model folder (4 calibration samples), then a validated export."""
+    from pbs2p_edge.compress.cli import compress_command
+
     checkpoint = tmp / "model.pt"
-    args = ["--model", str(source), "--text", str(corpus_text_file), "--nm", "6:8", "--calib-samples", "4"]
-    args += ["--calib-len", "64", "-o", str(checkpoint), "--no-progress"]
+    args = ["--model", str(source), "--text", str(text), "--nm", "6:8", "--calib-samples", "4"]
+    args += ["--calib-len", str(calib_len), "-o", str(checkpoint), "--no-progress"]
     result = CliRunner().invoke(compress_command, args)
     assert result.exit_code == 0, result.output
     bundle = tmp / "bundle"
     export_bundle(checkpoint, bundle)
-    return family, bundle
+    return bundle
 
 
 def test_family_exports_and_passes_validation(family_bundle: tuple[str, Path]) -> None:

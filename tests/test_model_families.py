@@ -24,8 +24,6 @@ from cli_helpers import assert_one_line_error, run_cli
 from click.testing import CliRunner
 from conftest import TINY_CONFIG
 
-from pbs2p_edge.export import export_bundle
-
 _PARTIAL_ROPE_PAIRS = 12  # Phi-3: head_dim 32 x partial_rotary_factor 0.75 = 24 rotary channels
 FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama3": (
@@ -238,19 +236,12 @@ EXPORTED = [name for name in FAMILY_CONFIGS if name != "llama3"]
 
 @pytest.fixture(scope="module", params=EXPORTED)
 def family_bundle(request, tmp_path_factory, tiny_model_dir, corpus_text_file) -> tuple[str, Path]:
-    from pbs2p_edge.compress.cli import compress_command
+    from test_export_families import compress_and_export
 
     name = request.param
     tmp = tmp_path_factory.mktemp(name)
     source = tiny_family_dir(tmp / "model", tiny_model_dir, name)
-    checkpoint = tmp / "model.pt"
-    args = ["--model", str(source), "--text", str(corpus_text_file), "--nm", "6:8", "--calib-samples", "4"]
-    args += ["--calib-len", "32", "-o", str(checkpoint), "--no-progress"]
-    result = CliRunner().invoke(compress_command, args)
-    assert result.exit_code == 0, result.output
-    bundle = tmp / "bundle"
-    export_bundle(checkpoint, bundle)
-    return name, bundle
+    return name, compress_and_export(source, corpus_text_file, tmp, calib_len=32)
 
 
 def test_family_compresses_exports_and_passes_validation(family_bundle: tuple[str, Path]) -> None:

@@ -128,15 +128,12 @@ class LayerStore:
 
 def skeleton_model(folder: str | os.PathLike) -> tuple[Any, LayerStore]:
     """(causal LM with meta decoder layers and real embeddings/norm/head/rotary, its LayerStore)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from pbs2p_edge.sources import causal_lm_config
 
     folder = Path(folder)
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:
-        raise Pbs2pError(f"{folder}/config.json is not a model config: {exc}") from None
-    if type(config) not in AutoModelForCausalLM._model_mapping:
-        raise Pbs2pError(f"{folder} is not a causal language model (model type {config.model_type!r})")
+    config = causal_lm_config(folder)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise Pbs2pError(
             f"model type {config.model_type} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
