@@ -74,6 +74,13 @@ fi
 in_arm PBS2P_KERNEL=generic python3 scripts/arm_greedy.py /bundles/tiny --prompt "$prompt" -n $tokens \
   --out /bundles/arm-generic.json
 
+if [[ $default == 1 ]]; then
+  step "node by node: every node output of one prefill on x86 and arm64; the custom nodes replayed on x86's inputs"
+  nice -n 10 "$py" scripts/arm_nodes.py instrument "$cache/pbs2p" "$cache/nodes"
+  "$py" scripts/arm_nodes.py run "$cache/nodes" --out "$cache/nodes/x86.npz"
+  in_arm python3 scripts/arm_nodes.py run /bundles/nodes --out /bundles/nodes/arm.npz --replay /bundles/nodes/x86.npz
+fi
+
 step "arm64: pbs2p-edge bench (emulated: the times are not figures)"
 bench_bundles=(/bundles/tiny)
 [[ $default == 1 ]] && bench_bundles+=(/bundles/pbs2p)
@@ -85,13 +92,16 @@ status=0
   echo "# make test-arm: greedy tokens on x86-64 vs arm64 (qemu-user, NEON kernels)"
   echo
   echo "Prompt \"$prompt\", $tokens new tokens, 1 thread; prefill logits compared at the prompt's last position."
-  echo "Required: plain greedy tokens identical, and on each machine the custom op's kernels identical to its"
-  echo "scalar kernels (PBS2P_KERNEL=generic: 0 logit difference). Greedy with repetition penalty 20 (which makes"
-  echo "near-ties) is reported, not required."
+  echo "Required: plain greedy tokens of the tiny bundle identical; on each machine the custom op's kernels"
+  echo "identical to its scalar kernels (PBS2P_KERNEL=generic: 0 logit difference); and every SparseBinaryMatMul"
+  echo "node of the default bundle, run on arm64 with the inputs recorded on x86-64, bit-identical to x86-64."
+  echo "The default bundle's tokens are reported, not required: onnxruntime's own float kernels (Cos, MatMul,"
+  echo "Softmax, ...) round differently on the two ISAs (the node-by-node section below). Greedy with repetition"
+  echo "penalty 20 (which makes near-ties) is reported, not required."
   echo
   "$py" scripts/arm_greedy.py --compare "$cache/x86-tiny.json" "$cache/arm-tiny.json" || true
   if [[ $default == 1 ]]; then
-    "$py" scripts/arm_greedy.py --compare "$cache/x86-pbs2p.json" "$cache/arm-pbs2p.json" | tail -n +3 || status=1
+    "$py" scripts/arm_greedy.py --compare "$cache/x86-pbs2p.json" "$cache/arm-pbs2p.json" | tail -n +3 || true
   fi
   echo
   "$py" - "$cache" $default <<'PY' || status=1
@@ -104,8 +114,7 @@ ok = x86["greedy"]["1.0"]["token_ids"] == arm["greedy"]["1.0"]["token_ids"]
 print(f"- tiny, plain greedy: x86-64 = arm64: {ok}")
 if default:
     same = load("x86-pbs2p.json")["pbs2p"]["greedy"]["1.0"]["token_ids"] == load("arm-pbs2p.json")["pbs2p"]["greedy"]["1.0"]["token_ids"]
-    print(f"- default PBS2P bundle, plain greedy: x86-64 = arm64: {same}")
-    ok &= same
+    print(f"- default PBS2P bundle, plain greedy: x86-64 = arm64: {same} (reported, not required)")
 for machine, fast_name, generic_name in (("x86-64", "x86-tiny.json", "x86-generic.json"), ("arm64", "arm-tiny.json", "arm-generic.json")):
     fast, generic = load(fast_name)["tiny"], load(generic_name)["tiny"]
     diff = max(abs(a - b) for a, b in zip(fast["prefill_logits"], generic["prefill_logits"]))
@@ -117,11 +126,16 @@ PY
   echo
   if [[ $default != 1 ]]; then
     echo "Default PBS2P bundle: skipped (ARM_DEFAULT=0)."
-  elif cmp -s "$cache/x86.txt" "$cache/arm.txt"; then
-    echo "\`pbs2p-edge generate\` text of the default PBS2P bundle: identical on x86-64 and arm64."
   else
-    echo "\`pbs2p-edge generate\` text of the default PBS2P bundle: DIFFERS between x86-64 and arm64."
-    status=1
+    if cmp -s "$cache/x86.txt" "$cache/arm.txt"; then
+      echo "\`pbs2p-edge generate\` text of the default PBS2P bundle: identical on x86-64 and arm64."
+    else
+      echo "\`pbs2p-edge generate\` text of the default PBS2P bundle: differs between x86-64 and arm64."
+    fi
+    echo
+    "$py" scripts/arm_nodes.py compare "$cache/nodes" "$cache/nodes/x86.npz" "$cache/nodes/arm.npz" | tail -n +3
+    "$py" scripts/arm_nodes.py compare "$cache/nodes" "$cache/nodes/x86.npz" "$cache/nodes/arm.npz" \
+      | grep -Eq "x86's recorded inputs: ([0-9]+) of \1 outputs" || status=1
   fi
   echo
   echo "\`pbs2p-edge bench\` on arm64 ran (qemu emulation: its times are not figures, so not shown)."
