@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_ops_ort import rel_err, session
+from test_ops_ort import ALL_KERNELS, force_kernel, rel_err, session
 from tolerances import OP_VS_KERNEL_REFERENCE_REL, THREADS_AGREE_REL
 
 from pbs2p_edge import ops
@@ -62,11 +62,10 @@ def test_one_weight_gives_todays_node() -> None:
     assert [n for n, _ in inputs] == [n for n, _ in p.op_inputs()] and attrs == p.op_attributes()
 
 
-@pytest.mark.parametrize("kernel", ["default", "generic"])
+@pytest.mark.parametrize("kernel", ["default", *ALL_KERNELS])
 @pytest.mark.parametrize("tokens", [1, 5, 37])
 def test_multi_block_node_is_the_concatenation(monkeypatch, kernel: str, tokens: int) -> None:
-    if kernel != "default":
-        monkeypatch.setenv(ops.ENV_KERNEL, kernel)
+    force_kernel(monkeypatch, kernel)
     weights = _blocks()
     x = np.random.default_rng(tokens).normal(size=(tokens, 256)).astype(np.float32)
     (y,) = session(node_model(weights)).run(None, {"X": x})

@@ -96,6 +96,35 @@ void tiles_task(void* data, size_t i) {
   pbs2p::add_salient_and_bias(*wk.w, wk.x, tile, t0, t1, wk.y);
 }
 
+// Compact kernels: work item i = token block (i / row_blocks) x row block (i % row_blocks).
+constexpr int kRowBlock = 32;         // rows per work item (two 16-row SIMD blocks)
+constexpr int kGemvTokens = 4;        // up to this many tokens: one token block (decode)
+constexpr int kGemmTokenBlock = 64;   // prefill: tokens per work item (sign planes decoded once per item)
+
+struct CompactWork {
+  const pbs2p::CompactWeight* w;
+  const pbs2p::QuantActs* a;
+  pbs2p::QuantActs* a_fill;
+  pbs2p::RowsFn fn;
+  const float* x;
+  float* y;
+  size_t ldy;
+  int tokens, token_block, row_blocks;
+};
+
+void quant_task(void* data, size_t tok) {
+  CompactWork& wk = *static_cast<CompactWork*>(data);
+  pbs2p::quantize_tokens(wk.x, wk.w->p.k, int(tok), int(tok) + 1, wk.w->cm, wk.a_fill);
+}
+
+void rows_task(void* data, size_t i) {
+  CompactWork& wk = *static_cast<CompactWork*>(data);
+  const int rb = int(i % size_t(wk.row_blocks)), tb = int(i / size_t(wk.row_blocks));
+  const int r0 = rb * kRowBlock, r1 = std::min(wk.w->p.rows, r0 + kRowBlock);
+  const int t0 = tb * wk.token_block, t1 = std::min(wk.tokens, t0 + wk.token_block);
+  wk.fn(*wk.w, *wk.a, wk.x, r0, r1, t0, t1, wk.y, wk.ldy);
+}
+
 // Element type each packed array must have (inputs of a block, in order); the variadic input list carries no
 // types, so the op checks them itself.
 constexpr ONNXTensorElementDataType kArrayTypes[kArraysPerBlock] = {
@@ -146,8 +175,9 @@ struct Block {
   Attrs attrs;
   size_t first_input = 1, n_arrays = kArraysPerBlock;
   int64_t row_offset = 0;
-  pbs2p::RuntimeWeight weight;
+  pbs2p::RuntimeWeight weight;   // tile kernels: the repacked layout
   pbs2p::ChunkMap chunks;
+  pbs2p::CompactWeight compact;  // compact kernels: pointers into ORT's initializers, no copy
 };
 
 struct SparseBinaryMatMul {
@@ -254,8 +284,8 @@ struct SparseBinaryMatMul {
       if (name.empty() || name[0] == '\0')
         return "input " + std::to_string(i) + " is missing (empty name): X and every packed array must be given";
     }
-    fn_ = pbs2p::best_tile_fn(&kernel_name_);
-    table_fn_ = pbs2p::table_fn_by_name(kernel_name_);
+    const std::string ek = pbs2p::select_kernel(&kernel_);
+    if (!ek.empty()) return ek;
     // Prepare once here when every weight input is an initializer (the normal exported graph).
     std::vector<const OrtValue*> consts(n_inputs, nullptr);
     for (size_t idx = 1; idx < n_inputs; ++idx) {
@@ -271,21 +301,25 @@ struct SparseBinaryMatMul {
       Block& b = blocks_[i];
       const OrtValue* vals[kArraysPerBlock] = {};
       for (size_t a = 0; a < b.n_arrays; ++a) vals[a] = consts[b.first_input + a];
-      std::string e = load(vals, i, b.attrs, &b.weight);
+      std::string e = load(vals, i, b.attrs, &b.weight, &b.compact);
       if (!e.empty()) return e;
-      b.chunks = pbs2p::make_chunks(b.weight.p.k, b.weight.p.group_size);
+      if (!kernel_->compact || kernel_->gemv) b.chunks = pbs2p::make_chunks(b.weight.p.k, b.weight.p.group_size);
     }
     prepacked_ = true;
     return "";
   }
 
-  std::string load(const OrtValue* const* vals, size_t block, const Attrs& attrs, pbs2p::RuntimeWeight* w) const {
+  // Checks one block's arrays and prepares it for the selected kernel: compact kernels borrow the arrays
+  // (they must outlive the weight: ORT's initializers, or this call's inputs), tile kernels repack them.
+  std::string load(const OrtValue* const* vals, size_t block, const Attrs& attrs, pbs2p::RuntimeWeight* w,
+                   pbs2p::CompactWeight* cw) const {
     pbs2p::DiskView d;
     std::string e = disk_view(vals, block, &d);
     pbs2p::Params p;
     if (e.empty()) e = pbs2p::parse_header(d.header, d.header_len, &p);
     if (e.empty()) e = check_attrs(attrs, p);
-    if (e.empty()) e = pbs2p::repack(d, w);
+    if (e.empty()) e = kernel_->compact ? pbs2p::prepare(d, cw) : pbs2p::repack(d, w);
+    if (e.empty() && kernel_->gemv != nullptr) e = pbs2p::repack(d, w);  // hybrid: the tile copy for decode
     if (!e.empty() && blocks_.size() > 1) e = "block " + std::to_string(block) + ": " + e;
     return e;
   }
@@ -295,12 +329,13 @@ struct SparseBinaryMatMul {
       if (!init_error_.empty()) return error(init_error_);
       Ort::KernelContext kc{ctx};
       std::vector<pbs2p::RuntimeWeight> local(prepacked_ ? 0 : blocks_.size());
+      std::vector<pbs2p::CompactWeight> local_compact(prepacked_ ? 0 : blocks_.size());
       if (!prepacked_) {
         for (size_t i = 0; i < blocks_.size(); ++i) {
           const OrtValue* vals[kArraysPerBlock] = {};
           for (size_t a = 0; a < blocks_[i].n_arrays; ++a)
             vals[a] = static_cast<const OrtValue*>(kc.GetInput(blocks_[i].first_input + a));
-          const std::string e = load(vals, i, blocks_[i].attrs, &local[i]);
+          const std::string e = load(vals, i, blocks_[i].attrs, &local[i], &local_compact[i]);
           if (!e.empty()) return error(e);
         }
       }
@@ -316,6 +351,11 @@ struct SparseBinaryMatMul {
       float* y = kc.GetOutput(0, ys).GetTensorMutableData<float>();
       if (tokens == 0) return Ort::Status{nullptr};
       const float* x_in = X.GetTensorData<float>();
+      const pbs2p::Kernel* tile = kernel_->compact ? kernel_->gemv : kernel_;
+      if (kernel_->compact && (tile == nullptr || tokens > pbs2p::kHybridGemv)) {
+        run_compact(kc, prepacked_ ? nullptr : &local_compact, x_in, tokens, y);
+        return Ort::Status{nullptr};
+      }
       std::vector<float> block_y;
       for (size_t i = 0; i < blocks_.size(); ++i) {
         const pbs2p::RuntimeWeight& w = prepacked_ ? blocks_[i].weight : local[i];
@@ -325,7 +365,7 @@ struct SparseBinaryMatMul {
           block_y.resize(size_t(tokens) * size_t(rows));
           yb = block_y.data();
         }
-        run_block(kc, w, prepacked_ ? &blocks_[i].chunks : nullptr, x_in, tokens, yb);
+        run_block(kc, *tile, w, prepacked_ ? &blocks_[i].chunks : nullptr, x_in, tokens, yb);
         if (blocks_.size() > 1)
           for (int64_t t = 0; t < tokens; ++t)
             std::memcpy(y + size_t(t) * size_t(rows_) + size_t(blocks_[i].row_offset), yb + size_t(t) * size_t(rows),
@@ -337,7 +377,43 @@ struct SparseBinaryMatMul {
     }
   }
 
-  void run_block(Ort::KernelContext& kc, const pbs2p::RuntimeWeight& w, const pbs2p::ChunkMap* pre_cm,
+  // Compact kernels write every block straight into its columns of Y (row stride = all blocks' rows).
+  // Activations are scaled and quantized once per call, again only for a block whose column scales or group
+  // size differ from the previous block's.
+  void run_compact(Ort::KernelContext& kc, const std::vector<pbs2p::CompactWeight>* local, const float* x_in,
+                   int64_t tokens, float* y) const {
+    thread_local std::vector<float> decode_scaled;
+    thread_local pbs2p::QuantActs decode_quant;
+    std::vector<float> prefill_scaled;
+    pbs2p::QuantActs prefill_quant;
+    const bool decode = tokens <= 16;
+    std::vector<float>& scaled = decode ? decode_scaled : prefill_scaled;
+    pbs2p::QuantActs& quant = decode ? decode_quant : prefill_quant;
+    const pbs2p::CompactWeight* prev = nullptr;
+    const float* x = x_in;
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      const pbs2p::CompactWeight& w = local ? (*local)[i] : blocks_[i].compact;
+      const bool same = prev != nullptr && prev->p.group_size == w.p.group_size && prev->col_scales.empty() &&
+                        w.col_scales.empty();
+      CompactWork wk{&w, &quant, &quant, kernel_->rows, x, y + blocks_[i].row_offset, size_t(rows_), int(tokens),
+                     tokens <= kGemvTokens ? int(tokens) : kGemmTokenBlock, 0};
+      if (!same) {
+        x = pbs2p::scale_activations(w, x_in, size_t(tokens), &scaled);
+        wk.x = x;
+        pbs2p::size_quant(int(tokens), w.cm, &quant);
+        if (tokens == 1)
+          quant_task(&wk, 0);
+        else
+          kc.ParallelFor(quant_task, size_t(tokens), 0, &wk);
+      }
+      prev = &w;
+      wk.row_blocks = (w.p.rows + kRowBlock - 1) / kRowBlock;
+      const size_t token_blocks = size_t((tokens + wk.token_block - 1) / wk.token_block);
+      kc.ParallelFor(rows_task, token_blocks * size_t(wk.row_blocks), 0, &wk);
+    }
+  }
+
+  void run_block(Ort::KernelContext& kc, const pbs2p::Kernel& kernel, const pbs2p::RuntimeWeight& w, const pbs2p::ChunkMap* pre_cm,
                  const float* x_in, int64_t tokens, float* y) const {
     // Column scales: one scratch pass x * c per call (per-thread for decode, per-call for prefill).
     thread_local std::vector<float> decode_scaled;
@@ -356,7 +432,7 @@ struct SparseBinaryMatMul {
     const size_t n_tables = size_t(tokens) * size_t(w.p.k / 4), n_scales = size_t(tokens) * size_t(t.chunks);
     if (t.tables.size() < n_tables) t.tables.resize(n_tables);
     if (t.scale.size() < n_scales) t.scale.resize(n_scales);
-    Work wk{&w, &cm, &t, fn_, table_fn_, x, y, int(tokens)};
+    Work wk{&w, &cm, &t, kernel.tile, kernel.tables, x, y, int(tokens)};
     if (tokens == 1)
       tables_task(&wk, 0);
     else
@@ -369,9 +445,7 @@ struct SparseBinaryMatMul {
   bool prepacked_ = false;
   std::vector<Block> blocks_;
   int64_t rows_ = 0, k_ = 0;
-  pbs2p::TileFn fn_ = pbs2p::tile_generic;
-  pbs2p::TableFn table_fn_ = pbs2p::build_tables_generic;
-  const char* kernel_name_ = "generic";
+  const pbs2p::Kernel* kernel_ = nullptr;
 };
 
 // Shape inference: Y = X's shape with the last dimension replaced by `rows`. Registered on the raw OrtCustomOp
@@ -434,8 +508,8 @@ OrtStatusPtr ORT_API_CALL infer_output_shape(const OrtCustomOp*, OrtShapeInferCo
 
 std::string ops_info_json() {
   std::string kernels, versions;
-  for (const char* name : {"generic", "avx2", "neon"})
-    if (pbs2p::tile_fn_by_name(name) != nullptr) kernels += std::string(kernels.empty() ? "\"" : ", \"") + name + "\"";
+  for (const pbs2p::Kernel* k : pbs2p::built_kernels())  // best first
+    if (pbs2p::kernel_supported(*k)) kernels += std::string(kernels.empty() ? "\"" : ", \"") + k->name + "\"";
   for (int v = pbs2p::kMinVersion; v <= pbs2p::kVersion; ++v) versions += (versions.empty() ? "" : ", ") + std::to_string(v);
   return "{\"op_version\": " + std::to_string(kOpVersion) + ", \"format_versions\": [" + versions +
          "], \"kernels\": [" + kernels + "]}";
