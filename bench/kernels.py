@@ -217,6 +217,9 @@ def main() -> int:
     ap.add_argument("--stem", help="output file stem (default kernels or kernels-quick)")
     args = ap.parse_args()
 
+    import logging
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     shapes = [(576, 1536), (4096, 4096)] if args.quick else SMOL + LLAMA
     token_counts = [1, 128] if args.quick else [1, 16, 128]
     if args.shapes:
@@ -260,9 +263,6 @@ def main() -> int:
         "kernel_override": os.environ.get(ops.ENV_KERNEL, ""),
         "loadavg_start": os.getloadavg(),
     }
-    import logging
-
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     memcpy = {t: memcpy_gbps(t) for t in args.threads}
     print(f"memcpy GB/s: {memcpy}", flush=True)
     rows_out = []
