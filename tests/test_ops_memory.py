@@ -100,4 +100,4 @@ def test_compact_kernels_keep_no_copy_of_the_weights(monkeypatch) -> None:
         pytest.skip(f"no tile kernel on this CPU to compare with (kernels: {usable})")
     for tile in tiles:  # tile / hybrid: the repacked layout on top
         growth = _session_growth(monkeypatch, tile, model)
-        assert growth > compact_growth + 0.95 * runtime_copy, (tile, growth, compact_growth, runtime_copy)
+        assert growth > compact_growth + 0.8 * runtime_copy, (tile, growth, compact_growth, runtime_copy)
