@@ -344,7 +344,8 @@ def render_markdown(res: dict) -> str:
         "memcpy probe (bytes copied per second, numpy, same process): "
         + ", ".join(f"{t} thread(s): {g:.1f} GB/s" for t, g in res["memcpy_gbps"].items()),
         "",
-        "Time is per matmul: median over all runs (ops measured round-robin, 3 rounds) of run time / nodes. "
+        "Time is per matmul: median over all runs (ops measured round-robin, `--rounds` rounds as in the command) "
+        "of run time / nodes. "
         "Weight GB/s = bytes the op reads for its weights (pbs2p compact paths: the disk arrays in place, "
         "mask + kept signs + fp16 scales; pbs2p tile paths avx2/neon: the repacked 2.25-bit layout; "
         "MatMulNBits: packed weights + scales; fp32: 4 bytes/weight) divided by time. `cold` = the nodes' "

@@ -202,7 +202,7 @@ struct Kernel {
   TableFn tables;                 // tile
   const Kernel* gemv = nullptr;   // hybrid: the tile kernel used for few tokens
 };
-constexpr int kHybridGemv = 4;
+constexpr int kHybridGemv = 8;  // measured crossover at 4096x4096 on Zen 4 (pbs2p_kernel_bench)
 // Every kernel built into this binary, in preference order (best first).
 const std::vector<const Kernel*>& built_kernels();
 // Can this CPU run it (CPUID at run time)?
