@@ -1,12 +1,14 @@
 """Kernel benchmark: SparseBinaryMatMul vs ONNX Runtime MatMul (fp32) and MatMulNBits (4-bit, 2-bit if supported).
 
-All ops run in the same process through onnxruntime sessions with the same intra-op thread count. Each
+Every kernel path this CPU can run (Pbs2pOpsInfo "kernels", forced per session with PBS2P_KERNEL) is measured
+as its own op `pbs2pN:M@path`. All ops run in the same process through onnxruntime sessions with the same intra-op thread count. Each
 measured model holds enough distinct weight matrices (one node each, all reading the same X) that one run
 streams more than 2x the 32 MiB L3, unless that would need more than MAX_NODES nodes (small shapes: then the
 `cold` column is False and the row measures cache-resident weights). A memcpy probe in the same run gives
 the bandwidth reference. Writes bench/results/kernels[-quick].md and .json.
 
-    .venv/bin/python bench/kernels.py [--quick] [--threads 1 2] [--out bench/results]
+    .venv/bin/python bench/kernels.py [--quick] [--threads 1 2] [--kernels avx512-vnni generic]
+        [--baselines nbits4] [--rounds 5] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ MAX_NODES = 256
 SMOL = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # (K in, rows out)
 LLAMA = [(4096, 4096), (4096, 11008), (11008, 4096)]
 NMS = [(6, 8), (5, 8), (4, 8)]
+TILE_KERNELS = ("avx2", "neon")
 
 
 def memcpy_gbps(threads: int, nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -68,7 +71,7 @@ def make_model(nodes: list, inits: list, k: int, outputs: list[str]):
     )
     opsets = [
         helper.make_opsetid("", 17),
-        helper.make_opsetid(ops.OP_DOMAIN, 1),
+        helper.make_opsetid(ops.OP_DOMAIN, ops.OP_VERSION),
         helper.make_opsetid("com.microsoft", 1),
     ]
     model = helper.make_model(graph, opset_imports=opsets)
@@ -81,14 +84,16 @@ def copies_for(bytes_per_copy: int) -> tuple[int, bool]:
     return max(2, min(MAX_NODES, n)), min(MAX_NODES, n) * bytes_per_copy > 2 * L3_BYTES
 
 
-def pbs2p_model(k: int, rows: int, n: int, m: int, seed: int):
+def pbs2p_model(k: int, rows: int, n: int, m: int, seed: int, kernel: str):
     p0 = pack(random_weight(rows, k, n, m, 128, seed=seed))
-    runtime_bytes = runtime_bits_per_weight(p0) * rows * k / 8
+    # compact paths read the disk arrays in place; the tile paths (avx2, neon) stream the repacked 2.25-bit layout
+    compact = kernel not in TILE_KERNELS
+    runtime_bytes = p0.nbytes if compact else runtime_bits_per_weight(p0) * rows * k / 8
     copies, cold = copies_for(int(runtime_bytes))
     nodes, inits, outs = [], [], []
     for c in range(copies):
-        # Same packed values under distinct names: each node repacks into its own runtime buffer, which is what
-        # defeats the caches, and packing large random layers 2-256 times would dominate the benchmark's run time.
+        # Same packed values under distinct names: each node reads its own initializer (or repacked buffer), which
+        # is what defeats the caches, and packing large random layers 2-256 times would dominate the run time.
         p = p0
         names = []
         for name, arr in p.op_inputs():
@@ -101,7 +106,7 @@ def pbs2p_model(k: int, rows: int, n: int, m: int, seed: int):
     info = {
         "weight_bytes": runtime_bytes,
         "disk_bpw": p0.bits_per_weight,
-        "runtime_bpw": runtime_bits_per_weight(p0),
+        "read_bpw": runtime_bytes * 8 / (rows * k),
     }
     return make_model(nodes, inits, k, outs), copies, cold, info
 
@@ -138,16 +143,22 @@ def nbits_model(k: int, rows: int, seed: int, bits: int):
 
 
 def build_model(op: str, k: int, rows: int):
-    """(model, nodes, cold, info) for op in fp32 | nbits4 | nbits2 | pbs2pN:M."""
+    """(model, nodes, cold, info) for op in fp32 | nbits4 | nbits2 | pbs2pN:M@kernel."""
     if op == "fp32":
         return fp32_model(k, rows, 1)
     if op.startswith("nbits"):
         return nbits_model(k, rows, 1, int(op[len("nbits") :]))
-    n, m = (int(v) for v in op[len("pbs2p") :].split(":"))
-    return pbs2p_model(k, rows, n, m, 7)
+    nm, kernel = op[len("pbs2p") :].split("@")
+    n, m = (int(v) for v in nm.split(":"))
+    return pbs2p_model(k, rows, n, m, 7, kernel)
 
 
-def make_session(model, threads: int) -> ort.InferenceSession:
+def make_session(model, threads: int, op: str = "") -> ort.InferenceSession:
+    # the library reads PBS2P_KERNEL when a session creates the op's kernel
+    if "@" in op:
+        os.environ[ops.ENV_KERNEL] = op.split("@")[1]
+    else:
+        os.environ.pop(ops.ENV_KERNEL, None)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -191,8 +202,24 @@ def main() -> int:
     ap.add_argument("--shapes", nargs="+", metavar="KxROWS", help="override the shape list, e.g. 4096x4096")
     ap.add_argument("--tokens", type=int, nargs="+", help="override the token counts (M)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument(
+        "--kernels", nargs="+", help="kernel paths to measure (default: every path this CPU runs)"
+    )
+    ap.add_argument(
+        "--baselines", nargs="+", help="baseline ops (default: fp32, nbits4, nbits2 if supported)"
+    )
+    ap.add_argument(
+        "--nm", nargs="+", metavar="N:M", help="N:M patterns (default 6:8 5:8 4:8; quick 6:8 4:8)"
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="round-robin rounds (the speedup spread is over rounds)"
+    )
+    ap.add_argument("--stem", help="output file stem (default kernels or kernels-quick)")
     args = ap.parse_args()
 
+    import logging
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     shapes = [(576, 1536), (4096, 4096)] if args.quick else SMOL + LLAMA
     token_counts = [1, 128] if args.quick else [1, 16, 128]
     if args.shapes:
@@ -200,9 +227,23 @@ def main() -> int:
     if args.tokens:
         token_counts = args.tokens
     nms = [(6, 8), (4, 8)] if args.quick else NMS
-    rounds = 3
+    if args.nm:
+        nms = [tuple(int(v) for v in nm.split(":")) for nm in args.nm]
+    rounds = args.rounds
     slice_seconds = 0.1 if args.quick else 0.25
-    baselines = ["fp32"] + [f"nbits{b}" for b in (4, 2) if nbits_supported(b)]
+    if args.baselines:
+        baselines = [b for b in args.baselines if not b.startswith("nbits") or nbits_supported(int(b[5:]))]
+    else:
+        baselines = ["fp32"] + [f"nbits{b}" for b in (4, 2) if nbits_supported(b)]
+    usable = ops.library_info(ops.library_path()).kernels
+    kernels = args.kernels or list(usable)
+    for kernel in kernels:
+        if kernel not in usable:
+            print(
+                f"error: kernel {kernel} cannot run on this CPU (usable: {', '.join(usable)})",
+                file=sys.stderr,
+            )
+            return 2
 
     env = {
         "onnxruntime": ort.__version__,
@@ -222,25 +263,23 @@ def main() -> int:
         "kernel_override": os.environ.get(ops.ENV_KERNEL, ""),
         "loadavg_start": os.getloadavg(),
     }
-    import logging
-
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     memcpy = {t: memcpy_gbps(t) for t in args.threads}
     print(f"memcpy GB/s: {memcpy}", flush=True)
     rows_out = []
-    op_names = baselines + [f"pbs2p{n}:{m}" for n, m in nms]
+    op_names = baselines + [f"pbs2p{n}:{m}@{kernel}" for n, m in nms for kernel in kernels]
     for k, rows in shapes:
         built = {op: build_model(op, k, rows) for op in op_names}
-        sessions = {(op, th): make_session(built[op][0], th) for op in op_names for th in args.threads}
+        sessions = {(op, th): make_session(built[op][0], th, op) for op in op_names for th in args.threads}
         for th in args.threads:
             for tokens in token_counts:
                 # Round-robin over the ops so a noisy neighbour on the shared machine hits all of them alike.
                 samples: dict[str, list[float]] = {op: [] for op in op_names}
+                round_med: dict[str, list[float]] = {op: [] for op in op_names}
                 for _ in range(rounds):
                     for op in op_names:
-                        samples[op].extend(
-                            time_session(sessions[(op, th)], built[op][1], tokens, k, slice_seconds)
-                        )
+                        got = time_session(sessions[(op, th)], built[op][1], tokens, k, slice_seconds)
+                        samples[op].extend(got)
+                        round_med[op].append(statistics.median(got))
                 med = {op: statistics.median(v) for op, v in samples.items()}
                 for op in op_names:
                     _, copies, cold, info = built[op]
@@ -260,6 +299,8 @@ def main() -> int:
                     if op.startswith("pbs2p"):
                         for base in baselines:
                             row[f"speedup_vs_{base}"] = med[base] / med[op]
+                            per_round = [b / o for b, o in zip(round_med[base], round_med[op], strict=True)]
+                            row[f"spread_vs_{base}"] = [min(per_round), max(per_round)]
                     rows_out.append(row)
                     extra = " ".join(
                         f"x{row[f'speedup_vs_{b}']:.2f} vs {b}" for b in baselines if f"speedup_vs_{b}" in row
@@ -277,7 +318,7 @@ def write_results(args, env: dict, memcpy: dict, baselines: list, rows_out: list
         r["ratio_to_memcpy"] = r["weight_gbps"] / memcpy[r["threads"]]
     env["loadavg_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "kernels-quick" if args.quick else "kernels"
+    stem = args.stem or ("kernels-quick" if args.quick else "kernels")
     result = {
         "env": env,
         "memcpy_gbps": memcpy,
@@ -303,10 +344,13 @@ def render_markdown(res: dict) -> str:
         "memcpy probe (bytes copied per second, numpy, same process): "
         + ", ".join(f"{t} thread(s): {g:.1f} GB/s" for t, g in res["memcpy_gbps"].items()),
         "",
-        "Time is per matmul: median over all runs (ops measured round-robin, 3 rounds) of run time / nodes. "
-        "Weight GB/s = bytes the op reads for its weights (pbs2p: the runtime "
-        "layout, 2 bits/weight codes + fp16 scales; MatMulNBits: packed weights + scales; fp32: 4 bytes/weight) "
-        "divided by time. `cold` = the nodes' weights together exceed 2x L3, so they stream from DRAM.",
+        "Time is per matmul: median over all runs (ops measured round-robin, `--rounds` rounds as in the command) "
+        "of run time / nodes. "
+        "Weight GB/s = bytes the op reads for its weights (pbs2p compact paths: the disk arrays in place, "
+        "mask + kept signs + fp16 scales; pbs2p tile paths avx2/neon: the repacked 2.25-bit layout; "
+        "MatMulNBits: packed weights + scales; fp32: 4 bytes/weight) divided by time. `cold` = the nodes' "
+        "weights together exceed 2x L3, so they stream from DRAM. Speedup: ratio of medians, and in brackets "
+        "the lowest and highest ratio of the per-round medians.",
         "",
         "| op | K x rows | M | threads | time ms | weight GB/s | / memcpy | cold | "
         + " | ".join(f"speedup vs {b}" for b in base)
@@ -314,7 +358,12 @@ def render_markdown(res: dict) -> str:
         "|---|---|---|---|---|---|---|---|" + "---|" * len(base),
     ]
     for r in res["rows"]:
-        sp = " | ".join(f"{r[f'speedup_vs_{b}']:.2f}x" if f"speedup_vs_{b}" in r else "" for b in base)
+        sp = " | ".join(
+            f"{r[f'speedup_vs_{b}']:.2f}x [{r[f'spread_vs_{b}'][0]:.2f}-{r[f'spread_vs_{b}'][1]:.2f}]"
+            if f"speedup_vs_{b}" in r
+            else ""
+            for b in base
+        )
         lines.append(
             f"| {r['op']} | {r['k']}x{r['rows']} | {r['tokens']} | {r['threads']} | {r['seconds'] * 1e3:.3f} | "
             f"{r['weight_gbps']:.1f} | {r['ratio_to_memcpy']:.2f} | {'yes' if r['cold'] else 'no'} | {sp} |"

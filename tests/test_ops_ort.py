@@ -18,6 +18,7 @@ from pbs2p_edge.format import PackedWeight, kernel_matmul, pack, random_weight, 
 from pbs2p_edge.format import packed as fmt
 
 CPU = ["CPUExecutionProvider"]
+ALL_KERNELS = ("avx512-vnni+avx2", "avx512-vnni", "avx2", "neon", "generic")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -83,11 +84,23 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["default", "generic"])
+def usable_kernels() -> tuple[str, ...]:
+    return ops.library_info(ops.library_path()).kernels
+
+
+def force_kernel(monkeypatch, kernel: str) -> None:
+    """PBS2P_KERNEL=kernel for the sessions of a test; a path this CPU cannot run is skipped, with the reason."""
+    if kernel == "default":
+        return
+    if kernel not in usable_kernels():
+        pytest.skip(f"kernel {kernel}: not built for or not supported by this CPU ({platform.machine()})")
+    monkeypatch.setenv(ops.ENV_KERNEL, kernel)  # read by the library when the session creates the kernel
+
+
+@pytest.mark.parametrize("kernel", ["default", *ALL_KERNELS])
 @pytest.mark.parametrize("rows,k,n,m,gs,salient,bias,lead,col_scales", CASES)
 def test_op_matches_numpy(monkeypatch, kernel, rows, k, n, m, gs, salient, bias, lead, col_scales):
-    if kernel != "default":
-        monkeypatch.setenv(ops.ENV_KERNEL, kernel)  # read by the library when the session creates the kernel
+    force_kernel(monkeypatch, kernel)
     w = random_weight(rows, k, n, m, gs, salient=salient, bias=bias, seed=rows + k, col_scales=col_scales)
     p = pack(w)
     x = np.random.default_rng(rows).normal(size=(*lead, k)).astype(np.float32)
@@ -160,11 +173,37 @@ def test_ops_info_symbol():
     lib = ctypes.CDLL(str(ops.library_path()))
     lib.Pbs2pOpsInfo.restype = ctypes.c_char_p
     info = json.loads(lib.Pbs2pOpsInfo().decode())
-    assert info["op_version"] == 2 and info["format_versions"] == list(fmt.READ_VERSIONS)
-    assert info["kernels"][0] == "generic" and set(info["kernels"]) <= {"generic", "avx2", "neon"}
+    assert info["op_version"] == ops.OP_VERSION and info["format_versions"] == list(fmt.READ_VERSIONS)
+    # best first, generic always last; every path this CPU can run
+    assert info["kernels"][-1] == "generic" and set(info["kernels"]) <= set(ALL_KERNELS)
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
         assert "neon" in info["kernels"]
+
+
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
+def test_every_kernel_gives_the_same_bits(monkeypatch, kernel):
+    """All paths compute the same integer sums and float operations in the same order (GEMV and GEMM)."""
+    p = pack(random_weight(77, 448, 5, 8, 96, salient=1, bias=True, seed=8, col_scales=True))
+    x = np.random.default_rng(3).normal(size=(70, 448)).astype(np.float32)
+    monkeypatch.setenv(ops.ENV_KERNEL, "generic")
+    want = [session(build_model(p, x_shape=["a", 448])).run(None, {"X": x[:t]})[0] for t in (1, 3, 70)]
+    force_kernel(monkeypatch, kernel)
+    for t, y_want in zip((1, 3, 70), want, strict=True):
+        (y,) = session(build_model(p, x_shape=["a", 448]), threads=2).run(None, {"X": x[:t]})
+        np.testing.assert_array_equal(y, y_want)
+
+
+def test_forcing_a_kernel_this_build_lacks_is_a_clear_error(monkeypatch):
+    p = pack(random_weight(8, 64, 6, 8, 32))
+    monkeypatch.setenv(ops.ENV_KERNEL, "no-such-kernel")
+    with pytest.raises(Exception, match="PBS2P_KERNEL=no-such-kernel is not a kernel of this build"):  # noqa: B017
+        session(build_model(p))
+    lacking = [k for k in ALL_KERNELS if k not in usable_kernels()]
+    if lacking:  # e.g. neon on x86-64: not built here
+        monkeypatch.setenv(ops.ENV_KERNEL, lacking[0])
+        with pytest.raises(Exception, match=f"PBS2P_KERNEL={lacking[0]}"):  # noqa: B017
+            session(build_model(p))
 
 
 def test_shape_inference_names_the_output_shape():

@@ -124,4 +124,95 @@ const float* scale_activations(const RuntimeWeight& w, const float* x, size_t to
 // Whole matmul on the calling thread (tests, single-threaded users): y [tokens][rows] = x [tokens][k] @ W_hat^T.
 void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y, TableFn tables = nullptr);
 
+// ---------------- compact kernels: read the disk layout in place ----------------
+
+// A validated weight as the compact kernels read it: borrowed pointers into the disk arrays (ONNX Runtime's
+// initializers, never copied) plus per-chunk bookkeeping and the column scales as float (K floats).
+struct CompactWeight {
+  Params p;
+  DiskView d;
+  size_t mask_row = 0, sign_row = 0, sal_row = 0;  // bytes per row of mask, signs, salient_signs
+  ChunkMap cm;
+  std::vector<int64_t> kept_base;  // per chunk: kept weights before the chunk's aligned M-run, (begin / M) * N
+  std::vector<int> pre_bits;       // per chunk: begin % M (mask bits of the run before the chunk, popcounted)
+  std::vector<float> col_scales;   // [k] or empty
+};
+// parse + validate, then borrow the arrays; "" on success. d's arrays must outlive w.
+std::string prepare(const DiskView& d, CompactWeight* w);
+
+// Activations of tokens [t0, t1) quantized per chunk to int7 (docs/FORMAT.md 3), each chunk zero-padded to 64
+// bytes: q [tokens][chunks][64], scale [tokens][chunks] (NaN for a chunk holding a non-finite value).
+struct QuantActs {
+  int tokens = 0, chunks = 0;
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+};
+void quantize(const float* x, int k, int tokens, const ChunkMap& cm, QuantActs* a);
+// Sizes *a for `tokens` tokens without filling it; quantize_tokens then fills tokens [t0, t1) (thread-parallel).
+void size_quant(int tokens, const ChunkMap& cm, QuantActs* a);
+void quantize_tokens(const float* x, int k, int t0, int t1, const ChunkMap& cm, QuantActs* a);
+
+// Rows [r0, r1) x tokens [t0, t1) of y = x @ W_hat^T + salient + bias, written at y[t * ldy + r] (x = the
+// column-scaled activations, a = their quantization). Every implementation gives identical bits.
+#define PBS2P_ROWS_ARGS                                                                                          \
+  const CompactWeight &w, const QuantActs &a, const float *x, int r0, int r1, int t0, int t1, float *y, size_t ldy
+using RowsFn = void (*)(PBS2P_ROWS_ARGS);
+void rows_generic(PBS2P_ROWS_ARGS);
+#if defined(PBS2P_HAVE_AVX512)
+void rows_avx512vnni(PBS2P_ROWS_ARGS);
+#endif
+
+// n (<= 64) bits starting at bit `pos` of a row of `nbytes` bytes, LSB first; never reads outside the row.
+inline uint64_t bits_at(const uint8_t* row, size_t nbytes, size_t pos, int n) {
+  if (n == 0) return 0;
+  const size_t byte = pos >> 3;
+  const int sh = int(pos & 7);
+  uint64_t lo = 0, hi = 0;
+  if (byte + 9 <= nbytes) {
+    __builtin_memcpy(&lo, row + byte, 8);
+    hi = row[byte + 8];
+  } else {
+    const size_t avail = nbytes - byte;
+    __builtin_memcpy(&lo, row + byte, avail < 8 ? avail : 8);
+    if (avail > 8) hi = row[byte + 8];
+  }
+  const uint64_t v = sh ? (lo >> sh) | (hi << (64 - sh)) : lo;
+  return n == 64 ? v : v & ((uint64_t(1) << n) - 1);
+}
+
+// Mask and sign bits of row r, chunk c: *mask = the chunk's mask bits (bit i = column begin + i), *signs = the
+// signs of its kept weights in column order (popcount(*mask) bits).
+void chunk_bits(const CompactWeight& w, int r, int c, uint64_t* mask, uint64_t* signs);
+// Salient term (exact scaled x) and bias for rows [r0, r1) x tokens [t0, t1), added to y in a fixed order.
+void add_salient_and_bias_compact(const CompactWeight& w, const float* x, int r0, int r1, int t0, int t1, float* y,
+                                  size_t ldy);
+// x itself without column scales, else x * c into *scratch (as scale_activations).
+const float* scale_activations(const CompactWeight& w, const float* x, size_t tokens, std::vector<float>* scratch);
+
+// ---------------- kernel registry and dispatch ----------------
+// A kernel path: compact (reads the disk layout through CompactWeight) or tile (the older table-lookup kernels
+// over the repacked 2.25-bit RuntimeWeight, kept for ISAs without a compact path: avx2, neon).
+// A hybrid (compact kernel + `gemv`) keeps both forms: the tile kernel `gemv` for calls of at most kHybridGemv
+// tokens (decode), the compact kernel for more (prefill); it holds the repacked copy besides ORT's initializers.
+struct Kernel {
+  const char* name;
+  bool compact;
+  RowsFn rows;                    // compact
+  TileFn tile;                    // tile
+  TableFn tables;                 // tile
+  const Kernel* gemv = nullptr;   // hybrid: the tile kernel used for few tokens
+};
+constexpr int kHybridGemv = 8;  // measured crossover at 4096x4096 on Zen 4 (pbs2p_kernel_bench)
+// Every kernel built into this binary, in preference order (best first).
+const std::vector<const Kernel*>& built_kernels();
+// Can this CPU run it (CPUID at run time)?
+bool kernel_supported(const Kernel& k);
+// The kernel to use: $PBS2P_KERNEL when set ("" on success, else a one-line error: unknown name or a path this
+// CPU cannot run), else the best supported one.
+std::string select_kernel(const Kernel** out);
+const Kernel* kernel_by_name(const char* name);  // built and supported, else nullptr
+
+// Whole matmul from the disk arrays with one kernel on the calling thread (tests, fuzzing, benchmarks).
+std::string matmul_disk(const DiskView& d, const Kernel& k, const float* x, int tokens, float* y);
+
 }  // namespace pbs2p

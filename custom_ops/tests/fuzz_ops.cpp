@@ -12,8 +12,9 @@
 //                     then 0..7 mutations (header fields set to edge values, arrays truncated / extended / bytes
 //                     flipped, salient columns and fp16 scales overwritten), then activations;
 //   byte 0 bit 0 = 1: RAW: 16 header words (magic forced with bit 1), 9 arrays of byte-given lengths and bytes.
-// Invariants checked on every input: validate() and repack() agree; an accepted weight decodes, repacks to the
-// sizes it implies, and every kernel gives the generic kernel's outputs (NaN where the generic gives NaN).
+// Invariants checked on every input: validate(), repack() and prepare() agree; an accepted weight decodes,
+// repacks to the sizes it implies, and every kernel this CPU runs (compact, tile, hybrid) gives the generic
+// kernel's outputs bit for bit (NaN where the generic gives NaN), the compact ones also on row/token slices.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -165,8 +166,10 @@ Disk raw(Reader& r, uint8_t mode, int* tokens) {
   return d;
 }
 
-void check_kernels(const RuntimeWeight& rw, Reader& r, int tokens) {
-  const size_t k = size_t(rw.p.k), rows = size_t(rw.p.rows);
+// Every kernel this CPU runs (compact, tile and hybrid) on the accepted weight: bit for bit the generic
+// kernel's outputs (NaN where generic gives NaN), and the compact kernels also piecewise (rows, tokens).
+void check_kernels(const DiskView& view, const Params& p, Reader& r, int tokens) {
+  const size_t k = size_t(p.k), rows = size_t(p.rows);
   std::vector<float> x(size_t(tokens) * k);
   std::mt19937 rng(r.u32());
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -177,18 +180,39 @@ void check_kernels(const RuntimeWeight& rw, Reader& r, int tokens) {
     x[r.u32() % x.size()] = vals[special % 5];
   }
   std::vector<float> y_generic(size_t(tokens) * rows, -1.0f);
-  matmul(rw, tile_generic, x.data(), tokens, y_generic.data(), build_tables_generic);
-  for (const char* name : {"avx2", "neon"}) {
-    const TileFn fn = tile_fn_by_name(name);
-    if (fn == nullptr) continue;
+  const std::string eg = matmul_disk(view, *kernel_by_name("generic"), x.data(), tokens, y_generic.data());
+  if (!eg.empty()) fail("generic matmul of an accepted weight", eg);
+  for (const Kernel* kn : built_kernels()) {
+    if (!kernel_supported(*kn) || std::strcmp(kn->name, "generic") == 0) continue;
     std::vector<float> y(y_generic.size(), -1.0f);
-    matmul(rw, fn, x.data(), tokens, y.data(), table_fn_by_name(name));
+    const std::string ek = matmul_disk(view, *kn, x.data(), tokens, y.data());
+    if (!ek.empty()) fail("kernel refused an accepted weight", std::string(kn->name) + ": " + ek);
     for (size_t i = 0; i < y.size(); ++i) {
       const float a = y[i], b = y_generic[i];
-      const bool same = (std::isnan(a) && std::isnan(b)) || a == b ||
-                        std::fabs(double(a) - double(b)) <= 1e-4 * (1.0 + std::fabs(double(b)));
-      if (!same) fail("kernel mismatch", std::string(name) + " output " + std::to_string(i));
+      if (!((std::isnan(a) && std::isnan(b)) || std::memcmp(&a, &b, 4) == 0))
+        fail("kernel mismatch", std::string(kn->name) + " output " + std::to_string(i));
     }
+  }
+  // the compact kernels on a slice of rows and tokens, written with a wider row stride
+  CompactWeight cw;
+  if (!prepare(view, &cw).empty()) fail("prepare refused an accepted weight", "");
+  std::vector<float> scaled;
+  const float* xs = scale_activations(cw, x.data(), size_t(tokens), &scaled);
+  QuantActs a;
+  quantize(xs, p.k, tokens, cw.cm, &a);
+  const int r0 = int(r.u8()) % p.rows, r1 = r0 + 1 + int(r.u8()) % (p.rows - r0);
+  const int t0 = int(r.u8()) % tokens;
+  const size_t ldy = rows + 1;
+  for (const Kernel* kn : built_kernels()) {
+    if (!kernel_supported(*kn) || !kn->compact) continue;
+    std::vector<float> y(size_t(tokens) * ldy, -1.0f);
+    kn->rows(cw, a, xs, r0, r1, t0, tokens, y.data(), ldy);
+    for (int t = t0; t < tokens; ++t)
+      for (int row = r0; row < r1; ++row) {
+        const float u = y[size_t(t) * ldy + size_t(row)], v = y_generic[size_t(t) * rows + size_t(row)];
+        if (!((std::isnan(u) && std::isnan(v)) || std::memcmp(&u, &v, 4) == 0))
+          fail("compact kernel slice mismatch", std::string(kn->name) + " row " + std::to_string(row));
+      }
   }
 }
 
@@ -207,6 +231,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   RuntimeWeight rw;
   const std::string e2 = repack(view, &rw);
   if (e.empty() != e2.empty()) fail("validate and repack disagree", e + " | " + e2);
+  CompactWeight cw;
+  const std::string e4 = prepare(view, &cw);
+  if (e.empty() != e4.empty()) fail("validate and prepare disagree", e + " | " + e4);
   if (!e.empty()) {
     if (e.find('\n') != std::string::npos || e.size() > 400) fail("message is not one short line", e);
     ++g_stats.rejected;
@@ -218,7 +245,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<float> dense;
   const std::string e3 = decode_dense(view, &dense);
   if (!e3.empty() || dense.size() != size_t(p.rows) * size_t(p.k)) fail("decode of an accepted weight", e3);
-  check_kernels(rw, r, tokens);
+  check_kernels(view, p, r, tokens);
   return 0;
 }
 

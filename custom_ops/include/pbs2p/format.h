@@ -13,9 +13,10 @@
 //  * the DISK layout (ONNX initializers, checkpoint arrays): 1 mask bit per weight + 1 sign bit per KEPT weight
 //    + fp16 scales: (1 + N/M) bits per weight + 32/group_size. Smallest honest encoding that is still cheap to
 //    decode without tables.
-//  * the RUNTIME layout (built once at session creation by repack()): 2-bit ternary codes interleaved over
-//    tiles of 32 rows, read by the table-lookup kernels: 2 + 32/group_size bits per weight, independent of N.
-//    This is what decode streams from memory.
+//    The compact kernels (generic, avx512-vnni) read it in place, straight from ONNX Runtime's initializers.
+//  * the TILE layout (built once at session creation by repack(), only for the tile kernels avx2 / neon and the
+//    decode half of the hybrid): 2-bit ternary codes interleaved over tiles of 32 rows, read by the table-lookup
+//    kernels: 2 + 32/group_size bits per weight, independent of N, held besides the initializers.
 #pragma once
 
 #include <cstddef>

@@ -1,0 +1,160 @@
+// AVX-512 VNNI compact kernel (AVX-512 F/BW/VL + VNNI + BMI2): reads the disk layout in place.
+// Per 16-row block and chunk (<= 64 columns of one group):
+//   plus = pdep(kept signs, mask) per row (BMI2); masked byte moves turn mask / plus into 0/1 byte planes;
+//   S = sum of q over kept weights, P = sum over +1 weights (vpdpbusd: u8 plane x s8 int7 activations);
+//   D = 2P - S; y = fma(scale, fma(mu, S, alpha * D), y)   (the scalar kernel's order, identical bits).
+// Few tokens: per row dot products then a 16 x 16 transposing reduction. Many tokens (prefill): the two planes
+// are transposed once per block and chunk to [4 columns][16 rows] dwords, then each token needs 2 vpdpbusd per
+// 4 columns with a broadcast activation dword, lanes = rows (no reduction).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "../kernels.h"
+
+namespace pbs2p {
+namespace {
+
+constexpr int kRows = 16;
+constexpr int kGemmTokens = 4;  // from this many tokens on, the transposed (GEMM) form
+
+// lane i of the result = sum of the 16 dwords of v[i]
+inline __m512i reduce16(const __m512i* v) {
+  __m512i a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k)
+    a[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; ++k)
+    b[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_epi64(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 2; ++k)
+    c[k] = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2 * k], b[2 * k + 1], 0x88),
+                            _mm512_shuffle_i32x4(b[2 * k], b[2 * k + 1], 0xdd));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xdd));
+}
+
+// in-place 16 x 16 dword transpose: r[i] dword j -> r[j] dword i
+inline void transpose16(__m512i* r) {
+  __m512i a[16], b[16];
+  for (int k = 0; k < 8; ++k) {
+    a[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    a[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    b[4 * k + 0] = _mm512_unpacklo_epi64(a[4 * k], a[4 * k + 2]);
+    b[4 * k + 1] = _mm512_unpackhi_epi64(a[4 * k], a[4 * k + 2]);
+    b[4 * k + 2] = _mm512_unpacklo_epi64(a[4 * k + 1], a[4 * k + 3]);
+    b[4 * k + 3] = _mm512_unpackhi_epi64(a[4 * k + 1], a[4 * k + 3]);
+  }
+  for (int p = 0; p < 4; ++p) {
+    const __m512i x0 = _mm512_shuffle_i32x4(b[p], b[4 + p], 0x88), y0 = _mm512_shuffle_i32x4(b[p], b[4 + p], 0xdd);
+    const __m512i x1 = _mm512_shuffle_i32x4(b[8 + p], b[12 + p], 0x88),
+                  y1 = _mm512_shuffle_i32x4(b[8 + p], b[12 + p], 0xdd);
+    r[p] = _mm512_shuffle_i32x4(x0, x1, 0x88);
+    r[8 + p] = _mm512_shuffle_i32x4(x0, x1, 0xdd);
+    r[4 + p] = _mm512_shuffle_i32x4(y0, y1, 0x88);
+    r[12 + p] = _mm512_shuffle_i32x4(y0, y1, 0xdd);
+  }
+}
+
+// y[t][rows] = fma(scale, fma(mu, S, alpha * (2P - S)), y) for the block's rows (lane mask `rows`)
+inline void accumulate(__m512i S, __m512i P, __m512 alpha, __m512 mu, float scale, __mmask16 rows, float* yt) {
+  const __m512i D = _mm512_sub_epi32(_mm512_slli_epi32(P, 1), S);
+  const __m512 part = _mm512_fmadd_ps(mu, _mm512_cvtepi32_ps(S), _mm512_mul_ps(alpha, _mm512_cvtepi32_ps(D)));
+  const __m512 yv = _mm512_maskz_loadu_ps(rows, yt);
+  _mm512_mask_storeu_ps(yt, rows, _mm512_fmadd_ps(_mm512_set1_ps(scale), part, yv));
+}
+
+}  // namespace
+
+void rows_avx512vnni(PBS2P_ROWS_ARGS) {
+  const Params& p = w.p;
+  const size_t G = size_t(p.groups);
+  const int chunks = a.chunks;
+  const __m512i ones = _mm512_set1_epi8(1);
+  alignas(64) uint64_t mw[kRows], pw[kRows];
+  alignas(64) uint32_t am[kRows];
+  size_t kept[kRows];  // per row: sign bits consumed by the chunks before (chunks run in column order)
+  alignas(64) __m512i planes_m[kRows], planes_p[kRows];
+  for (int rb = r0; rb < r1; rb += kRows) {
+    const int nr = std::min(kRows, r1 - rb);
+    const __mmask16 rows = __mmask16((1u << nr) - 1u);
+    for (int t = t0; t < t1; ++t) _mm512_mask_storeu_ps(y + size_t(t) * ldy + size_t(rb), rows, _mm512_setzero_ps());
+    for (int i = 0; i < kRows; ++i) kept[i] = 0;
+    for (int c = 0; c < chunks; ++c) {
+      const size_t g = size_t(w.cm.group[size_t(c)]);
+      const int b = w.cm.begin[size_t(c)], len = w.cm.begin[size_t(c) + 1] - b;
+      // whole-word loads when the chunk's mask bits start on a byte and 8 bytes stay inside the row
+      const bool fast_mask = (b & 7) == 0 && size_t(b >> 3) + 8 <= w.mask_row;
+      for (int i = 0; i < kRows; ++i) {
+        if (i < nr) {
+          const size_t r = size_t(rb + i);
+          const uint8_t* mrow = w.d.mask + r * w.mask_row;
+          uint64_t m;
+          if (fast_mask) {
+            std::memcpy(&m, mrow + (b >> 3), 8);
+            m = _bzhi_u64(m, unsigned(len));
+          } else {
+            m = bits_at(mrow, w.mask_row, size_t(b), len);
+          }
+          const int pc = int(_mm_popcnt_u64(m));
+          const uint8_t* srow = w.d.signs + r * w.sign_row;
+          const size_t pos = kept[i], byte = pos >> 3;
+          uint64_t s;
+          if (byte + 8 <= w.sign_row && int(pos & 7) + pc <= 64) {
+            std::memcpy(&s, srow + byte, 8);
+            s = _bzhi_u64(s >> (pos & 7), unsigned(pc));
+          } else {
+            s = bits_at(srow, w.sign_row, pos, pc);
+          }
+          kept[i] = pos + size_t(pc);
+          mw[i] = m;
+          pw[i] = _pdep_u64(s, m);
+          std::memcpy(&am[i], &w.d.scales[(r * G + g) * 2], 4);  // alpha | mu << 16
+        } else {
+          mw[i] = pw[i] = 0;
+          am[i] = 0;
+        }
+      }
+      const __m512i amv = _mm512_load_si512(am);
+      const __m512 alpha = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_and_si512(amv, _mm512_set1_epi32(0xffff))));
+      const __m512 mu = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(amv, 16)));
+      const int8_t* qc = &a.q[size_t(c) * kChunkCols];
+      const size_t qstride = size_t(chunks) * kChunkCols;
+      if (t1 - t0 >= kGemmTokens) {
+        const int quads = (w.cm.begin[size_t(c) + 1] - w.cm.begin[size_t(c)] + 3) / 4;
+        for (int i = 0; i < kRows; ++i) {
+          planes_m[i] = _mm512_maskz_mov_epi8(mw[i], ones);
+          planes_p[i] = _mm512_maskz_mov_epi8(pw[i], ones);
+        }
+        transpose16(planes_m);
+        transpose16(planes_p);
+        for (int t = t0; t < t1; ++t) {
+          const int8_t* q = qc + size_t(t) * qstride;
+          __m512i S = _mm512_setzero_si512(), P = _mm512_setzero_si512();
+          for (int j = 0; j < quads; ++j) {
+            int32_t q4;
+            std::memcpy(&q4, q + 4 * j, 4);
+            const __m512i b = _mm512_set1_epi32(q4);
+            S = _mm512_dpbusd_epi32(S, planes_m[j], b);
+            P = _mm512_dpbusd_epi32(P, planes_p[j], b);
+          }
+          accumulate(S, P, alpha, mu, a.scale[size_t(t) * chunks + c], rows, y + size_t(t) * ldy + size_t(rb));
+        }
+      } else {
+        for (int t = t0; t < t1; ++t) {
+          const __m512i vq = _mm512_loadu_si512(qc + size_t(t) * qstride);
+          __m512i vs[kRows], vp[kRows];
+          for (int i = 0; i < kRows; ++i) {
+            vs[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_maskz_mov_epi8(mw[i], ones), vq);
+            vp[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_maskz_mov_epi8(pw[i], ones), vq);
+          }
+          accumulate(reduce16(vs), reduce16(vp), alpha, mu, a.scale[size_t(t) * chunks + c], rows,
+                     y + size_t(t) * ldy + size_t(rb));
+        }
+      }
+    }
+  }
+  add_salient_and_bias_compact(w, x, r0, r1, t0, t1, y, ldy);
+}
+
+}  // namespace pbs2p

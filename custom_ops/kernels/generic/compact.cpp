@@ -1,0 +1,283 @@
+// Compact kernels: read the disk layout (mask bits + kept signs + fp16 scales) in place. Shared parts (prepare,
+// activation quantization, bit extraction, salient + bias), the scalar kernel and the kernel registry.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "../kernels.h"
+
+#if defined(PBS2P_HAVE_AVX2) || defined(PBS2P_HAVE_AVX512)
+#include <cpuid.h>
+#endif
+
+namespace pbs2p {
+namespace {
+
+size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
+inline bool bit(const uint8_t* bits, size_t i) { return (bits[i >> 3] >> (i & 7)) & 1u; }
+
+// Portable bit deposit: the low popcount(mask) bits of src placed at mask's set bits (BMI2 pdep).
+inline uint64_t deposit(uint64_t src, uint64_t mask) {
+  uint64_t out = 0;
+  for (uint64_t b = 1; mask != 0; b <<= 1) {
+    if (src & b) out |= mask & (~mask + 1);
+    mask &= mask - 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string prepare(const DiskView& d, CompactWeight* w) {
+  Params p;
+  std::string e = parse_header(d.header, d.header_len, &p);
+  if (e.empty()) e = validate(d, p);
+  if (!e.empty()) return e;
+  w->p = p;
+  w->d = d;
+  w->mask_row = ceil_div(size_t(p.k), 8);
+  w->sign_row = ceil_div(size_t(p.k) / size_t(p.m) * size_t(p.n), 8);
+  w->sal_row = p.salient ? ceil_div(size_t(p.groups) * size_t(p.salient), 8) : 0;
+  w->cm = make_chunks(p.k, p.group_size);
+  const size_t chunks = w->cm.group.size();
+  w->kept_base.resize(chunks);
+  w->pre_bits.resize(chunks);
+  for (size_t c = 0; c < chunks; ++c) {
+    const int b = w->cm.begin[c];
+    w->kept_base[c] = int64_t(b / p.m) * p.n;
+    w->pre_bits[c] = b % p.m;
+  }
+  w->col_scales.resize(p.has_col_scales ? size_t(p.k) : 0);
+  for (size_t j = 0; j < w->col_scales.size(); ++j) w->col_scales[j] = half_to_float(d.col_scales[j]);
+  return "";
+}
+
+void chunk_bits(const CompactWeight& w, int r, int c, uint64_t* mask, uint64_t* signs) {
+  const uint8_t* mrow = w.d.mask + size_t(r) * w.mask_row;
+  const int b = w.cm.begin[size_t(c)], len = w.cm.begin[size_t(c) + 1] - b;
+  const uint64_t m = bits_at(mrow, w.mask_row, size_t(b), len);
+  int64_t kept = w.kept_base[size_t(c)];
+  if (const int pre = w.pre_bits[size_t(c)]) kept += __builtin_popcountll(bits_at(mrow, w.mask_row, size_t(b - pre), pre));
+  *mask = m;
+  *signs = bits_at(w.d.signs + size_t(r) * w.sign_row, w.sign_row, size_t(kept), __builtin_popcountll(m));
+}
+
+void size_quant(int tokens, const ChunkMap& cm, QuantActs* a) {
+  const int chunks = int(cm.group.size());
+  a->tokens = tokens;
+  a->chunks = chunks;
+  const size_t nq = size_t(tokens) * size_t(chunks) * kChunkCols, ns = size_t(tokens) * size_t(chunks);
+  if (a->q.size() < nq) a->q.resize(nq);
+  if (a->scale.size() < ns) a->scale.resize(ns);
+}
+
+void quantize(const float* x, int k, int tokens, const ChunkMap& cm, QuantActs* a) {
+  size_quant(tokens, cm, a);
+  quantize_tokens(x, k, 0, tokens, cm, a);
+}
+
+void quantize_tokens(const float* x, int k, int t0, int t1, const ChunkMap& cm, QuantActs* a) {
+  const int chunks = a->chunks;
+  for (int tok = t0; tok < t1; ++tok) {
+    const float* xt = x + size_t(tok) * size_t(k);
+    for (int c = 0; c < chunks; ++c) {
+      const int b = cm.begin[size_t(c)], e = cm.begin[size_t(c) + 1];
+      float amax = 0.0f;
+      bool finite = true;  // a NaN/inf activation makes the chunk scale NaN, so every output of the token is NaN
+      for (int j = b; j < e; ++j) {
+        amax = std::max(amax, std::fabs(xt[j]));
+        finite = finite && std::isfinite(xt[j]);
+      }
+      const float inv = amax > 0.0f && finite ? float(kActMax) / amax : 0.0f;
+      a->scale[size_t(tok) * chunks + c] = finite ? amax / float(kActMax) : NAN;
+      int8_t* q = &a->q[(size_t(tok) * chunks + c) * kChunkCols];
+      std::memset(q, 0, kChunkCols);
+      for (int j = b; j < e; ++j) {
+        const float v = finite ? std::nearbyint(xt[j] * inv) : 0.0f;
+        q[j - b] = int8_t(std::min(float(kActMax), std::max(-float(kActMax), v)));
+      }
+    }
+  }
+}
+
+const float* scale_activations(const CompactWeight& w, const float* x, size_t tokens, std::vector<float>* scratch) {
+  if (w.col_scales.empty()) return x;
+  const size_t k = w.col_scales.size();
+  if (scratch->size() < tokens * k) scratch->resize(tokens * k);
+  float* out = scratch->data();
+  const float* c = w.col_scales.data();
+  for (size_t t = 0; t < tokens; ++t)
+    for (size_t j = 0; j < k; ++j) out[t * k + j] = x[t * k + j] * c[j];
+  return out;
+}
+
+void add_salient_and_bias_compact(const CompactWeight& w, const float* x, int r0, int r1, int t0, int t1, float* y,
+                                  size_t ldy) {
+  const Params& p = w.p;
+  const size_t G = size_t(p.groups), S = size_t(p.salient);
+  for (int r = r0; r < r1; ++r) {
+    const uint8_t* mrow = w.d.mask + size_t(r) * w.mask_row;
+    const uint8_t* srow = S ? w.d.salient_signs + size_t(r) * w.sal_row : nullptr;
+    const float bias = w.d.bias_len ? w.d.bias[size_t(r)] : 0.0f;
+    for (int t = t0; t < t1; ++t) {
+      const float* xt = x + size_t(t) * size_t(p.k);
+      float& yv = y[size_t(t) * ldy + size_t(r)];
+      for (size_t g = 0; g < G && S; ++g) {
+        float acc = 0.0f;
+        for (size_t s2 = 0; s2 < S; ++s2) {
+          const int c = w.d.salient_cols[g * S + s2];
+          const int coef = bit(mrow, size_t(c)) ? (bit(srow, g * S + s2) ? 1 : -1) : 0;
+          acc += float(coef) * xt[c];
+        }
+        yv = std::fma(half_to_float(w.d.alpha2[size_t(r) * G + g]), acc, yv);
+      }
+      if (w.d.bias_len) yv += bias;
+    }
+  }
+}
+
+// Scalar compact kernel: per row and chunk, decode the bits once, then exact integer sums for every token.
+void rows_generic(PBS2P_ROWS_ARGS) {
+  const Params& p = w.p;
+  const size_t G = size_t(p.groups);
+  const int chunks = a.chunks;
+  for (int r = r0; r < r1; ++r) {
+    for (int t = t0; t < t1; ++t) y[size_t(t) * ldy + size_t(r)] = 0.0f;
+    for (int c = 0; c < chunks; ++c) {
+      uint64_t m = 0, s = 0;
+      chunk_bits(w, r, c, &m, &s);
+      const uint64_t plus = deposit(s, m);
+      const size_t sc = (size_t(r) * G + size_t(w.cm.group[size_t(c)])) * 2;
+      const float alpha = half_to_float(w.d.scales[sc]), mu = half_to_float(w.d.scales[sc + 1]);
+      for (int t = t0; t < t1; ++t) {
+        const int8_t* q = &a.q[(size_t(t) * chunks + c) * kChunkCols];
+        int32_t sum_kept = 0, sum_plus = 0;
+        for (uint64_t mm = m; mm != 0; mm &= mm - 1) {
+          const int j = __builtin_ctzll(mm);
+          sum_kept += q[j];
+          if ((plus >> j) & 1u) sum_plus += q[j];
+        }
+        const int32_t dsum = 2 * sum_plus - sum_kept;
+        const float part = std::fma(mu, float(sum_kept), alpha * float(dsum));
+        float& yv = y[size_t(t) * ldy + size_t(r)];
+        yv = std::fma(a.scale[size_t(t) * chunks + c], part, yv);
+      }
+    }
+  }
+  add_salient_and_bias_compact(w, x, r0, r1, t0, t1, y, ldy);
+}
+
+// ---------------- registry ----------------
+
+namespace {
+
+#if defined(PBS2P_HAVE_AVX2) || defined(PBS2P_HAVE_AVX512)
+bool os_saves_zmm() {  // XCR0: SSE, AVX and the three AVX-512 state components enabled by the OS
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo & 0xe6u) == 0xe6u;
+}
+bool cpu_has_avx512vnni() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool f = ebx & (1u << 16), bw = ebx & (1u << 30), vl = ebx & (1u << 31), bmi2 = ebx & (1u << 8);
+  const bool vnni = ecx & (1u << 11);
+  return f && bw && vl && bmi2 && vnni && os_saves_zmm();
+}
+#endif
+
+const Kernel kGeneric{"generic", true, rows_generic, nullptr, nullptr};
+#if defined(PBS2P_HAVE_AVX512)
+const Kernel kAvx512{"avx512-vnni", true, rows_avx512vnni, nullptr, nullptr};
+#endif
+#if defined(PBS2P_HAVE_AVX2)
+const Kernel kAvx2Tile{"avx2", false, nullptr, tile_avx2, build_tables_avx2};
+#endif
+#if defined(PBS2P_HAVE_AVX512) && defined(PBS2P_HAVE_AVX2)
+const Kernel kAvx512Hybrid{"avx512-vnni+avx2", true, rows_avx512vnni, nullptr, nullptr, &kAvx2Tile};
+#endif
+#if defined(PBS2P_HAVE_NEON)
+const Kernel kNeonTile{"neon", false, nullptr, tile_neon, build_tables_generic};
+#endif
+
+}  // namespace
+
+const std::vector<const Kernel*>& built_kernels() {
+  static const std::vector<const Kernel*> all = {
+#if defined(PBS2P_HAVE_AVX512) && defined(PBS2P_HAVE_AVX2)
+      &kAvx512Hybrid,
+#endif
+#if defined(PBS2P_HAVE_AVX512)
+      &kAvx512,
+#endif
+#if defined(PBS2P_HAVE_AVX2)
+      &kAvx2Tile,
+#endif
+#if defined(PBS2P_HAVE_NEON)
+      &kNeonTile,
+#endif
+      &kGeneric};
+  return all;
+}
+
+bool kernel_supported(const Kernel& k) {
+  if (k.gemv != nullptr && !kernel_supported(*k.gemv)) return false;
+#if defined(PBS2P_HAVE_AVX512)
+  if (k.rows == rows_avx512vnni) return cpu_has_avx512vnni();
+#endif
+  if (k.compact) return true;
+  return tile_fn_by_name(k.name) != nullptr;
+}
+
+const Kernel* kernel_by_name(const char* name) {
+  for (const Kernel* k : built_kernels())
+    if (std::strcmp(k->name, name) == 0) return kernel_supported(*k) ? k : nullptr;
+  return nullptr;
+}
+
+std::string select_kernel(const Kernel** out) {
+  const char* forced = std::getenv("PBS2P_KERNEL");  // tests / benchmarks
+  if (forced != nullptr && *forced != '\0') {
+    std::string names;
+    for (const Kernel* k : built_kernels()) {
+      names += (names.empty() ? "" : ", ") + std::string(k->name);
+      if (std::strcmp(k->name, forced) == 0) {
+        if (!kernel_supported(*k)) return "PBS2P_KERNEL=" + std::string(forced) + ": this CPU cannot run that path";
+        *out = k;
+        return "";
+      }
+    }
+    return "PBS2P_KERNEL=" + std::string(forced) + " is not a kernel of this build (built: " + names + ")";
+  }
+  for (const Kernel* k : built_kernels())
+    if (kernel_supported(*k)) {
+      *out = k;
+      return "";
+    }
+  *out = &kGeneric;
+  return "";
+}
+
+std::string matmul_disk(const DiskView& d, const Kernel& k, const float* x, int tokens, float* y) {
+  if (k.gemv != nullptr && tokens <= kHybridGemv) return matmul_disk(d, *k.gemv, x, tokens, y);
+  if (!k.compact) {
+    RuntimeWeight rw;
+    const std::string e = repack(d, &rw);
+    if (e.empty()) matmul(rw, k.tile, x, tokens, y, k.tables);
+    return e;
+  }
+  CompactWeight w;
+  const std::string e = prepare(d, &w);
+  if (!e.empty()) return e;
+  std::vector<float> scaled;
+  const float* xs = scale_activations(w, x, size_t(tokens), &scaled);
+  QuantActs a;
+  quantize(xs, w.p.k, tokens, w.cm, &a);
+  k.rows(w, a, xs, 0, w.p.rows, 0, tokens, y, size_t(w.p.rows));
+  return "";
+}
+
+}  // namespace pbs2p
