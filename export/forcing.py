@@ -167,7 +167,11 @@ def ort_steps(
     Returns the logits of each step and, per step, the values of the `extra` graph outputs.
     """
     names = [output.name for output in session.get_outputs()]
-    empty = np.zeros((1, config.num_kv_heads, 0, config.head_dim), dtype=np.float32)
+    # An unfused graph grows its cache from length 0; a fused one (export/fused.py) takes buffers of a fixed
+    # length, here the whole sequence, and reads the valid length from attention_mask.
+    fused = "position_ids" not in {i.name for i in session.get_inputs()}
+    length = len(ids) + len(tokens) if fused else 0
+    empty = np.zeros((1, config.num_kv_heads, length, config.head_dim), dtype=np.float32)
     past = dict.fromkeys(config.past_names(), empty)
     step_ids, total = list(ids), 0
     logits: list[np.ndarray] = []
@@ -180,9 +184,10 @@ def ort_steps(
         feeds = {
             "input_ids": np.array([step_ids], dtype=np.int64),
             "attention_mask": np.ones((1, total), dtype=np.int64),
-            "position_ids": np.arange(start, total, dtype=np.int64)[None, :],
             **past,
         }
+        if not fused:
+            feeds["position_ids"] = np.arange(start, total, dtype=np.int64)[None, :]
         outputs = dict(zip(names, session.run(None, feeds), strict=True))
         logits.append(outputs["logits"][0])
         past = {

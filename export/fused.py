@@ -1,0 +1,242 @@
+"""The fused decoder graph: onnxruntime's com.microsoft contrib ops, a shared fixed-length KV buffer.
+
+Per layer (docs/FORMAT.md "Fused graph"):
+
+    SkipSimplifiedLayerNormalization(mlp_out of the previous layer, residual) -> x, residual
+    q/k/v projections -> GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_seq_len, cos, sin)
+        (do_rotary=1: the rotary embedding runs inside the attention op; past and present share one buffer)
+    o projection -> SkipSimplifiedLayerNormalization(o_out, residual) -> x, residual
+    gate/up projections -> SiLU(gate) * up -> down projection
+
+The projections are whatever the swapped linear modules emit (SparseBinaryMatMul, MatMulNBits, MatMul), as in
+the unfused graph (`export/decoder.py`), so validation taps the same custom nodes. Graph interface:
+
+    input_ids [B, S], attention_mask [B, T] (T = past + S tokens; only its row sums and width are read),
+    past_key_values.{i}.key|value [B, kv_heads, L, head_dim] (L = the buffer length, fixed by the caller),
+    logits_to_keep int64 [] (optional, default 0 = logits of every position; 1 = the last position only)
+    -> logits [B, S or 1, V], present.{i}.key|value [B, kv_heads, L, head_dim]
+
+A caller that binds present.{i} to the same memory as past_key_values.{i} (onnxruntime IO binding, or
+onnxruntime-genai with past_present_share_buffer) never copies the cache; with separate buffers the op copies
+the valid rows of past into present first. The layout of positions is right-padded: row b's tokens occupy
+slots 0 .. seqlens_k[b], which is what GroupQueryAttention computes positions from (no position_ids input).
+
+The graph is traced from this module like the unfused one; the contrib ops are emitted with
+`torch.onnx.ops.symbolic` (their eager value is never used: validation compares the graph with the HF model).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from pbs2p_edge.errors import Pbs2pError
+from pbs2p_edge.export.configs import ExportConfig
+from pbs2p_edge.export.decoder import Decoder, rms_norm
+
+MS = "com.microsoft"
+LOGITS_TO_KEEP = "logits_to_keep"
+# Tagged on the final norm's node so the export can cut the hidden rows before the head (onnx_export.py).
+ROLE_KEY = "pbs2p_edge.role"
+FINAL_NORM_ROLE = "final_norm"
+
+
+def fused_unsupported(config: ExportConfig) -> str | None:
+    """Why the fused graph cannot express `config` (None when it can)."""
+    family = config.family
+    reasons = [
+        (family.qk_norm, "per-head q/k norms"),
+        (family.sandwich_norms, "sandwich norms"),
+        (family.norm_offset != 0.0, "offset norms"),
+        (family.embed_scale, "scaled embeddings"),
+        (family.fused, "pre-fused qkv/gate_up weights"),
+        (family.activation != "silu", f"the {family.activation} activation"),
+        (any(w is not None for w in config.layer_windows), "local sliding-window layers"),
+        (any(key != "" for key in config.layer_rope), "per-layer rotary tables or NoPE layers"),
+        (config.attn_softcap is not None or config.final_softcap is not None, "logit soft-capping"),
+    ]
+    for present, what in reasons:
+        if present:
+            return what
+    return None
+
+
+class FusedDecoder(Decoder):
+    """Decoder graph of contrib ops over `hf_model`'s layers (export only: its eager output is not the model's)."""
+
+    def __init__(self, hf_model: nn.Module, config: ExportConfig, head: nn.Module) -> None:
+        reason = fused_unsupported(config)
+        if reason is not None:
+            raise Pbs2pError(f"the fused graph does not support {config.model_type} with {reason}")
+        super().__init__(hf_model, config, head)
+        inv_freq = self.inv_freq_model
+        rotary = inv_freq.shape[0] * 2
+        if rotary != config.head_dim:
+            raise Pbs2pError("the fused graph does not support partial rotary embeddings")
+        # transformers: freqs = position (fp32) * inv_freq (fp32), cos/sin times the attention scaling.
+        positions = torch.arange(config.context_length, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        scale = self.rope_scale[""]
+        self.register_buffer("cos_cache", (freqs.cos() * scale).contiguous(), persistent=False)
+        self.register_buffer("sin_cache", (freqs.sin() * scale).contiguous(), persistent=False)
+
+    def _skip_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, role: str = ""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) as one SkipSimplifiedLayerNormalization."""
+        outputs = torch.onnx.ops.symbolic_multi_out(
+            f"{MS}::SkipSimplifiedLayerNormalization",
+            [x, residual, weight],
+            {"epsilon": float(self.config.rms_norm_eps)},
+            dtypes=[x.dtype] * 4,
+            shapes=[x.shape, (*x.shape[:-1], 1), (*x.shape[:-1], 1), x.shape],
+            version=1,
+            metadata_props={ROLE_KEY: role} if role else None,
+        )
+        return outputs[0], outputs[3]
+
+    def _gqa(
+        self,
+        attn: nn.Module,
+        x: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+        seqlens_k: torch.Tensor,
+        total: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        q, k, v = self._qkv(attn, x)
+        out, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
+            f"{MS}::GroupQueryAttention",
+            [q, k, v, past_key, past_value, seqlens_k, total, self.cos_cache, self.sin_cache],
+            {
+                "num_heads": cfg.num_heads,
+                "kv_num_heads": cfg.num_kv_heads,
+                "scale": float(cfg.attention_scale),
+                "do_rotary": 1,
+                "rotary_interleaved": 0,
+                "local_window_size": -1,
+            },
+            dtypes=[x.dtype] * 3,
+            shapes=[(*x.shape[:-1], cfg.num_heads * cfg.head_dim), past_key.shape, past_value.shape],
+            version=1,
+        )
+        return attn.o_proj(out), present_key, present_value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        cfg = self.config
+        hidden = self.head.embed(input_ids)
+        # GroupQueryAttention's inputs: per row, the index of its last valid slot; the total length.
+        seqlens_k = (attention_mask.sum(dim=1) - 1).to(torch.int32)
+        total = torch.ones_like(attention_mask[0]).sum().to(torch.int32)
+        presents: list[torch.Tensor] = []
+        residual = hidden
+        x = rms_norm(hidden, self.layers[0].input_layernorm.weight, cfg.rms_norm_eps)
+        mlp_out = None
+        for i, layer in enumerate(self.layers):
+            if mlp_out is not None:
+                x, residual = self._skip_norm(mlp_out, residual, layer.input_layernorm.weight)
+            out, key, value = self._gqa(layer.self_attn, x, past[2 * i], past[2 * i + 1], seqlens_k, total)
+            presents += [key, value]
+            x, residual = self._skip_norm(out, residual, layer.post_attention_layernorm.weight)
+            mlp_out = self._mlp(layer.mlp, x)
+        hidden, _ = self._skip_norm(mlp_out, residual, self.norm.weight, role=FINAL_NORM_ROLE)
+        return (self.head.logits(hidden), *presents)
+
+
+def input_names(config: ExportConfig) -> list[str]:
+    return ["input_ids", "attention_mask", *config.past_names()]
+
+
+def example_inputs(config: ExportConfig, batch: int, seq_len: int, past_len: int) -> tuple[torch.Tensor, ...]:
+    """Trace inputs: a KV buffer longer than past + new tokens, so its length is its own axis."""
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq_len), dtype=torch.int64)
+    attention_mask = torch.ones(batch, past_len + seq_len, dtype=torch.int64)
+    buffer = past_len + seq_len + 4
+    past = [torch.zeros(batch, config.num_kv_heads, buffer, config.head_dim) for _ in config.past_names()]
+    return (input_ids, attention_mask, *past)
+
+
+def dynamic_shapes(config: ExportConfig) -> dict[str, object]:
+    dim = torch.export.Dim.DYNAMIC
+    return {
+        "input_ids": {0: dim, 1: dim},
+        "attention_mask": {0: dim, 1: dim},
+        "past": tuple({0: dim, 2: dim} for _ in config.past_names()),
+    }
+
+
+def axis_names(config: ExportConfig) -> dict[str, list[str | int]]:
+    axes: dict[str, list[str | int]] = {
+        "input_ids": ["batch_size", "sequence_length"],
+        "attention_mask": ["batch_size", "total_sequence_length"],
+        "logits": ["batch_size", "logits_length", config.vocab_size],
+    }
+    for name in [*config.past_names(), *config.present_names()]:
+        axes[name] = ["batch_size", config.num_kv_heads, "max_sequence_length", config.head_dim]
+    return axes
+
+
+def finish_graph(model: onnx.ModelProto) -> None:
+    """After tracing: drop the norms' unused statistics outputs, and keep only the last `logits_to_keep`
+    rows of the final norm's output (0 = all) before the head, through an optional int64 input."""
+    graph = model.graph
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    final = None
+    for node in graph.node:
+        if node.domain == MS and node.op_type == "SkipSimplifiedLayerNormalization":
+            for index in (1, 2, 3):
+                if index < len(node.output) and node.output[index] not in used:
+                    node.output[index] = ""
+            while node.output and node.output[-1] == "":
+                node.output.pop()
+            if any(p.key == ROLE_KEY and p.value == FINAL_NORM_ROLE for p in node.metadata_props):
+                final = node
+    if final is None:
+        raise Pbs2pError("fused export: the final norm is missing from the traced graph")
+    hidden = final.output[0]
+    kept = f"{hidden}__kept"
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name == hidden:
+                node.input[index] = kept
+    graph.input.append(onnx.helper.make_tensor_value_info(LOGITS_TO_KEEP, onnx.TensorProto.INT64, []))
+    graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.array(0, dtype=np.int64), LOGITS_TO_KEEP),
+            onnx.numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64), "keep__end"),
+            onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "keep__axis"),
+            onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), "keep__shape"),
+        ]
+    )
+    # Slice(hidden, starts=[-k], ends=[max], axes=[1]): k = 0 starts at 0 (every row), k = 1 at the last.
+    position = list(graph.node).index(final) + 1
+    nodes = [
+        onnx.helper.make_node("Neg", [LOGITS_TO_KEEP], ["keep__neg"], name="keep/Neg"),
+        onnx.helper.make_node("Reshape", ["keep__neg", "keep__shape"], ["keep__start"], name="keep/Reshape"),
+        onnx.helper.make_node(
+            "Slice", [hidden, "keep__start", "keep__end", "keep__axis"], [kept], name="keep/Slice"
+        ),
+    ]
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
+    # Shapes downstream of the cut changed: let onnxruntime infer them again.
+    downstream = _downstream(graph, kept)
+    keep_info = [v for v in graph.value_info if v.name not in downstream]
+    del graph.value_info[:]
+    graph.value_info.extend(keep_info)
+
+
+def _downstream(graph: onnx.GraphProto, start: str) -> set[str]:
+    reached = {start}
+    for node in graph.node:  # topological order
+        if any(name in reached for name in node.input):
+            reached.update(name for name in node.output if name)
+    return reached
