@@ -256,6 +256,21 @@ def _count_ops(model_path: Path) -> dict[str, int]:
     return counts
 
 
+def graph_nodes(model_path: Path) -> dict[str, Any]:
+    """Node counts of the graph: total, by op type, and per decoder layer = the mean distance (in the graph's
+    topological order, which follows the layers) between consecutive attention nodes: GroupQueryAttention
+    in a fused graph, Softmax in an unfused one. None for a one-layer graph."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    nodes = list(model.graph.node)
+    by_op: dict[str, int] = {}
+    for node in nodes:
+        by_op[node.op_type] = by_op.get(node.op_type, 0) + 1
+    attention = "GroupQueryAttention" if "GroupQueryAttention" in by_op else "Softmax"
+    marks = [i for i, node in enumerate(nodes) if node.op_type == attention]
+    per_layer = round((marks[-1] - marks[0]) / (len(marks) - 1), 2) if len(marks) > 1 else None
+    return {"total": len(nodes), "per_layer": per_layer, "by_op": dict(sorted(by_op.items()))}
+
+
 # ------------------------------------------------------------------------------------------ export
 
 
@@ -320,6 +335,7 @@ def export_bundle(
         library_ref = _write_files(tmp, src, config, library, ops_library, fused)
         manifest = _manifest(tmp, src, config, weights, head, library_ref, accuracy_level)
         manifest["graph"] = "fused" if fused else "unfused"
+        manifest["graph_nodes"] = graph_nodes(tmp / MODEL_FILE)
         if fused:
             manifest["inputs"] = [*fused_input_names(config), LOGITS_TO_KEEP]
         manifest["validation"] = None

@@ -35,6 +35,7 @@ from torch import nn
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export.configs import ExportConfig
 from pbs2p_edge.export.decoder import Decoder, rms_norm
+from pbs2p_edge.export.nbits import BlockQuantized, NBitsLinear, matmul_nbits
 
 MS = "com.microsoft"
 LOGITS_TO_KEEP = "logits_to_keep"
@@ -63,6 +64,62 @@ def fused_unsupported(config: ExportConfig) -> str | None:
     return None
 
 
+class FusedNBits(nn.Module):
+    """Several MatMulNBits linears with the same input, width and block format as one node: their rows
+    concatenated (each row is quantized on its own, so this is exact), outputs in module order."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        super().__init__()
+        first = modules[0].quantized
+        self.quantized = BlockQuantized(
+            packed=np.concatenate([m.quantized.packed for m in modules]),
+            scales=np.concatenate([m.quantized.scales for m in modules]),
+            bits=first.bits,
+            block_size=first.block_size,
+            k=first.k,
+        )
+        self.accuracy_level = modules[0].accuracy_level
+        self.register_buffer("weight_q", torch.from_numpy(self.quantized.packed))
+        self.register_buffer("weight_scales", torch.from_numpy(self.quantized.scales))
+        biases = [m.bias for m in modules]
+        bias = None
+        if any(b is not None for b in biases):
+            rows = [m.quantized.packed.shape[0] for m in modules]
+            parts = [torch.zeros(r) if b is None else b.detach() for b, r in zip(biases, rows, strict=True)]
+            bias = torch.cat(parts)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return matmul_nbits(x, self.weight_q, self.weight_scales, self.quantized, self.accuracy_level)
+        # MatMulNBits adds a bias itself (input 5; no zero points, no g_idx).
+        q = self.quantized
+        attributes = {"K": q.k, "N": q.packed.shape[0], "bits": q.bits, "block_size": q.block_size}
+        if self.accuracy_level:
+            attributes["accuracy_level"] = self.accuracy_level
+        return torch.onnx.ops.symbolic(
+            f"{MS}::MatMulNBits",
+            [x, self.weight_q, self.weight_scales, None, None, self.bias],
+            attributes,
+            dtype=x.dtype,
+            shape=(*x.shape[:-1], q.packed.shape[0]),
+            version=1,
+        )
+
+
+def fusable_nbits(modules: list[nn.Module]) -> bool:
+    """Whether `modules` (e.g. q, k, v) can run as one MatMulNBits node (FusedNBits)."""
+    if not all(isinstance(m, NBitsLinear) for m in modules):
+        return False
+    first = modules[0]
+    same = ("bits", "block_size", "k")
+    return all(
+        m.accuracy_level == first.accuracy_level
+        and all(getattr(m.quantized, f) == getattr(first.quantized, f) for f in same)
+        for m in modules
+    )
+
+
 class FusedDecoder(Decoder):
     """Decoder graph of contrib ops over `hf_model`'s layers (export only: its eager output is not the model's)."""
 
@@ -81,6 +138,15 @@ class FusedDecoder(Decoder):
         scale = self.rope_scale[""]
         self.register_buffer("cos_cache", (freqs.cos() * scale).contiguous(), persistent=False)
         self.register_buffer("sin_cache", (freqs.sin() * scale).contiguous(), persistent=False)
+        # Projections that share their input and format run as one node (q/k/v; gate/up).
+        self.qkv = nn.ModuleList()
+        self.gate_up = nn.ModuleList()
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+            self.qkv.append(FusedNBits(qkv) if fusable_nbits(qkv) else nn.Identity())
+            gate_up = [mlp.gate_proj, mlp.up_proj]
+            self.gate_up.append(FusedNBits(gate_up) if fusable_nbits(gate_up) else nn.Identity())
 
     def _skip_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, role: str = ""
@@ -97,9 +163,16 @@ class FusedDecoder(Decoder):
         )
         return outputs[0], outputs[3]
 
+    def _layer_mlp(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        fused, mlp = self.gate_up[index], self.layers[index].mlp
+        if isinstance(fused, nn.Identity):
+            return self._mlp(mlp, x)
+        gate, up = fused(x).chunk(2, dim=-1)
+        return mlp.down_proj(nn.functional.silu(gate) * up)
+
     def _gqa(
         self,
-        attn: nn.Module,
+        index: int,
         x: torch.Tensor,
         past_key: torch.Tensor,
         past_value: torch.Tensor,
@@ -107,7 +180,11 @@ class FusedDecoder(Decoder):
         total: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
-        q, k, v = self._qkv(attn, x)
+        attn, fused = self.layers[index].self_attn, self.qkv[index]
+        if isinstance(fused, nn.Identity):
+            q, k, v = self._qkv(attn, x)
+        else:  # packed q|k|v as the query input, key and value absent
+            q, k, v = fused(x), None, None
         out, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
             f"{MS}::GroupQueryAttention",
             [q, k, v, past_key, past_value, seqlens_k, total, self.cos_cache, self.sin_cache],
@@ -143,10 +220,10 @@ class FusedDecoder(Decoder):
         for i, layer in enumerate(self.layers):
             if mlp_out is not None:
                 x, residual = self._skip_norm(mlp_out, residual, layer.input_layernorm.weight)
-            out, key, value = self._gqa(layer.self_attn, x, past[2 * i], past[2 * i + 1], seqlens_k, total)
+            out, key, value = self._gqa(i, x, past[2 * i], past[2 * i + 1], seqlens_k, total)
             presents += [key, value]
             x, residual = self._skip_norm(out, residual, layer.post_attention_layernorm.weight)
-            mlp_out = self._mlp(layer.mlp, x)
+            mlp_out = self._layer_mlp(i, x)
         hidden, _ = self._skip_norm(mlp_out, residual, self.norm.weight, role=FINAL_NORM_ROLE)
         return (self.head.logits(hidden), *presents)
 
@@ -202,11 +279,17 @@ def finish_graph(model: onnx.ModelProto) -> None:
     if final is None:
         raise Pbs2pError("fused export: the final norm is missing from the traced graph")
     hidden = final.output[0]
-    kept = f"{hidden}__kept"
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            if name == hidden:
-                node.input[index] = kept
+    position = list(graph.node).index(final) + 1
+    if _reads_other_shapes(graph, hidden):
+        # The head's nodes also read shapes computed from other inputs (a Gemm head reshapes to [B, S, V]
+        # from input_ids' shape): cutting its input would break them, so the logits are cut instead.
+        hidden, kept, position = _rename_output(graph, "logits"), "logits", len(graph.node)
+    else:
+        kept = f"{hidden}__kept"
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                if name == hidden:
+                    node.input[index] = kept
     graph.input.append(onnx.helper.make_tensor_value_info(LOGITS_TO_KEEP, onnx.TensorProto.INT64, []))
     graph.initializer.extend(
         [
@@ -217,7 +300,6 @@ def finish_graph(model: onnx.ModelProto) -> None:
         ]
     )
     # Slice(hidden, starts=[-k], ends=[max], axes=[1]): k = 0 starts at 0 (every row), k = 1 at the last.
-    position = list(graph.node).index(final) + 1
     nodes = [
         onnx.helper.make_node("Neg", [LOGITS_TO_KEEP], ["keep__neg"], name="keep/Neg"),
         onnx.helper.make_node("Reshape", ["keep__neg", "keep__shape"], ["keep__start"], name="keep/Reshape"),
@@ -232,6 +314,33 @@ def finish_graph(model: onnx.ModelProto) -> None:
     keep_info = [v for v in graph.value_info if v.name not in downstream]
     del graph.value_info[:]
     graph.value_info.extend(keep_info)
+
+
+def _reads_other_shapes(graph: onnx.GraphProto, start: str) -> bool:
+    """Whether a node downstream of `start` reads a value computed from anything but `start` and constants."""
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for node in graph.node if node.op_type == "Constant" for o in node.output}
+    reached = _downstream(graph, start)
+    return any(
+        name and name not in reached and name not in constants
+        for node in graph.node
+        if any(name in reached for name in node.input)
+        for name in node.input
+    )
+
+
+def _rename_output(graph: onnx.GraphProto, name: str) -> str:
+    """Make the node producing graph output `name` write `{name}__all` instead; returns the new name."""
+    renamed = f"{name}__all"
+    for node in graph.node:
+        for index, output in enumerate(node.output):
+            if output == name:
+                node.output[index] = renamed
+    for node in graph.node:
+        for index, value in enumerate(node.input):
+            if value == name:
+                node.input[index] = renamed
+    return renamed
 
 
 def _downstream(graph: onnx.GraphProto, start: str) -> set[str]:
