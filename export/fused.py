@@ -35,7 +35,9 @@ from torch import nn
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export.configs import ExportConfig
 from pbs2p_edge.export.decoder import Decoder, rms_norm
+from pbs2p_edge.export.forcing import LAYERS_KEY
 from pbs2p_edge.export.nbits import BlockQuantized, NBitsLinear, matmul_nbits
+from pbs2p_edge.export.patch import PBS2P_OP, PBS2P_OP_VERSION, SparseBinaryLinear, _register_inputs
 
 MS = "com.microsoft"
 LOGITS_TO_KEEP = "logits_to_keep"
@@ -107,6 +109,50 @@ class FusedNBits(nn.Module):
         )
 
 
+class FusedSparseBinary(nn.Module):
+    """Several SparseBinaryMatMul layers with the same input as one multi-block node (`op_node_spec`); the node
+    names its layers in metadata so validation checks each block against its own layer (export/forcing.py)."""
+
+    def __init__(self, names: list[str], modules: list[nn.Module]) -> None:
+        super().__init__()
+        from pbs2p_edge.format import op_node_spec
+
+        inputs, attributes = op_node_spec([m.packed for m in modules])
+        self.attributes = attributes
+        self.rows = int(attributes["rows"])
+        self.names = names
+        self.input_names = _register_inputs(self, inputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.onnx.ops.symbolic(
+            PBS2P_OP,
+            [x, *(getattr(self, name) for name in self.input_names)],
+            self.attributes,
+            dtype=x.dtype,
+            shape=(*x.shape[:-1], self.rows),
+            version=PBS2P_OP_VERSION,
+            metadata_props={LAYERS_KEY: ",".join(self.names)},
+        )
+
+
+def multi_block_supported() -> bool:
+    """Whether this install's op takes multi-block nodes (pbs2p_edge.format.op_node_spec, op version >= 3)."""
+    try:
+        from pbs2p_edge.format import op_node_spec  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fused_projection(names: list[str], modules: list[nn.Module]) -> nn.Module:
+    """One node for `modules` (same input) when their formats allow it, else Identity (one node each)."""
+    if fusable_nbits(modules):
+        return FusedNBits(modules)
+    if all(isinstance(m, SparseBinaryLinear) for m in modules) and multi_block_supported():
+        return FusedSparseBinary(names, modules)
+    return nn.Identity()
+
+
 def fusable_nbits(modules: list[nn.Module]) -> bool:
     """Whether `modules` (e.g. q, k, v) can run as one MatMulNBits node (FusedNBits)."""
     if not all(isinstance(m, NBitsLinear) for m in modules):
@@ -141,12 +187,12 @@ class FusedDecoder(Decoder):
         # Projections that share their input and format run as one node (q/k/v; gate/up).
         self.qkv = nn.ModuleList()
         self.gate_up = nn.ModuleList()
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-            self.qkv.append(FusedNBits(qkv) if fusable_nbits(qkv) else nn.Identity())
-            gate_up = [mlp.gate_proj, mlp.up_proj]
-            self.gate_up.append(FusedNBits(gate_up) if fusable_nbits(gate_up) else nn.Identity())
+            names = [f"layers.{index}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+            self.qkv.append(_fused_projection(names, [attn.q_proj, attn.k_proj, attn.v_proj]))
+            names = [f"layers.{index}.mlp.{p}" for p in ("gate_proj", "up_proj")]
+            self.gate_up.append(_fused_projection(names, [mlp.gate_proj, mlp.up_proj]))
 
     def _skip_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, role: str = ""

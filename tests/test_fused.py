@@ -108,7 +108,7 @@ def test_old_unfused_bundles_still_run(bundles: dict[str, Path]) -> None:
         BundleScorer(bundles[k], threads=1).perplexity(ids, ctx=32, progress=False)
         for k in ("int4", "int4-unfused")
     ]
-    assert scores[0]["perplexity"] == pytest.approx(scores[1]["perplexity"], rel=1e-4)
+    assert scores[0]["ppl"] == pytest.approx(scores[1]["ppl"], rel=1e-4)
 
 
 def test_right_padded_batch_of_two(bundles: dict[str, Path]) -> None:
