@@ -160,7 +160,7 @@ def test_ops_info_symbol():
     lib = ctypes.CDLL(str(ops.library_path()))
     lib.Pbs2pOpsInfo.restype = ctypes.c_char_p
     info = json.loads(lib.Pbs2pOpsInfo().decode())
-    assert info["op_version"] == 2 and info["format_versions"] == list(fmt.READ_VERSIONS)
+    assert info["op_version"] == ops.OP_VERSION and info["format_versions"] == list(fmt.READ_VERSIONS)
     assert info["kernels"][0] == "generic" and set(info["kernels"]) <= {"generic", "avx2", "neon"}
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):

@@ -26,8 +26,10 @@ using F16 = Ort::Float16_t;
 
 constexpr const char* kOpName = "SparseBinaryMatMul";
 constexpr const char* kDomain = "pbs2p.edge";
-constexpr int kOpVersion = 2;  // 2: optional 10th input col_scales + attribute has_col_scales
-constexpr size_t kMinInputs = 9, kMaxInputs = 10;
+constexpr int kOpVersion = 3;  // 2: optional 10th input col_scales; 3: multi-block nodes (attribute blocks)
+constexpr size_t kMinInputs = 9, kMaxInputs = 10;  // one block: X + 8 (format v1) or 9 (format v2) arrays
+constexpr size_t kArraysPerBlock = 9;             // header .. col_scales
+constexpr int64_t kMaxBlocks = 64;
 constexpr int kTokenBlock = 4;  // tokens per GEMM work item: their tables stay in L2 while tiles stream
 
 std::string shape_str(const std::vector<int64_t>& s) {
@@ -94,40 +96,152 @@ void tiles_task(void* data, size_t i) {
   pbs2p::add_salient_and_bias(*wk.w, wk.x, tile, t0, t1, wk.y);
 }
 
+// Element type each packed array must have (inputs of a block, in order); the variadic input list carries no
+// types, so the op checks them itself.
+constexpr ONNXTensorElementDataType kArrayTypes[kArraysPerBlock] = {
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32,   ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,   ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32,   ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16};
+constexpr const char* kArrayNames[kArraysPerBlock] = {"header", "mask",          "signs",  "scales",    "salient_cols",
+                                                      "salient_signs", "alpha2", "bias", "col_scales"};
+
+// Borrowed view of one block's arrays (values[a] = array a, nullptr for an absent col_scales).
+std::string disk_view(const OrtValue* const* values, size_t block, pbs2p::DiskView* d) {
+  const void* data[kArraysPerBlock] = {};
+  size_t count[kArraysPerBlock] = {};
+  for (size_t a = 0; a < kArraysPerBlock; ++a) {
+    if (values[a] == nullptr) continue;
+    Ort::ConstValue cv{values[a]};
+    if (!cv.IsTensor()) return "block " + std::to_string(block) + " input " + kArrayNames[a] + " is not a tensor";
+    auto info = cv.GetTensorTypeAndShapeInfo();
+    if (info.GetElementType() != kArrayTypes[a])
+      return "block " + std::to_string(block) + " input " + kArrayNames[a] + " has element type " +
+             std::to_string(int(info.GetElementType())) + ", expected " + std::to_string(int(kArrayTypes[a]));
+    count[a] = info.GetElementCount();
+    data[a] = count[a] ? cv.GetTensorRawData() : nullptr;
+  }
+  d->header = static_cast<const int32_t*>(data[0]);
+  d->header_len = count[0];
+  d->mask = static_cast<const uint8_t*>(data[1]);
+  d->mask_len = count[1];
+  d->signs = static_cast<const uint8_t*>(data[2]);
+  d->signs_len = count[2];
+  d->scales = static_cast<const uint16_t*>(data[3]);
+  d->scales_len = count[3];
+  d->salient_cols = static_cast<const int32_t*>(data[4]);
+  d->salient_cols_len = count[4];
+  d->salient_signs = static_cast<const uint8_t*>(data[5]);
+  d->salient_signs_len = count[5];
+  d->alpha2 = static_cast<const uint16_t*>(data[6]);
+  d->alpha2_len = count[6];
+  d->bias = static_cast<const float*>(data[7]);
+  d->bias_len = count[7];
+  d->col_scales = static_cast<const uint16_t*>(data[8]);
+  d->col_scales_len = count[8];
+  return "";
+}
+
+// One packed weight of the node: its attributes, first input index and (constant weights) its prepared form.
+struct Block {
+  Attrs attrs;
+  size_t first_input = 1, n_arrays = kArraysPerBlock;
+  int64_t row_offset = 0;
+  pbs2p::RuntimeWeight weight;
+  pbs2p::ChunkMap chunks;
+};
+
 struct SparseBinaryMatMul {
   SparseBinaryMatMul(const OrtApi* api, const OrtKernelInfo* info) noexcept {
     try {
-      Ort::ConstKernelInfo ki{info};
-      attrs_.n = ki.GetAttribute<int64_t>("n");
-      attrs_.m = ki.GetAttribute<int64_t>("m");
-      attrs_.group_size = ki.GetAttribute<int64_t>("group_size");
-      attrs_.rows = ki.GetAttribute<int64_t>("rows");
-      attrs_.k = ki.GetAttribute<int64_t>("k");
-      attrs_.salient = ki.GetAttribute<int64_t>("salient");
-      attrs_.has_bias = ki.GetAttribute<int64_t>("has_bias");
+      init_error_ = init(api, info);
     } catch (const std::exception& e) {
-      init_error_ = std::string("missing or bad attribute (needs n, m, group_size, rows, k, salient, has_bias): ") + e.what();
-      return;
+      init_error_ = std::string("creating the kernel failed: ") + e.what();
     }
-    int64_t has_cs = 0;  // optional attribute (graphs written for op version 1 lack it)
-    if (OrtStatus* st = api->KernelInfoGetAttribute_int64(info, "has_col_scales", &has_cs)) {
+  }
+
+  static bool optional_int(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t* out) {
+    if (OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, out)) {
       api->ReleaseStatus(st);
-      has_cs = 0;
+      return false;
     }
-    attrs_.has_col_scales = has_cs;
+    return true;
+  }
+
+  std::string init(const OrtApi* api, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki{info};
+    int64_t blocks = 1;  // optional attribute: multi-block nodes (op version 3) carry it
+    optional_int(api, info, "blocks", &blocks);
     size_t n_inputs = 0;
     if (OrtStatus* st = api->KernelInfo_GetInputCount(info, &n_inputs)) {
       api->ReleaseStatus(st);
-      init_error_ = "cannot read the node's input count";
-      return;
+      return "cannot read the node's input count";
     }
-    if (n_inputs < kMinInputs || n_inputs > kMaxInputs) {
-      init_error_ = "expects 9 inputs (X + 8 packed arrays, format v1) or 10 (X + 9 packed arrays, format v2), got " +
-                    std::to_string(n_inputs);
-      return;
+    if (blocks < 1 || blocks > kMaxBlocks)
+      return "attribute blocks=" + std::to_string(blocks) + " must be in [1, " + std::to_string(kMaxBlocks) + "]";
+    if (blocks == 1) {
+      if (n_inputs < kMinInputs || n_inputs > kMaxInputs)
+        return "expects 9 inputs (X + 8 packed arrays, format v1) or 10 (X + 9 packed arrays, format v2), got " +
+               std::to_string(n_inputs);
+      Block b;
+      try {
+        b.attrs.n = ki.GetAttribute<int64_t>("n");
+        b.attrs.m = ki.GetAttribute<int64_t>("m");
+        b.attrs.group_size = ki.GetAttribute<int64_t>("group_size");
+        b.attrs.rows = ki.GetAttribute<int64_t>("rows");
+        b.attrs.k = ki.GetAttribute<int64_t>("k");
+        b.attrs.salient = ki.GetAttribute<int64_t>("salient");
+        b.attrs.has_bias = ki.GetAttribute<int64_t>("has_bias");
+      } catch (const std::exception& e) {
+        return std::string("missing or bad attribute (needs n, m, group_size, rows, k, salient, has_bias): ") +
+               e.what();
+      }
+      int64_t has_cs = 0;  // optional attribute (graphs written for op version 1 lack it)
+      optional_int(api, info, "has_col_scales", &has_cs);
+      b.attrs.has_col_scales = has_cs;
+      b.n_arrays = n_inputs - 1;
+      if (has_cs != 0 && n_inputs < kMaxInputs)
+        return "attribute has_col_scales=" + std::to_string(has_cs) + " but the node has no col_scales input";
+      blocks_.push_back(b);
+      rows_ = b.attrs.rows;
+      k_ = b.attrs.k;
+    } else {
+      if (n_inputs != 1 + size_t(blocks) * kArraysPerBlock)
+        return "attribute blocks=" + std::to_string(blocks) + " needs " +
+               std::to_string(1 + size_t(blocks) * kArraysPerBlock) + " inputs (X + 9 packed arrays per block), got " +
+               std::to_string(n_inputs);
+      std::vector<int64_t> lists[7];
+      const char* names[7] = {"block_n",       "block_m",        "block_group_size",    "block_rows",
+                              "block_salient", "block_has_bias", "block_has_col_scales"};
+      try {
+        rows_ = ki.GetAttribute<int64_t>("rows");
+        k_ = ki.GetAttribute<int64_t>("k");
+        for (int i = 0; i < 7; ++i) lists[i] = ki.GetAttributes<int64_t>(names[i]);
+      } catch (const std::exception& e) {
+        return std::string("missing or bad attribute (a multi-block node needs rows, k and block_n, block_m, "
+                           "block_group_size, block_rows, block_salient, block_has_bias, block_has_col_scales): ") +
+               e.what();
+      }
+      for (int i = 0; i < 7; ++i)
+        if (lists[i].size() != size_t(blocks))
+          return std::string("attribute ") + names[i] + " has " + std::to_string(lists[i].size()) +
+                 " entries, expected blocks=" + std::to_string(blocks);
+      int64_t offset = 0;
+      for (int64_t i = 0; i < blocks; ++i) {
+        Block b;
+        b.attrs = Attrs{lists[0][i], lists[1][i], lists[2][i], lists[3][i], k_, lists[4][i], lists[5][i], lists[6][i]};
+        b.first_input = 1 + size_t(i) * kArraysPerBlock;
+        b.row_offset = offset;
+        if (b.attrs.rows < 1 || b.attrs.rows > INT32_MAX)
+          return "attribute block_rows[" + std::to_string(i) + "]=" + std::to_string(b.attrs.rows) +
+                 " must be in [1, 2^31 - 1]";
+        offset += b.attrs.rows;
+        blocks_.push_back(b);
+      }
+      if (offset != rows_)
+        return "attribute rows=" + std::to_string(rows_) + " but block_rows sum to " + std::to_string(offset);
     }
-    // The lite API declares every input optional, so a node may leave one out with an empty name; the lite
-    // wrapper would then dereference a null tensor. Refuse such nodes here, at session creation.
+    // The lite API declares every input optional, so a node may leave one out with an empty name; refuse such
+    // nodes here, at session creation.
     for (size_t i = 0; i < n_inputs; ++i) {
       size_t len = 0;
       OrtStatus* st = api->KernelInfo_GetInputName(info, i, nullptr, &len);
@@ -135,143 +249,126 @@ struct SparseBinaryMatMul {
       if (st == nullptr && len > 0) st = api->KernelInfo_GetInputName(info, i, name.data(), &len);
       if (st != nullptr) {
         api->ReleaseStatus(st);
-        init_error_ = "cannot read the name of input " + std::to_string(i);
-        return;
+        return "cannot read the name of input " + std::to_string(i);
       }
-      if (name.empty() || name[0] == '\0') {
-        init_error_ = "input " + std::to_string(i) + " is missing (empty name): X and every packed array must be given";
-        return;
-      }
-    }
-    if (has_cs != 0 && n_inputs < kMaxInputs) {
-      init_error_ = "attribute has_col_scales=" + std::to_string(has_cs) + " but the node has no col_scales input";
-      return;
+      if (name.empty() || name[0] == '\0')
+        return "input " + std::to_string(i) + " is missing (empty name): X and every packed array must be given";
     }
     fn_ = pbs2p::best_tile_fn(&kernel_name_);
     table_fn_ = pbs2p::table_fn_by_name(kernel_name_);
-    // Repack once here when every weight input is an initializer (the normal exported graph).
-    std::vector<const OrtValue*> consts(kMaxInputs, nullptr);
+    // Prepare once here when every weight input is an initializer (the normal exported graph).
+    std::vector<const OrtValue*> consts(n_inputs, nullptr);
     for (size_t idx = 1; idx < n_inputs; ++idx) {
       int is_const = 0;
       OrtStatus* st = api->KernelInfoGetConstantInput_tensor(info, idx, &is_const, &consts[idx]);
       if (st != nullptr) {
         api->ReleaseStatus(st);
-        return;  // not constant: repacked from the inputs on each Compute instead
+        return "";  // not constant: prepared from the inputs on each Compute instead
       }
-      if (!is_const) return;
+      if (!is_const) return "";
     }
-    try {
-      pbs2p::DiskView d;
-      d.header = tensor_data<int32_t>(consts[1], &d.header_len);
-      d.mask = tensor_data<uint8_t>(consts[2], &d.mask_len);
-      d.signs = tensor_data<uint8_t>(consts[3], &d.signs_len);
-      d.scales = reinterpret_cast<const uint16_t*>(tensor_data<F16>(consts[4], &d.scales_len));
-      d.salient_cols = tensor_data<int32_t>(consts[5], &d.salient_cols_len);
-      d.salient_signs = tensor_data<uint8_t>(consts[6], &d.salient_signs_len);
-      d.alpha2 = reinterpret_cast<const uint16_t*>(tensor_data<F16>(consts[7], &d.alpha2_len));
-      d.bias = tensor_data<float>(consts[8], &d.bias_len);
-      if (consts[9] != nullptr)
-        d.col_scales = reinterpret_cast<const uint16_t*>(tensor_data<F16>(consts[9], &d.col_scales_len));
-      init_error_ = load(d, &weight_);
-      prepacked_ = init_error_.empty();
-      if (prepacked_) chunks_ = pbs2p::make_chunks(weight_.p.k, weight_.p.group_size);
-    } catch (const std::exception& e) {
-      init_error_ = std::string("reading constant weight inputs failed: ") + e.what();
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      Block& b = blocks_[i];
+      const OrtValue* vals[kArraysPerBlock] = {};
+      for (size_t a = 0; a < b.n_arrays; ++a) vals[a] = consts[b.first_input + a];
+      std::string e = load(vals, i, b.attrs, &b.weight);
+      if (!e.empty()) return e;
+      b.chunks = pbs2p::make_chunks(b.weight.p.k, b.weight.p.group_size);
     }
+    prepacked_ = true;
+    return "";
   }
 
-  std::string load(const pbs2p::DiskView& d, pbs2p::RuntimeWeight* w) const {
+  std::string load(const OrtValue* const* vals, size_t block, const Attrs& attrs, pbs2p::RuntimeWeight* w) const {
+    pbs2p::DiskView d;
+    std::string e = disk_view(vals, block, &d);
     pbs2p::Params p;
-    std::string e = pbs2p::parse_header(d.header, d.header_len, &p);
-    if (e.empty()) e = check_attrs(attrs_, p);
+    if (e.empty()) e = pbs2p::parse_header(d.header, d.header_len, &p);
+    if (e.empty()) e = check_attrs(attrs, p);
     if (e.empty()) e = pbs2p::repack(d, w);
+    if (!e.empty() && blocks_.size() > 1) e = "block " + std::to_string(block) + ": " + e;
     return e;
   }
 
-  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& X, const Tensor<int32_t>& header,
-                      const Tensor<uint8_t>& mask, const Tensor<uint8_t>& signs, const Tensor<F16>& scales,
-                      const Tensor<int32_t>& salient_cols, const Tensor<uint8_t>& salient_signs,
-                      const Tensor<F16>& alpha2, const Tensor<float>& bias,
-                      std::optional<const Tensor<F16>*> col_scales, Tensor<float>& Y) {
+  Ort::Status Compute(OrtKernelContext* ctx) {
     try {
       if (!init_error_.empty()) return error(init_error_);
-      const pbs2p::RuntimeWeight* w = &weight_;
-      pbs2p::RuntimeWeight local;
+      Ort::KernelContext kc{ctx};
+      std::vector<pbs2p::RuntimeWeight> local(prepacked_ ? 0 : blocks_.size());
       if (!prepacked_) {
-        pbs2p::DiskView d;
-        d.header = header.Data();
-        d.header_len = size_t(header.NumberOfElement());
-        d.mask = mask.Data();
-        d.mask_len = size_t(mask.NumberOfElement());
-        d.signs = signs.Data();
-        d.signs_len = size_t(signs.NumberOfElement());
-        d.scales = reinterpret_cast<const uint16_t*>(scales.Data());
-        d.scales_len = size_t(scales.NumberOfElement());
-        d.salient_cols = salient_cols.Data();
-        d.salient_cols_len = size_t(salient_cols.NumberOfElement());
-        d.salient_signs = salient_signs.Data();
-        d.salient_signs_len = size_t(salient_signs.NumberOfElement());
-        d.alpha2 = reinterpret_cast<const uint16_t*>(alpha2.Data());
-        d.alpha2_len = size_t(alpha2.NumberOfElement());
-        d.bias = bias.Data();
-        d.bias_len = size_t(bias.NumberOfElement());
-        if (col_scales.has_value() && *col_scales != nullptr) {
-          d.col_scales = reinterpret_cast<const uint16_t*>((*col_scales)->Data());
-          d.col_scales_len = size_t((*col_scales)->NumberOfElement());
+        for (size_t i = 0; i < blocks_.size(); ++i) {
+          const OrtValue* vals[kArraysPerBlock] = {};
+          for (size_t a = 0; a < blocks_[i].n_arrays; ++a)
+            vals[a] = static_cast<const OrtValue*>(kc.GetInput(blocks_[i].first_input + a));
+          const std::string e = load(vals, i, blocks_[i].attrs, &local[i]);
+          if (!e.empty()) return error(e);
         }
-        const std::string e = load(d, &local);
-        if (!e.empty()) return error(e);
-        w = &local;
       }
-      const std::vector<int64_t>& xs = X.Shape();
-      const int64_t k = w->p.k, rows = w->p.rows;
-      if (xs.empty() || xs.back() != k)
-        return error("input X has shape " + shape_str(xs) + " but the weight is " + shape_str({rows, k}) +
-                     " (X's last dimension must be K=" + std::to_string(k) + ")");
+      Ort::ConstValue X = kc.GetInput(0);
+      const std::vector<int64_t> xs = X.GetTensorTypeAndShapeInfo().GetShape();
+      if (xs.empty() || xs.back() != k_)
+        return error("input X has shape " + shape_str(xs) + " but the weight is " + shape_str({rows_, k_}) +
+                     " (X's last dimension must be K=" + std::to_string(k_) + ")");
       int64_t tokens = 1;
       for (size_t i = 0; i + 1 < xs.size(); ++i) tokens *= xs[i];
       std::vector<int64_t> ys(xs);
-      ys.back() = rows;
-      float* y = Y.Allocate(ys);
+      ys.back() = rows_;
+      float* y = kc.GetOutput(0, ys).GetTensorMutableData<float>();
       if (tokens == 0) return Ort::Status{nullptr};
-      // Column scales: one scratch pass x * c per call (per-thread for decode, per-call for prefill).
-      thread_local std::vector<float> decode_scaled;
-      std::vector<float> prefill_scaled;
-      const float* x = pbs2p::scale_activations(*w, X.Data(), size_t(tokens),
-                                                tokens <= 16 ? &decode_scaled : &prefill_scaled);
-
-      const pbs2p::ChunkMap local_cm = prepacked_ ? pbs2p::ChunkMap{} : pbs2p::make_chunks(w->p.k, w->p.group_size);
-      const pbs2p::ChunkMap& cm = prepacked_ ? chunks_ : local_cm;
-      // Decode (few tokens) reuses per-thread scratch: no allocation or zero-fill per call (every entry is written
-      // by the table builder before it is read). Prefill allocates, so no large buffer outlives the call.
-      thread_local pbs2p::ActTables decode_scratch;
-      pbs2p::ActTables prefill_scratch;
-      pbs2p::ActTables& t = tokens <= 16 ? decode_scratch : prefill_scratch;
-      t.tokens = int(tokens);
-      t.k = w->p.k;
-      t.chunks = int(cm.group.size());
-      const size_t n_tables = size_t(tokens) * size_t(w->p.k / 4), n_scales = size_t(tokens) * size_t(t.chunks);
-      if (t.tables.size() < n_tables) t.tables.resize(n_tables);
-      if (t.scale.size() < n_scales) t.scale.resize(n_scales);
-      Work wk{w, &cm, &t, fn_, table_fn_, x, y, int(tokens)};
-      Ort::KernelContext kc{ctx};
-      if (tokens == 1)
-        tables_task(&wk, 0);
-      else
-        kc.ParallelFor(tables_task, size_t(tokens), 0, &wk);
-      const size_t blocks = size_t((tokens + kTokenBlock - 1) / kTokenBlock);
-      kc.ParallelFor(tiles_task, blocks * size_t(w->tiles), 0, &wk);
+      const float* x_in = X.GetTensorData<float>();
+      std::vector<float> block_y;
+      for (size_t i = 0; i < blocks_.size(); ++i) {
+        const pbs2p::RuntimeWeight& w = prepacked_ ? blocks_[i].weight : local[i];
+        const int64_t rows = w.p.rows;
+        float* yb = y;
+        if (blocks_.size() > 1) {
+          block_y.resize(size_t(tokens) * size_t(rows));
+          yb = block_y.data();
+        }
+        run_block(kc, w, prepacked_ ? &blocks_[i].chunks : nullptr, x_in, tokens, yb);
+        if (blocks_.size() > 1)
+          for (int64_t t = 0; t < tokens; ++t)
+            std::memcpy(y + size_t(t) * size_t(rows_) + size_t(blocks_[i].row_offset), yb + size_t(t) * size_t(rows),
+                        size_t(rows) * sizeof(float));
+      }
       return Ort::Status{nullptr};
     } catch (const std::exception& e) {
       return error(e.what());
     }
   }
 
-  Attrs attrs_;
+  void run_block(Ort::KernelContext& kc, const pbs2p::RuntimeWeight& w, const pbs2p::ChunkMap* pre_cm,
+                 const float* x_in, int64_t tokens, float* y) const {
+    // Column scales: one scratch pass x * c per call (per-thread for decode, per-call for prefill).
+    thread_local std::vector<float> decode_scaled;
+    std::vector<float> prefill_scaled;
+    const float* x = pbs2p::scale_activations(w, x_in, size_t(tokens), tokens <= 16 ? &decode_scaled : &prefill_scaled);
+    const pbs2p::ChunkMap local_cm = pre_cm ? pbs2p::ChunkMap{} : pbs2p::make_chunks(w.p.k, w.p.group_size);
+    const pbs2p::ChunkMap& cm = pre_cm ? *pre_cm : local_cm;
+    // Decode (few tokens) reuses per-thread scratch: no allocation or zero-fill per call (every entry is written
+    // by the table builder before it is read). Prefill allocates, so no large buffer outlives the call.
+    thread_local pbs2p::ActTables decode_scratch;
+    pbs2p::ActTables prefill_scratch;
+    pbs2p::ActTables& t = tokens <= 16 ? decode_scratch : prefill_scratch;
+    t.tokens = int(tokens);
+    t.k = w.p.k;
+    t.chunks = int(cm.group.size());
+    const size_t n_tables = size_t(tokens) * size_t(w.p.k / 4), n_scales = size_t(tokens) * size_t(t.chunks);
+    if (t.tables.size() < n_tables) t.tables.resize(n_tables);
+    if (t.scale.size() < n_scales) t.scale.resize(n_scales);
+    Work wk{&w, &cm, &t, fn_, table_fn_, x, y, int(tokens)};
+    if (tokens == 1)
+      tables_task(&wk, 0);
+    else
+      kc.ParallelFor(tables_task, size_t(tokens), 0, &wk);
+    const size_t token_blocks = size_t((tokens + kTokenBlock - 1) / kTokenBlock);
+    kc.ParallelFor(tiles_task, token_blocks * size_t(w.tiles), 0, &wk);
+  }
+
   std::string init_error_;
   bool prepacked_ = false;
-  pbs2p::RuntimeWeight weight_;
-  pbs2p::ChunkMap chunks_;
+  std::vector<Block> blocks_;
+  int64_t rows_ = 0, k_ = 0;
   pbs2p::TileFn fn_ = pbs2p::tile_generic;
   pbs2p::TableFn table_fn_ = pbs2p::build_tables_generic;
   const char* kernel_name_ = "generic";
@@ -285,9 +382,23 @@ OrtStatusPtr ORT_API_CALL infer_output_shape(const OrtCustomOp*, OrtShapeInferCo
     const OrtApi& api = Ort::GetApi();
     Ort::ShapeInferContext ctx(&api, raw);
     const size_t n_inputs = ctx.GetInputCount();
-    if (n_inputs < kMinInputs || n_inputs > kMaxInputs)
+    int64_t blocks = 1;
+    const OrtOpAttr* battr = nullptr;
+    if (OrtStatus* st = api.ShapeInferContext_GetAttribute(raw, "blocks", &battr)) {
+      api.ReleaseStatus(st);
+      battr = nullptr;
+    }
+    if (battr != nullptr) blocks = ctx.GetAttrInt("blocks");
+    if (blocks < 1 || blocks > kMaxBlocks)
+      return error("attribute blocks=" + std::to_string(blocks) + " must be in [1, " + std::to_string(kMaxBlocks) + "]")
+          .release();
+    if (blocks == 1 && (n_inputs < kMinInputs || n_inputs > kMaxInputs))
       return error("expects 9 inputs (X + 8 packed arrays, format v1) or 10 (X + 9 packed arrays, format v2), got " +
                    std::to_string(n_inputs))
+          .release();
+    if (blocks > 1 && n_inputs != 1 + size_t(blocks) * kArraysPerBlock)
+      return error("attribute blocks=" + std::to_string(blocks) + " needs " +
+                   std::to_string(1 + size_t(blocks) * kArraysPerBlock) + " inputs, got " + std::to_string(n_inputs))
           .release();
     const int64_t rows = ctx.GetAttrInt("rows"), k = ctx.GetAttrInt("k");
     if (rows < 1 || rows > INT32_MAX || k < 1 || k > INT32_MAX)
@@ -375,6 +486,21 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     if (domain == nullptr) {
       auto* op = Ort::Custom::CreateLiteCustomOp<SparseBinaryMatMul>(kOpName, "CPUExecutionProvider");
       op->InferOutputShapeFn = infer_output_shape;
+      // Inputs: X (float) then a variadic list of packed arrays (9 per block; 8 or 9 for a one-block node).
+      // The lite API's own variadic argument types every element like the first, so Compute reads the raw
+      // context and the op checks each array's element type itself (disk_view).
+      op->GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 2; };
+      op->GetInputType = [](const OrtCustomOp*, size_t i) {
+        return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+      };
+      op->GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
+        return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_VARIADIC;
+      };
+      op->GetVariadicInputMinArity = [](const OrtCustomOp*) { return int(kMinInputs - 1); };
+      op->GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
+      op->GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+      op->GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
+      op->GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
       op->CreateKernelV2 = create_kernel_checked;
       OrtCustomOpDomain* d = nullptr;
       Ort::ThrowOnError(api->CreateCustomOpDomain(kDomain, &d));

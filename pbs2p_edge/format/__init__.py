@@ -1,5 +1,6 @@
 """Packed sparse-binary weight format (numpy only): see docs/FORMAT.md."""
 
+from pbs2p_edge.format.node import OP_VERSION, op_node_spec
 from pbs2p_edge.format.packed import (
     ARRAY_ORDER,
     FLAG_COL_SCALES,
@@ -19,11 +20,13 @@ __all__ = [
     "ARRAY_ORDER",
     "FLAG_COL_SCALES",
     "MAGIC",
+    "OP_VERSION",
     "READ_VERSIONS",
     "VERSION",
     "PackedWeight",
     "SparseBinaryWeight",
     "kernel_matmul",
+    "op_node_spec",
     "pack",
     "random_weight",
     "reference_matmul",
