@@ -20,6 +20,7 @@ from pbs2p_edge.export import export_bundle
 from pbs2p_edge.export.cli import export_command
 
 PROJECTIONS_PER_LAYER = 7
+FUSED_NODES_PER_LAYER = 4  # q|k|v, o, gate|up, down
 TINY_LAYERS = 2
 _BUILT: dict[str, Path] = {}
 
@@ -152,7 +153,8 @@ def test_pbs2p_bundle_layout_and_checker(pbs2p_bundle: Path) -> None:
 def test_every_projection_is_one_custom_node_fed_by_packed_initializers(pbs2p_bundle: Path) -> None:
     graph = _graph(pbs2p_bundle).graph
     custom = [n for n in graph.node if n.op_type == "SparseBinaryMatMul"]
-    assert len(custom) == PROJECTIONS_PER_LAYER * TINY_LAYERS
+    # The fused graph: q|k|v and gate|up are one multi-block node each (4 nodes per layer for 7 projections).
+    assert len(custom) == FUSED_NODES_PER_LAYER * TINY_LAYERS
     assert all(n.domain == "pbs2p.edge" for n in custom)
     initializers = {t.name: t for t in graph.initializer}
     for node in custom:
@@ -383,8 +385,9 @@ def test_revalidating_an_intact_bundle_passes_every_check(pbs2p_bundle: Path, ch
     result = _revalidate(pbs2p_bundle, checkpoint)
     forced = result["teacher_forced"]
     assert (
-        result["gated"] == "teacher_forced" and forced["custom_nodes"] == PROJECTIONS_PER_LAYER * TINY_LAYERS
+        result["gated"] == "teacher_forced" and forced["custom_layers"] == PROJECTIONS_PER_LAYER * TINY_LAYERS
     )
+    assert forced["custom_nodes"] == FUSED_NODES_PER_LAYER * TINY_LAYERS
     assert min(forced["sqnr_db"], forced["ops_min_sqnr_db"], forced["wiring_min_sqnr_db"]) >= 80.0, forced
     assert not (pbs2p_bundle / "validate.onnx").exists()
 

@@ -31,16 +31,18 @@ def bundles(tmp_path_factory, tiny_model_dir, corpus_text_file) -> dict[str, Pat
 
 
 def test_fused_graph_nodes(bundles: dict[str, Path]) -> None:
-    for kind, projection_nodes in (("pbs2p", 7), ("int4", 4)):
+    for kind in ("pbs2p", "int4"):
         manifest = _manifest(bundles[kind])
         nodes = manifest["graph_nodes"]
         ops = nodes["by_op"]
         assert manifest["graph"] == "fused" and "logits_to_keep" in manifest["inputs"]
         assert ops["GroupQueryAttention"] == TINY_LAYERS
         assert ops["SkipSimplifiedLayerNormalization"] == 2 * TINY_LAYERS
-        assert not {"Softmax", "Transpose", "Concat", "Expand", "Where"} & set(ops) - {"Expand"}
-        # Per layer: 2 norms, attention, the projections, SiLU (Sigmoid, Mul) * up (Mul), Split for gate/up.
-        assert nodes["per_layer"] == 2 + 1 + projection_nodes + 3 + (1 if kind == "int4" else 0)
+        assert not {"Softmax", "Transpose", "Concat", "Where"} & set(ops)
+        # Per layer: 2 norms, attention, 4 projection nodes (q|k|v, o, gate|up, down), Split of gate|up,
+        # SiLU (Sigmoid, Mul) * up (Mul).
+        assert nodes["per_layer"] == 2 + 1 + 4 + 1 + 3
+        assert ops[{"pbs2p": "SparseBinaryMatMul", "int4": "MatMulNBits"}[kind]] >= 4 * TINY_LAYERS
         unfused = _manifest(bundles[f"{kind}-unfused"])
         assert unfused["graph"] == "unfused"
         assert unfused["graph_nodes"]["per_layer"] >= nodes["per_layer"] + 20
@@ -64,7 +66,8 @@ def test_fused_logits_equal_unfused_graph(bundles: dict[str, Path]) -> None:
         validation = _manifest(bundles[kind])["validation"]
         assert validation["sqnr_db"] >= DEFAULT_THRESHOLD_DB
     forced = _manifest(bundles["pbs2p"])["validation"]["teacher_forced"]
-    assert forced["custom_nodes"] == 7 * TINY_LAYERS and forced["ops_min_sqnr_db"] >= DEFAULT_THRESHOLD_DB
+    assert forced["custom_layers"] == 7 * TINY_LAYERS and forced["custom_nodes"] == 4 * TINY_LAYERS
+    assert forced["ops_min_sqnr_db"] >= DEFAULT_THRESHOLD_DB
 
 
 def _no_cache_greedy(session, prompt: list[int], steps: int) -> list[int]:
