@@ -27,6 +27,9 @@ The graph is traced from this module like the unfused one; the contrib ops are e
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import numpy as np
 import onnx
 import torch
@@ -37,7 +40,7 @@ from pbs2p_edge.export.configs import ExportConfig
 from pbs2p_edge.export.decoder import Decoder, rms_norm
 from pbs2p_edge.export.forcing import LAYERS_KEY
 from pbs2p_edge.export.nbits import BlockQuantized, NBitsLinear, matmul_nbits
-from pbs2p_edge.export.patch import PBS2P_OP, PBS2P_OP_VERSION, SparseBinaryLinear, _register_inputs
+from pbs2p_edge.export.patch import PBS2P_OP, PBS2P_OP_VERSION, SparseBinaryLinear
 
 MS = "com.microsoft"
 LOGITS_TO_KEEP = "logits_to_keep"
@@ -83,6 +86,18 @@ class FusedNBits(nn.Module):
         self.accuracy_level = modules[0].accuracy_level
         self.register_buffer("weight_q", torch.from_numpy(self.quantized.packed))
         self.register_buffer("weight_scales", torch.from_numpy(self.quantized.scales))
+        # The layers keep working eagerly (validation's reference) on views of the fused arrays: no second copy.
+        start = 0
+        for module in modules:
+            stop = start + module.quantized.packed.shape[0]
+            module.quantized = dataclasses.replace(
+                module.quantized,
+                packed=self.quantized.packed[start:stop],
+                scales=self.quantized.scales[start:stop],
+            )
+            module.weight_q = torch.from_numpy(module.quantized.packed)
+            module.weight_scales = torch.from_numpy(module.quantized.scales)
+            start = stop
         biases = [m.bias for m in modules]
         bias = None
         if any(b is not None for b in biases):
@@ -121,7 +136,12 @@ class FusedSparseBinary(nn.Module):
         self.attributes = attributes
         self.rows = int(attributes["rows"])
         self.names = names
-        self.input_names = _register_inputs(self, inputs)
+        self.input_names = []
+        for name, array in inputs:  # the packed arrays themselves (read-only ones copied), not copies
+            buffer = name.replace(".", "_")
+            tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+            self.register_buffer(buffer, tensor)
+            self.input_names.append(buffer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.onnx.ops.symbolic(
@@ -185,14 +205,14 @@ class FusedDecoder(Decoder):
         self.register_buffer("cos_cache", (freqs.cos() * scale).contiguous(), persistent=False)
         self.register_buffer("sin_cache", (freqs.sin() * scale).contiguous(), persistent=False)
         # Projections that share their input and format run as one node (q/k/v; gate/up).
-        self.qkv = nn.ModuleList()
-        self.gate_up = nn.ModuleList()
+        self.qkv_proj = nn.ModuleList()
+        self.gate_up_proj = nn.ModuleList()
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             names = [f"layers.{index}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
-            self.qkv.append(_fused_projection(names, [attn.q_proj, attn.k_proj, attn.v_proj]))
+            self.qkv_proj.append(_fused_projection(names, [attn.q_proj, attn.k_proj, attn.v_proj]))
             names = [f"layers.{index}.mlp.{p}" for p in ("gate_proj", "up_proj")]
-            self.gate_up.append(_fused_projection(names, [mlp.gate_proj, mlp.up_proj]))
+            self.gate_up_proj.append(_fused_projection(names, [mlp.gate_proj, mlp.up_proj]))
 
     def _skip_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, role: str = ""
@@ -210,7 +230,7 @@ class FusedDecoder(Decoder):
         return outputs[0], outputs[3]
 
     def _layer_mlp(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        fused, mlp = self.gate_up[index], self.layers[index].mlp
+        fused, mlp = self.gate_up_proj[index], self.layers[index].mlp
         if isinstance(fused, nn.Identity):
             return self._mlp(mlp, x)
         gate, up = fused(x).chunk(2, dim=-1)
@@ -226,7 +246,7 @@ class FusedDecoder(Decoder):
         total: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
-        attn, fused = self.layers[index].self_attn, self.qkv[index]
+        attn, fused = self.layers[index].self_attn, self.qkv_proj[index]
         if isinstance(fused, nn.Identity):
             q, k, v = self._qkv(attn, x)
         else:  # packed q|k|v as the query input, key and value absent
@@ -324,6 +344,7 @@ def finish_graph(model: onnx.ModelProto) -> None:
                 final = node
     if final is None:
         raise Pbs2pError("fused export: the final norm is missing from the traced graph")
+    _name_block_inputs(graph)
     hidden = final.output[0]
     position = list(graph.node).index(final) + 1
     if _reads_other_shapes(graph, hidden):
@@ -360,6 +381,33 @@ def finish_graph(model: onnx.ModelProto) -> None:
     keep_info = [v for v in graph.value_info if v.name not in downstream]
     del graph.value_info[:]
     graph.value_info.extend(keep_info)
+
+
+def _name_block_inputs(graph: onnx.GraphProto) -> None:
+    """Give a multi-block node's packed initializers their layer's name (`qkv_proj.3.b1_scales` ->
+    `layers.3.self_attn.k_proj.scales`, as in the unfused graph), unless the exporter shares one initializer
+    between several inputs (byte-identical headers or placeholders), which keep the exporter's name."""
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    renames: dict[str, str] = {}
+    for node in graph.node:
+        layers = next((p.value.split(",") for p in node.metadata_props if p.key == LAYERS_KEY), None)
+        if layers is None:
+            continue
+        for name in node.input[1:]:
+            match = re.search(r"\.b(\d+)_(\w+)$", name)
+            if match and uses.get(name) == 1 and int(match.group(1)) < len(layers):
+                renames[name] = f"{layers[int(match.group(1))]}.{match.group(2)}"
+    taken = {t.name for t in graph.initializer}
+    renames = {old: new for old, new in renames.items() if new not in taken}
+    for tensor in graph.initializer:
+        tensor.name = renames.get(tensor.name, tensor.name)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in renames:
+                node.input[index] = renames[name]
 
 
 def _reads_other_shapes(graph: onnx.GraphProto, start: str) -> bool:
