@@ -1,15 +1,18 @@
 """The fused decoder graph: onnxruntime's com.microsoft contrib ops, a shared fixed-length KV buffer.
 
-Per layer (docs/FORMAT.md "Fused graph"):
+Per layer (11 nodes; docs/ARCHITECTURE.md §3):
 
     SkipSimplifiedLayerNormalization(mlp_out of the previous layer, residual) -> x, residual
-    q/k/v projections -> GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_seq_len, cos, sin)
+    q|k|v projection -> GroupQueryAttention(qkv, -, -, past_k, past_v, seqlens_k, total_seq_len, cos, sin)
         (do_rotary=1: the rotary embedding runs inside the attention op; past and present share one buffer)
     o projection -> SkipSimplifiedLayerNormalization(o_out, residual) -> x, residual
-    gate/up projections -> SiLU(gate) * up -> down projection
+    gate|up projection -> Split -> SiLU(gate) (Sigmoid, Mul) * up (Mul) -> down projection
 
-The projections are whatever the swapped linear modules emit (SparseBinaryMatMul, MatMulNBits, MatMul), as in
-the unfused graph (`export/decoder.py`), so validation taps the same custom nodes. Graph interface:
+q/k/v and gate/up run as one node when their formats allow: one multi-block SparseBinaryMatMul
+(`pbs2p_edge.format.op_node_spec`, its layers named in node metadata so validation checks each block against
+its own layer), or one MatMulNBits over the concatenated rows of int4 layers. Otherwise (mixed formats, fp32)
+each projection is the node its swapped module emits, as in the unfused graph (`export/decoder.py`).
+Graph interface:
 
     input_ids [B, S], attention_mask [B, T] (T = past + S tokens; only its row sums and width are read),
     past_key_values.{i}.key|value [B, kv_heads, L, head_dim] (L = the buffer length, fixed by the caller),
@@ -44,7 +47,7 @@ from pbs2p_edge.export.patch import PBS2P_OP, PBS2P_OP_VERSION, SparseBinaryLine
 
 MS = "com.microsoft"
 LOGITS_TO_KEEP = "logits_to_keep"
-# Tagged on the final norm's node so the export can cut the hidden rows before the head (onnx_export.py).
+# Tagged on the final norm's node so `finish_graph` can cut the hidden rows before the head.
 ROLE_KEY = "pbs2p_edge.role"
 FINAL_NORM_ROLE = "final_norm"
 
