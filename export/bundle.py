@@ -20,6 +20,8 @@ from pbs2p_edge.errors import Pbs2pError, atomic_path
 from pbs2p_edge.export.baselines import INT4_BLOCK_SIZE, int4_factory
 from pbs2p_edge.export.configs import ExportConfig, export_config
 from pbs2p_edge.export.decoder import Decoder
+from pbs2p_edge.export.fused import LOGITS_TO_KEEP, FusedDecoder, fused_unsupported
+from pbs2p_edge.export.fused import input_names as fused_input_names
 from pbs2p_edge.export.head import make_head
 from pbs2p_edge.export.onnx_export import DATA_FILE, MODEL_FILE, OPSET, export_onnx
 from pbs2p_edge.export.patch import Factory, check_packed_names, pbs2p_factory, swapped_linears
@@ -30,6 +32,7 @@ BUNDLE_VERSION = 1
 WEIGHT_FORMATS = ("pbs2p", "fp32", "int4")
 DEFAULT_HEAD = {"pbs2p": "int4", "fp32": "fp32", "int4": "int4"}
 OPS_LIBRARY_MODES = ("copy", "reference")
+GRAPH_KINDS = ("auto", "fused", "unfused")  # auto: fused for the families export/fused.py supports
 MANIFEST_FILE = "manifest.json"
 GENAI_CONFIG_FILE = "genai_config.json"
 
@@ -141,13 +144,23 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def genai_config(config: ExportConfig, ops_library: str | None) -> dict[str, Any]:
-    """onnxruntime-genai's config for this bundle (greedy search by default)."""
+def genai_config(config: ExportConfig, ops_library: str | None, fused: bool = False) -> dict[str, Any]:
+    """onnxruntime-genai's config for this bundle (greedy search by default). A fused graph shares its past
+    and present buffers and takes no position_ids (GroupQueryAttention derives them)."""
     session_options: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": []}
     if ops_library is not None:
         session_options["custom_ops_library"] = ops_library
     eos = config.eos_token_ids
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    inputs = {
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+        "position_ids": "position_ids",
+        "past_key_names": "past_key_values.%d.key",
+        "past_value_names": "past_key_values.%d.value",
+    }
+    if fused:
+        del inputs["position_ids"]
     return {
         "model": {
             "bos_token_id": config.bos_token_id
@@ -159,13 +172,7 @@ def genai_config(config: ExportConfig, ops_library: str | None) -> dict[str, Any
                 "filename": MODEL_FILE,
                 "head_size": config.head_dim,
                 "hidden_size": config.hidden_size,
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
+                "inputs": inputs,
                 "outputs": {
                     "logits": "logits",
                     "present_key_names": "present.%d.key",
@@ -190,7 +197,7 @@ def genai_config(config: ExportConfig, ops_library: str | None) -> dict[str, Any
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": fused,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -249,6 +256,21 @@ def _count_ops(model_path: Path) -> dict[str, int]:
     return counts
 
 
+def graph_nodes(model_path: Path) -> dict[str, Any]:
+    """Node counts of the graph: total, by op type, and per decoder layer = the mean distance (in the graph's
+    topological order, which follows the layers) between consecutive attention nodes: GroupQueryAttention
+    in a fused graph, Softmax in an unfused one. None for a one-layer graph."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    nodes = list(model.graph.node)
+    by_op: dict[str, int] = {}
+    for node in nodes:
+        by_op[node.op_type] = by_op.get(node.op_type, 0) + 1
+    attention = "GroupQueryAttention" if "GroupQueryAttention" in by_op else "Softmax"
+    marks = [i for i, node in enumerate(nodes) if node.op_type == attention]
+    per_layer = round((marks[-1] - marks[0]) / (len(marks) - 1), 2) if len(marks) > 1 else None
+    return {"total": len(nodes), "per_layer": per_layer, "by_op": dict(sorted(by_op.items()))}
+
+
 # ------------------------------------------------------------------------------------------ export
 
 
@@ -263,16 +285,21 @@ def export_bundle(
     ops_library: str = "copy",
     threshold_db: float | None = None,
     accuracy_level: int = 0,
+    graph: str = "auto",
 ) -> dict[str, Any]:
     """Export `source` (a model.pt for pbs2p; a model folder/GGUF/None=default for fp32/int4) to `out_dir`.
 
     Returns the manifest. Raises Pbs2pError on bad input or failed validation, leaving no bundle behind.
     `accuracy_level` is passed to ONNX Runtime's MatMulNBits (0 = fp32 compute, 4 = int8 activations).
+    `graph`: "fused" (contrib ops, shared KV buffer: export/fused.py), "unfused" (export/decoder.py), or
+    "auto" (fused when the family supports it).
     """
     from pbs2p_edge.export import validate as validation
 
     if weights not in WEIGHT_FORMATS:
         raise Pbs2pError(f"unknown format {weights!r} (choose from {', '.join(WEIGHT_FORMATS)})")
+    if graph not in GRAPH_KINDS:
+        raise Pbs2pError(f"unknown graph kind {graph!r} (choose from {', '.join(GRAPH_KINDS)})")
     if ops_library not in OPS_LIBRARY_MODES:
         raise Pbs2pError(f"unknown ops library mode {ops_library!r} (choose copy or reference)")
     head = head or DEFAULT_HEAD[weights]
@@ -296,15 +323,21 @@ def export_bundle(
     else:
         src = _load_fp_source(None if source is None else str(source), weights)
     config = export_config(src.model.config)
+    fused = _use_fused(config, graph)
 
     with (
         atomic_path(out, directory=True) as tmp,
         swapped_linears(src.model, _factory(src, weights, accuracy_level)),
     ):
         head_module = make_head(src.model, head, accuracy_level)
-        export_onnx(Decoder(src.model, config, head_module).eval(), config, tmp)
-        library_ref = _write_files(tmp, src, config, library, ops_library)
+        decoder_class = FusedDecoder if fused else Decoder
+        export_onnx(decoder_class(src.model, config, head_module).eval(), config, tmp)
+        library_ref = _write_files(tmp, src, config, library, ops_library, fused)
         manifest = _manifest(tmp, src, config, weights, head, library_ref, accuracy_level)
+        manifest["graph"] = "fused" if fused else "unfused"
+        manifest["graph_nodes"] = graph_nodes(tmp / MODEL_FILE)
+        if fused:
+            manifest["inputs"] = [*fused_input_names(config), LOGITS_TO_KEEP]
         manifest["validation"] = None
         if validate:
             bundle_library = (
@@ -325,6 +358,15 @@ def export_bundle(
         manifest["files"] = file_entries(tmp)  # last: sizes and sha256 of everything but the manifest
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _use_fused(config: ExportConfig, graph: str) -> bool:
+    reason = fused_unsupported(config)
+    if graph == "fused" and reason is not None:
+        raise Pbs2pError(
+            f"--graph fused does not support {config.model_type} with {reason} (use --graph unfused)"
+        )
+    return graph != "unfused" and reason is None
 
 
 def _ops_requirement(info: Any, packed: dict[str, Any]) -> dict[str, Any]:
@@ -371,7 +413,9 @@ def _mixed_factory(packed: Factory, nbits: dict[str, Any], accuracy_level: int) 
     return make
 
 
-def _write_files(tmp: Path, src: Source, config: ExportConfig, library: Path | None, mode: str) -> str | None:
+def _write_files(
+    tmp: Path, src: Source, config: ExportConfig, library: Path | None, mode: str, fused: bool = False
+) -> str | None:
     """Tokenizer files, the ops library (copied or referenced) and genai_config.json; returns the manifest's
     library name (None when referenced: a manifest names only files inside the bundle)."""
     for name, text in src.tokenizer_files.items():
@@ -386,7 +430,9 @@ def _write_files(tmp: Path, src: Source, config: ExportConfig, library: Path | N
             library_ref = genai_library = library.name
         else:
             genai_library = str(library.resolve())
-    (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(config, genai_library), indent=2) + "\n")
+    (tmp / GENAI_CONFIG_FILE).write_text(
+        json.dumps(genai_config(config, genai_library, fused), indent=2) + "\n"
+    )
     return library_ref
 
 

@@ -46,6 +46,14 @@ import click
     default=None,
     help="Validation: minimum SQNR of logits and custom nodes [default: 40].",
 )
+@click.option(
+    "--graph",
+    type=click.Choice(["auto", "fused", "unfused"]),
+    default="auto",
+    show_default=True,
+    help="fused: onnxruntime contrib ops (GroupQueryAttention with a shared KV buffer, SkipSimplifiedLayerNorm); "
+    "unfused: plain ONNX ops; auto: fused where the family supports it (docs/FAMILIES.md).",
+)
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch comparison.")
 @click.pass_context
@@ -58,6 +66,7 @@ def export_command(
     ops_library: str,
     accuracy_level: str,
     threshold_db: float | None,
+    graph: str,
     force: bool,
     no_validate: bool,
 ) -> None:
@@ -83,6 +92,7 @@ def export_command(
             ops_library=ops_library,
             threshold_db=threshold_db,
             accuracy_level=int(accuracy_level),
+            graph=graph,
         )
     except Pbs2pError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -44,13 +44,36 @@ _DOMAIN, _, _OP_TYPE = PBS2P_OP.partition("::")
 _NAMING_INPUT = "scales"
 
 
+# A multi-block node (q|k|v or gate|up in one node, export/fused.py) names its layers in this metadata entry,
+# comma-separated in block order; its output is their outputs side by side (attribute block_rows).
+LAYERS_KEY = "pbs2p_edge.layers"
+
+
 @dataclass(frozen=True)
 class Tap:
-    """One custom node: the model layer it computes and the graph values of its activation input and output."""
+    """One model layer computed by a custom node: the graph values of the node's activation input and output,
+    and the columns [start, stop) of the output that are this layer's (all of them for a one-block node)."""
 
     layer: str
     input: str
     output: str
+    start: int = 0
+    stop: int | None = None
+    node: str = ""
+
+
+def _node_taps(node: onnx.NodeProto) -> list[Tap]:
+    layers = next((p.value.split(",") for p in node.metadata_props if p.key == LAYERS_KEY), None)
+    if layers is None:
+        return [Tap(_node_layer(node), node.input[0], node.output[0], node=node.name)]
+    rows = next((list(a.ints) for a in node.attribute if a.name == "block_rows"), [])
+    if len(rows) != len(layers):
+        raise Pbs2pError(f"custom node {node.name} names {len(layers)} layers for {len(rows)} blocks")
+    bounds = np.cumsum([0, *rows])
+    return [
+        Tap(layer, node.input[0], node.output[0], int(begin), int(end), node.name)
+        for layer, begin, end in zip(layers, bounds[:-1], bounds[1:], strict=True)
+    ]
 
 
 def _node_layer(node: onnx.NodeProto) -> str:
@@ -77,9 +100,10 @@ def instrument(model_path: Path) -> tuple[Path, list[Tap]]:
     """
     model = onnx.load(str(model_path), load_external_data=False)
     taps = [
-        Tap(_node_layer(node), node.input[0], node.output[0])
+        tap
         for node in model.graph.node
         if node.domain == _DOMAIN and node.op_type == _OP_TYPE
+        for tap in _node_taps(node)
     ]
     outputs = {value.name for value in model.graph.output}
     for name in tapped_values(taps):
@@ -140,7 +164,7 @@ def forced_outputs(
             if step >= len(graph_values):
                 raise Pbs2pError(f"validation: layer {tap.layer} ran more often than the graph")
             graph_in = graph_values[step][tap.input]
-            graph_out = graph_values[step][tap.output]
+            graph_out = graph_values[step][tap.output][..., tap.start : tap.stop]
             record.graph_in.append(graph_in)
             record.graph_out.append(graph_out)
             record.torch_in.append(args[0].detach().float().numpy().reshape(graph_in.shape))
@@ -167,7 +191,11 @@ def ort_steps(
     Returns the logits of each step and, per step, the values of the `extra` graph outputs.
     """
     names = [output.name for output in session.get_outputs()]
-    empty = np.zeros((1, config.num_kv_heads, 0, config.head_dim), dtype=np.float32)
+    # An unfused graph grows its cache from length 0; a fused one (export/fused.py) takes buffers of a fixed
+    # length, here the whole sequence, and reads the valid length from attention_mask.
+    fused = "position_ids" not in {i.name for i in session.get_inputs()}
+    length = len(ids) + len(tokens) if fused else 0
+    empty = np.zeros((1, config.num_kv_heads, length, config.head_dim), dtype=np.float32)
     past = dict.fromkeys(config.past_names(), empty)
     step_ids, total = list(ids), 0
     logits: list[np.ndarray] = []
@@ -180,9 +208,10 @@ def ort_steps(
         feeds = {
             "input_ids": np.array([step_ids], dtype=np.int64),
             "attention_mask": np.ones((1, total), dtype=np.int64),
-            "position_ids": np.arange(start, total, dtype=np.int64)[None, :],
             **past,
         }
+        if not fused:
+            feeds["position_ids"] = np.arange(start, total, dtype=np.int64)[None, :]
         outputs = dict(zip(names, session.run(None, feeds), strict=True))
         logits.append(outputs["logits"][0])
         past = {

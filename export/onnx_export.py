@@ -48,9 +48,11 @@ def _dynamic_shapes(config: ExportConfig) -> dict[str, object]:
     }
 
 
-def _name_axes(model: onnx.ModelProto, config: ExportConfig) -> None:
+def _name_axes(model: onnx.ModelProto, config: ExportConfig, fused: bool = False) -> None:
     """Give the dynamic axes the names optimum and onnxruntime-genai use."""
-    axes = {
+    from pbs2p_edge.export import fused as fused_graph
+
+    axes: dict[str, list[str | int]] = {
         "input_ids": ["batch_size", "sequence_length"],
         "attention_mask": ["batch_size", "total_sequence_length"],
         "position_ids": ["batch_size", "sequence_length"],
@@ -60,6 +62,8 @@ def _name_axes(model: onnx.ModelProto, config: ExportConfig) -> None:
         axes[name] = ["batch_size", config.num_kv_heads, "past_sequence_length", config.head_dim]
     for name in config.present_names():
         axes[name] = ["batch_size", config.num_kv_heads, "total_sequence_length", config.head_dim]
+    if fused:
+        axes = fused_graph.axis_names(config)
     for value in [*model.graph.input, *model.graph.output]:
         names = axes.get(value.name)
         if names is None:
@@ -117,9 +121,18 @@ def _quiet_loggers() -> Iterator[None]:
 
 
 def export_onnx(decoder: Decoder, config: ExportConfig, out_dir: Path) -> Path:
-    """Export `decoder` to out_dir/model.onnx (+ model.onnx.data) and run the ONNX checker on it."""
+    """Export `decoder` to out_dir/model.onnx (+ model.onnx.data) and run the ONNX checker on it.
+
+    A `FusedDecoder` (export/fused.py) gets its own interface (shared KV buffers, `logits_to_keep`)."""
+    from pbs2p_edge.export import fused as fused_graph
+
     path = out_dir / MODEL_FILE
+    fused = isinstance(decoder, fused_graph.FusedDecoder)
     inputs = example_inputs(config)
+    input_names, dynamic = config.input_names(), _dynamic_shapes(config)
+    if fused:
+        inputs = fused_graph.example_inputs(config, _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST)
+        input_names, dynamic = fused_graph.input_names(config), fused_graph.dynamic_shapes(config)
     with warnings.catch_warnings(), _quiet_loggers(), onnx_emission(decoder), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
@@ -128,9 +141,9 @@ def export_onnx(decoder: Decoder, config: ExportConfig, out_dir: Path) -> Path:
                 inputs,
                 dynamo=True,
                 opset_version=OPSET,
-                input_names=config.input_names(),
+                input_names=input_names,
                 output_names=config.output_names(),
-                dynamic_shapes=_dynamic_shapes(config),
+                dynamic_shapes=dynamic,
                 optimize=True,
                 verbose=False,
             )
@@ -138,7 +151,9 @@ def export_onnx(decoder: Decoder, config: ExportConfig, out_dir: Path) -> Path:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise Pbs2pError(f"ONNX export failed: {first}") from exc
     model = program.model_proto
-    _name_axes(model, config)
+    if fused:
+        fused_graph.finish_graph(model)
+    _name_axes(model, config, fused)
     _share_reshaped_initializers(model)
     onnx.save_model(
         model,

@@ -5,6 +5,12 @@ The graph (docs/ARCHITECTURE.md §3) takes `past_key_values.{i}.key|value [1, kv
 (`run_with_ort_values`) and are fed straight back as the next step's past: Python never converts or copies the
 cache. (IO binding does the same but costs ~120 bind calls per step, 1.1 ms against 0.25 ms here for a 30-layer
 model. The graph's own Concat still writes P+S rows per layer per step; that copy lives in the exported graph.)
+
+A fused graph (export/fused.py; it has a `logits_to_keep` input) takes fixed-length buffers instead:
+`past_key_values.{i}` and `present.{i}` are bound (IO binding, once per buffer) to the same numpy-backed memory,
+which GroupQueryAttention extends in place; the buffers grow by doubling (copying the valid rows) when a
+sequence outgrows them, up to the context. Only input_ids, attention_mask and logits_to_keep are bound per
+run, and a decode step asks for the last row of logits only.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from pbs2p_edge.runtime.bundle import Bundle
 from pbs2p_edge.runtime.memory import release_file_pages
 
 DEFAULT_PREFILL_CHUNK: int | None = None  # tokens per prefill run; None = the whole prompt in one run
+LOGITS_TO_KEEP = "logits_to_keep"  # the fused graph's optional input (0 = all rows, 1 = the last)
+KV_BUFFER_STEP = 256  # fused graphs: buffer lengths are multiples of this many tokens
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -84,8 +92,12 @@ class DecoderSession:
         past_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0])
         self.cache_dtype = _NUMPY_DTYPES.get(past_type, np.float32)
         self.has_position_ids = any(i.name == "position_ids" for i in self.session.get_inputs())
+        optional = self.session.get_overridable_initializers()  # inputs with a default value
+        self.fused = any(i.name == LOGITS_TO_KEEP for i in [*self.session.get_inputs(), *optional])
         self._output_names = ["logits", *self.present_names]
         self._past: list[ort.OrtValue] = []
+        self._buffers: list[np.ndarray] = []  # fused graphs: the shared past/present buffers
+        self._binding: ort.IOBinding | None = None
         self.past_len = 0
         self.last_run_seconds = 0.0  # wall time of the last onnxruntime run (the rest of forward is Python)
         self.reset()
@@ -93,6 +105,7 @@ class DecoderSession:
     def fork(self) -> DecoderSession:
         """The same onnxruntime session (thread-safe to run) with a new, empty KV cache of its own."""
         other = copy.copy(self)
+        other._buffers, other._binding = [], None
         other.reset()
         return other
 
@@ -112,7 +125,10 @@ class DecoderSession:
         return self.bundle.context_length
 
     def reset(self) -> None:
-        """Start a new sequence: empty (length 0) past tensors."""
+        """Start a new sequence: empty (length 0) past tensors; a fused graph keeps its buffers."""
+        self.past_len = 0
+        if self.fused:
+            return
         shape = (1, self.bundle.num_kv_heads, 0, self.bundle.head_dim)
         empty = np.zeros(shape, dtype=self.cache_dtype)
         self._past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
@@ -120,6 +136,8 @@ class DecoderSession:
 
     def kv_cache_bytes(self) -> int:
         """Bytes held by the current cache tensors."""
+        if self.fused:
+            return sum(buffer.nbytes for buffer in self._buffers)
         itemsize = np.dtype(self.cache_dtype).itemsize
         return sum(int(np.prod(v.shape())) * itemsize for v in self._past)
 
@@ -136,6 +154,8 @@ class DecoderSession:
             raise Pbs2pError(
                 f"sequence of {past + new} tokens exceeds the model's context of {self.context_length}"
             )
+        if self.fused:
+            return self._forward_fused(ids, all_logits)
         attention_mask = np.ones((1, past + new), dtype=np.int64)
         position_ids = np.arange(past, past + new, dtype=np.int64).reshape(1, -1)
         feeds = {
@@ -152,6 +172,43 @@ class DecoderSession:
         self.past_len = past + new
         logits = outputs[0].numpy()
         # Own copy of the rows we return, so nothing outlives the OrtValue that the next call releases.
+        return np.array(logits[0] if all_logits else logits[0, -1], dtype=np.float32)
+
+    def _ensure_capacity(self, needed: int) -> None:
+        """Grow the shared buffers (doubling, in KV_BUFFER_STEP multiples, at most the context) to `needed`."""
+        capacity = self._buffers[0].shape[2] if self._buffers else 0
+        if needed <= capacity and self._binding is not None:
+            return
+        length = max(needed, 2 * capacity, KV_BUFFER_STEP)
+        length = min(-(-length // KV_BUFFER_STEP) * KV_BUFFER_STEP, max(self.context_length, needed))
+        shape = (1, self.bundle.num_kv_heads, length, self.bundle.head_dim)
+        buffers = [np.zeros(shape, dtype=self.cache_dtype) for _ in self.past_names]
+        for old, new in zip(self._buffers, buffers, strict=False):
+            new[:, :, : self.past_len] = old[:, :, : self.past_len]
+        binding = self.session.io_binding()
+        binding.bind_output("logits")
+        for past, present, buffer in zip(self.past_names, self.present_names, buffers, strict=True):
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the numpy memory
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self._buffers, self._binding = buffers, binding
+
+    def _forward_fused(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        past, new = self.past_len, ids.shape[1]
+        self._ensure_capacity(past + new)
+        binding = self._binding
+        assert binding is not None
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", np.ones((1, past + new), dtype=np.int64))
+        # An input with a default value binds only as an OrtValue (bind_cpu_input does not find it).
+        keep = np.array(0 if all_logits else 1, dtype=np.int64)
+        binding.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(keep))
+        binding.bind_output("logits")  # unallocated again: its shape changes between runs
+        start = time.perf_counter()
+        self.session.run_with_iobinding(binding)
+        self.last_run_seconds = time.perf_counter() - start
+        self.past_len = past + new
+        logits = binding.get_outputs()[0].numpy()
         return np.array(logits[0] if all_logits else logits[0, -1], dtype=np.float32)
 
     def prefill(self, token_ids: np.ndarray | list[int]) -> np.ndarray:

@@ -20,6 +20,7 @@ from pbs2p_edge.export import export_bundle
 from pbs2p_edge.export.cli import export_command
 
 PROJECTIONS_PER_LAYER = 7
+FUSED_NODES_PER_LAYER = 4  # q|k|v, o, gate|up, down
 TINY_LAYERS = 2
 _BUILT: dict[str, Path] = {}
 
@@ -64,14 +65,16 @@ def tiny_checkpoint(factory: pytest.TempPathFactory, model_dir: Path, text_file:
 
 
 def built_bundle(factory: pytest.TempPathFactory, model_dir: Path, text_file: Path, kind: str) -> Path:
-    """Session-cached bundles: "pbs2p" (int4 head), "fp32" and "int4" baselines of the tiny model."""
+    """Session-cached bundles: "pbs2p" (int4 head), "fp32" and "int4" baselines of the tiny model, with the
+    default (fused) graph; "pbs2p-unfused" / "int4-unfused": the same with the unfused graph."""
     if kind not in _BUILT:
         out = factory.mktemp(f"bundle_{kind}") / "bundle"
-        if kind == "pbs2p":
+        weights, _, unfused = kind.partition("-")
+        if weights == "pbs2p":
             source = tiny_checkpoint(factory, model_dir, text_file)
         else:
             source = trained_like_dir(factory, model_dir)
-        export_bundle(source, out, weights=kind)
+        export_bundle(source, out, weights=weights, graph=unfused or "auto")
         _BUILT[kind] = out
     return _BUILT[kind]
 
@@ -150,7 +153,8 @@ def test_pbs2p_bundle_layout_and_checker(pbs2p_bundle: Path) -> None:
 def test_every_projection_is_one_custom_node_fed_by_packed_initializers(pbs2p_bundle: Path) -> None:
     graph = _graph(pbs2p_bundle).graph
     custom = [n for n in graph.node if n.op_type == "SparseBinaryMatMul"]
-    assert len(custom) == PROJECTIONS_PER_LAYER * TINY_LAYERS
+    # The fused graph: q|k|v and gate|up are one multi-block node each (4 nodes per layer for 7 projections).
+    assert len(custom) == FUSED_NODES_PER_LAYER * TINY_LAYERS
     assert all(n.domain == "pbs2p.edge" for n in custom)
     initializers = {t.name: t for t in graph.initializer}
     for node in custom:
@@ -208,8 +212,10 @@ def test_pbs2p_bundle_matches_pytorch_prefill_and_8_decode_steps(
     assert validation["teacher_forced"]["wiring_min_sqnr_db"] >= 40.0
 
 
-def test_batch_of_two_with_left_padding(pbs2p_bundle: Path) -> None:
-    """The mask input really masks: a left-padded row gives the logits of the same row run alone."""
+def test_batch_of_two_with_left_padding(tmp_path_factory, tiny_model_dir, corpus_text_file) -> None:
+    """The mask input really masks: a left-padded row gives the logits of the same row run alone (unfused
+    graph; the fused graph's right padding: tests/test_fused.py)."""
+    pbs2p_bundle = built_bundle(tmp_path_factory, tiny_model_dir, corpus_text_file, "pbs2p-unfused")
     session = _session(pbs2p_bundle)
     manifest = _manifest(pbs2p_bundle)
     layers, kv, dim = manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"]
@@ -248,7 +254,9 @@ def test_baselines_export_run_and_share_the_interface(baseline_bundle: Path, pbs
     ops = [n.op_type for n in graph.node]
     assert "SparseBinaryMatMul" not in ops
     if manifest["weights"] == "int4":
-        assert ops.count("MatMulNBits") == PROJECTIONS_PER_LAYER * TINY_LAYERS + 1  # + the LM head
+        # The fused graph runs q/k/v and gate/up as one node each: 4 nodes per layer instead of 7.
+        per_layer = 4 if manifest["graph"] == "fused" else PROJECTIONS_PER_LAYER
+        assert ops.count("MatMulNBits") == per_layer * TINY_LAYERS + 1  # + the LM head
         assert manifest["sizes"]["weights"]["float_layers"] == 0
     else:
         assert "MatMulNBits" not in ops and manifest["head"] == "fp32"
@@ -377,8 +385,9 @@ def test_revalidating_an_intact_bundle_passes_every_check(pbs2p_bundle: Path, ch
     result = _revalidate(pbs2p_bundle, checkpoint)
     forced = result["teacher_forced"]
     assert (
-        result["gated"] == "teacher_forced" and forced["custom_nodes"] == PROJECTIONS_PER_LAYER * TINY_LAYERS
+        result["gated"] == "teacher_forced" and forced["custom_layers"] == PROJECTIONS_PER_LAYER * TINY_LAYERS
     )
+    assert forced["custom_nodes"] == FUSED_NODES_PER_LAYER * TINY_LAYERS
     assert min(forced["sqnr_db"], forced["ops_min_sqnr_db"], forced["wiring_min_sqnr_db"]) >= 80.0, forced
     assert not (pbs2p_bundle / "validate.onnx").exists()
 

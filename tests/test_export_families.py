@@ -77,7 +77,9 @@ def test_family_exports_and_passes_validation(family_bundle: tuple[str, Path]) -
     check = manifest["validation"]
     assert manifest["model_type"] == family and check["gated"] == "teacher_forced"
     forced = check["teacher_forced"]
-    assert forced["custom_nodes"] == 7 * TINY_CONFIG["num_hidden_layers"]
+    assert forced["custom_layers"] == 7 * TINY_CONFIG["num_hidden_layers"]
+    nodes = 4 if manifest["graph"] == "fused" else 7  # fused: q|k|v and gate|up are one node each
+    assert forced["custom_nodes"] == nodes * TINY_CONFIG["num_hidden_layers"]
     assert min(forced["sqnr_db"], forced["ops_min_sqnr_db"], forced["wiring_min_sqnr_db"]) >= 40.0
     genai = json.loads((bundle / "genai_config.json").read_text())
     assert genai["model"]["type"] == family
@@ -91,8 +93,12 @@ def test_qwen2_projection_biases_ride_in_the_custom_nodes(family_bundle: tuple[s
     with_bias = set()
     for node in model.graph.node:
         if node.op_type == "SparseBinaryMatMul":
-            attrs = {a.name: a.i for a in node.attribute}
-            if attrs["has_bias"]:
+            attrs = {a.name: a for a in node.attribute}
+            if "block_has_bias" in attrs:  # a multi-block node names its layers (export/fused.py)
+                layers = next(p.value for p in node.metadata_props if p.key == "pbs2p_edge.layers")
+                flags = zip(layers.split(","), attrs["block_has_bias"].ints, strict=True)
+                with_bias |= {layer.rsplit(".", 1)[-1] for layer, flag in flags if flag}
+            elif attrs["has_bias"].i:
                 with_bias.add(node.input[4].rsplit(".", 2)[-2])  # ...self_attn.q_proj.scales -> q_proj
     assert with_bias == ({"q_proj", "k_proj", "v_proj"} if family == "qwen2" else set())
 
