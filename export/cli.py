@@ -22,7 +22,7 @@ import click
 )
 @click.option(
     "--head",
-    type=click.Choice(["fp32", "int8", "int4"]),
+    type=click.Choice(["fp32", "int8", "int4", "int2"]),
     default=None,
     help="Storage of the embedding and LM head [default: int4 for pbs2p and int4, fp32 for fp32].",
 )
