@@ -5,6 +5,9 @@ is a fifth of the parameters and, read once per decoded token, most of the decod
 - `fp32`: Gather + Gemm(transB) over one shared float matrix (tied models keep a single copy);
 - `int8` / `int4`: the head is ONNX Runtime's `MatMulNBits` (quantized by onnxruntime's own quantizer), and a
   tied embedding is a `GatherBlockQuantized` over the same quantized bytes, so the matrix is stored once.
+- `int4s`: a 4-bit head like `int4` but with per-block zero points, blocks of up to 128 (the largest power of two
+  dividing K: 64 for SmolLM2's 576, 128 for Qwen2.5-1.5B's 1536; 4.56 / 4.28 bits per weight against 5.0) and the
+  error-aware search below; the embedding keeps its own int4 copy, as for `int2`.
 - `int2`: the head is a 2-bit `MatMulNBits` with per-block zero points, blocks of 64 where K allows (2.53 bits
   per weight with the fp32 scales, against 5.0 for `int4` at block 32), quantized by `export/lowbit.py`'s
   error-aware search weighted by the final norm's gain. It always runs at accuracy_level 4 (ORT's 2-bit fp32
@@ -32,11 +35,12 @@ from pbs2p_edge.export.nbits import (
 )
 from pbs2p_edge.export.patch import EmittingModule
 
-HEAD_CHOICES = ("fp32", "int8", "int4", "int2")
-HEAD_BITS = {"int8": 8, "int4": 4, "int2": 2}
+HEAD_CHOICES = ("fp32", "int8", "int4", "int4s", "int2")
+HEAD_BITS = {"int8": 8, "int4": 4, "int2": 2, "int4s": 4}
 # Narrow heads keep an int4 embedding for the gather (GatherBlockQuantized, one row per token).
-EMBED_BITS = {"int8": 8, "int4": 4, "int2": 4}
-SEARCHED = {"int2"}
+EMBED_BITS = {"int8": 8, "int4": 4, "int2": 4, "int4s": 4}
+# Searched heads (zero points, lowbit.py) and their largest block (the largest power of two dividing K, <= it).
+SEARCHED = {"int2": 64, "int4s": 128}
 # MatMulNBits' int8-activation path: forced where its fp32 path would decode the matrix per call.
 FORCED_ACCURACY = {"int2": 4}
 
@@ -175,7 +179,7 @@ def make_head(hf_model: nn.Module, choice: str, accuracy_level: int = 0) -> nn.M
         return QuantizedHead(
             embed, None if tied else head, HEAD_BITS[choice], pick_block_size(width), accuracy_level
         )
-    bits, block = HEAD_BITS[choice], pick_block_size(width, preferred=64)
+    bits, block = HEAD_BITS[choice], pick_block_size(width, preferred=SEARCHED[choice])
     head_q = quantize_rows_searched(head.detach().float().numpy(), bits, block, head_importance(hf_model))
     return QuantizedHead(
         embed,
@@ -235,4 +239,25 @@ def head_read_bytes(model_path: Path) -> dict[str, int]:
             embedding_row += sum(sizes[name] for name in read) // max(1, rows[names[0]])
         else:
             head += sum(sizes[name] for name in read)
+    return {"head": head, "embedding_row": embedding_row, "total": head + embedding_row}
+
+
+def predicted_read_bytes(choice: str, vocab: int, width: int) -> dict[str, int]:
+    """What `head_read_bytes` measures on a bundle with this head, from the shapes alone (tests check both agree).
+
+    Untied models read the same per token as tied ones (the embedding is one row either way); only disk differs.
+    """
+    if choice not in HEAD_CHOICES:
+        raise Pbs2pError(f"unknown head format {choice!r} (choose from {', '.join(HEAD_CHOICES)})")
+    if choice == "fp32":
+        return {"head": vocab * width * 4, "embedding_row": width * 4, "total": vocab * width * 4 + width * 4}
+
+    def row_bytes(bits: int, block: int, zero_points: bool) -> int:
+        blocks = width // block
+        return width * bits // 8 + 4 * blocks + (-(-blocks * bits // 8) if zero_points else 0)
+
+    bits = HEAD_BITS[choice]
+    head_block = pick_block_size(width, preferred=SEARCHED.get(choice, 32))
+    head = vocab * row_bytes(bits, head_block, choice in SEARCHED)
+    embedding_row = row_bytes(EMBED_BITS[choice], pick_block_size(width), False)
     return {"head": head, "embedding_row": embedding_row, "total": head + embedding_row}

@@ -12,10 +12,11 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from test_export import tiny_checkpoint, trained_like_dir
+from test_export import built_bundle, tiny_checkpoint, trained_like_dir
 
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export import export_bundle
+from pbs2p_edge.export.head import predicted_read_bytes
 from pbs2p_edge.export.lowbit import search_quantize, unpack_codes
 from pbs2p_edge.export.nbits import BlockQuantized, int8_activations, quantize_rows_searched
 from pbs2p_edge.export.validate import sqnr_db
@@ -119,9 +120,10 @@ def int2_bundles(tmp_path_factory, tiny_model_dir, corpus_text_file) -> dict[str
     source = trained_like_dir(tmp_path_factory, tiny_model_dir)
     out = tmp_path_factory.mktemp("heads")
     bundles = {}
-    for head in ("int4", "int2"):
+    for head in ("int4", "int4s", "int2"):
         bundles[head] = out / head
         export_bundle(source, bundles[head], weights="fp32", head=head)
+    bundles["fp32"] = built_bundle(tmp_path_factory, tiny_model_dir, corpus_text_file, "fp32")
     return bundles
 
 
@@ -138,10 +140,16 @@ def test_int2_head_bundle_is_validated_and_reads_fewer_bytes(int2_bundles: dict[
     read = {k: m["sizes"]["head_read_per_token"] for k, m in manifests.items()}
     assert read["int2"]["embedding_row"] == read["int4"]["embedding_row"] > 0
     assert read["int2"]["head"] < 0.6 * read["int4"]["head"]
+    assert read["int2"]["head"] < read["int4s"]["head"] < 0.9 * read["int4"]["head"]
+    # The searched 4-bit head at block 128 stays at least as close to the fp32 head as RTN int4 at block 32.
+    effects = {k: m["validation"]["head_effect"]["sqnr_db"] for k, m in manifests.items() if k != "fp32"}
+    assert effects["int4s"] > effects["int4"] - 1.0 > effects["int2"]
     vocab, width = manifests["int2"]["vocab_size"], manifests["int2"]["hidden_size"]
     # 2 bits per weight, an fp32 scale per block of 64, 2-bit zero points (per row, padded to a byte).
     blocks = width // 64
     assert read["int2"]["head"] == vocab * (width // 4 + 4 * blocks + math.ceil(blocks / 4))
+    for head, measured in read.items():
+        assert predicted_read_bytes(head, vocab, width) == measured
 
 
 def test_int2_head_under_the_teacher_forced_validation(
