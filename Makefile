@@ -11,7 +11,7 @@ SHELL  := /bin/bash
 
 NATIVE_SOURCES := $(shell find custom_ops -type f -not -path '*/build*' 2>/dev/null) pyproject.toml
 
-.PHONY: setup system-deps demo install-large demo-large bench-kernels bench-compress test test-python test-kernels fuzz-ops test-arm lint clean help
+.PHONY: setup system-deps demo install-large demo-large bench-kernels bench-compress install-peers bench-peers test test-python test-kernels fuzz-ops test-arm lint clean help
 
 help:
 	@echo "make demo   - set up and run compress -> export -> generate -> bench on the default model"
@@ -120,3 +120,19 @@ test-python:
 
 clean:
 	rm -rf build $(OUT) custom_ops/build* .pytest_cache .ruff_cache
+
+# Peers benchmark (an optional extra, never part of `make test`): ORT GenAI's model builder int4 and llama.cpp
+# (llama-cpp-python built from source for this CPU, about 7 minutes on 2 cores) against our bundles.
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+PEERS_OUT ?= out-peers
+PEERS_MODEL ?= default
+PEERS_REPS ?= 5
+
+install-peers: setup
+	$(BIN)/pip install --quiet onnxruntime-genai onnx-ir
+	CMAKE_ARGS="-DGGML_NATIVE=ON" nice -n 10 $(BIN)/pip install $(LLAMA_CPP_PYTHON)
+
+# Bundles from `make demo` ($(OUT)/pbs2p, $(OUT)/int4); the GenAI model is built into $(PEERS_OUT) on first use.
+bench-peers: install-peers
+	$(BIN)/python bench/peers.py --model $(PEERS_MODEL) --bundle pbs2p=$(OUT)/pbs2p --bundle int4=$(OUT)/int4 \
+	  --genai-dir $(PEERS_OUT)/genai-int4 --threads $(THREADS) --reps $(PEERS_REPS) --out $(PEERS_OUT)/peers

@@ -22,7 +22,7 @@ from pbs2p_edge.export.configs import ExportConfig, export_config
 from pbs2p_edge.export.decoder import Decoder
 from pbs2p_edge.export.fused import LOGITS_TO_KEEP, FusedDecoder, fused_unsupported
 from pbs2p_edge.export.fused import input_names as fused_input_names
-from pbs2p_edge.export.head import make_head
+from pbs2p_edge.export.head import head_read_bytes, make_head
 from pbs2p_edge.export.onnx_export import DATA_FILE, MODEL_FILE, OPSET, export_onnx
 from pbs2p_edge.export.patch import Factory, check_packed_names, pbs2p_factory, swapped_linears
 from pbs2p_edge.runtime.integrity import file_entries
@@ -460,6 +460,7 @@ def _manifest(
         "weights": weight_bytes_by_kind(tmp / MODEL_FILE),
     }
     sizes["graph_total"] = sizes["model_onnx"] + sizes["model_onnx_data"]
+    sizes["head_read_per_token"] = head_read_bytes(tmp / MODEL_FILE)
     sizes["total"] = sizes["graph_total"] + sizes["ops_library"] + sizes["tokenizer"]
     quantization = None
     if weights == "int4":

@@ -22,9 +22,10 @@ import click
 )
 @click.option(
     "--head",
-    type=click.Choice(["fp32", "int8", "int4"]),
+    type=click.Choice(["fp32", "int8", "int4", "int4s", "int2"]),
     default=None,
-    help="Storage of the embedding and LM head [default: int4 for pbs2p and int4, fp32 for fp32].",
+    help="Storage of the embedding and LM head [default: int4 for pbs2p and int4, fp32 for fp32]; int4s and "
+    "int2 read fewer head bytes per token (zero points, searched scales; export/head.py).",
 )
 @click.option(
     "--ops-library",

@@ -1,10 +1,17 @@
-"""Block-wise 4/8-bit weights in ONNX Runtime's `MatMulNBits` layout, made by onnxruntime's own quantizer.
+"""Block-wise 2/4/8-bit weights in ONNX Runtime's `MatMulNBits` layout.
 
-Layout (com.microsoft MatMulNBits, symmetric, no zero-point input): for a weight W [N, K] (out, in), the
-quantizer packs B uint8 [N, K/block, block*bits/8] and scales float32 [N, K/block];
-W[n, k] = (q[n, k] - 2^(bits-1)) * scale[n, k // block], with 4-bit values two per byte, low nibble first.
+Layout (com.microsoft MatMulNBits): for a weight W [N, K] (out, in), B uint8 [N, K/block, block*bits/8] and
+scales float32 [N, K/block]; W[n, k] = (q[n, k] - z[n, k // block]) * scale[n, k // block], values `8/bits` per
+byte, lowest bits first. Without a zero-point input z = 2^(bits-1) (symmetric; the 4/8-bit layers and heads,
+quantized by onnxruntime's own RTN quantizer); with one (uint8, `8/bits` per byte) z is stored per block
+(the 2-bit head, quantized by `export/lowbit.py`'s error-aware search).
 `GatherBlockQuantized` reads the same bytes (reshaped to [N, K*bits/8]), which lets a tied embedding
 share the LM head's quantized matrix.
+
+ONNX Runtime 1.32's CPU MatMulNBits takes bits 2, 4 and 8 (3 is refused at session creation); at
+accuracy_level 0 its 2-bit (and 8-bit) path dequantizes the whole matrix to fp32 on every call, so a 2-bit
+node is only worth its bytes at accuracy_level 4 (int8 activations, quantized per block: `int8_activations`
+reproduces that rounding in PyTorch).
 """
 
 from __future__ import annotations
@@ -26,16 +33,32 @@ class BlockQuantized:
     bits: int
     block_size: int
     k: int
+    zero: np.ndarray | None = None  # uint8 [N, K/block] per-block zero points (None: 2^(bits-1))
 
     def dequantize(self) -> np.ndarray:
         """float32 [N, K], exactly what ONNX Runtime computes with (checked in tests)."""
+        from pbs2p_edge.export.lowbit import unpack_codes
+
         n, blocks, _ = self.packed.shape
-        if self.bits == 4:
-            q = np.stack((self.packed & 0x0F, self.packed >> 4), axis=-1).reshape(n, blocks, self.block_size)
-        else:
-            q = self.packed
-        values = (q.astype(np.float32) - float(1 << (self.bits - 1))) * self.scales[:, :, None]
+        q = unpack_codes(self.packed, self.bits).reshape(n, blocks, self.block_size)
+        zero = (
+            np.float32(1 << (self.bits - 1))
+            if self.zero is None
+            else self.zero[:, :, None].astype(np.float32)
+        )
+        values = (q.astype(np.float32) - zero) * self.scales[:, :, None]
         return values.reshape(n, blocks * self.block_size)[:, : self.k].astype(np.float32)
+
+    def packed_zero_points(self) -> np.ndarray | None:
+        """The zero points as MatMulNBits' 4th input (uint8 [N, ceil(blocks * bits / 8)]), or None."""
+        from pbs2p_edge.export.lowbit import pack_zero_points
+
+        return None if self.zero is None else pack_zero_points(self.zero, self.bits)
+
+    def nbytes(self) -> int:
+        """Bytes a MatMulNBits node reads for this matrix per call (codes, scales, zero points)."""
+        zero = self.packed_zero_points()
+        return self.packed.nbytes + self.scales.nbytes + (0 if zero is None else zero.nbytes)
 
 
 def quantize_rows(weight: np.ndarray, bits: int, block_size: int) -> BlockQuantized:
@@ -57,17 +80,44 @@ def quantize_rows(weight: np.ndarray, bits: int, block_size: int) -> BlockQuanti
     )
 
 
+def quantize_rows_searched(
+    weight: np.ndarray, bits: int, block_size: int, importance: np.ndarray | None = None
+) -> BlockQuantized:
+    """Quantize W [N, K] along K with per-block zero points and an error-aware scale search (lowbit.py)."""
+    from pbs2p_edge.export.lowbit import search_quantize
+
+    packed, scales, zero = search_quantize(weight, bits, block_size, importance)
+    return BlockQuantized(
+        packed=packed, scales=scales, bits=bits, block_size=block_size, k=weight.shape[1], zero=zero
+    )
+
+
+def int8_activations(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """x rounded as MatMulNBits at accuracy_level 4 rounds it: int8 per block of K, scale max|x| / 127."""
+    shape = x.shape
+    blocks = x.reshape(*shape[:-1], shape[-1] // block_size, block_size)
+    scale = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
+    reciprocal = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * reciprocal) * scale).reshape(shape)
+
+
 def matmul_nbits(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, q: BlockQuantized, accuracy_level: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    q: BlockQuantized,
+    accuracy_level: int,
+    zero_points: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Emit one com.microsoft MatMulNBits node (export mode only)."""
     n = packed.shape[0]
     attributes = {"K": q.k, "N": n, "bits": q.bits, "block_size": q.block_size}
     if accuracy_level:
         attributes["accuracy_level"] = accuracy_level
+    inputs = [x, packed, scales] if zero_points is None else [x, packed, scales, zero_points]
     return torch.onnx.ops.symbolic(
         "com.microsoft::MatMulNBits",
-        [x, packed, scales],
+        inputs,
         attributes,
         dtype=x.dtype,
         shape=(*x.shape[:-1], n),

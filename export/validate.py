@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,21 +78,32 @@ def ort_session(model_path: Path, ops_library: Path | None, threads: int = 1) ->
 
 
 @contextlib.contextmanager
-def reference_head(hf_model: nn.Module, embed: torch.Tensor, head: torch.Tensor) -> Iterator[None]:
+def reference_head(
+    hf_model: nn.Module,
+    embed: torch.Tensor,
+    head: torch.Tensor,
+    head_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[None]:
     """Temporarily give the HF model the embedding and head weights the graph stores.
 
     The weights are swapped inside the model's own modules, so a family's embedding module (Gemma's scales
     its output by sqrt(hidden)) keeps computing what it computes. No clones: these weights are only read,
-    and a large vocabulary makes each copy a GiB.
+    and a large vocabulary makes each copy a GiB. `head_input` (a head module's `reference_input`) rewrites
+    the head's input as the graph's head node rounds it (MatMulNBits' int8 activations).
     """
     embed_module, head_module = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
     saved = embed_module.weight, head_module.weight
     embed_module.weight = nn.Parameter(embed.detach(), requires_grad=False)
     head_module.weight = nn.Parameter(head.detach(), requires_grad=False)
+    handle = None
+    if head_input is not None:
+        handle = head_module.register_forward_pre_hook(lambda _m, args: (head_input(args[0]), *args[1:]))
     try:
         yield
     finally:
         embed_module.weight, head_module.weight = saved
+        if handle is not None:
+            handle.remove()
 
 
 def prompt_ids(tokenizer: Any, vocab_size: int, min_len: int = 12) -> list[int]:
@@ -244,9 +255,10 @@ def validate_graph(
     """Compare the graph with the PyTorch model (prefill + `steps` decode steps); raise below the threshold."""
     ids = prompt_ids(tokenizer, config.vocab_size)
     embed_w, head_w = head.reference_weights()
+    head_input = getattr(head, "reference_input", None)
     compressed = any(isinstance(m, SparseBinaryLinear) for m in hf_model.modules())
     forced = noise_floor = None
-    with reference_head(hf_model, embed_w, head_w), eager_arithmetic(hf_model, "kernel"):
+    with reference_head(hf_model, embed_w, head_w, head_input), eager_arithmetic(hf_model, "kernel"):
         reference, tokens = torch_logits(hf_model, ids, steps)
         if compressed:
             with perturbed_embeddings(hf_model, NOISE_FLOOR_RELATIVE):
@@ -268,7 +280,7 @@ def validate_graph(
     # What the kernels' int7 activations change against the compressed model in fp32 (same head, PyTorch).
     result["vs_float_activations"] = None
     if compressed:
-        with reference_head(hf_model, embed_w, head_w), eager_arithmetic(hf_model, "float"):
+        with reference_head(hf_model, embed_w, head_w, head_input), eager_arithmetic(hf_model, "float"):
             float_reference, _ = torch_logits(hf_model, ids, steps, forced=tokens)
         result["vs_float_activations"] = compare(float_reference, reference)
     # The compact head's own effect: the same PyTorch model with its fp32 head against the stored head.
