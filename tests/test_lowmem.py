@@ -53,7 +53,7 @@ def test_streaming_compression_is_bit_identical(
         cfs_samples=4,
         batch_size=2,
         arb_iters=3,
-        recover_seconds=0,  # wall-time recovery is not reproducible
+        recover_steps=3,  # step-budgeted recovery is reproducible
         budget=False,  # the streaming path has no whole model for the budget's probe
     )
     model, tokenizer = sources.load_model(folder)
@@ -162,13 +162,13 @@ def test_cli_low_memory_path_skips_the_budget_and_refuses_e2e(
 
     monkeypatch.setenv("PBS2P_EDGE_LOW_MEMORY", "1")
     base = ["--model", str(tiny_model_dir), "--text", str(corpus_text_file), "--nm", "6:8"]
-    fast = ["--calib-samples", "4", "--calib-len", "32", "--no-progress", "--recover-seconds", "1"]
+    fast = ["--calib-samples", "4", "--calib-len", "32", "--no-progress", "--recover-steps", "2"]
     out = tmp_path / "low.pt"
     result = CliRunner().invoke(compress_command, [*base, *fast, "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "bit budget skipped" in result.output and out.is_file()
     result = CliRunner().invoke(
-        compress_command, [*base, *fast, "--e2e-seconds", "5", "-o", str(tmp_path / "e.pt")]
+        compress_command, [*base, *fast, "--e2e-steps", "5", "-o", str(tmp_path / "e.pt")]
     )
     assert result.exit_code == 2
     assert "end-to-end recovery needs the whole model" in result.output
