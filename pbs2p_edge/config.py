@@ -31,6 +31,10 @@ RECOVER_TARGETS = ("compressed_inputs", "fp_states")
 # DEFAULT_BUDGET_BITS when the pattern stores less, else nothing is spent.
 RECOVER_STEPS_PER_LAYER = 120
 RECOVER_FULL_WEIGHTS = 106e6
+# The end-to-end pass: with `e2e_steps` None it runs E2E_STEPS Adam steps (one pass over 32 calibration
+# sequences at 2 per step) up to RECOVER_FULL_WEIGHTS, proportionally fewer above (at least 1); it needs the
+# whole model, so the low-memory path skips the default pass (and refuses an explicit one).
+E2E_STEPS = 16
 MAX_STEPS = 1_000_000
 DEFAULT_BUDGET_BITS = 2.5
 # Block binarizers (compress/blockq.py); kept in sync with blockq.BINARIZERS (no torch import here).
@@ -108,8 +112,9 @@ class PBS2PConfig:
     recover_lr: float = 5e-3
     recover_micro_batch: int = 1
     # End-to-end recovery on the top-k KL to the FP model's log-probs: Adam steps over the whole model (0 =
-    # off) and an optional wall-time cap in seconds (None = no cap, 0 = off).
-    e2e_steps: int = 0
+    # off, None = scaled to the model, see E2E_STEPS) and an optional wall-time cap in seconds (None = no cap,
+    # 0 = off).
+    e2e_steps: int | None = None
     e2e_seconds: float | None = None
     e2e_lr: float = 5e-4
     e2e_micro_batch: int = 2
@@ -175,7 +180,7 @@ class PBS2PConfig:
                 raise Pbs2pError(f"{name.replace('_', ' ')} must be >= 0 (got {value!r})")
         for name in ("recover_steps", "e2e_steps"):
             value = getattr(self, name)
-            if value is None and name == "recover_steps":
+            if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STEPS:
                 raise Pbs2pError(
@@ -229,9 +234,15 @@ class PBS2PConfig:
             return self.recover_steps
         return max(1, round(RECOVER_STEPS_PER_LAYER * min(1.0, RECOVER_FULL_WEIGHTS / max(weights, 1))))
 
-    def e2e_steps_run(self) -> int:
-        """End-to-end recovery steps to run (0 = off)."""
-        return 0 if self.e2e_seconds == 0 else self.e2e_steps
+    def e2e_steps_for(self, weights: int) -> int:
+        """End-to-end recovery steps for a model with `weights` compressed weights (0 = off)."""
+        if self.e2e_steps == 0 or self.e2e_seconds == 0:
+            return 0
+        if self.e2e_steps is not None:
+            return self.e2e_steps
+        if E2E_STEPS == 0:
+            return 0
+        return max(1, round(E2E_STEPS * min(1.0, RECOVER_FULL_WEIGHTS / max(weights, 1))))
 
     def steps_for(self, n: int) -> int:
         """SPBO steps of a layer that keeps `n` of M (CFS may give layers different N)."""

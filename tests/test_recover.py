@@ -134,7 +134,7 @@ def test_recovered_checkpoint_round_trips(
         ("--e2e-steps", "-1", "--e2e-steps"),
         ("--e2e-seconds", "-1", "--e2e-seconds"),
         ("--e2e-seconds", "0", "--e2e-seconds"),
-        ("--e2e-seconds", "30", "--e2e-steps"),  # a cap alone does not turn the pass on
+        ("--e2e-seconds", "30 --e2e-steps 0", "--e2e-steps"),  # a cap does not turn the pass on
         ("--recover-seconds", "30 --no-recover", "--no-recover"),
     ],
 )
@@ -188,7 +188,7 @@ def test_same_command_twice_gives_bit_identical_packed_arrays(
 
 
 def test_default_step_budget_scales_down_for_larger_models() -> None:
-    from pbs2p_edge.config import RECOVER_FULL_WEIGHTS, RECOVER_STEPS_PER_LAYER, PBS2PConfig
+    from pbs2p_edge.config import E2E_STEPS, RECOVER_FULL_WEIGHTS, RECOVER_STEPS_PER_LAYER, PBS2PConfig
     from pbs2p_edge.errors import Pbs2pError
 
     config = PBS2PConfig()
@@ -198,7 +198,10 @@ def test_default_step_budget_scales_down_for_larger_models() -> None:
     assert config.recover_steps_for(int(1e15)) == 1
     assert PBS2PConfig(recover_steps=7).recover_steps_for(10**12) == 7
     assert PBS2PConfig(recover_seconds=0).recover_steps_for(10) == 0  # 0 s still means off
-    assert PBS2PConfig(e2e_steps=5, e2e_seconds=0).e2e_steps_run() == 0
+    assert PBS2PConfig(e2e_steps=5, e2e_seconds=0).e2e_steps_for(10) == 0
+    assert PBS2PConfig(e2e_steps=5).e2e_steps_for(10**15) == 5
+    assert config.e2e_steps_for(1000) == E2E_STEPS
+    assert config.e2e_steps_for(int(1e15)) == (1 if E2E_STEPS else 0)
     for bad in ({"recover_steps": 1.5}, {"recover_steps": -1}, {"e2e_steps": True}, {"e2e_seconds": -2.0}):
         with pytest.raises(Pbs2pError):
             PBS2PConfig(**bad)

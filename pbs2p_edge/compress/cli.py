@@ -107,7 +107,8 @@ import click
     "--e2e-steps",
     type=int,
     default=None,
-    help="End-to-end recovery: Adam steps on the KL to the FP model's logits (0 = off) [default: 0].",
+    help="End-to-end recovery: Adam steps on the KL to the FP model's logits, signs and mask frozen (0 = off) "
+    "[default: 16, fewer above 106 M compressed weights; skipped on the low-memory path].",
 )
 @click.option(
     "--e2e-seconds",
@@ -221,10 +222,10 @@ def _steps(value: int | None, flag: str, allow_zero: bool = False) -> int | None
 
 def _check_caps(chosen: dict[str, Any]) -> None:
     """A wall-time cap alone does not turn a stage on: say so instead of silently doing nothing."""
-    from pbs2p_edge.config import PBS2PConfig
+    from pbs2p_edge.config import E2E_STEPS
     from pbs2p_edge.errors import Pbs2pError
 
-    e2e_steps = chosen["e2e_steps"] if chosen["e2e_steps"] is not None else PBS2PConfig.e2e_steps
+    e2e_steps = chosen["e2e_steps"] if chosen["e2e_steps"] is not None else E2E_STEPS
     if chosen["e2e_seconds"] is not None and e2e_steps == 0:
         raise Pbs2pError("--e2e-seconds only caps the end-to-end pass; turn it on with --e2e-steps N")
     if chosen["recover_seconds"] is not None and chosen["recover_steps"] == 0:
@@ -346,7 +347,9 @@ def summary(results: dict[str, Any], output: Any) -> str:
             + _capped([r.get("capped", False) for r in recovery])
         )
     e2e = results.get("e2e") or {}
-    if e2e:
+    if e2e.get("skipped"):
+        lines.append(f"  end-to-end recovery skipped: {e2e['skipped']}")
+    elif e2e:
         lines.append(
             f"  end-to-end recovery: top-k KL {e2e['before']:.4f} -> {e2e['after']:.4f} "
             f"({'kept' if e2e['kept'] else 'discarded'}, {e2e['steps']} steps)"

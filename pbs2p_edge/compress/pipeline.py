@@ -145,7 +145,11 @@ def compress(
         int4_layers = set(budget.get("int4_layers", []))
         nbits: dict[str, Any] = {}
         teacher = None
-        if config.e2e_steps_run() > 0:
+        e2e_steps = config.e2e_steps_for(sum(params))
+        e2e: dict[str, Any] = {}
+        if e2e_steps > 0 and store is not None and config.e2e_steps is None:
+            e2e = {"skipped": "the low-memory path has no whole model for the end-to-end pass"}
+        elif e2e_steps > 0:
             from pbs2p_edge.compress.recover import teacher_topk
 
             if store is not None:
@@ -204,9 +208,8 @@ def compress(
             layer_seconds.append(time.perf_counter() - t0)
         if store is not None:
             store.restore(model, names)
-    e2e: dict[str, Any] = {}
     if teacher is not None:
-        e2e = _recover_e2e(model, weights, calib_ids, teacher, config, progress)
+        e2e = _recover_e2e(model, weights, calib_ids, teacher, config, e2e_steps, progress)
     packed = {name: pack(w) for name, w in weights.items()}
     if store is not None:  # finished layers were packed as they went; `weights` unpacks them on access
         packed, weights = store.packed, store.unpacked_view()
@@ -339,11 +342,11 @@ def _recover_e2e(
     calib_ids: torch.Tensor,
     teacher: tuple[torch.Tensor, torch.Tensor],
     config: PBS2PConfig,
+    total: int,
     progress: bool,
 ) -> dict[str, Any]:
     from pbs2p_edge.compress.recover import recover_e2e
 
-    total = config.e2e_steps_run()
     with tqdm(total=total, desc="recover end-to-end", unit="step", disable=not progress) as bar:
 
         def tick(done: int) -> None:
