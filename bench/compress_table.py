@@ -31,6 +31,9 @@ from typing import Any
 # Explicit settings, so that a row keeps its meaning when the PBS2PConfig defaults change.
 _OFF = "+recover_seconds=0+e2e_seconds=0+budget=false"
 _ARB = "+binarizer=arb"  # the binarizer before ARB-X / ARB-RC existed
+# Recovery as it was budgeted before step budgets (session 3): 600 s of wall time over all layers, no step
+# limit. Such rows depend on machine load; they are kept as measured.
+_WALL600 = "+recover_steps=100000+recover_seconds=600"
 DEFAULT_ROWS = ",".join(
     [
         "fp",
@@ -43,11 +46,11 @@ DEFAULT_ROWS = ",".join(
         "pbs2p-5:8" + _ARB + _OFF,
         "pbs2p-4:8" + _ARB + _OFF,
         "pbs2p-6:8+binarizer=arbx" + _OFF,
-        "pbs2p-6:8+binarizer=arbx+recover_seconds=600+e2e_seconds=0+budget=false",
+        "pbs2p-6:8+binarizer=arbx" + _WALL600 + "+e2e_seconds=0+budget=false",
         "pbs2p-6:8+binarizer=arbx+recover_seconds=0+e2e_seconds=0+budget_bits=2.5",
-        "pbs2p-6:8" + _ARB + "+recover_seconds=600+e2e_seconds=0+budget_bits=2.5",
-        "pbs2p-6:8+binarizer=arbx+recover_seconds=600+e2e_seconds=0+budget_bits=2.5",
-        "pbs2p-6:8+binarizer=arbx+recover_seconds=600+e2e_seconds=120+budget_bits=2.5",
+        "pbs2p-6:8" + _ARB + _WALL600 + "+e2e_seconds=0+budget_bits=2.5",
+        "pbs2p-6:8+binarizer=arbx" + _WALL600 + "+e2e_seconds=0+budget_bits=2.5",
+        "pbs2p-6:8+binarizer=arbx+recover_steps=120+e2e_steps=0+budget_bits=2.5",
     ]
 )
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -212,6 +215,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"# PBS2P perplexity table ({meta['model']})",
         "",
         f"Command: `{meta['command']}`  ",
+        *(f"Earlier: `{c}`  " for c in meta.get("earlier_commands", [])[-12:]),
         f"Evaluation: {meta['tokens']} tokens of the corpus evaluation split, ctx {meta['ctx']}, non-overlapping windows. "
         f"Calibration: {meta['calib']['calib_samples']} x {meta['calib']['calib_len']} tokens of the calibration split.  ",
         f"Machine: {meta['machine']}; {meta['date']}.",
@@ -229,7 +233,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        when = r.get("measured", meta["date"])
+        when = r.get("measured", meta["date"]) + (f" ({r['session']})" if r.get("session") else "")
         if r["method"] in ("fp", "int4"):
             bits = "32" if r["method"] == "fp" else "5.0"
             label = "FP32" if r["method"] == "fp" else "int4 RTN (linears + head, blocks of 32)"
@@ -269,7 +273,7 @@ def plot(rows: list[dict[str, Any]], path: Path, int4_reference: float | None = 
         marker = "s" if r["method"] == "int4" else "o"
         ax.scatter(r["bits_per_weight"], r["ppl"], marker=marker)
         ax.annotate(
-            r["row"].replace(_OFF, "").replace("+e2e_seconds=0", ""),
+            r["row"].replace(_OFF, "").replace("+e2e_seconds=0", "").replace(_WALL600, "+wall600s"),
             (r["bits_per_weight"], r["ppl"]),
             fontsize=6,
             xytext=(3, 3),
@@ -337,6 +341,11 @@ def main() -> None:
         metavar="OLD=>NEW",
         help="relabel a stored row (e.g. to spell out a setting whose default changed since it was measured)",
     )
+    parser.add_argument(
+        "--session",
+        default=None,
+        help="label stored with every row measured (or imported) by this run, shown beside its date",
+    )
     parser.add_argument("--one-row", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -362,6 +371,8 @@ def main() -> None:
         row, _, paths = spec.rpartition("=")
         ckpt, _, log = paths.partition(",")
         result = import_row(row, Path(ckpt), Path(log) if log else None, args.tokens, args.ctx)
+        if args.session:
+            result["session"] = args.session
         rows = [r for r in rows if r["row"] != row] + [result]
         _write(args, _ordered(rows), calib)
     if args.imports:
@@ -394,6 +405,8 @@ def main() -> None:
         result = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"[compress_table] {row}: ppl {result['ppl']:.2f}", file=sys.stderr, flush=True)
         result["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        if args.session:
+            result["session"] = args.session
         rows = [r for r in rows if r["row"] != row] + [result]
         _write(args, _ordered(rows), calib)
 
@@ -419,6 +432,11 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], calib: dict[str
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    path = RESULTS / f"{args.name}.json"
+    if path.is_file():  # keep the commands that made the merged rows
+        old = json.loads(path.read_text())["meta"]
+        earlier = [*old.get("earlier_commands", []), old["command"]]
+        meta["earlier_commands"] = [c for c in dict.fromkeys(earlier) if c != meta["command"]]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     (RESULTS / f"{args.name}.md").write_text(markdown(rows, meta))

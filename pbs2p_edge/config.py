@@ -23,11 +23,19 @@ SUPPORTED_MODEL_TYPES = _FAMILY_TYPES
 PRUNE_METRICS = ("obs", "magnitude")
 # Block-wise recovery targets: the FP layer applied to the compressed model's inputs, or the FP model's own states.
 RECOVER_TARGETS = ("compressed_inputs", "fp_states")
-# Defaults of the recovery and budget stages (docs/METHOD.md): with `recover_seconds` None the block-wise
-# budget is 600 s per 106 M compressed weights (SmolLM2-135M's), capped at 600 s; with `budget_bits` None
-# the budget is DEFAULT_BUDGET_BITS when the pattern stores less, else nothing is spent.
-RECOVER_SECONDS_PER_MWEIGHT = 600.0 / 106.0
-RECOVER_MAX_AUTO_SECONDS = 600.0
+# Defaults of the recovery and budget stages (docs/METHOD.md). Recovery is budgeted in optimizer steps, so
+# the same command gives the same model on a busy or an idle machine: with `recover_steps` None each decoder
+# layer gets RECOVER_STEPS_PER_LAYER Adam steps while the model has at most RECOVER_FULL_WEIGHTS compressed
+# weights (SmolLM2-135M's 106 M), and proportionally fewer above (a step costs in proportion to the layer's
+# size, so the total work stays capped at the default model's). With `budget_bits` None the budget is
+# DEFAULT_BUDGET_BITS when the pattern stores less, else nothing is spent.
+RECOVER_STEPS_PER_LAYER = 120
+RECOVER_FULL_WEIGHTS = 106e6
+# The end-to-end pass: with `e2e_steps` None it runs E2E_STEPS Adam steps (one pass over 32 calibration
+# sequences at 2 per step) up to RECOVER_FULL_WEIGHTS, proportionally fewer above (at least 1); it needs the
+# whole model, so the low-memory path skips the default pass (and refuses an explicit one).
+E2E_STEPS = 16
+MAX_STEPS = 1_000_000
 DEFAULT_BUDGET_BITS = 2.5
 # Block binarizers (compress/blockq.py); kept in sync with blockq.BINARIZERS (no torch import here).
 BINARIZERS = ("arb", "arbx", "arbrc", "arbrcx")
@@ -95,15 +103,19 @@ class PBS2PConfig:
     cfs_samples: int = 16
     # Calibration sequences per forward batch (memory only, does not change the result).
     batch_size: int = 8
-    # Recovery (compress/recover.py): wall-time seconds of block-wise Adam over all layers (0 = off, None =
-    # scaled to the model, see RECOVER_SECONDS_PER_MWEIGHT), its target, learning rate (relative to each
-    # tensor's mean |value|) and sequences per step.
+    # Recovery (compress/recover.py): block-wise Adam steps per decoder layer (0 = off, None = scaled to the
+    # model, see RECOVER_STEPS_PER_LAYER), an optional wall-time cap in seconds over all layers (None = no
+    # cap, 0 = off), its target, learning rate (relative to each tensor's mean |value|) and sequences per step.
+    recover_steps: int | None = None
     recover_seconds: float | None = None
     recover_target: str = "compressed_inputs"
     recover_lr: float = 5e-3
     recover_micro_batch: int = 1
-    # End-to-end recovery on the top-k KL to the FP model's log-probs (0 = off).
-    e2e_seconds: float = 0.0
+    # End-to-end recovery on the top-k KL to the FP model's log-probs: Adam steps over the whole model (0 =
+    # off, None = scaled to the model, see E2E_STEPS) and an optional wall-time cap in seconds (None = no cap,
+    # 0 = off).
+    e2e_steps: int | None = None
+    e2e_seconds: float | None = None
     e2e_lr: float = 5e-4
     e2e_micro_batch: int = 2
     e2e_topk: int = 64
@@ -162,10 +174,18 @@ class PBS2PConfig:
             )
         for name in ("recover_seconds", "e2e_seconds"):
             value = getattr(self, name)
-            if value is None and name == "recover_seconds":
+            if value is None:
                 continue
-            if not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
                 raise Pbs2pError(f"{name.replace('_', ' ')} must be >= 0 (got {value!r})")
+        for name in ("recover_steps", "e2e_steps"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STEPS:
+                raise Pbs2pError(
+                    f"{name.replace('_', ' ')} must be an integer in [0, {MAX_STEPS}] (got {value!r})"
+                )
         for name in ("recover_lr", "e2e_lr"):
             if not 0 < getattr(self, name) < 1:
                 raise Pbs2pError(f"{name.replace('_', ' ')} must be in (0, 1) (got {getattr(self, name)})")
@@ -206,11 +226,23 @@ class PBS2PConfig:
         if self.cfs_delta < 0:
             raise Pbs2pError(f"CFS delta must be >= 0 (got {self.cfs_delta})")
 
-    def recover_seconds_for(self, weights: int) -> float:
-        """Block-wise recovery seconds for a model with `weights` compressed weights."""
-        if self.recover_seconds is not None:
-            return float(self.recover_seconds)
-        return min(RECOVER_MAX_AUTO_SECONDS, RECOVER_SECONDS_PER_MWEIGHT * weights / 1e6)
+    def recover_steps_for(self, weights: int) -> int:
+        """Block-wise recovery steps per decoder layer for a model with `weights` compressed weights (0 = off)."""
+        if self.recover_steps == 0 or self.recover_seconds == 0:
+            return 0
+        if self.recover_steps is not None:
+            return self.recover_steps
+        return max(1, round(RECOVER_STEPS_PER_LAYER * min(1.0, RECOVER_FULL_WEIGHTS / max(weights, 1))))
+
+    def e2e_steps_for(self, weights: int) -> int:
+        """End-to-end recovery steps for a model with `weights` compressed weights (0 = off)."""
+        if self.e2e_steps == 0 or self.e2e_seconds == 0:
+            return 0
+        if self.e2e_steps is not None:
+            return self.e2e_steps
+        if E2E_STEPS == 0:
+            return 0
+        return max(1, round(E2E_STEPS * min(1.0, RECOVER_FULL_WEIGHTS / max(weights, 1))))
 
     def steps_for(self, n: int) -> int:
         """SPBO steps of a layer that keeps `n` of M (CFS may give layers different N)."""

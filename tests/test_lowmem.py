@@ -53,7 +53,8 @@ def test_streaming_compression_is_bit_identical(
         cfs_samples=4,
         batch_size=2,
         arb_iters=3,
-        recover_seconds=0,  # wall-time recovery is not reproducible
+        recover_steps=3,  # step-budgeted recovery is reproducible
+        e2e_steps=0,  # the streaming path has no whole model for the end-to-end pass
         budget=False,  # the streaming path has no whole model for the budget's probe
     )
     model, tokenizer = sources.load_model(folder)
@@ -67,9 +68,14 @@ def test_streaming_compression_is_bit_identical(
     assert all(p.is_meta for n, p in skeleton.model.layers.named_parameters() if "proj" in n)
 
     timing = ("seconds", "cfs_seconds", "layer_seconds", "layers")
-    assert {k: v for k, v in full.results.items() if k not in timing} == {
-        k: v for k, v in low.results.items() if k not in timing
+    assert {k: v for k, v in full.results.items() if k not in (*timing, "recovery")} == {
+        k: v for k, v in low.results.items() if k not in (*timing, "recovery")
     }  # bits per weight (all three countings), per-layer N, cosines
+    # block-wise recovery ran the same steps to the same errors (only its wall seconds differ)
+    untimed = [
+        [{k: v for k, v in r.items() if k != "seconds"} for r in m.results["recovery"]] for m in (full, low)
+    ]
+    assert untimed[0] == untimed[1] and all(r["steps"] == 3 for r in untimed[0])
     assert full.weights.keys() == low.weights.keys()
     name = next(iter(full.weights))
     np.testing.assert_array_equal(full.weights[name].mask, low.weights[name].mask)
@@ -162,13 +168,17 @@ def test_cli_low_memory_path_skips_the_budget_and_refuses_e2e(
 
     monkeypatch.setenv("PBS2P_EDGE_LOW_MEMORY", "1")
     base = ["--model", str(tiny_model_dir), "--text", str(corpus_text_file), "--nm", "6:8"]
-    fast = ["--calib-samples", "4", "--calib-len", "32", "--no-progress", "--recover-seconds", "1"]
+    fast = ["--calib-samples", "4", "--calib-len", "32", "--no-progress", "--recover-steps", "2"]
     out = tmp_path / "low.pt"
     result = CliRunner().invoke(compress_command, [*base, *fast, "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "bit budget skipped" in result.output and out.is_file()
+    from pbs2p_edge.config import E2E_STEPS
+
+    if E2E_STEPS:  # the default end-to-end pass is skipped on this path, an explicit one refused
+        assert "end-to-end recovery skipped" in result.output
     result = CliRunner().invoke(
-        compress_command, [*base, *fast, "--e2e-seconds", "5", "-o", str(tmp_path / "e.pt")]
+        compress_command, [*base, *fast, "--e2e-steps", "5", "-o", str(tmp_path / "e.pt")]
     )
     assert result.exit_code == 2
     assert "end-to-end recovery needs the whole model" in result.output

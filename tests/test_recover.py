@@ -59,8 +59,8 @@ def _tiny_compressed(tiny_model_dir: Path, corpus_text_file: Path):
 
     model, tokenizer = sources.load_model(str(tiny_model_dir))
     fp = {k: v.clone() for k, v in model.state_dict().items()}
-    # No wall-time recovery inside compress: the test starts every run from the same post-training layer.
-    config = PBS2PConfig(n=6, m=8, calib_samples=4, calib_len=32, salient=1, recover_seconds=0)
+    # No recovery inside compress: the test starts from the post-training layer.
+    config = PBS2PConfig(n=6, m=8, calib_samples=4, calib_len=32, salient=1, recover_steps=0)
     ids = sources.calibration_ids(tokenizer, 4, 32, 0, str(corpus_text_file))
     compressed = compress(model, config, ids, tokenizer_files={"x": "y"}, progress=False)
     return compressed, fp, ids, capture_layer_inputs
@@ -87,8 +87,8 @@ def test_recovery_lowers_block_error_and_keeps_signs_and_mask(
     names = [n for n in compressed.weights if n.startswith("model.layers.1.")]
     local = {n[len("model.layers.1.") :]: compressed.weights[n] for n in names}
     frozen = {n: (w.mask.copy(), w.signs.copy(), w.salient_signs.copy()) for n, w in local.items()}
-    stats, _ = recover_layer(layer, local, chunks, targets, seconds=1e5, lr=5e-3, micro_batch=1, max_steps=40)
-    assert stats["steps"] == 40 and stats["kept"]
+    stats, _ = recover_layer(layer, local, chunks, targets, steps=40, lr=5e-3, micro_batch=1)
+    assert stats["steps"] == 40 and stats["kept"] and not stats["capped"]
     assert stats["after"] < 0.9 * stats["before"]
     for name, w in local.items():
         mask, signs, signs2 = frozen[name]
@@ -107,14 +107,15 @@ def test_recovered_checkpoint_round_trips(
     out = tmp_path / "model.pt"
     args = ["--model", str(tiny_model_dir), "--text", str(corpus_text_file), "--nm", "6:8"]
     result = CliRunner().invoke(
-        compress_command, [*args, *FAST, "--recover-seconds", "2", "--e2e-seconds", "1", "-o", str(out)]
+        compress_command, [*args, *FAST, "--recover-steps", "8", "--e2e-steps", "3", "-o", str(out)]
     )
     assert result.exit_code == 0, result.output
     assert "block recovery" in result.output and "end-to-end recovery" in result.output
     ckpt = load_checkpoint(out)
     rebuilt, _ = build_model(ckpt)
     results = ckpt["compression"]["results"]
-    assert len(results["recovery"]) == 2 and results["e2e"]["steps"] >= 1
+    assert len(results["recovery"]) == 2 and results["e2e"]["steps"] == 3
+    assert [r["steps"] for r in results["recovery"]] == [8, 8]
     # The stored scales are what the rebuilt model uses, and they are fp16 values.
     for name, arrays in ckpt["packed"].items():
         assert arrays["scales"].dtype == torch.float16
@@ -126,14 +127,23 @@ def test_recovered_checkpoint_round_trips(
     [
         ("--recover-seconds", "0", "--recover-seconds"),
         ("--recover-seconds", "-5", "--recover-seconds"),
+        ("--recover-seconds", "nan", "--recover-seconds"),
+        ("--recover-steps", "0", "--recover-steps"),
+        ("--recover-steps", "-3", "--recover-steps"),
+        ("--recover-steps", "2000000", "--recover-steps"),
+        ("--e2e-steps", "-1", "--e2e-steps"),
         ("--e2e-seconds", "-1", "--e2e-seconds"),
+        ("--e2e-seconds", "0", "--e2e-seconds"),
+        ("--e2e-seconds", "30 --e2e-steps 0", "--e2e-steps"),  # a cap does not turn the pass on
+        ("--recover-seconds", "30 --no-recover", "--no-recover"),
     ],
 )
 def test_bad_recovery_options(
     tiny_model_dir: Path, tmp_path: Path, flag: str, value: str, fragment: str
 ) -> None:
     result = CliRunner().invoke(
-        compress_command, ["--model", str(tiny_model_dir), flag, value, *FAST, "-o", str(tmp_path / "m.pt")]
+        compress_command,
+        ["--model", str(tiny_model_dir), flag, *value.split(), *FAST, "-o", str(tmp_path / "m.pt")],
     )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -147,8 +157,51 @@ def test_fp_states_target_runs_and_is_recorded(
 
     out = tmp_path / "model.pt"
     args = ["--model", str(tiny_model_dir), "--text", str(corpus_text_file), "--recover-target", "fp_states"]
-    result = CliRunner().invoke(compress_command, [*args, *FAST, "--recover-seconds", "1", "-o", str(out)])
+    result = CliRunner().invoke(compress_command, [*args, *FAST, "--recover-steps", "5", "-o", str(out)])
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(out)
     assert ckpt["compression"]["recover_target"] == "fp_states"
     assert all(r["after"] <= r["before"] for r in ckpt["compression"]["results"]["recovery"])
+
+
+def test_same_command_twice_gives_bit_identical_packed_arrays(
+    tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path
+) -> None:
+    """Recovery is budgeted in steps, so a rerun reproduces the model exactly (block-wise and E2E on)."""
+    from pbs2p_edge.checkpoint import load_checkpoint
+
+    args = ["--model", str(tiny_model_dir), "--text", str(corpus_text_file), "--nm", "6:8", *FAST]
+    args += ["--recover-steps", "6", "--e2e-steps", "4"]
+    ckpts = []
+    for name in ("a.pt", "b.pt"):
+        result = CliRunner().invoke(compress_command, [*args, "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        ckpts.append(load_checkpoint(tmp_path / name))
+    a, b = ckpts
+    assert a["compression"]["results"]["e2e"]["steps"] == 4
+    assert set(a["packed"]) == set(b["packed"]) and a["packed"]
+    for name, arrays in a["packed"].items():
+        for key, tensor in arrays.items():
+            assert torch.equal(tensor, b["packed"][name][key]), (name, key)
+    for key, tensor in a["dense_state"].items():  # the tuned RMSNorm weights too
+        assert torch.equal(tensor, b["dense_state"][key]), key
+
+
+def test_default_step_budget_scales_down_for_larger_models() -> None:
+    from pbs2p_edge.config import E2E_STEPS, RECOVER_FULL_WEIGHTS, RECOVER_STEPS_PER_LAYER, PBS2PConfig
+    from pbs2p_edge.errors import Pbs2pError
+
+    config = PBS2PConfig()
+    assert config.recover_steps_for(1_000_000) == RECOVER_STEPS_PER_LAYER
+    assert config.recover_steps_for(int(RECOVER_FULL_WEIGHTS)) == RECOVER_STEPS_PER_LAYER
+    assert config.recover_steps_for(int(4 * RECOVER_FULL_WEIGHTS)) == round(RECOVER_STEPS_PER_LAYER / 4)
+    assert config.recover_steps_for(int(1e15)) == 1
+    assert PBS2PConfig(recover_steps=7).recover_steps_for(10**12) == 7
+    assert PBS2PConfig(recover_seconds=0).recover_steps_for(10) == 0  # 0 s still means off
+    assert PBS2PConfig(e2e_steps=5, e2e_seconds=0).e2e_steps_for(10) == 0
+    assert PBS2PConfig(e2e_steps=5).e2e_steps_for(10**15) == 5
+    assert config.e2e_steps_for(1000) == E2E_STEPS
+    assert config.e2e_steps_for(int(1e15)) == (1 if E2E_STEPS else 0)
+    for bad in ({"recover_steps": 1.5}, {"recover_steps": -1}, {"e2e_steps": True}, {"e2e_seconds": -2.0}):
+        with pytest.raises(Pbs2pError):
+            PBS2PConfig(**bad)

@@ -83,11 +83,18 @@ import click
     "--damping", type=float, default=None, help="Hessian damping, fraction of mean diag [default: 0.01]."
 )
 @click.option(
+    "--recover-steps",
+    type=int,
+    default=None,
+    help="Block-wise recovery: Adam steps per decoder layer, signs and mask frozen "
+    "[default: RECOVER_STEPS_PER_LAYER, fewer above 106 M compressed weights; docs/METHOD.md].",
+)
+@click.option(
     "--recover-seconds",
     type=float,
     default=None,
-    help="Block-wise recovery: seconds of Adam over all layers, signs and mask frozen "
-    "[default: 600 per 106 M compressed weights, at most 600].",
+    help="Optional wall-time cap on block-wise recovery, seconds over all layers [default: none]. "
+    "A capped run depends on machine load.",
 )
 @click.option("--recover/--no-recover", default=None, help="Turn block-wise recovery on or off.")
 @click.option(
@@ -97,10 +104,17 @@ import click
     help="Block-wise recovery target: FP layer on the compressed inputs, or the FP model's own states.",
 )
 @click.option(
+    "--e2e-steps",
+    type=int,
+    default=None,
+    help="End-to-end recovery: Adam steps on the KL to the FP model's logits, signs and mask frozen (0 = off) "
+    "[default: 16, fewer above 106 M compressed weights; skipped on the low-memory path].",
+)
+@click.option(
     "--e2e-seconds",
     type=float,
     default=None,
-    help="End-to-end recovery: seconds of Adam on the KL to the FP model's logits (0 = off).",
+    help="Optional wall-time cap on end-to-end recovery, seconds [default: none].",
 )
 @click.option(
     "--budget-bits",
@@ -146,14 +160,17 @@ def build_config(options: dict[str, Any]) -> Any:
         "arb_iters": options["arb_iters"],
         "group_size": options["group_size"],
         "damping": options["damping"],
+        "recover_steps": _steps(options["recover_steps"], "--recover-steps"),
         "recover_seconds": _budget(options["recover_seconds"], "--recover-seconds"),
         "recover_target": options["recover_target"],
         "budget_bits": options["budget_bits"],
         "budget": options["budget"],
-        "e2e_seconds": _budget(options["e2e_seconds"], "--e2e-seconds", allow_zero=True),
+        "e2e_steps": _steps(options["e2e_steps"], "--e2e-steps", allow_zero=True),
+        "e2e_seconds": _budget(options["e2e_seconds"], "--e2e-seconds"),
     }
     if options["recover"] is False:
-        chosen["recover_seconds"] = 0.0
+        chosen["recover_steps"] = 0
+    _check_caps(chosen)
     if options["cfs_range"] is not None:
         chosen["cfs_n_low"], chosen["cfs_n_high"] = _parse_range(options["cfs_range"])
     chosen.update(_parse_salient(options["salient"], options["salient_max"]))
@@ -189,6 +206,30 @@ def _budget(value: float | None, flag: str, allow_zero: bool = False) -> float |
         bound = ">= 0" if allow_zero else "> 0"
         raise Pbs2pError(f"{flag} must be a number of seconds {bound} (got {value})")
     return float(value)
+
+
+def _steps(value: int | None, flag: str, allow_zero: bool = False) -> int | None:
+    from pbs2p_edge.config import MAX_STEPS
+    from pbs2p_edge.errors import Pbs2pError
+
+    if value is None:
+        return None
+    if value < 0 or (value == 0 and not allow_zero) or value > MAX_STEPS:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise Pbs2pError(f"{flag} must be a number of steps {bound} and at most {MAX_STEPS} (got {value})")
+    return value
+
+
+def _check_caps(chosen: dict[str, Any]) -> None:
+    """A wall-time cap alone does not turn a stage on: say so instead of silently doing nothing."""
+    from pbs2p_edge.config import E2E_STEPS
+    from pbs2p_edge.errors import Pbs2pError
+
+    e2e_steps = chosen["e2e_steps"] if chosen["e2e_steps"] is not None else E2E_STEPS
+    if chosen["e2e_seconds"] is not None and e2e_steps == 0:
+        raise Pbs2pError("--e2e-seconds only caps the end-to-end pass; turn it on with --e2e-steps N")
+    if chosen["recover_seconds"] is not None and chosen["recover_steps"] == 0:
+        raise Pbs2pError("--recover-seconds caps block-wise recovery, which --no-recover turns off")
 
 
 def _parse_range(text: str) -> tuple[int, int]:
@@ -303,11 +344,22 @@ def summary(results: dict[str, Any], output: Any) -> str:
         lines.append(
             f"  block recovery: mean layer error {before:.3f} -> {after:.3f} (relative to the layer's update), "
             f"kept in {kept}/{len(recovery)} layers, {sum(r['steps'] for r in recovery)} steps"
+            + _capped([r.get("capped", False) for r in recovery])
         )
     e2e = results.get("e2e") or {}
-    if e2e:
+    if e2e.get("skipped"):
+        lines.append(f"  end-to-end recovery skipped: {e2e['skipped']}")
+    elif e2e:
         lines.append(
             f"  end-to-end recovery: top-k KL {e2e['before']:.4f} -> {e2e['after']:.4f} "
             f"({'kept' if e2e['kept'] else 'discarded'}, {e2e['steps']} steps)"
+            + _capped([e2e.get("capped", False)])
         )
     return "\n".join(lines)
+
+
+def _capped(flags: list[bool]) -> str:
+    hit = sum(flags)
+    if not hit:
+        return ""
+    return f"; the wall-time cap cut {hit} of {len(flags)} runs short (the result depends on machine load)"

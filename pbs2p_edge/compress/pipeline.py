@@ -117,7 +117,9 @@ def compress(
     start = time.perf_counter()
     with deterministic(config.seed), torch.no_grad():
         params = [sum(layer.get_submodule(n).weight.numel() for n in names) for layer in layers]
-        recover_seconds = config.recover_seconds_for(sum(params))
+        recover_steps = config.recover_steps_for(sum(params))
+        # the optional wall-time cap is split evenly over the decoder layers
+        layer_cap = None if config.recover_seconds is None else config.recover_seconds / len(layers)
         cosines: list[float] = []
         importance: list[float] = []
         if config.cfs:
@@ -143,13 +145,17 @@ def compress(
         int4_layers = set(budget.get("int4_layers", []))
         nbits: dict[str, Any] = {}
         teacher = None
-        if config.e2e_seconds > 0:
+        e2e_steps = config.e2e_steps_for(sum(params))
+        e2e: dict[str, Any] = {}
+        if e2e_steps > 0 and store is not None and config.e2e_steps is None:
+            e2e = {"skipped": "the low-memory path has no whole model for the end-to-end pass"}
+        elif e2e_steps > 0:
             from pbs2p_edge.compress.recover import teacher_topk
 
             if store is not None:
                 raise Pbs2pError(
                     "end-to-end recovery needs the whole model in memory; the low-memory path "
-                    "(models stored as safetensors larger than the in-memory limit) cannot run it: use --e2e-seconds 0"
+                    "(models stored as safetensors larger than the in-memory limit) cannot run it: use --e2e-steps 0"
                 )
 
             teacher = teacher_topk(model, calib_ids, config.e2e_topk, config.e2e_micro_batch)
@@ -191,7 +197,7 @@ def compress(
                     config,
                     weights,
                     stats,
-                    recover_seconds / len(layers),
+                    (recover_steps, layer_cap),
                     recovery,
                     bar,
                 )
@@ -202,9 +208,8 @@ def compress(
             layer_seconds.append(time.perf_counter() - t0)
         if store is not None:
             store.restore(model, names)
-    e2e: dict[str, Any] = {}
     if teacher is not None:
-        e2e = _recover_e2e(model, weights, calib_ids, teacher, config, progress)
+        e2e = _recover_e2e(model, weights, calib_ids, teacher, config, e2e_steps, progress)
     packed = {name: pack(w) for name, w in weights.items()}
     if store is not None:  # finished layers were packed as they went; `weights` unpacks them on access
         packed, weights = store.packed, store.unpacked_view()
@@ -213,7 +218,9 @@ def compress(
         budget=budget, projected_bundle_bytes=projected_bundle_bytes(model, results["packed_bytes"])
     )
     results.update(seconds=time.perf_counter() - start, cfs_seconds=cfs_seconds, layer_seconds=layer_seconds)
-    results.update(recovery=recovery, e2e=e2e, recover_seconds=recover_seconds)
+    results.update(
+        recovery=recovery, e2e=e2e, recover_steps=recover_steps, recover_layer_cap_seconds=layer_cap
+    )
     return CompressedModel(model, config, weights, packed, results, dict(tokenizer_files), nbits)
 
 
@@ -246,13 +253,14 @@ def _compress_layer(
     config: PBS2PConfig,
     weights: dict[str, Any],
     stats: dict[str, Any],
-    recover_seconds: float,
+    budget: tuple[int, float | None],
     recovery: list[dict[str, Any]],
     bar: Any,
 ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """Compress one decoder layer's linears (then block-wise recovery if on); return the next inputs."""
+    """Compress one decoder layer's linears (then block-wise recovery if on: `budget` = (steps, optional
+    wall-time cap in seconds)); return the next inputs."""
     hessians = _collect_hessians(layer, chunks, names)
-    fp_layer = copy.deepcopy(layer) if recover_seconds > 0 else None
+    fp_layer = copy.deepcopy(layer) if budget[0] > 0 else None
     for name in names:
         full = f"model.layers.{index}.{name}"
         weights[full], stats[full] = compress_linear(layer.get_submodule(name), hessians[name], n, config)
@@ -260,7 +268,7 @@ def _compress_layer(
     if fp_layer is None:
         return [(_run_layer(layer, hs, kwargs), kwargs) for hs, kwargs in chunks]
     local = {name: weights[f"model.layers.{index}.{name}"] for name in names}
-    done, outs = _recover(layer, fp_layer, local, chunks, fp_chunks, config, recover_seconds)
+    done, outs = _recover(layer, fp_layer, local, chunks, fp_chunks, config, budget)
     recovery.append(done)
     bar.set_postfix(N=n, err=f"{done['before']:.3f}->{done['after']:.3f}")
     return [(out, kwargs) for out, (_, kwargs) in zip(outs, chunks, strict=True)]
@@ -303,7 +311,7 @@ def _recover(
     chunks: list[tuple[torch.Tensor, dict[str, Any]]],
     fp_chunks: list[torch.Tensor],
     config: PBS2PConfig,
-    seconds: float,
+    budget: tuple[int, float | None],
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Block-wise recovery of one layer against the FP layer's outputs (targets per `recover_target`)."""
     from pbs2p_edge.compress.recover import recover_layer
@@ -320,10 +328,11 @@ def _recover(
         weights,
         chunks,
         targets,
-        seconds=seconds,
+        steps=budget[0],
         lr=config.recover_lr,
         micro_batch=config.recover_micro_batch,
         seed=config.seed,
+        seconds=budget[1],
     )
 
 
@@ -333,25 +342,26 @@ def _recover_e2e(
     calib_ids: torch.Tensor,
     teacher: tuple[torch.Tensor, torch.Tensor],
     config: PBS2PConfig,
+    total: int,
     progress: bool,
 ) -> dict[str, Any]:
     from pbs2p_edge.compress.recover import recover_e2e
 
-    total = round(config.e2e_seconds)
-    with tqdm(total=total, desc="recover end-to-end", unit="s", disable=not progress) as bar:
+    with tqdm(total=total, desc="recover end-to-end", unit="step", disable=not progress) as bar:
 
-        def tick(elapsed: float) -> None:
-            bar.update(round(elapsed) - bar.n)
+        def tick(done: int) -> None:
+            bar.update(done - bar.n)
 
         return recover_e2e(
             model,
             weights,
             calib_ids,
             teacher,
-            seconds=config.e2e_seconds,
+            steps=total,
             lr=config.e2e_lr,
             micro_batch=config.e2e_micro_batch,
             seed=config.seed,
+            seconds=config.e2e_seconds,
             progress=tick,
         )
 

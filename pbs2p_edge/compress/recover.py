@@ -7,10 +7,11 @@ W_hat = c[j] * mask * (alpha[r, g] s + mu[r, g] + [j salient] alpha2[r, g] s2)  
 pass of a 1.5B model holds 1 byte per weight (sign * mask) instead of the fp32 weight. Parameters are stored
 divided by a per-tensor reference scale so one Adam learning rate means a relative step for every tensor.
 
-- `recover_layer`: one decoder layer, Adam on MSE(layer(x), target) under a wall-time budget (block-wise).
+- `recover_layer`: one decoder layer, Adam on MSE(layer(x), target) for a number of steps (block-wise).
 - `recover_e2e`: the whole model, Adam on the KL from the FP model's top-k log-probs (precomputed by
   `teacher_topk`, so no second model is held).
-Both keep the tuned values only if the error on all calibration data went down, then round them to fp16 and
+Both run a fixed number of optimizer steps (so the same command gives the same model on a busy or an idle
+machine); an optional wall-time cap in seconds stops them earlier. Both keep the tuned values only if the error on all calibration data went down, then round them to fp16 and
 write them back into the SparseBinaryWeight (`write_back`), so checkpoint, eval and export see the same model.
 """
 
@@ -269,21 +270,53 @@ def layer_error(
     return layer_outputs(layer, chunks, targets)[1]
 
 
+class _Budget:
+    """A step budget with an optional wall-time cap: `more()` is True until `steps` are done or, after at
+    least one step, `seconds` of wall time have passed since construction (then `capped` is True)."""
+
+    def __init__(self, steps: int, seconds: float | None) -> None:
+        if steps < 1:
+            raise ValueError(f"a recovery budget needs at least one step (got {steps})")
+        self.steps = steps
+        self.deadline = None if seconds is None else time.perf_counter() + seconds
+        self.done = 0
+        self.capped = False
+
+    def more(self) -> bool:
+        if self.done >= self.steps:
+            return False
+        if self.done > 0 and self.deadline is not None and time.perf_counter() >= self.deadline:
+            self.capped = True
+            return False
+        return True
+
+
+def _batch_order(n: int, seed: int, clock: _Budget) -> Iterable[int]:
+    """Batch indices, a fresh seeded permutation per epoch, for as long as the budget lasts."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        for i in torch.randperm(n, generator=generator).tolist():
+            if not clock.more():
+                return
+            yield i
+
+
 def recover_layer(
     layer: nn.Module,
     weights: dict[str, Any],
     chunks: list[tuple[torch.Tensor, dict[str, Any]]],
     targets: list[torch.Tensor],
-    seconds: float,
+    steps: int,
     lr: float,
     micro_batch: int,
     seed: int = 0,
-    max_steps: int | None = None,
+    seconds: float | None = None,
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Tune `layer`'s compressed linears (`weights`: submodule name -> SparseBinaryWeight) and its RMSNorm
-    weights with Adam on MSE(layer(x), target) for `seconds` of wall time. Keeps the result only if the
-    error over all chunks went down. Returns ({before, after, steps, kept, seconds}, the layer's outputs per
-    chunk as stored, i.e. the next layer's inputs)."""
+    weights with `steps` Adam steps on MSE(layer(x), target) (fewer if the optional wall-time cap `seconds`
+    runs out first; at least one). Keeps the result only if the error over all chunks went down. Returns
+    ({before, after, steps, kept, seconds, capped}, the layer's outputs per chunk as stored, i.e. the next
+    layer's inputs)."""
     t0 = time.perf_counter()
     outs_before, before = layer_outputs(layer, chunks, targets)
     swap = _Swap(layer, weights)
@@ -291,22 +324,16 @@ def recover_layer(
     norms.prepare()
     batches = micro_batches(chunks, targets, micro_batch)
     opt = torch.optim.Adam(swap.params() + norms.scales, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    steps = 0
-    deadline = time.perf_counter() + seconds  # optimisation time; at least one step
+    clock = _Budget(steps, seconds)
     with torch.enable_grad():
-        while steps == 0 or time.perf_counter() < deadline:
-            for i in torch.randperm(len(batches), generator=generator).tolist():
-                hidden, kwargs, target = batches[i]
-                out = _layer_out(layer, hidden, kwargs)
-                loss = (out - target).square().mean() / (target - hidden).square().mean().clamp_min(1e-30)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                if time.perf_counter() >= deadline or steps == max_steps:
-                    deadline = 0.0
-                    break
+        for i in _batch_order(len(batches), seed, clock):
+            hidden, kwargs, target = batches[i]
+            out = _layer_out(layer, hidden, kwargs)
+            loss = (out - target).square().mean() / (target - hidden).square().mean().clamp_min(1e-30)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            clock.done += 1
     norms.restore()
     swap.restore(write=True)  # fp16-rounded tuned values, exactly what is stored
     outs, after = layer_outputs(layer, chunks, targets)
@@ -317,9 +344,10 @@ def recover_layer(
     stats = {
         "before": before,
         "after": after,
-        "steps": steps,
+        "steps": clock.done,
         "kept": kept,
         "seconds": time.perf_counter() - t0,
+        "capped": clock.capped,
     }
     return stats, outs
 
@@ -351,14 +379,16 @@ def recover_e2e(
     weights: dict[str, Any],
     calib_ids: torch.Tensor,
     teacher: tuple[torch.Tensor, torch.Tensor],
-    seconds: float,
+    steps: int,
     lr: float,
     micro_batch: int,
     seed: int = 0,
-    progress: Callable[[float], None] | None = None,
+    seconds: float | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Tune every compressed linear's scales and every RMSNorm (incl. the final norm) on the top-k KL to the
-    FP model's log-probs, for `seconds` of wall time. Kept only if the KL over all calibration data fell."""
+    """Tune every compressed linear's scales and every RMSNorm (incl. the final norm) with `steps` Adam
+    steps on the top-k KL to the FP model's log-probs (fewer if the optional wall-time cap `seconds` runs out
+    first). Kept only if the KL over all calibration data fell. `progress` gets the steps done so far."""
     t0 = time.perf_counter()
     t_logp, t_idx = teacher
 
@@ -385,27 +415,20 @@ def recover_e2e(
     norms = _Norms(m for name, m in model.named_modules() if name.endswith("norm") and hasattr(m, "weight"))
     norms.prepare()
     opt = torch.optim.Adam(swap.params() + norms.scales, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
     starts = list(range(0, calib_ids.shape[0], micro_batch))
-    steps = 0
-    deadline = time.perf_counter() + seconds  # optimisation time; at least one step
+    clock = _Budget(steps, seconds)
     with torch.enable_grad():
-        while steps == 0 or time.perf_counter() < deadline:
-            for i in torch.randperm(len(starts), generator=generator).tolist():
-                lo = starts[i]
-                hi = lo + micro_batch
-                logits = model(input_ids=calib_ids[lo:hi], use_cache=False).logits
-                loss = _kl_topk(logits, t_logp[lo:hi], t_idx[lo:hi])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                if progress is not None:
-                    progress(min(time.perf_counter() - t0, seconds))
-                if time.perf_counter() >= deadline:
-                    break
-    if progress is not None:
-        progress(seconds)
+        for i in _batch_order(len(starts), seed, clock):
+            lo = starts[i]
+            hi = lo + micro_batch
+            logits = model(input_ids=calib_ids[lo:hi], use_cache=False).logits
+            loss = _kl_topk(logits, t_logp[lo:hi], t_idx[lo:hi])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            clock.done += 1
+            if progress is not None:
+                progress(clock.done)
     norms.restore()
     swap.restore(write=True)
     after = total_kl()
@@ -416,7 +439,8 @@ def recover_e2e(
     return {
         "before": before,
         "after": after,
-        "steps": steps,
+        "steps": clock.done,
         "kept": kept,
         "seconds": time.perf_counter() - t0,
+        "capped": clock.capped,
     }

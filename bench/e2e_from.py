@@ -1,0 +1,238 @@
+"""End-to-end KL recovery measured from one compressed model (issue 10), without recompressing.
+
+`compress` runs the end-to-end pass (`--e2e-steps`) after the block-wise stage, on the finished model. This
+script starts from a model.pt written by `pbs2p-edge compress` (E2E off) and runs exactly that pass for each
+step count given, each variant from the same starting weights, so one compress serves every variant:
+
+    nice -n 10 .venv/bin/python bench/e2e_from.py --from default.pt --steps 0,16,48,96 --name e2e
+
+For each variant it reports the top-k KL to the FP model on the calibration windows the pass trains on, the
+same KL on held-out windows drawn from the calibration split with another seed (the overfitting check; the
+evaluation split is never used for choosing), and the perplexity on the evaluation windows (what the ablation
+scores). `--save DIR` writes each variant as DIR/e2e-<steps>.pt, a checkpoint `pbs2p-edge eval` and
+`bench/compress_table.py --import` read like any other. Results: bench/results/NAME.{md,json} (merged by
+(steps, lr, micro-batch)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def kl_over(model: Any, ids: Any, teacher: tuple[Any, Any], micro_batch: int) -> float:
+    """Mean top-k KL(FP || model) over the positions of `ids` (the quantity the E2E pass minimizes)."""
+    import torch
+
+    from pbs2p_edge.compress.recover import _kl_topk
+
+    t_logp, t_idx = teacher
+    total = 0.0
+    with torch.no_grad():
+        for lo in range(0, ids.shape[0], micro_batch):
+            hi = min(lo + micro_batch, ids.shape[0])
+            logits = model(input_ids=ids[lo:hi], use_cache=False).logits
+            total += float(_kl_topk(logits, t_logp[lo:hi], t_idx[lo:hi])) * (hi - lo)
+    return total / ids.shape[0]
+
+
+def save_variant(
+    ckpt: dict[str, Any], model: Any, weights: dict[str, Any], stats: dict[str, Any], steps: int, path: Path
+) -> None:
+    """The starting checkpoint with the tuned scales (packed) and RMSNorm weights, and the E2E record."""
+    import torch
+
+    from pbs2p_edge.errors import atomic_path
+    from pbs2p_edge.format import pack
+
+    state = model.state_dict()
+    out = dict(ckpt)
+    out["dense_state"] = {key: state[key].detach().clone() for key in ckpt["dense_state"]}
+    out["packed"] = {
+        name: {key: torch.from_numpy(array.copy()) for key, array in pack(w).arrays.items()}
+        for name, w in weights.items()
+    }
+    compression = dict(ckpt["compression"])
+    compression["e2e_steps"] = steps
+    results = compression["results"]
+    # as if `compress` had run the pass: its seconds count in the compress time
+    compression["results"] = {**results, "e2e": stats, "seconds": results["seconds"] + stats["seconds"]}
+    out["compression"] = compression
+    with atomic_path(path) as tmp:
+        torch.save(out, tmp)
+
+
+def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
+    import torch
+
+    from pbs2p_edge import sources
+    from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
+    from pbs2p_edge.compress.recover import recover_e2e, teacher_topk
+    from pbs2p_edge.evaluate import perplexity
+    from pbs2p_edge.format import unpack
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    ckpt = load_checkpoint(args.source)
+    cfg = ckpt["compression"]
+    fp_model, tokenizer = sources.load_model(None)
+    calib = sources.calibration_ids(tokenizer, cfg["calib_samples"], cfg["calib_len"], cfg["seed"])
+    held = sources.calibration_ids(tokenizer, args.holdout, cfg["calib_len"], cfg["seed"] + 1000)
+    eval_ids = sources.evaluation_ids(tokenizer, args.tokens)
+    fp_model.float().eval()
+    teacher = teacher_topk(fp_model, calib, args.topk, args.micro_batch)
+    held_teacher = teacher_topk(fp_model, held, args.topk, args.micro_batch)
+    del fp_model
+    rows = []
+    for steps in args.steps:
+        torch.manual_seed(cfg["seed"])
+        model, _ = build_model(ckpt)
+        weights = {name: unpack(p) for name, p in packed_layers(ckpt).items()}
+        stats: dict[str, Any] = {}
+        t0, c0 = time.perf_counter(), time.process_time()
+        if steps > 0:
+            stats = recover_e2e(
+                model,
+                weights,
+                calib,
+                teacher,
+                steps=steps,
+                lr=args.lr,
+                micro_batch=args.micro_batch,
+                seed=cfg["seed"],
+            )
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        row = {
+            "steps": steps,
+            "lr": args.lr,
+            "micro_batch": args.micro_batch,
+            "topk": args.topk,
+            "kept": stats.get("kept", False),
+            "calib_kl": kl_over(model, calib, teacher, args.micro_batch),
+            "heldout_kl": kl_over(model, held, held_teacher, args.micro_batch),
+            "ppl": perplexity(model, eval_ids, ctx=args.ctx, progress=False)["ppl"],
+            "wall_seconds": wall,
+            "cpu_seconds": cpu,
+            "torch_threads": torch.get_num_threads(),
+            "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        if args.save and steps > 0:
+            args.save.mkdir(parents=True, exist_ok=True)
+            save_variant(ckpt, model, weights, stats, steps, args.save / f"e2e-{steps}.pt")
+        rows.append(row)
+        write(row)  # after each variant, so a long run keeps what it has measured
+        del model, weights
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "# End-to-end KL recovery from one compressed model",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Last start model: `{meta['source']}` ({meta['source_config']}).  ",
+        f"Calibration (the pass trains on it): {meta['calib']}; held-out: {meta['holdout']} windows of the "
+        f"calibration split, another seed. Evaluation: {meta['tokens']} tokens of the evaluation split, ctx {meta['ctx']}.  ",
+        f"Machine: {meta['machine']}; shared by other jobs, so seconds are not speed claims.",
+        "",
+        "| start model | E2E steps | lr | micro-batch | kept | calib KL | held-out KL | eval perplexity | wall s | CPU s | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.get('source', '-')} | {r['steps']} | {r['lr']:g} | {r['micro_batch']} | {'yes' if r['kept'] else '-'} | {r['calib_kl']:.4f} | "
+            f"{r['heldout_kl']:.4f} | {r['ppl']:.2f} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['measured']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--from", dest="source", type=Path, required=True, help="model.pt from pbs2p-edge compress"
+    )
+    parser.add_argument(
+        "--steps", default="0,16,48", help="comma list of E2E step counts (0 = the start model)"
+    )
+    parser.add_argument("--lr", type=float, default=None, help="E2E learning rate (default: PBS2PConfig's)")
+    parser.add_argument(
+        "--micro-batch", type=int, default=None, help="sequences per step (default: PBS2PConfig's)"
+    )
+    parser.add_argument("--topk", type=int, default=None, help="teacher top-k (default: PBS2PConfig's)")
+    parser.add_argument("--holdout", type=int, default=16, help="held-out calibration-split windows")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--name", default="e2e", help="output stem under bench/results/")
+    parser.add_argument("--save", type=Path, default=None, help="folder for each variant's model.pt")
+    args = parser.parse_args()
+
+    from pbs2p_edge.config import PBS2PConfig
+    from pbs2p_edge.errors import Pbs2pError
+
+    defaults = PBS2PConfig()
+    args.lr = args.lr if args.lr is not None else defaults.e2e_lr
+    args.micro_batch = args.micro_batch or defaults.e2e_micro_batch
+    args.topk = args.topk or defaults.e2e_topk
+    try:
+        args.steps = [int(s) for s in args.steps.split(",")]
+        if any(s < 0 for s in args.steps) or not 0 < args.lr < 1 or args.micro_batch < 1 or args.holdout < 1:
+            raise ValueError
+    except ValueError:
+        print(
+            "error: --steps must be integers >= 0, --lr in (0, 1), --micro-batch and --holdout >= 1",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+    from pbs2p_edge.checkpoint import load_checkpoint
+
+    try:
+        cfg = load_checkpoint(args.source)["compression"]
+        run(args, lambda row: _write(args, cfg, row))
+    except Pbs2pError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -> None:
+    """Merge `row` into bench/results/NAME.{json,md} (keyed by steps, lr, micro-batch and start model)."""
+    path = RESULTS / f"{args.name}.json"
+    old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    row = {**row, "source": args.source.name}
+    key = ("steps", "lr", "micro_batch", "source")
+    merged = [r for r in old if tuple(r.get(k) for k in key) != tuple(row[k] for k in key)] + [row]
+    merged.sort(key=lambda r: (r.get("source", ""), r["lr"], r["micro_batch"], r["steps"]))
+    meta = {
+        "command": "nice -n 10 .venv/bin/python bench/e2e_from.py " + " ".join(sys.argv[1:]),
+        "source": args.source.name,
+        "source_config": ", ".join(
+            f"{k}={cfg.get(k)}"
+            for k in ("n", "m", "binarizer", "recover_steps", "recover_seconds", "budget_bits", "seed")
+        ),
+        "calib": f"{cfg['calib_samples']} x {cfg['calib_len']} tokens",
+        "holdout": args.holdout,
+        "tokens": args.tokens,
+        "ctx": args.ctx,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}",
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": merged}, indent=2) + "\n")
+    tmp.replace(path)
+    md = RESULTS / f"{args.name}.md"
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text(markdown(merged, meta))
+    tmp.replace(md)
+
+
+if __name__ == "__main__":
+    main()
