@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -167,7 +168,8 @@ class Worker:
         self.system = system
         if system.kind == "ours":
             command = [sys.executable, "-m", "pbs2p_edge.runtime.bench_worker", str(system.path.resolve())]
-            command += ["--threads", str(threads), "--prefill-chunk", str(DEFAULT_PREFILL_CHUNK)]
+            command += ["--threads", str(threads)]
+            command += ["--prefill-chunk", str(DEFAULT_PREFILL_CHUNK)] if DEFAULT_PREFILL_CHUNK else []
         else:
             command = [sys.executable, str(PEER_WORKER), system.kind, str(system.path.resolve())]
             command += ["--threads", str(threads), "--context", str(context), "--vocab-size", str(vocab_size)]
@@ -394,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "systems": rows,
         "machine": machine(),
         "versions": versions(),
-        "command": " ".join(["bench/peers.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["bench/peers.py", *(sys.argv[1:] if argv is None else argv)]),
         "note": args.note,
     }
     write_atomic(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
