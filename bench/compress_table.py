@@ -51,6 +51,7 @@ DEFAULT_ROWS = ",".join(
         "pbs2p-6:8" + _ARB + _WALL600 + "+e2e_seconds=0+budget_bits=2.5",
         "pbs2p-6:8+binarizer=arbx" + _WALL600 + "+e2e_seconds=0+budget_bits=2.5",
         "pbs2p-6:8+binarizer=arbx+recover_steps=120+e2e_steps=0+budget_bits=2.5",
+        "pbs2p-6:8+binarizer=arbx+recover_steps=120+e2e_steps=16+budget_bits=2.5",
     ]
 )
 RESULTS = Path(__file__).resolve().parent / "results"

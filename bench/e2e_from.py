@@ -212,7 +212,7 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
     merged = [r for r in old if tuple(r.get(k) for k in key) != tuple(row[k] for k in key)] + [row]
     merged.sort(key=lambda r: (r.get("source", ""), r["lr"], r["micro_batch"], r["steps"]))
     meta = {
-        "command": "nice -n 10 .venv/bin/python bench/e2e_from.py " + " ".join(sys.argv[1:]),
+        "command": _threads_env() + "nice -n 10 .venv/bin/python bench/e2e_from.py " + " ".join(sys.argv[1:]),
         "source": args.source.name,
         "source_config": ", ".join(
             f"{k}={cfg.get(k)}"
@@ -232,6 +232,11 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text(markdown(merged, meta))
     tmp.replace(md)
+
+
+def _threads_env() -> str:
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return f"OMP_NUM_THREADS={threads} " if threads else ""
 
 
 if __name__ == "__main__":

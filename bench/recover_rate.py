@@ -103,7 +103,9 @@ def main() -> None:
     key = ("layer", "steps", "torch_threads")
     rows = [r for r in old if tuple(r[k] for k in key) != tuple(row[k] for k in key)] + [row]
     meta = {
-        "command": "nice -n 10 .venv/bin/python bench/recover_rate.py " + " ".join(sys.argv[1:]),
+        "command": _threads_env()
+        + "nice -n 10 .venv/bin/python bench/recover_rate.py "
+        + " ".join(sys.argv[1:]),
         "source": args.source.name,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared by other jobs",
     }
@@ -111,6 +113,11 @@ def main() -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     tmp.replace(path)
+
+
+def _threads_env() -> str:
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return f"OMP_NUM_THREADS={threads} " if threads else ""
 
 
 if __name__ == "__main__":
