@@ -252,7 +252,7 @@ def test_family_compresses_exports_and_passes_validation(family_bundle: tuple[st
     check = manifest["validation"]
     assert check["gated"] == "teacher_forced"
     forced = check["teacher_forced"]
-    assert forced["custom_nodes"] == LINEARS_PER_LAYER.get(name, 7) * TINY_CONFIG["num_hidden_layers"]
+    assert forced["custom_layers"] == LINEARS_PER_LAYER.get(name, 7) * TINY_CONFIG["num_hidden_layers"]
     assert min(forced["sqnr_db"], forced["ops_min_sqnr_db"], forced["wiring_min_sqnr_db"]) >= 40.0
     assert check["prompt_tokens"] > 4  # longer than the sliding windows: local and global layers differ
     genai = json.loads((bundle / "genai_config.json").read_text())
