@@ -26,12 +26,13 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from pbs2p_edge.runtime.bench import JsonLinesProcess
 
 HERE = Path(__file__).resolve().parent
 PEER_WORKER = HERE / "peer_worker.py"
@@ -159,7 +160,7 @@ def markdown(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ workers
 
 
-class Worker:
+class Worker(JsonLinesProcess):
     """One system's process and its JSON-lines conversation."""
 
     def __init__(self, system: System, threads: int, context: int, vocab_size: int) -> None:
@@ -173,46 +174,7 @@ class Worker:
         else:
             command = [sys.executable, str(PEER_WORKER), system.kind, str(system.path.resolve())]
             command += ["--threads", str(threads), "--context", str(context), "--vocab-size", str(vocab_size)]
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            cwd=os.path.abspath(os.sep),
-        )
-        self.info = self.receive()
-
-    def receive(self) -> dict[str, Any]:
-        line = self.process.stdout.readline() if self.process.stdout else ""
-        if not line:
-            self.process.wait()
-            self._stderr.seek(0)
-            tail = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
-            raise UsageError(f"{self.system.label} worker died: {tail[-1] if tail else 'no output'}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise UsageError(f"{self.system.label}: {reply['error']}")
-        return reply
-
-    def request(self, command: str, **arguments: Any) -> dict[str, Any]:
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps({"cmd": command, **arguments}) + "\n")
-        self.process.stdin.flush()
-        return self.receive()
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            try:
-                assert self.process.stdin is not None
-                self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                self.process.stdin.close()
-                self.process.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                self.process.kill()
-                self.process.wait()
-        self._stderr.close()
+        super().__init__(command, system.label, UsageError)
 
 
 def build_genai(hf_folder: Path, out: Path, threads: int) -> None:

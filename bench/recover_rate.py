@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from e2e_from import _threads_env  # bench/ is on sys.path when run as a script
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -113,11 +115,6 @@ def main() -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     tmp.replace(path)
-
-
-def _threads_env() -> str:
-    threads = os.environ.get("OMP_NUM_THREADS")
-    return f"OMP_NUM_THREADS={threads} " if threads else ""
 
 
 if __name__ == "__main__":

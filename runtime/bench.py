@@ -73,26 +73,11 @@ def parse_threads(text: str) -> tuple[int, ...]:
     return counts
 
 
-class WorkerProcess:
-    """A `bench_worker` subprocess and its JSON-lines conversation."""
+class JsonLinesProcess:
+    """A worker subprocess and its JSON-lines conversation: one request line in, one reply line out."""
 
-    def __init__(
-        self,
-        bundle: Path,
-        threads: int | None,
-        profile_prefix: str | None = None,
-        bare: bool = False,
-        prefill_chunk: int | None = None,
-        ops_library: str | None = None,
-    ):
-        self.label = f"{bundle} (threads {threads})" if not bare else "bare onnxruntime session"
-        command = [sys.executable, "-m", "pbs2p_edge.runtime.bench_worker"]
-        command += ["--bare"] if bare else [str(bundle)]
-        command += ["--threads", str(threads)] if threads else []
-        command += ["--profile-prefix", profile_prefix] if profile_prefix else []
-        command += ["--prefill-chunk", str(prefill_chunk)] if prefill_chunk else []
-        command += ["--ops-library", ops_library] if ops_library and not bare else []
-        command += [] if bare else ["--no-verify-hash"]  # run_bench hashed the files already
+    def __init__(self, command: list[str], label: str, error: type[Exception] = Pbs2pError) -> None:
+        self.label, self.error = label, error
         self._stderr: IO[bytes] = tempfile.TemporaryFile()
         # cwd "/": `python -m` puts the cwd first on sys.path, and run from a source checkout with a regular
         # (non-editable) install, the checkout's pbs2p_edge/ (without runtime/) would shadow the installed one.
@@ -112,10 +97,10 @@ class WorkerProcess:
             self.process.wait()
             self._stderr.seek(0)
             lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
-            raise Pbs2pError(f"bench worker for {self.label} died: {lines[-1] if lines else 'no output'}")
+            raise self.error(f"bench worker for {self.label} died: {lines[-1] if lines else 'no output'}")
         reply = json.loads(line)
         if "error" in reply:
-            raise Pbs2pError(f"{self.label}: {reply['error']}")
+            raise self.error(f"{self.label}: {reply['error']}")
         return reply
 
     def request(self, command: str, **arguments: Any) -> dict[str, Any]:
@@ -124,17 +109,40 @@ class WorkerProcess:
         self.process.stdin.flush()
         return self.receive()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60) -> None:
         if self.process.poll() is None:
             try:
                 assert self.process.stdin is not None
                 self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
                 self.process.stdin.close()
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=timeout)
             except (OSError, subprocess.TimeoutExpired):
                 self.process.kill()
                 self.process.wait()
         self._stderr.close()
+
+
+class WorkerProcess(JsonLinesProcess):
+    """A `bench_worker` subprocess."""
+
+    def __init__(
+        self,
+        bundle: Path,
+        threads: int | None,
+        profile_prefix: str | None = None,
+        bare: bool = False,
+        prefill_chunk: int | None = None,
+        ops_library: str | None = None,
+    ):
+        label = f"{bundle} (threads {threads})" if not bare else "bare onnxruntime session"
+        command = [sys.executable, "-m", "pbs2p_edge.runtime.bench_worker"]
+        command += ["--bare"] if bare else [str(bundle)]
+        command += ["--threads", str(threads)] if threads else []
+        command += ["--profile-prefix", profile_prefix] if profile_prefix else []
+        command += ["--prefill-chunk", str(prefill_chunk)] if prefill_chunk else []
+        command += ["--ops-library", ops_library] if ops_library and not bare else []
+        command += [] if bare else ["--no-verify-hash"]  # run_bench hashed the files already
+        super().__init__(command, label)
 
 
 def bare_session(threads: int) -> dict[str, Any]:
