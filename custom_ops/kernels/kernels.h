@@ -117,9 +117,17 @@ uint16_t float_to_half(float f);
 // Adds the salient second-order term (exact float x) and the bias for one tile and tokens [t_begin, t_end).
 void add_salient_and_bias(const RuntimeWeight& w, const float* x, int tile, int t_begin, int t_end, float* y);
 
-// x itself when w has no column scales, else x * c (float32 products, one pass) written into *scratch, which is
+// x itself when col_scales is empty, else x * c (float32 products, one pass) written into *scratch, which is
 // grown as needed. Every kernel and the numpy/PyTorch twins scale exactly this way.
-const float* scale_activations(const RuntimeWeight& w, const float* x, size_t tokens, std::vector<float>* scratch);
+const float* scale_by_columns(const std::vector<float>& col_scales, const float* x, size_t tokens,
+                              std::vector<float>* scratch);
+inline const float* scale_activations(const RuntimeWeight& w, const float* x, size_t tokens,
+                                      std::vector<float>* scratch) {
+  return scale_by_columns(w.col_scales, x, tokens, scratch);
+}
+// The int7 quantization of one chunk x[b, e) shared by every path: q[0, e - b) = clamp(round_half_even(x * 63 /
+// max|x|)); returns the chunk scale max|x| / 63 (NaN, with q all 0, when the chunk holds a non-finite value).
+float quantize_chunk(const float* x, int b, int e, int8_t* q);
 
 // Whole matmul on the calling thread (tests, single-threaded users): y [tokens][rows] = x [tokens][k] @ W_hat^T.
 void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y, TableFn tables = nullptr);
@@ -186,8 +194,10 @@ void chunk_bits(const CompactWeight& w, int r, int c, uint64_t* mask, uint64_t* 
 // Salient term (exact scaled x) and bias for rows [r0, r1) x tokens [t0, t1), added to y in a fixed order.
 void add_salient_and_bias_compact(const CompactWeight& w, const float* x, int r0, int r1, int t0, int t1, float* y,
                                   size_t ldy);
-// x itself without column scales, else x * c into *scratch (as scale_activations).
-const float* scale_activations(const CompactWeight& w, const float* x, size_t tokens, std::vector<float>* scratch);
+inline const float* scale_activations(const CompactWeight& w, const float* x, size_t tokens,
+                                      std::vector<float>* scratch) {
+  return scale_by_columns(w.col_scales, x, tokens, scratch);
+}
 
 // ---------------- kernel registry and dispatch ----------------
 // A kernel path: compact (reads the disk layout through CompactWeight) or tile (the older table-lookup kernels

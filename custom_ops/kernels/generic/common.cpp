@@ -336,18 +336,7 @@ void build_tables_generic(const float* x, int token_begin, int token_end, const 
     const float* xt = x + size_t(tok) * k;
     for (int c = 0; c < chunks; ++c) {
       const int b = cm.begin[size_t(c)], e = cm.begin[size_t(c) + 1];
-      float amax = 0.0f;
-      bool finite = true;  // a NaN/inf activation makes the chunk scale NaN, so every output of the token is NaN
-      for (int j = b; j < e; ++j) {
-        amax = std::max(amax, std::fabs(xt[j]));
-        finite = finite && std::isfinite(xt[j]);
-      }
-      const float inv = amax > 0.0f && finite ? float(kActMax) / amax : 0.0f;
-      t->scale[size_t(tok) * chunks + c] = finite ? amax / float(kActMax) : NAN;
-      for (int j = b; j < e; ++j) {
-        const float v = finite ? std::nearbyint(xt[j] * inv) : 0.0f;
-        q[j - b] = int8_t(std::min(float(kActMax), std::max(-float(kActMax), v)));
-      }
+      t->scale[size_t(tok) * chunks + c] = quantize_chunk(xt, b, e, q);
       for (int j = b; j < e; j += 4) {
         QuadTable& qt = t->tables[size_t(tok) * quads + size_t(j / 4)];
         for (int half = 0; half < 2; ++half) {
@@ -424,12 +413,28 @@ void tile_generic(PBS2P_TILE_ARGS) {
   }
 }
 
-const float* scale_activations(const RuntimeWeight& w, const float* x, size_t tokens, std::vector<float>* scratch) {
-  if (w.col_scales.empty()) return x;
-  const size_t k = w.col_scales.size();
+float quantize_chunk(const float* x, int b, int e, int8_t* q) {
+  float amax = 0.0f;
+  bool finite = true;  // a NaN/inf activation makes the chunk scale NaN, so every output of the token is NaN
+  for (int j = b; j < e; ++j) {
+    amax = std::max(amax, std::fabs(x[j]));
+    finite = finite && std::isfinite(x[j]);
+  }
+  const float inv = amax > 0.0f && finite ? float(kActMax) / amax : 0.0f;
+  for (int j = b; j < e; ++j) {
+    const float v = finite ? std::nearbyint(x[j] * inv) : 0.0f;
+    q[j - b] = int8_t(std::min(float(kActMax), std::max(-float(kActMax), v)));
+  }
+  return finite ? amax / float(kActMax) : NAN;
+}
+
+const float* scale_by_columns(const std::vector<float>& col_scales, const float* x, size_t tokens,
+                              std::vector<float>* scratch) {
+  if (col_scales.empty()) return x;
+  const size_t k = col_scales.size();
   if (scratch->size() < tokens * k) scratch->resize(tokens * k);
   float* out = scratch->data();
-  const float* c = w.col_scales.data();
+  const float* c = col_scales.data();
   for (size_t t = 0; t < tokens; ++t)
     for (size_t j = 0; j < k; ++j) out[t * k + j] = x[t * k + j] * c[j];
   return out;

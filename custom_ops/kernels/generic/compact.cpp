@@ -83,33 +83,11 @@ void quantize_tokens(const float* x, int k, int t0, int t1, const ChunkMap& cm, 
     const float* xt = x + size_t(tok) * size_t(k);
     for (int c = 0; c < chunks; ++c) {
       const int b = cm.begin[size_t(c)], e = cm.begin[size_t(c) + 1];
-      float amax = 0.0f;
-      bool finite = true;  // a NaN/inf activation makes the chunk scale NaN, so every output of the token is NaN
-      for (int j = b; j < e; ++j) {
-        amax = std::max(amax, std::fabs(xt[j]));
-        finite = finite && std::isfinite(xt[j]);
-      }
-      const float inv = amax > 0.0f && finite ? float(kActMax) / amax : 0.0f;
-      a->scale[size_t(tok) * chunks + c] = finite ? amax / float(kActMax) : NAN;
       int8_t* q = &a->q[(size_t(tok) * chunks + c) * kChunkCols];
       std::memset(q, 0, kChunkCols);
-      for (int j = b; j < e; ++j) {
-        const float v = finite ? std::nearbyint(xt[j] * inv) : 0.0f;
-        q[j - b] = int8_t(std::min(float(kActMax), std::max(-float(kActMax), v)));
-      }
+      a->scale[size_t(tok) * chunks + c] = quantize_chunk(xt, b, e, q);
     }
   }
-}
-
-const float* scale_activations(const CompactWeight& w, const float* x, size_t tokens, std::vector<float>* scratch) {
-  if (w.col_scales.empty()) return x;
-  const size_t k = w.col_scales.size();
-  if (scratch->size() < tokens * k) scratch->resize(tokens * k);
-  float* out = scratch->data();
-  const float* c = w.col_scales.data();
-  for (size_t t = 0; t < tokens; ++t)
-    for (size_t j = 0; j < k; ++j) out[t * k + j] = x[t * k + j] * c[j];
-  return out;
 }
 
 void add_salient_and_bias_compact(const CompactWeight& w, const float* x, int r0, int r1, int t0, int t1, float* y,
