@@ -341,15 +341,7 @@ def recover_layer(
     if not kept:
         _revert(swap, norms)
         outs, after = outs_before, before
-    stats = {
-        "before": before,
-        "after": after,
-        "steps": clock.done,
-        "kept": kept,
-        "seconds": time.perf_counter() - t0,
-        "capped": clock.capped,
-    }
-    return stats, outs
+    return _stats(before, after, kept, clock, t0), outs
 
 
 def teacher_topk(
@@ -436,6 +428,11 @@ def recover_e2e(
     if not kept:
         _revert(swap, norms)
         after = before
+    return _stats(before, after, kept, clock, t0)
+
+
+def _stats(before: float, after: float, kept: bool, clock: _Budget, t0: float) -> dict[str, Any]:
+    """What one recovery stage reports: the error before and after, the steps run, and whether it was kept."""
     return {
         "before": before,
         "after": after,
