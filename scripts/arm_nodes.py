@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             print(report, end="")
             if args.md:
                 args.md.write_text(report)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # onnxruntime raises RuntimeError subclasses
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
