@@ -80,6 +80,9 @@ def _same_device(a: Path, b: Path) -> bool:
 
 
 def run(work: Path, out: Path, replay: Path | None = None) -> None:
+    for name in ("nodes.onnx", "custom.onnx"):
+        if not (work / name).is_file():
+            raise ValueError(f"{work / name} is missing: run `arm_nodes.py instrument BUNDLE {work}` first")
     import onnxruntime as ort
 
     from pbs2p_edge import ops
@@ -89,9 +92,7 @@ def run(work: Path, out: Path, replay: Path | None = None) -> None:
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
     options.register_custom_ops_library(str(ops.library_path()))
-    session = ort.InferenceSession(
-        str(work / "nodes.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
-    )
+    session = _session(work / "nodes.onnx", options)
     ids = np.array([PROMPT_IDS], dtype=np.int64)
     feeds: dict[str, Any] = {}
     for item in session.get_inputs():
@@ -109,9 +110,7 @@ def run(work: Path, out: Path, replay: Path | None = None) -> None:
     values = dict(zip(names, session.run(names, feeds), strict=True))
     if replay is not None:  # the custom nodes alone, fed the other machine's recorded X
         recorded = np.load(replay)
-        custom = ort.InferenceSession(
-            str(work / "custom.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        custom = _session(work / "custom.onnx", options)
         custom_feeds = {i.name: recorded[i.name] for i in custom.get_inputs()}
         custom_names = [o.name for o in custom.get_outputs()]
         values.update(
@@ -121,6 +120,17 @@ def run(work: Path, out: Path, replay: Path | None = None) -> None:
             }
         )
     np.savez(out, **values)
+
+
+def _session(path: Path, options: Any) -> Any:
+    """An onnxruntime session of `path`; its load failure becomes a ValueError (one line at the CLI)."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"onnxruntime cannot load {path}: {first}") from None
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -222,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             print(report, end="")
             if args.md:
                 args.md.write_text(report)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # onnxruntime raises RuntimeError subclasses
+    except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
