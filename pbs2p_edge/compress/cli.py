@@ -108,7 +108,7 @@ import click
     type=int,
     default=None,
     help="End-to-end recovery: Adam steps on the KL to the FP model's logits, signs and mask frozen (0 = off) "
-    "[default: 16, fewer above 106 M compressed weights; skipped on the low-memory path].",
+    "[default: 48, fewer above 106 M compressed weights; skipped on the low-memory path].",
 )
 @click.option(
     "--e2e-seconds",
