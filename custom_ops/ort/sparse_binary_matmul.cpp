@@ -76,6 +76,7 @@ struct Work {
   pbs2p::ActTables* tables;
   pbs2p::TileFn fn;
   pbs2p::TableFn table_fn;
+  pbs2p::SalientFn post;  // the tile kernel's salient + bias pass
   const float* x;  // activations as the kernels see them (already multiplied by the column scales)
   float* y;
   int tokens;
@@ -93,7 +94,7 @@ void tiles_task(void* data, size_t i) {
   const int tile = int(i % size_t(tiles));
   const int t0 = int(i / size_t(tiles)) * kTokenBlock, t1 = std::min(wk.tokens, t0 + kTokenBlock);
   wk.fn(*wk.w, *wk.cm, *wk.tables, tile, t0, t1, wk.y);
-  pbs2p::add_salient_and_bias(*wk.w, wk.x, tile, t0, t1, wk.y);
+  pbs2p::add_salient_and_bias(*wk.w, wk.x, tile, t0, t1, wk.y, wk.post);
 }
 
 // Compact kernels: work item i = token block (i / row_blocks) x row block (i % row_blocks).
@@ -432,7 +433,7 @@ struct SparseBinaryMatMul {
     const size_t n_tables = size_t(tokens) * size_t(w.p.k / 4), n_scales = size_t(tokens) * size_t(t.chunks);
     if (t.tables.size() < n_tables) t.tables.resize(n_tables);
     if (t.scale.size() < n_scales) t.scale.resize(n_scales);
-    Work wk{&w, &cm, &t, kernel.tile, kernel.tables, x, y, int(tokens)};
+    Work wk{&w, &cm, &t, kernel.tile, kernel.tables, pbs2p::salient_fn_for(kernel.tile), x, y, int(tokens)};
     if (tokens == 1)
       tables_task(&wk, 0);
     else

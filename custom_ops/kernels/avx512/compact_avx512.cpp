@@ -154,7 +154,7 @@ void rows_avx512vnni(PBS2P_ROWS_ARGS) {
       }
     }
   }
-  add_salient_and_bias_compact(w, x, r0, r1, t0, t1, y, ldy);
+  add_salient_and_bias_compact(w, x, r0, r1, t0, t1, y, ldy, salient_block_avx2);  // AVX-512 implies AVX2/FMA/F16C
 }
 
 }  // namespace pbs2p
