@@ -8,7 +8,11 @@ streams more than 2x the 32 MiB L3, unless that would need more than MAX_NODES n
 the bandwidth reference. Writes bench/results/kernels[-quick].md and .json.
 
     .venv/bin/python bench/kernels.py [--quick] [--threads 1 2] [--kernels avx512-vnni generic]
-        [--baselines nbits4] [--rounds 5] [--out bench/results]
+        [--baselines nbits4] [--rounds 5] [--salient S] [--bias] [--out bench/results]
+
+The pbs2p weights carry what `compress` writes by default: --salient defaults to PBS2PConfig().salient (1
+salient column per group, hence alpha2 and a salient sign plane), without bias (q/k/v projections of some
+families have one: --bias).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from pbs2p_edge import ops
+from pbs2p_edge.config import PBS2PConfig
 from pbs2p_edge.format import pack, random_weight, runtime_bits_per_weight
 
 L3_BYTES = 32 << 20
@@ -84,8 +89,10 @@ def copies_for(bytes_per_copy: int) -> tuple[int, bool]:
     return max(2, min(MAX_NODES, n)), min(MAX_NODES, n) * bytes_per_copy > 2 * L3_BYTES
 
 
-def pbs2p_model(k: int, rows: int, n: int, m: int, seed: int, kernel: str):
-    p0 = pack(random_weight(rows, k, n, m, 128, seed=seed))
+def pbs2p_model(
+    k: int, rows: int, n: int, m: int, seed: int, kernel: str, salient: int = 0, bias: bool = False
+):
+    p0 = pack(random_weight(rows, k, n, m, 128, salient=salient, bias=bias, seed=seed))
     # compact paths read the disk arrays in place; the tile paths (avx2, neon) stream the repacked 2.25-bit layout
     compact = kernel not in TILE_KERNELS
     runtime_bytes = p0.nbytes if compact else runtime_bits_per_weight(p0) * rows * k / 8
@@ -142,7 +149,7 @@ def nbits_model(k: int, rows: int, seed: int, bits: int):
     return qmodel, copies, cold, {"weight_bytes": wbytes}
 
 
-def build_model(op: str, k: int, rows: int):
+def build_model(op: str, k: int, rows: int, salient: int = 0, bias: bool = False):
     """(model, nodes, cold, info) for op in fp32 | nbits4 | nbits2 | pbs2pN:M@kernel."""
     if op == "fp32":
         return fp32_model(k, rows, 1)
@@ -150,7 +157,7 @@ def build_model(op: str, k: int, rows: int):
         return nbits_model(k, rows, 1, int(op[len("nbits") :]))
     nm, kernel = op[len("pbs2p") :].split("@")
     n, m = (int(v) for v in nm.split(":"))
-    return pbs2p_model(k, rows, n, m, 7, kernel)
+    return pbs2p_model(k, rows, n, m, 7, kernel, salient, bias)
 
 
 def make_session(model, threads: int, op: str = "") -> ort.InferenceSession:
@@ -215,6 +222,13 @@ def main() -> int:
         "--rounds", type=int, default=3, help="round-robin rounds (the speedup spread is over rounds)"
     )
     ap.add_argument("--stem", help="output file stem (default kernels or kernels-quick)")
+    ap.add_argument(
+        "--salient",
+        type=int,
+        default=PBS2PConfig().salient,
+        help="salient columns per group of the pbs2p weights (default: what compress writes, %(default)s)",
+    )
+    ap.add_argument("--bias", action="store_true", help="pbs2p weights with a bias")
     args = ap.parse_args()
 
     import logging
@@ -230,6 +244,9 @@ def main() -> int:
     if args.nm:
         nms = [tuple(int(v) for v in nm.split(":")) for nm in args.nm]
     rounds = args.rounds
+    if not 0 <= args.salient <= 128:
+        print(f"error: --salient {args.salient}: must be 0..128 (group size 128)", file=sys.stderr)
+        return 2
     slice_seconds = 0.1 if args.quick else 0.25
     if args.baselines:
         baselines = [b for b in args.baselines if not b.startswith("nbits") or nbits_supported(int(b[5:]))]
@@ -262,13 +279,15 @@ def main() -> int:
         "ops_library": str(ops.library_path()),
         "kernel_override": os.environ.get(ops.ENV_KERNEL, ""),
         "loadavg_start": os.getloadavg(),
+        "salient": args.salient,
+        "bias": args.bias,
     }
     memcpy = {t: memcpy_gbps(t) for t in args.threads}
     print(f"memcpy GB/s: {memcpy}", flush=True)
     rows_out = []
     op_names = baselines + [f"pbs2p{n}:{m}@{kernel}" for n, m in nms for kernel in kernels]
     for k, rows in shapes:
-        built = {op: build_model(op, k, rows) for op in op_names}
+        built = {op: build_model(op, k, rows, args.salient, args.bias) for op in op_names}
         sessions = {(op, th): make_session(built[op][0], th, op) for op in op_names for th in args.threads}
         for th in args.threads:
             for tokens in token_counts:
@@ -341,6 +360,10 @@ def render_markdown(res: dict) -> str:
         f"`{res['command']}` on {env['cpu']} ({env['nproc']} cores), onnxruntime {env['onnxruntime']}, "
         f"load average {env['loadavg_start'][0]:.2f} at start / {env['loadavg_end'][0]:.2f} at end (shared machine).",
         "",
+        f"pbs2p weights: 128-column groups, {env.get('salient', 0)} salient column(s) per group"
+        + (", with bias" if env.get("bias") else ", no bias")
+        + " (`--salient`, `--bias`); bpw = bits the op reads per weight.",
+        "",
         "memcpy probe (bytes copied per second, numpy, same process): "
         + ", ".join(f"{t} thread(s): {g:.1f} GB/s" for t, g in res["memcpy_gbps"].items()),
         "",
@@ -352,10 +375,10 @@ def render_markdown(res: dict) -> str:
         "weights together exceed 2x L3, so they stream from DRAM. Speedup: ratio of medians, and in brackets "
         "the lowest and highest ratio of the per-round medians.",
         "",
-        "| op | K x rows | M | threads | time ms | weight GB/s | / memcpy | cold | "
+        "| op | K x rows | M | threads | time ms | bpw | weight GB/s | / memcpy | cold | "
         + " | ".join(f"speedup vs {b}" for b in base)
         + " |",
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(base),
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(base),
     ]
     for r in res["rows"]:
         sp = " | ".join(
@@ -366,6 +389,7 @@ def render_markdown(res: dict) -> str:
         )
         lines.append(
             f"| {r['op']} | {r['k']}x{r['rows']} | {r['tokens']} | {r['threads']} | {r['seconds'] * 1e3:.3f} | "
+            f"{r['weight_bytes'] * 8 / (r['k'] * r['rows']):.2f} | "
             f"{r['weight_gbps']:.1f} | {r['ratio_to_memcpy']:.2f} | {'yes' if r['cold'] else 'no'} | {sp} |"
         )
     return "\n".join(lines) + "\n"
