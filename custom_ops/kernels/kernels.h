@@ -233,6 +233,16 @@ inline const float* scale_activations(const CompactWeight& w, const float* x, si
   return scale_by_columns(w.col_scales, x, tokens, scratch);
 }
 
+// Prefill over the tile copy (no tables): rows of one tile x tokens [t0, t1) from the int7 activations of
+// quantize(), the compact kernels' integer sums (kept S, +1 P) and float steps, so identical bits; y is
+// [tokens][rows] as for the tile kernels, the salient term and bias are added by add_salient_and_bias().
+#define PBS2P_TILE_GEMM_ARGS                                                                                  \
+  const RuntimeWeight &w, const ChunkMap &cm, const QuantActs &a, int tile, int t0, int t1, float *y
+using TileGemmFn = void (*)(PBS2P_TILE_GEMM_ARGS);
+#if defined(PBS2P_HAVE_AVX512)
+void tile_gemm_avx512vnni(PBS2P_TILE_GEMM_ARGS);
+#endif
+
 // ---------------- kernel registry and dispatch ----------------
 // A kernel path: compact (reads the disk layout through CompactWeight) or tile (the older table-lookup kernels
 // over the repacked 2.25-bit RuntimeWeight, kept for ISAs without a compact path: avx2, neon).
@@ -245,6 +255,7 @@ struct Kernel {
   TileFn tile;                    // tile
   TableFn tables;                 // tile
   const Kernel* gemv = nullptr;   // hybrid: the tile kernel used for few tokens
+  TileGemmFn gemm = nullptr;      // tile: calls of more than kHybridGemv tokens (prefill) over the same copy
 };
 constexpr int kHybridGemv = 8;  // measured crossover at 4096x4096 on Zen 4 (pbs2p_kernel_bench)
 // Every kernel built into this binary, in preference order (best first).

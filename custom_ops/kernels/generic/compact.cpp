@@ -194,6 +194,8 @@ const Kernel kAvx2Tile{"avx2", false, nullptr, tile_avx2, build_tables_avx2};
 #endif
 #if defined(PBS2P_HAVE_AVX512) && defined(PBS2P_HAVE_AVX2)
 const Kernel kAvx512Hybrid{"avx512-vnni+avx2", true, rows_avx512vnni, nullptr, nullptr, &kAvx2Tile};
+// One copy (the tile layout): avx2 table lookups for decode, AVX-512 VNNI dot products over the codes for prefill.
+const Kernel kAvx512Tile{"avx512-vnni-tile", false, nullptr, tile_avx2, build_tables_avx2, nullptr, tile_gemm_avx512vnni};
 #endif
 #if defined(PBS2P_HAVE_NEON)
 const Kernel kNeonTile{"neon", false, nullptr, tile_neon, build_tables_generic};
@@ -205,6 +207,7 @@ const std::vector<const Kernel*>& built_kernels() {
   static const std::vector<const Kernel*> all = {
 #if defined(PBS2P_HAVE_AVX512) && defined(PBS2P_HAVE_AVX2)
       &kAvx512Hybrid,
+      &kAvx512Tile,
 #endif
 #if defined(PBS2P_HAVE_AVX512)
       &kAvx512,
@@ -222,11 +225,16 @@ const std::vector<const Kernel*>& built_kernels() {
 bool kernel_supported(const Kernel& k) {
   if (k.gemv != nullptr && !kernel_supported(*k.gemv)) return false;
 #if defined(PBS2P_HAVE_AVX512)
+  if (k.gemm == tile_gemm_avx512vnni && !cpu_has_avx512vnni()) return false;
+#endif
+#if defined(PBS2P_HAVE_AVX512)
   // its post-pass is the AVX2 one (salient_block_avx2): checked too, though every AVX-512 CPU has it
   if (k.rows == rows_avx512vnni) return cpu_has_avx512vnni() && tile_fn_by_name("avx2") != nullptr;
 #endif
   if (k.compact) return true;
-  return tile_fn_by_name(k.name) != nullptr;
+  for (const char* isa : {"avx2", "neon", "generic"})  // the tile kernel's own CPU check
+    if (k.tile == tile_fn_by_name(isa)) return true;
+  return false;
 }
 
 const Kernel* kernel_by_name(const char* name) {
@@ -263,8 +271,21 @@ std::string matmul_disk(const DiskView& d, const Kernel& k, const float* x, int 
   if (!k.compact) {
     RuntimeWeight rw;
     const std::string e = repack(d, &rw);
-    if (e.empty()) matmul(rw, k.tile, x, tokens, y, k.tables);
-    return e;
+    if (!e.empty()) return e;
+    if (k.gemm == nullptr || tokens <= kHybridGemv) {
+      matmul(rw, k.tile, x, tokens, y, k.tables);
+      return "";
+    }
+    std::vector<float> scaled;
+    const float* xs = scale_activations(rw, x, size_t(tokens), &scaled);
+    const ChunkMap cm = make_chunks(rw.p.k, rw.p.group_size);
+    QuantActs a;
+    quantize(xs, rw.p.k, tokens, cm, &a);
+    for (int tile = 0; tile < rw.tiles; ++tile) {
+      k.gemm(rw, cm, a, tile, 0, tokens, y);
+      add_salient_and_bias(rw, xs, tile, 0, tokens, y, salient_fn_for(k.tile));
+    }
+    return "";
   }
   CompactWeight w;
   const std::string e = prepare(d, &w);
