@@ -206,8 +206,8 @@ const Kernel kNeonTile{"neon", false, nullptr, tile_neon, build_tables_generic};
 const std::vector<const Kernel*>& built_kernels() {
   static const std::vector<const Kernel*> all = {
 #if defined(PBS2P_HAVE_AVX512) && defined(PBS2P_HAVE_AVX2)
+      &kAvx512Tile,    // default: the hybrid's decode and prefill speed from one copy of the weights
       &kAvx512Hybrid,
-      &kAvx512Tile,
 #endif
 #if defined(PBS2P_HAVE_AVX512)
       &kAvx512,
