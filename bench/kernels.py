@@ -8,11 +8,12 @@ streams more than 2x the 32 MiB L3, unless that would need more than MAX_NODES n
 the bandwidth reference. Writes bench/results/kernels[-quick].md and .json.
 
     .venv/bin/python bench/kernels.py [--quick] [--threads 1 2] [--kernels avx512-vnni generic]
-        [--baselines nbits4] [--rounds 5] [--salient S] [--bias] [--out bench/results]
+        [--baselines nbits4] [--rounds 5] [--salient S [S ...]] [--bias] [--out bench/results]
 
 The pbs2p weights carry what `compress` writes by default: --salient defaults to PBS2PConfig().salient (1
 salient column per group, hence alpha2 and a salient sign plane), without bias (q/k/v projections of some
-families have one: --bias).
+families have one: --bias). Several --salient values measure each S as its own op, `pbs2pN:M/sS@path`,
+interleaved with the others (the cost of the salient pass in one run).
 """
 
 from __future__ import annotations
@@ -152,12 +153,15 @@ def nbits_model(k: int, rows: int, seed: int, bits: int):
 
 
 def build_model(op: str, k: int, rows: int, salient: int = 0, bias: bool = False):
-    """(model, nodes, cold, info) for op in fp32 | nbits4 | nbits2 | pbs2pN:M@kernel."""
+    """(model, nodes, cold, info) for op in fp32 | nbits4 | nbits2 | pbs2pN:M@kernel | pbs2pN:M/sS@kernel."""
     if op == "fp32":
         return fp32_model(k, rows, 1)
     if op.startswith("nbits"):
         return nbits_model(k, rows, 1, int(op[len("nbits") :]))
     nm, kernel = op[len("pbs2p") :].split("@")
+    if "/s" in nm:
+        nm, sal = nm.split("/s")
+        salient = int(sal)
     n, m = (int(v) for v in nm.split(":"))
     return pbs2p_model(k, rows, n, m, 7, kernel, salient, bias)
 
@@ -227,7 +231,8 @@ def main() -> int:
     ap.add_argument(
         "--salient",
         type=int,
-        default=PBS2PConfig().salient,
+        nargs="+",
+        default=[PBS2PConfig().salient],
         help="salient columns per group of the pbs2p weights (default: what compress writes, %(default)s)",
     )
     ap.add_argument("--bias", action="store_true", help="pbs2p weights with a bias")
@@ -246,8 +251,8 @@ def main() -> int:
     if args.nm:
         nms = [tuple(int(v) for v in nm.split(":")) for nm in args.nm]
     rounds = args.rounds
-    if not 0 <= args.salient <= 128:
-        print(f"error: --salient {args.salient}: must be 0..128 (group size 128)", file=sys.stderr)
+    if any(not 0 <= s <= 128 for s in args.salient):
+        print(f"error: --salient {args.salient}: each must be 0..128 (group size 128)", file=sys.stderr)
         return 2
     slice_seconds = 0.1 if args.quick else 0.25
     if args.baselines:
@@ -287,9 +292,12 @@ def main() -> int:
     memcpy = {t: memcpy_gbps(t) for t in args.threads}
     print(f"memcpy GB/s: {memcpy}", flush=True)
     rows_out = []
-    op_names = baselines + [f"pbs2p{n}:{m}@{kernel}" for n, m in nms for kernel in kernels]
+    sal_tags = [f"/s{s}" for s in args.salient] if len(args.salient) > 1 else [""]
+    op_names = baselines + [
+        f"pbs2p{n}:{m}{tag}@{kernel}" for n, m in nms for tag in sal_tags for kernel in kernels
+    ]
     for k, rows in shapes:
-        built = {op: build_model(op, k, rows, args.salient, args.bias) for op in op_names}
+        built = {op: build_model(op, k, rows, args.salient[0], args.bias) for op in op_names}
         sessions = {(op, th): make_session(built[op][0], th, op) for op in op_names for th in args.threads}
         for th in args.threads:
             for tokens in token_counts:
@@ -353,6 +361,12 @@ def write_results(args, env: dict, memcpy: dict, baselines: list, rows_out: list
     print(f"wrote {args.out / (stem + '.md')}")
 
 
+def _salient_text(sal: int | list[int]) -> str:
+    if isinstance(sal, int):
+        return str(sal)
+    return str(sal[0]) if len(sal) == 1 else " or ".join(map(str, sal)) + " (op suffix /sS)"
+
+
 def render_markdown(res: dict) -> str:
     env, base = res["env"], res["baselines"]
     lines = [
@@ -362,7 +376,7 @@ def render_markdown(res: dict) -> str:
         f"`{res['command']}` on {env['cpu']} ({env['nproc']} cores), onnxruntime {env['onnxruntime']}, "
         f"load average {env['loadavg_start'][0]:.2f} at start / {env['loadavg_end'][0]:.2f} at end (shared machine).",
         "",
-        f"pbs2p weights: 128-column groups, {env.get('salient', 0)} salient column(s) per group"
+        f"pbs2p weights: 128-column groups, {_salient_text(env.get('salient', 0))} salient column(s) per group"
         + (", with bias" if env.get("bias") else ", no bias")
         + " (`--salient`, `--bias`); bpw = bits the op reads per weight.",
         "",
