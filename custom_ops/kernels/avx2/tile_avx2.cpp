@@ -77,8 +77,14 @@ void tile_avx2(PBS2P_TILE_ARGS) {
 void salient_block_avx2(const SalientBlock& b, const float* x, int t0, int t1, float* y, size_t ldy) {
   const size_t S = size_t(b.salient);
   const bool full = b.nr == kTileRows;
-  alignas(32) float buf[kTileRows] = {}, bias[kTileRows] = {};
-  if (b.bias != nullptr) std::copy(b.bias, b.bias + b.nr, bias);
+  alignas(32) float buf[kTileRows], bias_buf[kTileRows];
+  const float* bias = b.bias;  // a whole tile reads the bias in place; a partial one from a zero-padded copy
+  if (!full) {
+    std::fill(buf, buf + kTileRows, 0.0f);
+    std::fill(bias_buf, bias_buf + kTileRows, 0.0f);
+    if (b.bias != nullptr) std::copy(b.bias, b.bias + b.nr, bias_buf);
+    bias = bias_buf;
+  }
   for (int tok = t0; tok < t1; ++tok) {
     const float* xt = x + size_t(tok) * size_t(b.k);
     float* yt = y + size_t(tok) * ldy;
@@ -110,7 +116,7 @@ void salient_block_avx2(const SalientBlock& b, const float* x, int t0, int t1, f
       }
     }
     if (b.bias != nullptr)
-      for (int q = 0; q < 4; ++q) yv[q] = _mm256_add_ps(yv[q], _mm256_load_ps(bias + 8 * q));
+      for (int q = 0; q < 4; ++q) yv[q] = _mm256_add_ps(yv[q], _mm256_loadu_ps(bias + 8 * q));
     if (full) {
       for (int q = 0; q < 4; ++q) _mm256_storeu_ps(yt + 8 * q, yv[q]);
     } else {
