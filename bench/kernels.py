@@ -8,7 +8,12 @@ streams more than 2x the 32 MiB L3, unless that would need more than MAX_NODES n
 the bandwidth reference. Writes bench/results/kernels[-quick].md and .json.
 
     .venv/bin/python bench/kernels.py [--quick] [--threads 1 2] [--kernels avx512-vnni generic]
-        [--baselines nbits4] [--rounds 5] [--out bench/results]
+        [--baselines nbits4] [--rounds 5] [--salient S [S ...]] [--bias] [--out bench/results]
+
+The pbs2p weights carry what `compress` writes by default: --salient defaults to PBS2PConfig().salient (1
+salient column per group, hence alpha2 and a salient sign plane), without bias (q/k/v projections of some
+families have one: --bias). Several --salient values measure each S as its own op, `pbs2pN:M/sS@path`,
+interleaved with the others (the cost of the salient pass in one run).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from pbs2p_edge import ops
+from pbs2p_edge.config import PBS2PConfig
 from pbs2p_edge.format import pack, random_weight, runtime_bits_per_weight
 
 L3_BYTES = 32 << 20
@@ -36,7 +42,9 @@ MAX_NODES = 256
 SMOL = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # (K in, rows out)
 LLAMA = [(4096, 4096), (4096, 11008), (11008, 4096)]
 NMS = [(6, 8), (5, 8), (4, 8)]
-TILE_KERNELS = ("avx2", "neon")
+# paths whose GEMV streams the repacked tile layout (2.25 bpw + salient coefficients); the hybrid's prefill
+# reads the disk arrays instead, so its GB/s at more than 8 tokens is understated by about 2.1 / 2.4
+TILE_KERNELS = ("avx2", "neon", "avx512-vnni-tile", "avx512-vnni+avx2")
 
 
 def memcpy_gbps(threads: int, nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -84,8 +92,10 @@ def copies_for(bytes_per_copy: int) -> tuple[int, bool]:
     return max(2, min(MAX_NODES, n)), min(MAX_NODES, n) * bytes_per_copy > 2 * L3_BYTES
 
 
-def pbs2p_model(k: int, rows: int, n: int, m: int, seed: int, kernel: str):
-    p0 = pack(random_weight(rows, k, n, m, 128, seed=seed))
+def pbs2p_model(
+    k: int, rows: int, n: int, m: int, seed: int, kernel: str, salient: int = 0, bias: bool = False
+):
+    p0 = pack(random_weight(rows, k, n, m, 128, salient=salient, bias=bias, seed=seed))
     # compact paths read the disk arrays in place; the tile paths (avx2, neon) stream the repacked 2.25-bit layout
     compact = kernel not in TILE_KERNELS
     runtime_bytes = p0.nbytes if compact else runtime_bits_per_weight(p0) * rows * k / 8
@@ -142,15 +152,18 @@ def nbits_model(k: int, rows: int, seed: int, bits: int):
     return qmodel, copies, cold, {"weight_bytes": wbytes}
 
 
-def build_model(op: str, k: int, rows: int):
-    """(model, nodes, cold, info) for op in fp32 | nbits4 | nbits2 | pbs2pN:M@kernel."""
+def build_model(op: str, k: int, rows: int, salient: int = 0, bias: bool = False):
+    """(model, nodes, cold, info) for op in fp32 | nbits4 | nbits2 | pbs2pN:M@kernel | pbs2pN:M/sS@kernel."""
     if op == "fp32":
         return fp32_model(k, rows, 1)
     if op.startswith("nbits"):
         return nbits_model(k, rows, 1, int(op[len("nbits") :]))
     nm, kernel = op[len("pbs2p") :].split("@")
+    if "/s" in nm:
+        nm, sal = nm.split("/s")
+        salient = int(sal)
     n, m = (int(v) for v in nm.split(":"))
-    return pbs2p_model(k, rows, n, m, 7, kernel)
+    return pbs2p_model(k, rows, n, m, 7, kernel, salient, bias)
 
 
 def make_session(model, threads: int, op: str = "") -> ort.InferenceSession:
@@ -215,6 +228,14 @@ def main() -> int:
         "--rounds", type=int, default=3, help="round-robin rounds (the speedup spread is over rounds)"
     )
     ap.add_argument("--stem", help="output file stem (default kernels or kernels-quick)")
+    ap.add_argument(
+        "--salient",
+        type=int,
+        nargs="+",
+        default=[PBS2PConfig().salient],
+        help="salient columns per group of the pbs2p weights (default: what compress writes, %(default)s)",
+    )
+    ap.add_argument("--bias", action="store_true", help="pbs2p weights with a bias")
     args = ap.parse_args()
 
     import logging
@@ -230,6 +251,9 @@ def main() -> int:
     if args.nm:
         nms = [tuple(int(v) for v in nm.split(":")) for nm in args.nm]
     rounds = args.rounds
+    if any(not 0 <= s <= 128 for s in args.salient):
+        print(f"error: --salient {args.salient}: each must be 0..128 (group size 128)", file=sys.stderr)
+        return 2
     slice_seconds = 0.1 if args.quick else 0.25
     if args.baselines:
         baselines = [b for b in args.baselines if not b.startswith("nbits") or nbits_supported(int(b[5:]))]
@@ -262,13 +286,18 @@ def main() -> int:
         "ops_library": str(ops.library_path()),
         "kernel_override": os.environ.get(ops.ENV_KERNEL, ""),
         "loadavg_start": os.getloadavg(),
+        "salient": args.salient,
+        "bias": args.bias,
     }
     memcpy = {t: memcpy_gbps(t) for t in args.threads}
     print(f"memcpy GB/s: {memcpy}", flush=True)
     rows_out = []
-    op_names = baselines + [f"pbs2p{n}:{m}@{kernel}" for n, m in nms for kernel in kernels]
+    sal_tags = [f"/s{s}" for s in args.salient] if len(args.salient) > 1 else [""]
+    op_names = baselines + [
+        f"pbs2p{n}:{m}{tag}@{kernel}" for n, m in nms for tag in sal_tags for kernel in kernels
+    ]
     for k, rows in shapes:
-        built = {op: build_model(op, k, rows) for op in op_names}
+        built = {op: build_model(op, k, rows, args.salient[0], args.bias) for op in op_names}
         sessions = {(op, th): make_session(built[op][0], th, op) for op in op_names for th in args.threads}
         for th in args.threads:
             for tokens in token_counts:
@@ -332,6 +361,12 @@ def write_results(args, env: dict, memcpy: dict, baselines: list, rows_out: list
     print(f"wrote {args.out / (stem + '.md')}")
 
 
+def _salient_text(sal: int | list[int]) -> str:
+    if isinstance(sal, int):
+        return str(sal)
+    return str(sal[0]) if len(sal) == 1 else " or ".join(map(str, sal)) + " (op suffix /sS)"
+
+
 def render_markdown(res: dict) -> str:
     env, base = res["env"], res["baselines"]
     lines = [
@@ -341,21 +376,26 @@ def render_markdown(res: dict) -> str:
         f"`{res['command']}` on {env['cpu']} ({env['nproc']} cores), onnxruntime {env['onnxruntime']}, "
         f"load average {env['loadavg_start'][0]:.2f} at start / {env['loadavg_end'][0]:.2f} at end (shared machine).",
         "",
+        f"pbs2p weights: 128-column groups, {_salient_text(env.get('salient', 0))} salient column(s) per group"
+        + (", with bias" if env.get("bias") else ", no bias")
+        + " (`--salient`, `--bias`); bpw = bits the op reads per weight.",
+        "",
         "memcpy probe (bytes copied per second, numpy, same process): "
         + ", ".join(f"{t} thread(s): {g:.1f} GB/s" for t, g in res["memcpy_gbps"].items()),
         "",
         "Time is per matmul: median over all runs (ops measured round-robin, `--rounds` rounds as in the command) "
         "of run time / nodes. "
         "Weight GB/s = bytes the op reads for its weights (pbs2p compact paths: the disk arrays in place, "
-        "mask + kept signs + fp16 scales; pbs2p tile paths avx2/neon: the repacked 2.25-bit layout; "
+        "mask + kept signs + fp16 scales (+ salient signs and alpha2); pbs2p tile paths avx2/neon/avx512-vnni-tile and "
+        "the hybrid avx512-vnni+avx2: the repacked tile layout, 2.25 bpw + salient coefficients; "
         "MatMulNBits: packed weights + scales; fp32: 4 bytes/weight) divided by time. `cold` = the nodes' "
         "weights together exceed 2x L3, so they stream from DRAM. Speedup: ratio of medians, and in brackets "
         "the lowest and highest ratio of the per-round medians.",
         "",
-        "| op | K x rows | M | threads | time ms | weight GB/s | / memcpy | cold | "
+        "| op | K x rows | M | threads | time ms | bpw | weight GB/s | / memcpy | cold | "
         + " | ".join(f"speedup vs {b}" for b in base)
         + " |",
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(base),
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(base),
     ]
     for r in res["rows"]:
         sp = " | ".join(
@@ -366,6 +406,7 @@ def render_markdown(res: dict) -> str:
         )
         lines.append(
             f"| {r['op']} | {r['k']}x{r['rows']} | {r['tokens']} | {r['threads']} | {r['seconds'] * 1e3:.3f} | "
+            f"{r['weight_bytes'] * 8 / (r['k'] * r['rows']):.2f} | "
             f"{r['weight_gbps']:.1f} | {r['ratio_to_memcpy']:.2f} | {'yes' if r['cold'] else 'no'} | {sp} |"
         )
     return "\n".join(lines) + "\n"

@@ -114,8 +114,41 @@ TileFn tile_fn_by_name(const char* name);
 // Shared helpers for the tile kernels.
 float half_to_float(uint16_t h);
 uint16_t float_to_half(float f);
-// Adds the salient second-order term (exact float x) and the bias for one tile and tokens [t_begin, t_end).
-void add_salient_and_bias(const RuntimeWeight& w, const float* x, int tile, int t_begin, int t_end, float* y);
+// half_to_float for finite values (validate() rejects inf/NaN in every fp16 array the kernels read), same bits;
+// branch-free, so loops over it vectorize (real alpha2 holds many zeros: a branch on them mispredicts).
+inline float half_to_float_finite(uint16_t h) {
+  const uint32_t mag = uint32_t(h & 0x7fffu);
+  const float sub = float(int32_t(h & 0x3ffu)) * 0x1p-24f;  // exponent 0: mant * 2^-24, a normal float32
+  uint32_t sub_bits;
+  __builtin_memcpy(&sub_bits, &sub, 4);
+  const uint32_t normal = uint32_t(-int32_t(mag >= 0x400u));  // all ones when the exponent is not 0
+  const uint32_t bits = (uint32_t(h & 0x8000u) << 16) | (((mag << 13) + (112u << 23)) & normal) | (sub_bits & ~normal);
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+// The salient second-order term (exact float x) and the bias of one block of at most kTileRows rows (lane i =
+// the block's row i), for tokens [t0, t1); y points at the block's first row, row stride ldy. Per output, in
+// this order: for each group g, acc = 0 + coef[g][0] * x[col[g][0]] + ... (float, in s order), then
+// y = fma(alpha2[g], acc, y); then y += bias. Lanes >= nr must hold coef 0 and alpha2 0 (they are not written).
+struct SalientBlock {
+  int groups = 0, salient = 0, nr = 0, k = 0;
+  const int32_t* cols = nullptr;     // [G][S]
+  const int8_t* coef = nullptr;      // [G][S][kTileRows]: +1, -1, 0 (pruned)
+  const uint16_t* alpha2 = nullptr;  // [G][kTileRows] fp16 bits
+  const float* bias = nullptr;       // [nr], or nullptr
+};
+using SalientFn = void (*)(const SalientBlock& b, const float* x, int t0, int t1, float* y, size_t ldy);
+void salient_block_generic(const SalientBlock& b, const float* x, int t0, int t1, float* y, size_t ldy);
+#if defined(PBS2P_HAVE_AVX2)
+void salient_block_avx2(const SalientBlock& b, const float* x, int t0, int t1, float* y, size_t ldy);  // +FMA+F16C
+#endif
+// The post-pass that goes with a tile kernel (its ISA's; the generic one, which compilers vectorize, otherwise).
+SalientFn salient_fn_for(TileFn fn);
+// Adds the salient term and the bias for one tile and tokens [t_begin, t_end) (y: [tokens][rows]).
+void add_salient_and_bias(const RuntimeWeight& w, const float* x, int tile, int t_begin, int t_end, float* y,
+                          SalientFn fn = salient_block_generic);
 
 // x itself when col_scales is empty, else x * c (float32 products, one pass) written into *scratch, which is
 // grown as needed. Every kernel and the numpy/PyTorch twins scale exactly this way.
@@ -192,12 +225,23 @@ inline uint64_t bits_at(const uint8_t* row, size_t nbytes, size_t pos, int n) {
 // signs of its kept weights in column order (popcount(*mask) bits).
 void chunk_bits(const CompactWeight& w, int r, int c, uint64_t* mask, uint64_t* signs);
 // Salient term (exact scaled x) and bias for rows [r0, r1) x tokens [t0, t1), added to y in a fixed order.
+// Builds the coefficients of each kTileRows-row block from the disk bits once per call, then runs fn over the tokens.
 void add_salient_and_bias_compact(const CompactWeight& w, const float* x, int r0, int r1, int t0, int t1, float* y,
-                                  size_t ldy);
+                                  size_t ldy, SalientFn fn = salient_block_generic);
 inline const float* scale_activations(const CompactWeight& w, const float* x, size_t tokens,
                                       std::vector<float>* scratch) {
   return scale_by_columns(w.col_scales, x, tokens, scratch);
 }
+
+// Prefill over the tile copy (no tables): rows of one tile x tokens [t0, t1) from the int7 activations of
+// quantize(), the compact kernels' integer sums (kept S, +1 P) and float steps, so identical bits; y is
+// [tokens][rows] as for the tile kernels, the salient term and bias are added by add_salient_and_bias().
+#define PBS2P_TILE_GEMM_ARGS                                                                                  \
+  const RuntimeWeight &w, const ChunkMap &cm, const QuantActs &a, int tile, int t0, int t1, float *y
+using TileGemmFn = void (*)(PBS2P_TILE_GEMM_ARGS);
+#if defined(PBS2P_HAVE_AVX512)
+void tile_gemm_avx512vnni(PBS2P_TILE_GEMM_ARGS);
+#endif
 
 // ---------------- kernel registry and dispatch ----------------
 // A kernel path: compact (reads the disk layout through CompactWeight) or tile (the older table-lookup kernels
@@ -211,6 +255,7 @@ struct Kernel {
   TileFn tile;                    // tile
   TableFn tables;                 // tile
   const Kernel* gemv = nullptr;   // hybrid: the tile kernel used for few tokens
+  TileGemmFn gemm = nullptr;      // tile: calls of more than kHybridGemv tokens (prefill) over the same copy
 };
 constexpr int kHybridGemv = 8;  // measured crossover at 4096x4096 on Zen 4 (pbs2p_kernel_bench)
 // Every kernel built into this binary, in preference order (best first).

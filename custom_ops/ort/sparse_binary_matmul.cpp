@@ -76,9 +76,12 @@ struct Work {
   pbs2p::ActTables* tables;
   pbs2p::TileFn fn;
   pbs2p::TableFn table_fn;
+  pbs2p::SalientFn post;  // the tile kernel's salient + bias pass
   const float* x;  // activations as the kernels see them (already multiplied by the column scales)
   float* y;
   int tokens;
+  pbs2p::TileGemmFn gemm = nullptr;  // prefill over the tile copy: int7 activations instead of tables
+  pbs2p::QuantActs* quant = nullptr;
 };
 
 void tables_task(void* data, size_t tok) {
@@ -93,7 +96,23 @@ void tiles_task(void* data, size_t i) {
   const int tile = int(i % size_t(tiles));
   const int t0 = int(i / size_t(tiles)) * kTokenBlock, t1 = std::min(wk.tokens, t0 + kTokenBlock);
   wk.fn(*wk.w, *wk.cm, *wk.tables, tile, t0, t1, wk.y);
-  pbs2p::add_salient_and_bias(*wk.w, wk.x, tile, t0, t1, wk.y);
+  pbs2p::add_salient_and_bias(*wk.w, wk.x, tile, t0, t1, wk.y, wk.post);
+}
+
+void tile_quant_task(void* data, size_t tok) {
+  Work& wk = *static_cast<Work*>(data);
+  pbs2p::quantize_tokens(wk.x, wk.w->p.k, int(tok), int(tok) + 1, *wk.cm, wk.quant);
+}
+
+constexpr int kTileGemmTokens = 64;  // tokens per tile-GEMM work item (the tile's planes decoded once per item)
+
+void tile_gemm_task(void* data, size_t i) {
+  Work& wk = *static_cast<Work*>(data);
+  const int tiles = wk.w->tiles;
+  const int tile = int(i % size_t(tiles));
+  const int t0 = int(i / size_t(tiles)) * kTileGemmTokens, t1 = std::min(wk.tokens, t0 + kTileGemmTokens);
+  wk.gemm(*wk.w, *wk.cm, *wk.quant, tile, t0, t1, wk.y);
+  pbs2p::add_salient_and_bias(*wk.w, wk.x, tile, t0, t1, wk.y, wk.post);
 }
 
 // Compact kernels: work item i = token block (i / row_blocks) x row block (i % row_blocks).
@@ -421,6 +440,16 @@ struct SparseBinaryMatMul {
     const float* x = pbs2p::scale_activations(w, x_in, size_t(tokens), tokens <= 16 ? &decode_scaled : &prefill_scaled);
     const pbs2p::ChunkMap local_cm = pre_cm ? pbs2p::ChunkMap{} : pbs2p::make_chunks(w.p.k, w.p.group_size);
     const pbs2p::ChunkMap& cm = pre_cm ? *pre_cm : local_cm;
+    if (kernel.gemm != nullptr && tokens > pbs2p::kHybridGemv) {  // prefill: int7 activations, VNNI over the codes
+      pbs2p::QuantActs quant;
+      pbs2p::size_quant(int(tokens), cm, &quant);
+      Work wk{&w, &cm, nullptr, kernel.tile, kernel.tables, pbs2p::salient_fn_for(kernel.tile), x, y, int(tokens),
+              kernel.gemm, &quant};
+      kc.ParallelFor(tile_quant_task, size_t(tokens), 0, &wk);
+      const size_t token_blocks = size_t((tokens + kTileGemmTokens - 1) / kTileGemmTokens);
+      kc.ParallelFor(tile_gemm_task, token_blocks * size_t(w.tiles), 0, &wk);
+      return;
+    }
     // Decode (few tokens) reuses per-thread scratch: no allocation or zero-fill per call (every entry is written
     // by the table builder before it is read). Prefill allocates, so no large buffer outlives the call.
     thread_local pbs2p::ActTables decode_scratch;
@@ -432,7 +461,7 @@ struct SparseBinaryMatMul {
     const size_t n_tables = size_t(tokens) * size_t(w.p.k / 4), n_scales = size_t(tokens) * size_t(t.chunks);
     if (t.tables.size() < n_tables) t.tables.resize(n_tables);
     if (t.scale.size() < n_scales) t.scale.resize(n_scales);
-    Work wk{&w, &cm, &t, kernel.tile, kernel.tables, x, y, int(tokens)};
+    Work wk{&w, &cm, &t, kernel.tile, kernel.tables, pbs2p::salient_fn_for(kernel.tile), x, y, int(tokens)};
     if (tokens == 1)
       tables_task(&wk, 0);
     else

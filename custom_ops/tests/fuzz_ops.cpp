@@ -141,7 +141,7 @@ Disk structured(Reader& r, int* tokens) {
   c.bias = r.u8() & 1;
   c.version = 1 + (r.u8() & 1);
   c.col_scales = c.version == 2 && (r.u8() & 1);
-  c.tokens = 1 + r.u8() % 5;
+  c.tokens = 1 + r.u8() % 12;  // both sides of kHybridGemv (tile GEMM, compact GEMM)
   *tokens = c.tokens;
   std::mt19937 rng(r.u32());
   std::vector<float> w;

@@ -106,6 +106,12 @@ inline Disk make_disk(const Case& c, std::mt19937& rng, std::vector<float>* w_ha
     d.salient_signs.assign(size_t(c.rows) * sal_row, 0);
     d.alpha2.resize(size_t(c.rows) * G);
     for (auto& a : d.alpha2) a = float_to_half(ua(rng) * 0.5f);
+    // as in real checkpoints: many exact zeros, some fp16 subnormals (and a -0), no rng draws (cases unchanged)
+    for (size_t i = 0; i < d.alpha2.size(); ++i) {
+      if (i % 3 == 1) d.alpha2[i] = 0;
+      if (i % 7 == 2) d.alpha2[i] = uint16_t(1 + (i * 37) % 1023);
+      if (i % 11 == 5) d.alpha2[i] = 0x8000u;
+    }
     for (int g = 0; g < G; ++g) {
       const int b = g * c.group_size, width = std::min(c.k, b + c.group_size) - b;
       std::vector<int> cols(static_cast<size_t>(width));

@@ -72,6 +72,60 @@ void tile_avx2(PBS2P_TILE_ARGS) {
   }
 }
 
+// salient_block_generic with 8-wide F16C / FMA: per token the block's 32 outputs stay in 4 registers across the
+// groups; the same float operations per output in the same order (0 + coef * x summed over s, fma, + bias).
+void salient_block_avx2(const SalientBlock& b, const float* x, int t0, int t1, float* y, size_t ldy) {
+  const size_t S = size_t(b.salient);
+  const bool full = b.nr == kTileRows;
+  alignas(32) float buf[kTileRows], bias_buf[kTileRows];
+  const float* bias = b.bias;  // a whole tile reads the bias in place; a partial one from a zero-padded copy
+  if (!full) {
+    std::fill(buf, buf + kTileRows, 0.0f);
+    std::fill(bias_buf, bias_buf + kTileRows, 0.0f);
+    if (b.bias != nullptr) std::copy(b.bias, b.bias + b.nr, bias_buf);
+    bias = bias_buf;
+  }
+  for (int tok = t0; tok < t1; ++tok) {
+    const float* xt = x + size_t(tok) * size_t(b.k);
+    float* yt = y + size_t(tok) * ldy;
+    const float* src = yt;
+    if (!full) {
+      std::copy(yt, yt + b.nr, buf);
+      src = buf;
+    }
+    __m256 yv[4];
+    for (int q = 0; q < 4; ++q) yv[q] = _mm256_loadu_ps(src + 8 * q);
+    for (int g = 0; g < b.groups && S; ++g) {
+      const int8_t* coef = b.coef + size_t(g) * S * kTileRows;
+      const int32_t* cols = b.cols + size_t(g) * S;
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (size_t s2 = 0; s2 < S; ++s2) {
+        const __m256 xv = _mm256_set1_ps(xt[cols[s2]]);
+        const __m256i c8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(coef + s2 * kTileRows));
+        const __m128i lo = _mm256_castsi256_si128(c8), hi = _mm256_extracti128_si256(c8, 1);
+        const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int q = 0; q < 4; ++q) {
+          const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[q]));
+          acc[q] = _mm256_add_ps(acc[q], _mm256_mul_ps(c, xv));
+        }
+      }
+      const uint16_t* a2 = b.alpha2 + size_t(g) * kTileRows;
+      for (int q = 0; q < 4; ++q) {
+        const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a2 + 8 * q)));
+        yv[q] = _mm256_fmadd_ps(a, acc[q], yv[q]);
+      }
+    }
+    if (b.bias != nullptr)
+      for (int q = 0; q < 4; ++q) yv[q] = _mm256_add_ps(yv[q], _mm256_loadu_ps(bias + 8 * q));
+    if (full) {
+      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(yt + 8 * q, yv[q]);
+    } else {
+      for (int q = 0; q < 4; ++q) _mm256_store_ps(buf + 8 * q, yv[q]);
+      std::copy(buf, buf + b.nr, yt);
+    }
+  }
+}
+
 }  // namespace pbs2p
 
 namespace pbs2p {

@@ -154,7 +154,71 @@ void rows_avx512vnni(PBS2P_ROWS_ARGS) {
       }
     }
   }
-  add_salient_and_bias_compact(w, x, r0, r1, t0, t1, y, ldy);
+  add_salient_and_bias_compact(w, x, r0, r1, t0, t1, y, ldy, salient_block_avx2);  // AVX-512 implies AVX2/FMA/F16C
+}
+
+// Byte i of each dword: bit 2i of x (bits 0, 2, 4, 6 of a tile code byte -> 4 bytes 0/1).
+static inline __m512i spread_codes(__m512i x) {
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i d = _mm512_and_si512(x, one);
+  d = _mm512_or_si512(d, _mm512_and_si512(_mm512_slli_epi32(x, 6), _mm512_set1_epi32(0x100)));
+  d = _mm512_or_si512(d, _mm512_and_si512(_mm512_slli_epi32(x, 12), _mm512_set1_epi32(0x10000)));
+  return _mm512_or_si512(d, _mm512_and_si512(_mm512_slli_epi32(x, 18), _mm512_set1_epi32(0x1000000)));
+}
+
+// Per chunk: the 2-bit codes of the tile's 32 rows become, once, [4 columns][16 rows] dword planes of 0/1 bytes
+// (kept = code != 0, +1 = code 1), the layout the compact GEMM transposes its bit planes into; then per token
+// 4 vpdpbusd per 4 columns (two planes x two 16-row halves) with a broadcast activation dword.
+void tile_gemm_avx512vnni(PBS2P_TILE_GEMM_ARGS) {
+  const Params& p = w.p;
+  const int r0 = tile * kTileRows, nr = std::min(kTileRows, p.rows - r0);
+  const size_t quads = size_t(p.k) / 4, G = size_t(p.groups);
+  const uint8_t* codes = &w.codes[size_t(tile) * quads * kTileRows];
+  const int chunks = a.chunks;
+  const size_t qstride = size_t(chunks) * kChunkCols;
+  const __mmask16 rows[2] = {__mmask16(nr >= kRows ? 0xffffu : (1u << nr) - 1u),
+                             __mmask16(nr >= 2 * kRows ? 0xffffu : nr > kRows ? (1u << (nr - kRows)) - 1u : 0u)};
+  const __m512i m55 = _mm512_set1_epi32(0x55);
+  alignas(64) __m512i pm[2][kChunkCols / 4], pp[2][kChunkCols / 4];
+  for (int t = t0; t < t1; ++t)
+    for (int h = 0; h < 2; ++h)
+      _mm512_mask_storeu_ps(y + size_t(t) * size_t(p.rows) + size_t(r0 + kRows * h), rows[h], _mm512_setzero_ps());
+  for (int c = 0; c < chunks; ++c) {
+    const int qb = cm.begin[size_t(c)] / 4, nq = (cm.begin[size_t(c) + 1] - cm.begin[size_t(c)]) / 4;
+    for (int j = 0; j < nq; ++j)
+      for (int h = 0; h < 2; ++h) {
+        const __m512i v = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + size_t(qb + j) * kTileRows + kRows * h)));
+        const __m512i plus = _mm512_and_si512(v, m55);
+        const __m512i kept = _mm512_or_si512(plus, _mm512_and_si512(_mm512_srli_epi32(v, 1), m55));
+        pm[h][j] = spread_codes(kept);
+        pp[h][j] = spread_codes(plus);
+      }
+    const uint16_t* ts = &w.scales[(size_t(tile) * G + size_t(cm.group[size_t(c)])) * 2 * kTileRows];
+    __m512 alpha[2], mu[2];
+    for (int h = 0; h < 2; ++h) {
+      alpha[h] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ts + kRows * h)));
+      mu[h] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ts + kTileRows + kRows * h)));
+    }
+    const int8_t* qc = &a.q[size_t(c) * kChunkCols];
+    for (int t = t0; t < t1; ++t) {
+      const int8_t* q = qc + size_t(t) * qstride;
+      __m512i S0 = _mm512_setzero_si512(), P0 = S0, S1 = S0, P1 = S0;
+      for (int j = 0; j < nq; ++j) {
+        int32_t q4;
+        std::memcpy(&q4, q + 4 * j, 4);
+        const __m512i b = _mm512_set1_epi32(q4);
+        S0 = _mm512_dpbusd_epi32(S0, pm[0][j], b);
+        P0 = _mm512_dpbusd_epi32(P0, pp[0][j], b);
+        S1 = _mm512_dpbusd_epi32(S1, pm[1][j], b);
+        P1 = _mm512_dpbusd_epi32(P1, pp[1][j], b);
+      }
+      const float scale = a.scale[size_t(t) * chunks + c];
+      float* yt = y + size_t(t) * size_t(p.rows) + size_t(r0);
+      accumulate(S0, P0, alpha[0], mu[0], scale, rows[0], yt);
+      accumulate(S1, P1, alpha[1], mu[1], scale, rows[1], yt + kRows);
+    }
+  }
 }
 
 }  // namespace pbs2p

@@ -356,28 +356,58 @@ void build_tables_generic(const float* x, int token_begin, int token_end, const 
   }
 }
 
-void add_salient_and_bias(const RuntimeWeight& w, const float* x, int tile, int t_begin, int t_end, float* y) {
-  const Params& p = w.p;
-  const int r0 = tile * kTileRows, nr = std::min(kTileRows, p.rows - r0);
-  const size_t G = size_t(p.groups), S = size_t(p.salient);
-  for (int tok = t_begin; tok < t_end; ++tok) {
-    const float* xt = x + size_t(tok) * p.k;
-    float* yt = y + size_t(tok) * p.rows + r0;
-    if (S) {
-      for (size_t g = 0; g < G; ++g) {
-        const uint16_t* a2 = &w.alpha2[(size_t(tile) * G + g) * kTileRows];
-        float acc[kTileRows] = {};
-        for (size_t s2 = 0; s2 < S; ++s2) {  // rows innermost: vectorizes
-          const int8_t* coef = &w.salient_coef[((size_t(tile) * G + g) * S + s2) * kTileRows];
-          const float xv = xt[w.salient_cols[g * S + s2]];
-          for (int i = 0; i < kTileRows; ++i) acc[i] += float(coef[i]) * xv;
-        }
-        for (int i = 0; i < nr; ++i) yt[i] = std::fma(half_to_float(a2[i]), acc[i], yt[i]);
+void salient_block_generic(const SalientBlock& b, const float* x, int t0, int t1, float* y, size_t ldy) {
+  const size_t S = size_t(b.salient);
+  // Groups outermost: each group's alpha2 is converted once for all tokens; per output the order is unchanged.
+  for (int g = 0; g < b.groups && S; ++g) {
+    float a2[kTileRows];
+    const uint16_t* h = b.alpha2 + size_t(g) * kTileRows;
+    for (int i = 0; i < kTileRows; ++i) a2[i] = half_to_float_finite(h[i]);
+    const int8_t* coef = b.coef + size_t(g) * S * kTileRows;
+    const int32_t* cols = b.cols + size_t(g) * S;
+    for (int tok = t0; tok < t1; ++tok) {
+      const float* xt = x + size_t(tok) * size_t(b.k);
+      float acc[kTileRows] = {};
+      for (size_t s2 = 0; s2 < S; ++s2) {  // rows innermost: vectorizes
+        const int8_t* c = coef + s2 * kTileRows;
+        const float xv = xt[cols[s2]];
+        for (int i = 0; i < kTileRows; ++i) acc[i] += float(c[i]) * xv;
       }
+      float* yt = y + size_t(tok) * ldy;
+      for (int i = 0; i < b.nr; ++i) yt[i] = std::fma(a2[i], acc[i], yt[i]);
     }
-    if (!w.bias.empty())
-      for (int i = 0; i < nr; ++i) yt[i] += w.bias[size_t(r0 + i)];
   }
+  if (b.bias != nullptr)
+    for (int tok = t0; tok < t1; ++tok) {
+      float* yt = y + size_t(tok) * ldy;
+      for (int i = 0; i < b.nr; ++i) yt[i] += b.bias[i];
+    }
+}
+
+void add_salient_and_bias(const RuntimeWeight& w, const float* x, int tile, int t_begin, int t_end, float* y,
+                          SalientFn fn) {
+  const Params& p = w.p;
+  if (!p.salient && w.bias.empty()) return;
+  const int r0 = tile * kTileRows;
+  const size_t G = size_t(p.groups), S = size_t(p.salient);
+  SalientBlock b;
+  b.groups = p.groups;
+  b.salient = p.salient;
+  b.nr = std::min(kTileRows, p.rows - r0);
+  b.k = p.k;
+  b.cols = w.salient_cols.data();
+  b.coef = S ? &w.salient_coef[size_t(tile) * G * S * kTileRows] : nullptr;
+  b.alpha2 = S ? &w.alpha2[size_t(tile) * G * kTileRows] : nullptr;
+  b.bias = w.bias.empty() ? nullptr : &w.bias[size_t(r0)];
+  fn(b, x, t_begin, t_end, y + r0, size_t(p.rows));
+}
+
+SalientFn salient_fn_for(TileFn fn) {
+#if defined(PBS2P_HAVE_AVX2)
+  if (fn == tile_avx2) return salient_block_avx2;
+#endif
+  (void)fn;
+  return salient_block_generic;
 }
 
 void tile_generic(PBS2P_TILE_ARGS) {
@@ -453,7 +483,7 @@ void matmul(const RuntimeWeight& w, TileFn fn, const float* x_in, int tokens, fl
   (tables ? tables : build_tables)(x, 0, tokens, cm, &t);
   for (int tile = 0; tile < w.tiles; ++tile) {
     fn(w, cm, t, tile, 0, tokens, y);
-    add_salient_and_bias(w, x, tile, 0, tokens, y);
+    add_salient_and_bias(w, x, tile, 0, tokens, y, salient_fn_for(fn));
   }
 }
 

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "../kernels.h"
 
@@ -91,27 +92,44 @@ void quantize_tokens(const float* x, int k, int t0, int t1, const ChunkMap& cm, 
 }
 
 void add_salient_and_bias_compact(const CompactWeight& w, const float* x, int r0, int r1, int t0, int t1, float* y,
-                                  size_t ldy) {
+                                  size_t ldy, SalientFn fn) {
   const Params& p = w.p;
+  if (!p.salient && !w.d.bias_len) return;
   const size_t G = size_t(p.groups), S = size_t(p.salient);
-  for (int r = r0; r < r1; ++r) {
-    const uint8_t* mrow = w.d.mask + size_t(r) * w.mask_row;
-    const uint8_t* srow = S ? w.d.salient_signs + size_t(r) * w.sal_row : nullptr;
-    const float bias = w.d.bias_len ? w.d.bias[size_t(r)] : 0.0f;
-    for (int t = t0; t < t1; ++t) {
-      const float* xt = x + size_t(t) * size_t(p.k);
-      float& yv = y[size_t(t) * ldy + size_t(r)];
-      for (size_t g = 0; g < G && S; ++g) {
-        float acc = 0.0f;
-        for (size_t s2 = 0; s2 < S; ++s2) {
-          const int c = w.d.salient_cols[g * S + s2];
-          const int coef = bit(mrow, size_t(c)) ? (bit(srow, g * S + s2) ? 1 : -1) : 0;
-          acc += float(coef) * xt[c];
+  // Per kTileRows-row block the tile layout's coefficients ([G][S][rows] +1/-1/0) and alpha2 ([G][rows]), built
+  // from the disk bits once per call instead of once per token; lanes past the block's rows stay 0.
+  thread_local std::vector<int8_t> coef;
+  thread_local std::vector<uint16_t> a2;
+  coef.resize(G * S * kTileRows);
+  a2.resize(G * kTileRows);
+  for (int rb = r0; rb < r1; rb += kTileRows) {
+    SalientBlock b;
+    b.groups = p.groups;
+    b.salient = p.salient;
+    b.nr = std::min(kTileRows, r1 - rb);
+    b.k = p.k;
+    b.cols = w.d.salient_cols;
+    b.coef = coef.data();
+    b.alpha2 = a2.data();
+    b.bias = w.d.bias_len ? w.d.bias + rb : nullptr;
+    if (S) {
+      std::fill(coef.begin(), coef.end(), int8_t(0));
+      std::fill(a2.begin(), a2.end(), uint16_t(0));
+      for (int i = 0; i < b.nr; ++i) {
+        const size_t r = size_t(rb + i);
+        const uint8_t* mrow = w.d.mask + r * w.mask_row;
+        const uint8_t* srow = w.d.salient_signs + r * w.sal_row;
+        for (size_t g = 0; g < G; ++g) {
+          a2[g * kTileRows + size_t(i)] = w.d.alpha2[r * G + g];
+          for (size_t s2 = 0; s2 < S; ++s2) {
+            const int kept = bit(mrow, size_t(w.d.salient_cols[g * S + s2]));
+            const int plus = bit(srow, g * S + s2);
+            coef[(g * S + s2) * kTileRows + size_t(i)] = int8_t(kept * (2 * plus - 1));
+          }
         }
-        yv = std::fma(half_to_float(w.d.alpha2[size_t(r) * G + g]), acc, yv);
       }
-      if (w.d.bias_len) yv += bias;
     }
+    fn(b, x, t0, t1, y + rb, ldy);
   }
 }
 
@@ -176,6 +194,8 @@ const Kernel kAvx2Tile{"avx2", false, nullptr, tile_avx2, build_tables_avx2};
 #endif
 #if defined(PBS2P_HAVE_AVX512) && defined(PBS2P_HAVE_AVX2)
 const Kernel kAvx512Hybrid{"avx512-vnni+avx2", true, rows_avx512vnni, nullptr, nullptr, &kAvx2Tile};
+// One copy (the tile layout): avx2 table lookups for decode, AVX-512 VNNI dot products over the codes for prefill.
+const Kernel kAvx512Tile{"avx512-vnni-tile", false, nullptr, tile_avx2, build_tables_avx2, nullptr, tile_gemm_avx512vnni};
 #endif
 #if defined(PBS2P_HAVE_NEON)
 const Kernel kNeonTile{"neon", false, nullptr, tile_neon, build_tables_generic};
@@ -186,6 +206,7 @@ const Kernel kNeonTile{"neon", false, nullptr, tile_neon, build_tables_generic};
 const std::vector<const Kernel*>& built_kernels() {
   static const std::vector<const Kernel*> all = {
 #if defined(PBS2P_HAVE_AVX512) && defined(PBS2P_HAVE_AVX2)
+      &kAvx512Tile,    // default: the hybrid's decode and prefill speed from one copy of the weights
       &kAvx512Hybrid,
 #endif
 #if defined(PBS2P_HAVE_AVX512)
@@ -204,10 +225,16 @@ const std::vector<const Kernel*>& built_kernels() {
 bool kernel_supported(const Kernel& k) {
   if (k.gemv != nullptr && !kernel_supported(*k.gemv)) return false;
 #if defined(PBS2P_HAVE_AVX512)
-  if (k.rows == rows_avx512vnni) return cpu_has_avx512vnni();
+  if (k.gemm == tile_gemm_avx512vnni && !cpu_has_avx512vnni()) return false;
+#endif
+#if defined(PBS2P_HAVE_AVX512)
+  // its post-pass is the AVX2 one (salient_block_avx2): checked too, though every AVX-512 CPU has it
+  if (k.rows == rows_avx512vnni) return cpu_has_avx512vnni() && tile_fn_by_name("avx2") != nullptr;
 #endif
   if (k.compact) return true;
-  return tile_fn_by_name(k.name) != nullptr;
+  for (const char* isa : {"avx2", "neon", "generic"})  // the tile kernel's own CPU check
+    if (k.tile == tile_fn_by_name(isa)) return true;
+  return false;
 }
 
 const Kernel* kernel_by_name(const char* name) {
@@ -244,8 +271,21 @@ std::string matmul_disk(const DiskView& d, const Kernel& k, const float* x, int 
   if (!k.compact) {
     RuntimeWeight rw;
     const std::string e = repack(d, &rw);
-    if (e.empty()) matmul(rw, k.tile, x, tokens, y, k.tables);
-    return e;
+    if (!e.empty()) return e;
+    if (k.gemm == nullptr || tokens <= kHybridGemv) {
+      matmul(rw, k.tile, x, tokens, y, k.tables);
+      return "";
+    }
+    std::vector<float> scaled;
+    const float* xs = scale_activations(rw, x, size_t(tokens), &scaled);
+    const ChunkMap cm = make_chunks(rw.p.k, rw.p.group_size);
+    QuantActs a;
+    quantize(xs, rw.p.k, tokens, cm, &a);
+    for (int tile = 0; tile < rw.tiles; ++tile) {
+      k.gemm(rw, cm, a, tile, 0, tokens, y);
+      add_salient_and_bias(rw, xs, tile, 0, tokens, y, salient_fn_for(k.tile));
+    }
+    return "";
   }
   CompactWeight w;
   const std::string e = prepare(d, &w);
