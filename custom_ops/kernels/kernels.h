@@ -169,6 +169,10 @@ void rows_generic(PBS2P_ROWS_ARGS);
 #if defined(PBS2P_HAVE_AVX512)
 void rows_avx512vnni(PBS2P_ROWS_ARGS);
 #endif
+#if defined(PBS2P_HAVE_SDOT)
+void rows_sdot(PBS2P_ROWS_ARGS);  // neon/compact_sdot.cpp, the only file built with +dotprod
+bool cpu_has_dotprod();           // getauxval(AT_HWCAP) & HWCAP_ASIMDDP (neon/tile_neon.cpp, built for ARMv8.0)
+#endif
 
 // n (<= 64) bits starting at bit `pos` of a row of `nbytes` bytes, LSB first; never reads outside the row.
 inline uint64_t bits_at(const uint8_t* row, size_t nbytes, size_t pos, int n) {

@@ -180,6 +180,10 @@ const Kernel kAvx512Hybrid{"avx512-vnni+avx2", true, rows_avx512vnni, nullptr, n
 #if defined(PBS2P_HAVE_NEON)
 const Kernel kNeonTile{"neon", false, nullptr, tile_neon, build_tables_generic};
 #endif
+#if defined(PBS2P_HAVE_SDOT) && defined(PBS2P_HAVE_NEON)
+const Kernel kSdot{"sdot", true, rows_sdot, nullptr, nullptr};
+const Kernel kSdotHybrid{"sdot+neon", true, rows_sdot, nullptr, nullptr, &kNeonTile};
+#endif
 
 }  // namespace
 
@@ -194,6 +198,9 @@ const std::vector<const Kernel*>& built_kernels() {
 #if defined(PBS2P_HAVE_AVX2)
       &kAvx2Tile,
 #endif
+#if defined(PBS2P_HAVE_SDOT) && defined(PBS2P_HAVE_NEON)
+      &kSdotHybrid, &kSdot,
+#endif
 #if defined(PBS2P_HAVE_NEON)
       &kNeonTile,
 #endif
@@ -205,6 +212,9 @@ bool kernel_supported(const Kernel& k) {
   if (k.gemv != nullptr && !kernel_supported(*k.gemv)) return false;
 #if defined(PBS2P_HAVE_AVX512)
   if (k.rows == rows_avx512vnni) return cpu_has_avx512vnni();
+#endif
+#if defined(PBS2P_HAVE_SDOT)
+  if (k.rows == rows_sdot) return cpu_has_dotprod();
 #endif
   if (k.compact) return true;
   return tile_fn_by_name(k.name) != nullptr;

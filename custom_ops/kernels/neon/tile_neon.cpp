@@ -5,7 +5,19 @@
 
 #include "../kernels.h"
 
+#if defined(PBS2P_HAVE_SDOT)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)  // Linux arm64 uapi hwcap bit for SDOT / UDOT
+#endif
+#endif
+
 namespace pbs2p {
+
+#if defined(PBS2P_HAVE_SDOT)
+// Built for ARMv8.0 (this file), so it runs on any aarch64 core: the dot-product path is chosen at run time.
+bool cpu_has_dotprod() { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
+#endif
 
 void tile_neon(PBS2P_TILE_ARGS) {
   const Params& p = w.p;
