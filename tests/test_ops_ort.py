@@ -18,7 +18,7 @@ from pbs2p_edge.format import PackedWeight, kernel_matmul, pack, random_weight, 
 from pbs2p_edge.format import packed as fmt
 
 CPU = ["CPUExecutionProvider"]
-ALL_KERNELS = ("avx512-vnni+avx2", "avx512-vnni", "avx2", "neon", "generic")
+ALL_KERNELS = ("avx512-vnni+avx2", "avx512-vnni", "avx2", "sdot+neon", "sdot", "neon", "generic")
 REPO = Path(__file__).resolve().parents[1]
 
 

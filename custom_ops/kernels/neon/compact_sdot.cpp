@@ -1,17 +1,18 @@
 // SDOT compact kernel (aarch64 with the dot-product extension: ARMv8.2+, Cortex-A76 / Raspberry Pi 5): reads the
 // disk layout in place. The only file built with -march=armv8.2-a+dotprod; it runs only after kernel_supported()
-// saw HWCAP_ASIMDDP, so the library still runs on a Pi 4. Everything here sits in an anonymous namespace (or is
-// rows_sdot itself) and calls no inline function of the headers that could be emitted out of line: no code built
-// for ARMv8.2 can be picked by the linker for a caller in another file.
+// saw HWCAP_ASIMDDP, so the library still runs on a Pi 4. Its helpers sit in an anonymous namespace (it keeps its
+// own bit extraction instead of the header's inline bits_at), so no ARMv8.2 code can be picked by the linker for a
+// caller in another file; the std:: inline code it instantiates is plain integer code (no atomics, no int8 loops).
 //
 // Per 16-row block and chunk (<= 64 columns of one group), once:
 //   plus = pdep(kept signs, mask) per row (no pdep on ARM: a byte at a time through a 64 KiB [mask][signs] table);
-//   the mask and plus words of 4 rows become int8 planes in the SDOT lane order [quad j][row i][4 columns]
-//   (one tbl replicates each row's byte across its lane, one cmtst per 4 columns turns bits into 0 / -1 bytes).
+//   the mask and plus words of 4 rows become two int8 planes in the SDOT lane order [quad j][row i][4 columns]
+//   (a tbl replicates each row's byte across its lane, a cmtst per 4 columns turns mask bits into 0 / -1 bytes,
+//   a bsl writes +1 where the plus bit is set: kept = 0 / -1, sign = +1 / -1 / 0).
 // Then for every token (the GEMM): per 4 rows and 4 columns, two SDOT by element (the token's activation quad
-// broadcast from a register lane), lanes = rows: Sn = -S (sum of q over kept weights), Pn = -P (sum over +1),
-// D = 2P - S = Sn - 2 Pn; y = fma(scale, fma(mu, S, alpha * D), y) per chunk in column order (the scalar
-// kernel's integers and float order, so identical bits).
+// broadcast from a register lane), lanes = rows: one over the kept plane (0 / -1) gives -S, one over the sign
+// plane (+1 / -1 / 0) gives D = 2P - S; y = fma(scale, fma(mu, S, alpha * D), y) per chunk in column order (the
+// scalar kernel's integers and float order, so identical bits).
 #include <arm_neon.h>
 
 #include <cstddef>
@@ -26,6 +27,9 @@ namespace {
 constexpr int kRows = 16;        // rows per block: 4 groups of 4 rows (one int32 lane per row)
 constexpr int kQuads = kChunkCols / 4;
 constexpr int kPlaneBytes = 16;  // one 4 rows x 4 columns int8 plane
+// Buffer of one block and chunk: [group g (4 rows)][quad j][plane: kept, sign][16 bytes]
+constexpr size_t kQuadStride = 2 * kPlaneBytes;
+constexpr size_t kGroupStride = size_t(kQuads) * kQuadStride;
 
 // bits [pos, pos + n) (n <= 64) of a row of nbytes bytes, LSB first; never reads outside the row
 uint64_t take_bits(const uint8_t* row, size_t nbytes, size_t pos, int n) {
@@ -72,27 +76,35 @@ inline uint64_t pdep64(uint64_t s, uint64_t m) {
   return out;
 }
 
-// Mask and plus words of 4 rows -> planes[j] (j = quad, 16 quads) as 0 / -1 bytes, byte 4i + k = row i, column
-// 4j + k: a tbl replicates byte j/2 of each row's word over the row's 4 lanes, a cmtst picks bit 4(j%2) + k.
-inline void expand4(const uint64_t* words, int8_t* planes, size_t stride) {
+inline uint8x16x2_t words4(const uint64_t* w) {  // 4 rows' 64-bit words as a 32-byte tbl source
   uint8x16x2_t src;
-  src.val[0] = vreinterpretq_u8_u64(vcombine_u64(vcreate_u64(words[0]), vcreate_u64(words[1])));
-  src.val[1] = vreinterpretq_u8_u64(vcombine_u64(vcreate_u64(words[2]), vcreate_u64(words[3])));
+  src.val[0] = vreinterpretq_u8_u64(vcombine_u64(vcreate_u64(w[0]), vcreate_u64(w[1])));
+  src.val[1] = vreinterpretq_u8_u64(vcombine_u64(vcreate_u64(w[2]), vcreate_u64(w[3])));
+  return src;
+}
+
+// Mask and plus words of 4 rows -> per quad j (16 quads) two int8 planes, byte 4i + k = row i, column 4j + k:
+// kept = 0 / -1 and sign = +1 / -1 / 0 (pruned). A tbl replicates byte j/2 of each row's word over the row's 4
+// lanes, a cmtst picks bit 4(j%2) + k, a bsl puts +1 where the plus bit is set.
+inline void expand4(const uint64_t* mw, const uint64_t* pw, int8_t* planes) {
+  const uint8x16x2_t ms = words4(mw), ps = words4(pw);
   static const uint8_t kIdx[16] = {0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24};
   static const uint8_t kLo[16] = {1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8};
   const uint8x16_t lo = vld1q_u8(kLo), hi = vshlq_n_u8(lo, 4), one = vdupq_n_u8(1);
   uint8x16_t idx = vld1q_u8(kIdx);
   for (int p = 0; p < kQuads / 2; ++p) {  // byte p of every row = quads 2p, 2p + 1
-    const uint8x16_t rep = vqtbl2q_u8(src, idx);
-    vst1q_s8(planes + size_t(2 * p) * stride, vreinterpretq_s8_u8(vtstq_u8(rep, lo)));
-    vst1q_s8(planes + size_t(2 * p + 1) * stride, vreinterpretq_s8_u8(vtstq_u8(rep, hi)));
+    const uint8x16_t rm = vqtbl2q_u8(ms, idx), rp = vqtbl2q_u8(ps, idx);
+    const uint8x16_t k0 = vtstq_u8(rm, lo), k1 = vtstq_u8(rm, hi);
+    int8_t* q0 = planes + size_t(2 * p) * kQuadStride;
+    int8_t* q1 = q0 + kQuadStride;
+    vst1q_u8(reinterpret_cast<uint8_t*>(q0), k0);
+    vst1q_u8(reinterpret_cast<uint8_t*>(q0 + kPlaneBytes), vbslq_u8(vtstq_u8(rp, lo), one, k0));
+    vst1q_u8(reinterpret_cast<uint8_t*>(q1), k1);
+    vst1q_u8(reinterpret_cast<uint8_t*>(q1 + kPlaneBytes), vbslq_u8(vtstq_u8(rp, hi), one, k1));
     idx = vaddq_u8(idx, one);
   }
 }
 
-// Buffer of one block and chunk: [group g (4 rows)][quad j][plane: kept, plus][16 bytes]
-constexpr size_t kQuadStride = 2 * kPlaneBytes;
-constexpr size_t kGroupStride = size_t(kQuads) * kQuadStride;
 
 inline float32x4_t half4(const uint32_t* am, bool high) {  // 4 rows' alpha (low half) or mu (high half)
   const uint32x4_t v = vld1q_u32(am);
@@ -100,17 +112,16 @@ inline float32x4_t half4(const uint32_t* am, bool high) {  // 4 rows' alpha (low
   return vcvt_f32_f16(vreinterpret_f16_u16(h));
 }
 
-// y[4 rows] = fma(scale, fma(mu, S, alpha * D), y) from the negated sums Sn = -S, Pn = -P; n = rows to write.
-inline void finish(int32x4_t sn, int32x4_t pn, float32x4_t alpha, float32x4_t mu, float scale, float* yt, int n) {
-  const int32x4_t s = vnegq_s32(sn), d = vsubq_s32(sn, vshlq_n_s32(pn, 1));
-  const float32x4_t part = vfmaq_f32(vmulq_f32(alpha, vcvtq_f32_s32(d)), mu, vcvtq_f32_s32(s));
-  const float32x4_t sc = vdupq_n_f32(scale);
+// y[4 rows] = fma(scale, fma(mu, S, alpha * D), y) from Sn = -S and D (the scalar kernel's operations and order);
+// n = rows to write.
+inline void finish(int32x4_t sn, int32x4_t d, float32x4_t alpha, float32x4_t mu, float scale, float* yt, int n) {
+  const float32x4_t part = vfmaq_f32(vmulq_f32(alpha, vcvtq_f32_s32(d)), mu, vcvtq_f32_s32(vnegq_s32(sn)));
   if (n >= 4) {
-    vst1q_f32(yt, vfmaq_f32(vld1q_f32(yt), sc, part));
+    vst1q_f32(yt, vfmaq_n_f32(vld1q_f32(yt), part, scale));
   } else {
     float buf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int i = 0; i < n; ++i) buf[i] = yt[i];
-    vst1q_f32(buf, vfmaq_f32(vld1q_f32(buf), sc, part));
+    vst1q_f32(buf, vfmaq_n_f32(vld1q_f32(buf), part, scale));
     for (int i = 0; i < n; ++i) yt[i] = buf[i];
   }
 }
@@ -200,12 +211,9 @@ void rows_sdot(PBS2P_ROWS_ARGS) {
         pw[i] = pdep64(s, m);
         std::memcpy(&am[i], &w.d.scales[(r * G + g) * 2], 4);
       }
-      for (int gi = 0; gi < 4; ++gi) {
-        expand4(mw + 4 * gi, planes + size_t(gi) * kGroupStride, kQuadStride);
-        expand4(pw + 4 * gi, planes + size_t(gi) * kGroupStride + kPlaneBytes, kQuadStride);
-      }
       float32x4_t alpha[4], mu[4];
       for (int gi = 0; gi < 4; ++gi) {
+        expand4(mw + 4 * gi, pw + 4 * gi, planes + size_t(gi) * kGroupStride);
         alpha[gi] = half4(am + 4 * gi, false);
         mu[gi] = half4(am + 4 * gi, true);
       }
@@ -219,6 +227,9 @@ void rows_sdot(PBS2P_ROWS_ARGS) {
         float* y0 = y + size_t(t) * ldy + size_t(rb);
         float* y1 = two ? y0 + ldy : nullptr;
         for (int gi = 0; gi < groups; gi += 2) {
+          // the planes stay in L1 and are streamed per token: without this barrier the compiler hoists all 64
+          // plane loads of a group pair out of the token loop and spills them to the stack
+          __asm__ __volatile__("" ::: "memory");
           int32x4_t acc[8];
           if (two) {
             gemm_8rows<true>(planes + size_t(gi) * kGroupStride, q0, q0 + qstride, acc);
