@@ -104,6 +104,7 @@ void tile_avx2(PBS2P_TILE_ARGS);
 #endif
 #if defined(PBS2P_HAVE_NEON)
 void tile_neon(PBS2P_TILE_ARGS);
+void build_tables_neon(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t);
 #endif
 
 // Best kernel for this CPU (AVX2+FMA+F16C checked at run time; NEON always on aarch64) and its name.

@@ -1,6 +1,6 @@
 // Quick single-thread kernel timing without ONNX Runtime (development aid; bench/kernels.py is the benchmark).
 // usage: pbs2p_kernel_bench [rows] [k] [tokens] [kernel] [iterations]; weights stay warm in the caches (one 6:8
-// weight, group 128). With a kernel name only that kernel runs (scripts/arm_insn_count.sh counts its instructions).
+// weight, group 128). With a kernel name only that kernel runs (scripts/arm_insn_count.py counts its instructions).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>

@@ -178,7 +178,7 @@ const Kernel kAvx2Tile{"avx2", false, nullptr, tile_avx2, build_tables_avx2};
 const Kernel kAvx512Hybrid{"avx512-vnni+avx2", true, rows_avx512vnni, nullptr, nullptr, &kAvx2Tile};
 #endif
 #if defined(PBS2P_HAVE_NEON)
-const Kernel kNeonTile{"neon", false, nullptr, tile_neon, build_tables_generic};
+const Kernel kNeonTile{"neon", false, nullptr, tile_neon, build_tables_neon};
 #endif
 #if defined(PBS2P_HAVE_SDOT) && defined(PBS2P_HAVE_NEON)
 const Kernel kSdot{"sdot", true, rows_sdot, nullptr, nullptr};

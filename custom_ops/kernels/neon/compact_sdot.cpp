@@ -75,6 +75,16 @@ inline uint64_t pdep64(uint64_t s, uint64_t m) {
   }
   return out;
 }
+// The same when every mask byte holds exactly n set bits (M = 8, the chunk on whole M-runs): no popcounts.
+inline uint64_t pdep64_runs(uint64_t s, uint64_t m, int n) {
+  uint64_t out = 0;
+  for (int a = 0; a < 8; ++a) {
+    const unsigned mb = unsigned(m >> (8 * a)) & 0xffu;
+    out |= uint64_t(kPdep8.v[(mb << 8) | unsigned(s & 0xffu)]) << (8 * a);
+    s >>= n;
+  }
+  return out;
+}
 
 inline uint8x16x2_t words4(const uint64_t* w) {  // 4 rows' 64-bit words as a 32-byte tbl source
   uint8x16x2_t src;
@@ -180,6 +190,9 @@ void rows_sdot(PBS2P_ROWS_ARGS) {
       const int b = w.cm.begin[size_t(c)], len = w.cm.begin[size_t(c) + 1] - b;
       const uint64_t len_mask = len == 64 ? ~uint64_t(0) : (uint64_t(1) << len) - 1;
       const bool fast_mask = (b & 7) == 0 && size_t(b >> 3) + 8 <= w.mask_row;
+      // M = 8 and the chunk on whole runs: N kept bits per mask byte (validated), so no popcounts
+      const bool runs = p.m == 8 && (b & 7) == 0 && (len & 7) == 0;
+      const int run_kept = (len / 8) * p.n;
       for (int i = 0; i < kRows; ++i) {
         if (i >= nr) {
           mw[i] = pw[i] = 0;
@@ -195,7 +208,7 @@ void rows_sdot(PBS2P_ROWS_ARGS) {
         } else {
           m = take_bits(mrow, w.mask_row, size_t(b), len);
         }
-        const int pc = __builtin_popcountll(m);
+        const int pc = runs ? run_kept : __builtin_popcountll(m);
         const uint8_t* srow = w.d.signs + r * w.sign_row;
         const size_t pos = kept[i], byte = pos >> 3;
         uint64_t s;
@@ -208,7 +221,7 @@ void rows_sdot(PBS2P_ROWS_ARGS) {
         }
         kept[i] = pos + size_t(pc);
         mw[i] = m;
-        pw[i] = pdep64(s, m);
+        pw[i] = runs ? pdep64_runs(s, m, p.n) : pdep64(s, m);
         std::memcpy(&am[i], &w.d.scales[(r * G + g) * 2], 4);
       }
       float32x4_t alpha[4], mu[4];
