@@ -8,9 +8,9 @@
 //   plus = pdep(kept signs, mask) per row (no pdep on ARM: a byte at a time through a 64 KiB [mask][signs] table);
 //   the mask and plus words of 4 rows become two int8 planes in the SDOT lane order [quad j][row i][4 columns]
 //   (a tbl replicates each row's byte across its lane, a cmtst per 4 columns turns mask bits into 0 / -1 bytes,
-//   a bsl writes +1 where the plus bit is set: kept = 0 / -1, sign = +1 / -1 / 0).
+//   an and makes the kept plane 0 / 1, a bsl writes +1 where the plus bit is set: sign = +1 / -1 / 0).
 // Then for every token (the GEMM): per 4 rows and 4 columns, two SDOT by element (the token's activation quad
-// broadcast from a register lane), lanes = rows: one over the kept plane (0 / -1) gives -S, one over the sign
+// broadcast from a register lane), lanes = rows: one over the kept plane (0 / 1) gives S, one over the sign
 // plane (+1 / -1 / 0) gives D = 2P - S; y = fma(scale, fma(mu, S, alpha * D), y) per chunk in column order (the
 // scalar kernel's integers and float order, so identical bits).
 #include <arm_neon.h>
@@ -94,8 +94,8 @@ inline uint8x16x2_t words4(const uint64_t* w) {  // 4 rows' 64-bit words as a 32
 }
 
 // Mask and plus words of 4 rows -> per quad j (16 quads) two int8 planes, byte 4i + k = row i, column 4j + k:
-// kept = 0 / -1 and sign = +1 / -1 / 0 (pruned). A tbl replicates byte j/2 of each row's word over the row's 4
-// lanes, a cmtst picks bit 4(j%2) + k, a bsl puts +1 where the plus bit is set.
+// kept = 0 / 1 and sign = +1 / -1 / 0 (pruned). A tbl replicates byte j/2 of each row's word over the row's 4
+// lanes, a cmtst picks bit 4(j%2) + k (0 / -1), an and makes it 0 / 1, a bsl puts +1 where the plus bit is set.
 inline void expand4(const uint64_t* mw, const uint64_t* pw, int8_t* planes) {
   const uint8x16x2_t ms = words4(mw), ps = words4(pw);
   static const uint8_t kIdx[16] = {0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24};
@@ -107,9 +107,9 @@ inline void expand4(const uint64_t* mw, const uint64_t* pw, int8_t* planes) {
     const uint8x16_t k0 = vtstq_u8(rm, lo), k1 = vtstq_u8(rm, hi);
     int8_t* q0 = planes + size_t(2 * p) * kQuadStride;
     int8_t* q1 = q0 + kQuadStride;
-    vst1q_u8(reinterpret_cast<uint8_t*>(q0), k0);
+    vst1q_u8(reinterpret_cast<uint8_t*>(q0), vandq_u8(k0, one));
     vst1q_u8(reinterpret_cast<uint8_t*>(q0 + kPlaneBytes), vbslq_u8(vtstq_u8(rp, lo), one, k0));
-    vst1q_u8(reinterpret_cast<uint8_t*>(q1), k1);
+    vst1q_u8(reinterpret_cast<uint8_t*>(q1), vandq_u8(k1, one));
     vst1q_u8(reinterpret_cast<uint8_t*>(q1 + kPlaneBytes), vbslq_u8(vtstq_u8(rp, hi), one, k1));
     idx = vaddq_u8(idx, one);
   }
@@ -122,10 +122,9 @@ inline float32x4_t half4(const uint32_t* am, bool high) {  // 4 rows' alpha (low
   return vcvt_f32_f16(vreinterpret_f16_u16(h));
 }
 
-// y[4 rows] = fma(scale, fma(mu, S, alpha * D), y) from Sn = -S and D (the scalar kernel's operations and order);
-// n = rows to write.
-inline void finish(int32x4_t sn, int32x4_t d, float32x4_t alpha, float32x4_t mu, float scale, float* yt, int n) {
-  const float32x4_t part = vfmaq_f32(vmulq_f32(alpha, vcvtq_f32_s32(d)), mu, vcvtq_f32_s32(vnegq_s32(sn)));
+// y[4 rows] = fma(scale, fma(mu, S, alpha * D), y) (the scalar kernel's operations and order); n = rows to write.
+inline void finish(int32x4_t s, int32x4_t d, float32x4_t alpha, float32x4_t mu, float scale, float* yt, int n) {
+  const float32x4_t part = vfmaq_f32(vmulq_f32(alpha, vcvtq_f32_s32(d)), mu, vcvtq_f32_s32(s));
   if (n >= 4) {
     vst1q_f32(yt, vfmaq_n_f32(vld1q_f32(yt), part, scale));
   } else {
