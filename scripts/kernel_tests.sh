@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Build and run the C++ kernel tests (custom_ops/tests, no ONNX Runtime needed) three ways:
-#   native (Release), native with ASan + UBSan, and cross-built for aarch64 under qemu (NEON path);
+#   native (Release), native with ASan + UBSan, and cross-built for aarch64 under qemu: `-cpu max` (has the dot
+#   product: sdot, sdot+neon, neon, generic), again on `-cpu cortex-a72` (no dot product, as a Raspberry Pi 4:
+#   dispatch must fall back to neon and refuse PBS2P_KERNEL=sdot), and with ASan + UBSan (LeakSanitizer does not
+#   run under qemu-user) plus a short seeded fuzz run (FUZZ_RUNS_AARCH64 cases, default 1000) so the fuzz
+#   driver compares the aarch64 kernels too;
 # then a short fixed-seed fuzz run of the packed-weight parser + repack + matmul under ASan + UBSan
 # (scripts/fuzz_ops.sh, FUZZ_RUNS cases, default 5000; the long run is `make fuzz-ops`).
 # Ends with one summary line; exit status is non-zero if any configuration fails.
@@ -31,6 +35,7 @@ run_config() {  # name, run-prefix, cmake args...
   if out="$(timeout 300 $prefix "$dir/pbs2p_kernel_tests" 2>&1)"; then
     echo "$out" | tail -n 1
     results+=("$name: $(echo "$out" | tail -n 1)")
+    last_out="$out"
   else
     echo "$out" | tail -n 40
     results+=("$name: FAILED")
@@ -50,8 +55,43 @@ elif ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 
   results+=("aarch64-qemu: MISSING TOOLS (apt-get install g++-aarch64-linux-gnu qemu-user)")
   failed=1
 else
-  run_config aarch64-qemu "qemu-aarch64 -L /usr/aarch64-linux-gnu" -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++
+  cross=(-DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++)
+  qemu="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+  last_out=""
+  run_config aarch64-qemu "$qemu -cpu max" -DCMAKE_BUILD_TYPE=Release "${cross[@]}"
+  if [[ "$last_out" == *"kernels tested: sdot+neon,sdot,neon,generic;"* ]]; then
+    # the same binary on a core without the dot product (Pi 4 class): neon chosen, sdot refused
+    echo "== aarch64-qemu-a72 (no dot product): run"
+    if out="$(timeout 300 $qemu -cpu cortex-a72 "$root/aarch64-qemu/pbs2p_kernel_tests" 2>&1)" \
+      && [[ "$out" == *"dispatch picks neon)"* && "$out" == *"refused on this CPU: sdot+neon,sdot"* ]]; then
+      echo "$out" | tail -n 1
+      results+=("aarch64-qemu-a72: $(echo "$out" | tail -n 1)")
+    else
+      echo "$out" | tail -n 40
+      results+=("aarch64-qemu-a72: FAILED (want dispatch neon and PBS2P_KERNEL=sdot refused)")
+      failed=1
+    fi
+  elif [[ -n "$last_out" ]]; then
+    results+=("aarch64-qemu: FAILED (the sdot paths were not tested under -cpu max)")
+    failed=1
+  fi
+  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
+    run_config aarch64-sanitizers "$qemu -cpu max" -DCMAKE_BUILD_TYPE=Debug "-DCMAKE_CXX_FLAGS=-O1 $san" \
+    "-DCMAKE_EXE_LINKER_FLAGS=$san" "${cross[@]}"
+  aruns="${FUZZ_RUNS_AARCH64:-1000}"
+  echo "== aarch64 fuzz: $aruns cases, seed 1, ASan + UBSan, qemu -cpu max"
+  adir="$root/aarch64-sanitizers"
+  if cmake --build "$adir" --target pbs2p_fuzz_ops -j "$jobs" >>"$root/aarch64-sanitizers.log" 2>&1 \
+    && out="$(ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=0:malloc_limit_mb=2048 \
+      UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+      timeout 600 $qemu -cpu max "$adir/pbs2p_fuzz_ops" --runs "$aruns" --seed 1 --max-len 1024 2>&1)"; then
+    echo "$out" | tail -n 1
+    results+=("aarch64-fuzz: $(echo "$out" | tail -n 1)")
+  else
+    echo "$out" | tail -n 40
+    results+=("aarch64-fuzz: FAILED (log: $root/aarch64-sanitizers.log)")
+    failed=1
+  fi
 fi
 
 echo "== fuzz: ${FUZZ_RUNS:-5000} cases, seed 1"
@@ -66,7 +106,7 @@ fi
 echo "== kernel test summary"
 printf '  %s\n' "${results[@]}"
 if [[ $failed == 0 ]]; then
-  echo "KERNEL TESTS PASSED (native, sanitizers, aarch64-qemu, fuzz)"
+  echo "KERNEL TESTS PASSED (native, sanitizers, aarch64-qemu max + cortex-a72 + sanitizers, fuzz x86 + aarch64)"
 else
   echo "KERNEL TESTS FAILED"
 fi

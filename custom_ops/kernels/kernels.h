@@ -104,6 +104,7 @@ void tile_avx2(PBS2P_TILE_ARGS);
 #endif
 #if defined(PBS2P_HAVE_NEON)
 void tile_neon(PBS2P_TILE_ARGS);
+void build_tables_neon(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t);
 #endif
 
 // Best kernel for this CPU (AVX2+FMA+F16C checked at run time; NEON always on aarch64) and its name.
@@ -201,6 +202,10 @@ using RowsFn = void (*)(PBS2P_ROWS_ARGS);
 void rows_generic(PBS2P_ROWS_ARGS);
 #if defined(PBS2P_HAVE_AVX512)
 void rows_avx512vnni(PBS2P_ROWS_ARGS);
+#endif
+#if defined(PBS2P_HAVE_SDOT)
+void rows_sdot(PBS2P_ROWS_ARGS);  // neon/compact_sdot.cpp, the only file built with +dotprod
+bool cpu_has_dotprod();           // getauxval(AT_HWCAP) & HWCAP_ASIMDDP (neon/tile_neon.cpp, built for ARMv8.0)
 #endif
 
 // n (<= 64) bits starting at bit `pos` of a row of `nbytes` bytes, LSB first; never reads outside the row.

@@ -1,5 +1,6 @@
 // Quick single-thread kernel timing without ONNX Runtime (development aid; bench/kernels.py is the benchmark).
-// usage: pbs2p_kernel_bench [rows] [k] [tokens]; weights stay warm in the caches (one 6:8 weight, group 128).
+// usage: pbs2p_kernel_bench [rows] [k] [tokens] [kernel] [iterations]; weights stay warm in the caches (one 6:8
+// weight, group 128). With a kernel name only that kernel runs (scripts/arm_insn_count.py counts its instructions).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -24,9 +25,11 @@ int main(int argc, char** argv) {
   std::vector<float> x(size_t(tokens) * k), y(size_t(tokens) * rows);
   std::normal_distribution<float> nx(0.0f, 1.0f);
   for (auto& v : x) v = nx(rng);
+  const std::string only = argc > 4 ? argv[4] : "";
   for (const Kernel* kn : built_kernels()) {
-    if (!kernel_supported(*kn)) continue;
-    const int iters = std::string(kn->name) == "generic" ? 2 : 30;
+    if (!kernel_supported(*kn) || (!only.empty() && only != kn->name)) continue;
+    int iters = std::string(kn->name) == "generic" ? 2 : 30;
+    if (argc > 5) iters = std::max(1, std::atoi(argv[5]));
     CompactWeight cw;
     RuntimeWeight rw;
     if (kn->compact) prepare(d.view(), &cw);

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <iterator>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <random>
@@ -395,6 +396,22 @@ int main(int argc, char** argv) {
   const Kernel* best = nullptr;
   const std::string es = select_kernel(&best);
   check(es.empty(), "select_kernel: " + es);
+  // PBS2P_KERNEL=<built kernel>: selected when this CPU runs it, else refused with the one-line message
+  std::string refused;
+  for (const Kernel* k : built_kernels()) {
+    setenv("PBS2P_KERNEL", k->name, 1);
+    const Kernel* forced = nullptr;
+    const std::string ef = select_kernel(&forced);
+    if (kernel_supported(*k)) {
+      check(ef.empty() && forced == k, std::string("PBS2P_KERNEL=") + k->name + " selects it: " + ef);
+    } else {
+      check(ef == std::string("PBS2P_KERNEL=") + k->name + ": this CPU cannot run that path",
+            std::string("PBS2P_KERNEL=") + k->name + " refused on this CPU: '" + ef + "'");
+      refused += std::string(refused.empty() ? "" : ",") + k->name;
+    }
+  }
+  unsetenv("PBS2P_KERNEL");
+  if (!refused.empty()) std::printf("PBS2P_KERNEL refused on this CPU: %s\n", refused.c_str());
   std::string kernels;
   for (const Kernel* k : built_kernels()) {
     if (kernel_supported(*k)) {

@@ -198,7 +198,11 @@ const Kernel kAvx512Hybrid{"avx512-vnni+avx2", true, rows_avx512vnni, nullptr, n
 const Kernel kAvx512Tile{"avx512-vnni-tile", false, nullptr, tile_avx2, build_tables_avx2, nullptr, tile_gemm_avx512vnni};
 #endif
 #if defined(PBS2P_HAVE_NEON)
-const Kernel kNeonTile{"neon", false, nullptr, tile_neon, build_tables_generic};
+const Kernel kNeonTile{"neon", false, nullptr, tile_neon, build_tables_neon};
+#endif
+#if defined(PBS2P_HAVE_SDOT) && defined(PBS2P_HAVE_NEON)
+const Kernel kSdot{"sdot", true, rows_sdot, nullptr, nullptr};
+const Kernel kSdotHybrid{"sdot+neon", true, rows_sdot, nullptr, nullptr, &kNeonTile};
 #endif
 
 }  // namespace
@@ -215,6 +219,9 @@ const std::vector<const Kernel*>& built_kernels() {
 #if defined(PBS2P_HAVE_AVX2)
       &kAvx2Tile,
 #endif
+#if defined(PBS2P_HAVE_SDOT) && defined(PBS2P_HAVE_NEON)
+      &kSdotHybrid, &kSdot,
+#endif
 #if defined(PBS2P_HAVE_NEON)
       &kNeonTile,
 #endif
@@ -230,6 +237,9 @@ bool kernel_supported(const Kernel& k) {
 #if defined(PBS2P_HAVE_AVX512)
   // its post-pass is the AVX2 one (salient_block_avx2): checked too, though every AVX-512 CPU has it
   if (k.rows == rows_avx512vnni) return cpu_has_avx512vnni() && tile_fn_by_name("avx2") != nullptr;
+#endif
+#if defined(PBS2P_HAVE_SDOT)
+  if (k.rows == rows_sdot) return cpu_has_dotprod();
 #endif
   if (k.compact) return true;
   for (const char* isa : {"avx2", "neon", "generic"})  // the tile kernel's own CPU check

@@ -5,7 +5,54 @@
 
 #include "../kernels.h"
 
+#if defined(PBS2P_HAVE_SDOT)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)  // Linux arm64 uapi hwcap bit for SDOT / UDOT
+#endif
+#endif
+
 namespace pbs2p {
+
+#if defined(PBS2P_HAVE_SDOT)
+// Built for ARMv8.0 (this file), so it runs on any aarch64 core: the dot-product path is chosen at run time.
+bool cpu_has_dotprod() { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
+#endif
+
+// The generic builder's bytes (quantize_chunk, then d = v(c0) qa + v(c1) qb and s = |v(c0)| qa + |v(c1)| qb per
+// 2-bit code pair): per 2 columns one int8 multiply and one multiply-accumulate fill the 16 d and 16 s entries
+// (|entries| <= 126, exact in int8), instead of 32 scalar entries.
+void build_tables_neon(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t) {
+  const int k = t->k, chunks = t->chunks, quads = k / 4;
+  alignas(16) int8_t pa[32], pb[32];  // [d: v(c)][s: |v(c)|] for the first (pa) and second (pb) column of a pair
+  for (int idx = 0; idx < 16; ++idx) {
+    const int c0 = idx & 3, c1 = idx >> 2;
+    const int sa = c0 == kCodePlus ? 1 : c0 == kCodeMinus ? -1 : 0;
+    const int sb = c1 == kCodePlus ? 1 : c1 == kCodeMinus ? -1 : 0;
+    pa[idx] = int8_t(sa);
+    pa[16 + idx] = int8_t(sa != 0);
+    pb[idx] = int8_t(sb);
+    pb[16 + idx] = int8_t(sb != 0);
+  }
+  const int8x16_t pad = vld1q_s8(pa), pas = vld1q_s8(pa + 16), pbd = vld1q_s8(pb), pbs = vld1q_s8(pb + 16);
+  int8_t q[kChunkCols];
+  for (int tok = token_begin; tok < token_end; ++tok) {
+    const float* xt = x + size_t(tok) * k;
+    for (int c = 0; c < chunks; ++c) {
+      const int b = cm.begin[size_t(c)], e = cm.begin[size_t(c) + 1];
+      t->scale[size_t(tok) * chunks + c] = quantize_chunk(xt, b, e, q);
+      for (int j = b; j < e; j += 4) {
+        QuadTable& qt = t->tables[size_t(tok) * quads + size_t(j / 4)];
+        const int8_t* qq = q + (j - b);
+        for (int half = 0; half < 2; ++half) {
+          const int8x16_t qa = vdupq_n_s8(qq[2 * half]), qb = vdupq_n_s8(qq[2 * half + 1]);
+          vst1q_s8(half ? qt.d_hi : qt.d_lo, vmlaq_s8(vmulq_s8(pad, qa), pbd, qb));
+          vst1q_s8(half ? qt.s_hi : qt.s_lo, vmlaq_s8(vmulq_s8(pas, qa), pbs, qb));
+        }
+      }
+    }
+  }
+}
 
 void tile_neon(PBS2P_TILE_ARGS) {
   const Params& p = w.p;
