@@ -353,8 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": shlex.join(["bench/peers.py", *(sys.argv[1:] if argv is None else argv)]),
         "note": args.note,
     }
-    write_atomic(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    write_atomic(args.out.with_suffix(".md"), markdown(report))
+    write_atomic(args.out.with_name(args.out.name + ".json"), json.dumps(report, indent=2) + "\n")
+    write_atomic(args.out.with_name(args.out.name + ".md"), markdown(report))
     print(markdown(report))
     return 0
 
