@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,7 +58,9 @@ class SparseBinaryLinear(EmittingModule):
 
     Eager arithmetic: `"float"` is the compressed PyTorch model (fp32 activations); `"kernel"` reproduces what
     the C++ kernels compute (`pbs2p_edge.format.kernel_matmul`: activations rounded to int7 per chunk of a
-    scale group, salient columns in float), so the graph can be checked against PyTorch to rounding noise.
+    scale group, exact integer sums per chunk, salient columns in float), so the graph can be checked against
+    PyTorch to rounding noise. Both run on the packed weight decoded at 1 byte per weight (`decode_weight`),
+    except "float" on a model that holds W_hat (a plain matmul with it).
     """
 
     def __init__(self, linear: nn.Linear, packed: Any) -> None:
@@ -69,7 +72,10 @@ class SparseBinaryLinear(EmittingModule):
         # Plain attributes, not parameters: the graph must not carry the dense weight.
         self.weight_hat = linear.weight.detach()
         self.bias_eager = None if linear.bias is None else linear.bias.detach()
-        self._kernel_weights: tuple[torch.Tensor, Any, Any, Any, Any] | None = None
+        self.keep_decoded = False
+        self._decoded: DecodedWeight | None = None
+        # Set by validation (export/forcing.py): the output to return instead of computing one.
+        self.replace_output: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.attributes = {k: int(v) for k, v in packed.op_attributes().items()}
         self.input_names = _register_inputs(self, packed.op_inputs())
 
@@ -84,99 +90,149 @@ class SparseBinaryLinear(EmittingModule):
                 shape=(*x.shape[:-1], self.out_features),
                 version=PBS2P_OP_VERSION,
             )
+        if self.replace_output is not None:
+            return self.replace_output(x)
         if self.arithmetic == "kernel":
             return self._kernel_forward(x)
-        return nn.functional.linear(x, self._dense_weight(), self.bias_eager)
-
-    def _dense_weight(self) -> torch.Tensor:
-        """W_hat: the model's weight, or (a model built without dense linears) decoded from the packed arrays
-        for this call only, so a large model never holds every layer in fp32."""
         if not self.weight_hat.is_meta:
-            return self.weight_hat
-        from pbs2p_edge.format import unpack
+            return nn.functional.linear(x, self.weight_hat, self.bias_eager)
+        # No dense weight held: the decoded form, activations in fp32 (W_hat x = binary x + residual x).
+        return self._decoded_forward(x, quantize=False)
 
-        return torch.from_numpy(unpack(self.packed).dense())
-
-    def _split_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(the binarized part mask*(alpha*s + mu), the salient residual part or None, both [rows, K], without
-        the column scales; the column scales c [K] or None)."""
-        from pbs2p_edge.format import unpack
-
-        w = unpack(self.packed)
-        group = np.arange(w.k) // w.group_size
-        binary = w.mask * (w.alpha[:, group] * np.where(w.signs, 1.0, -1.0) + w.mu[:, group])
-        residual = None
-        if w.salient_cols is not None and w.salient_cols.size:
-            residual = np.zeros((w.rows, w.k), dtype=np.float64)
-            for g, cols in enumerate(w.salient_cols):
-                signs = np.where(w.salient_signs[:, g, :], 1.0, -1.0)
-                residual[:, cols] = w.mask[:, cols] * signs * w.alpha2[:, g : g + 1]
-        as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
-        return (
-            as_tensor(binary),
-            None if residual is None else as_tensor(residual),
-            None if w.col_scales is None else as_tensor(w.col_scales),
-        )
-
-    def _compact_kernel_weights(self) -> tuple[torch.Tensor, Any, Any, Any, Any]:
-        """(binary or W_hat, salient columns, binary - W_hat on them, residual on them, column scales).
-
-        The binarized part equals W_hat off the salient columns, so only those columns are kept beside W_hat
-        (a large model would otherwise hold two more fp32 copies of every layer). When it does not (W_hat is
-        not this packed weight's reconstruction, or column scales multiply it), the full binarized matrix is
-        kept instead.
-        """
-        binary, residual, col_scales = self._split_weights()
-        if col_scales is not None:
-            return binary, None, None, residual, col_scales
-        if residual is None:
-            cols = torch.zeros(0, dtype=torch.long)
-        else:
-            cols = torch.nonzero(residual.abs().sum(dim=0) > 0).flatten()
-        outside = torch.ones(self.in_features, dtype=torch.bool)
-        outside[cols] = False
-        if self.weight_hat.shape != binary.shape or not torch.equal(
-            self.weight_hat[:, outside], binary[:, outside]
-        ):
-            return binary, None, None, residual, None
-        if cols.numel() == 0:
-            return self.weight_hat, None, None, None, None
-        delta = binary[:, cols] - self.weight_hat[:, cols]
-        return self.weight_hat, cols, delta.contiguous(), residual[:, cols].contiguous(), None
+    def _weights(self) -> DecodedWeight:
+        """The decoded packed weight: kept while `decoded_once` is active (one decode per layer), else made
+        for this call only, so a large model never holds every layer decoded outside validation."""
+        if self._decoded is not None:
+            return self._decoded
+        decoded = decode_weight(self.packed)
+        if self.keep_decoded:
+            self._decoded = decoded
+        return decoded
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from pbs2p_edge.format.packed import ACT_MAX
-        from pbs2p_edge.format.reference import chunk_bounds
+        return self._decoded_forward(x, quantize=True)
 
-        if self.weight_hat.is_meta:  # no dense weights held: decode for this call only
-            binary, residual, col_scales = self._split_weights()
-            cols, delta = None, None
-        else:
-            if self._kernel_weights is None:
-                self._kernel_weights = self._compact_kernel_weights()
-            binary, cols, delta, residual, col_scales = self._kernel_weights
+    def _decoded_forward(self, x: torch.Tensor, quantize: bool) -> torch.Tensor:
+        """y = sum over activation chunks c of scale_c * (alpha_c * (q_c . t_c) + mu_c * (q_c . |t_c|)) + the
+        salient term on the (column-scaled) float activations + bias, t = mask * sign.
+
+        `quantize` (the kernels' arithmetic): q = the int7 rounding of each chunk, and the sums q . t, q . |t|
+        are exact integer products (int8 x int8 -> int32), as in C++. Else q = the fp32 activations, scale = 1
+        (the compressed model's own arithmetic, reported by validation, not gated)."""
+        from pbs2p_edge.format.packed import ACT_MAX
+
+        w = self._weights()
         flat = x.reshape(-1, self.in_features).float()
-        if col_scales is not None:  # y = W_hat_v1 @ (x * c), scaled before the int7 quantization
-            flat = flat * col_scales
-        pieces = []
-        for begin, end, _ in chunk_bounds(self.in_features, self.packed.group_size):
-            chunk = flat[:, begin:end]
-            amax = chunk.abs().amax(dim=1, keepdim=True)
-            # A true division (torch computes `scalar / tensor` as a reciprocal times the scalar, which
-            # rounds differently from the kernels and flips ties of the int7 rounding).
-            safe = torch.where(amax > 0, amax, 1.0)
-            inv = torch.where(amax > 0, torch.full_like(safe, float(ACT_MAX)) / safe, 0.0)
-            q = torch.clamp(torch.round(chunk * inv), -ACT_MAX, ACT_MAX)
-            pieces.append(q * (amax / torch.full_like(amax, float(ACT_MAX))))
-        xq = torch.cat(pieces, dim=1)
-        y = xq @ binary.T
-        if delta is not None:
-            y = y + xq[:, cols] @ delta.T
-        if residual is not None:
-            y = y + (flat if cols is None else flat[:, cols]) @ residual.T
+        if w.col_scales is not None:  # y = W_hat_v1 @ (x * c), scaled before the int7 quantization
+            flat = flat * w.col_scales
+        # [chunks, width, rows]: int8 for the integer products; the float path decodes one layer at a time.
+        ternary = w.ternary if quantize else w.ternary.float()
+        kept = ternary.abs()
+        out = []
+        for begin in range(0, flat.shape[0], _TOKEN_BLOCK):  # bounds the [chunks, tokens, rows] sums
+            part = flat[begin : begin + _TOKEN_BLOCK]
+            padded = torch.cat([part, part.new_zeros(part.shape[0], 1)], dim=1)
+            chunks = padded[:, w.gather].transpose(0, 1)  # [chunks, tokens, width]
+            if quantize:
+                amax = chunks.abs().amax(dim=2, keepdim=True)
+                # A true division (torch computes `scalar / tensor` as a reciprocal times the scalar, which
+                # rounds differently from the kernels and flips ties of the int7 rounding).
+                safe = torch.where(amax > 0, amax, 1.0)
+                inv = torch.where(amax > 0, torch.full_like(safe, float(ACT_MAX)) / safe, 0.0)
+                q = torch.clamp(torch.round(chunks * inv), -ACT_MAX, ACT_MAX).to(torch.int8)
+                scale = amax / torch.full_like(amax, float(ACT_MAX))
+                signed = torch.stack([torch._int_mm(q[c], ternary[c]) for c in range(len(q))]).float()
+                total = torch.stack([torch._int_mm(q[c], kept[c]) for c in range(len(q))]).float()
+                sums = (signed * w.alpha + total * w.mu) * scale
+            else:
+                sums = torch.bmm(chunks, ternary) * w.alpha + torch.bmm(chunks, kept) * w.mu
+            y = sums.sum(dim=0)
+            if w.residual is not None:
+                y = y + part[:, w.cols] @ w.residual.T
+            out.append(y)
+        y = torch.cat(out)
         if self.bias_eager is not None:
             y = y + self.bias_eager
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+# Token rows per batched chunk product: [chunks, 64, rows] fp32 temporaries stay a few MB per layer.
+_TOKEN_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class DecodedWeight:
+    """A packed layer decoded once for the PyTorch twin of the kernels, at 1 byte per weight.
+
+    `ternary` int8 [chunks, width, rows] is mask * sign per activation chunk of a scale group (the kernels'
+    chunks: `chunk_bounds`), zero-padded to the widest chunk; `gather` [chunks, width] names each slot's input
+    column (K = a zero column for padding). `alpha`, `mu` [chunks, 1, rows] are the fp16 scales of each
+    chunk's group. The salient term: `residual` [rows, S] on input columns `cols` [S], or None.
+    """
+
+    ternary: torch.Tensor
+    gather: torch.Tensor
+    alpha: torch.Tensor
+    mu: torch.Tensor
+    cols: torch.Tensor | None
+    residual: torch.Tensor | None
+    col_scales: torch.Tensor | None
+
+
+def decode_weight(packed: Any) -> DecodedWeight:
+    """Decode one packed layer (`pbs2p_edge.format.PackedWeight`) into a DecodedWeight."""
+    from pbs2p_edge.format import unpack
+    from pbs2p_edge.format.reference import chunk_bounds
+
+    w = unpack(packed)
+    bounds = chunk_bounds(w.k, w.group_size)
+    width = max(end - begin for begin, end, _ in bounds)
+    gather = np.full((len(bounds), width), w.k, dtype=np.int64)
+    for c, (begin, end, _) in enumerate(bounds):
+        gather[c, : end - begin] = np.arange(begin, end)
+    ternary = np.where(w.mask, np.where(w.signs, 1, -1), 0).astype(np.int8)
+    ternary = np.concatenate([ternary, np.zeros((w.rows, 1), dtype=np.int8)], axis=1)
+    groups = np.array([g for _, _, g in bounds])
+    per_chunk = lambda a: torch.from_numpy(np.ascontiguousarray(a[:, groups].T[:, None, :], np.float32))  # noqa: E731
+    cols = residual = None
+    if w.salient_cols is not None and w.salient_cols.size:
+        cols_np = np.asarray(w.salient_cols, dtype=np.int64)  # [G, S]
+        signs = np.where(w.salient_signs, 1.0, -1.0)  # [rows, G, S]
+        mask = w.mask[:, cols_np]  # [rows, G, S]
+        residual_np = mask * signs * w.alpha2[:, :, None]
+        cols = torch.from_numpy(cols_np.reshape(-1))
+        residual = torch.from_numpy(np.ascontiguousarray(residual_np.reshape(w.rows, -1), np.float32))
+    return DecodedWeight(
+        ternary=torch.from_numpy(np.ascontiguousarray(np.transpose(ternary[:, gather], (1, 2, 0)))),
+        gather=torch.from_numpy(gather),
+        alpha=per_chunk(w.alpha),
+        mu=per_chunk(w.mu),
+        cols=cols,
+        residual=residual,
+        col_scales=None if w.col_scales is None else torch.from_numpy(w.col_scales.astype(np.float32)),
+    )
+
+
+@contextlib.contextmanager
+def decoded_once(model: nn.Module) -> Iterator[None]:
+    """Within the block, each SparseBinaryLinear of `model` decodes its packed weight at most once and keeps
+    it (1 byte per weight: validation runs the model about 50 times); dropped on exit."""
+    modules = [m for m in model.modules() if isinstance(m, SparseBinaryLinear)]
+    for module in modules:
+        module.keep_decoded = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.keep_decoded = False
+        forget_decoded(model)
+
+
+def forget_decoded(model: nn.Module) -> None:
+    """Drop the decoded weights `decoded_once` keeps (they are rebuilt on the next call if still active)."""
+    for module in model.modules():
+        if isinstance(module, SparseBinaryLinear):
+            module._decoded = None
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from torch import nn
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export import forcing
 from pbs2p_edge.export.configs import ExportConfig
-from pbs2p_edge.export.patch import SparseBinaryLinear, eager_arithmetic
+from pbs2p_edge.export.patch import SparseBinaryLinear, decoded_once, eager_arithmetic, forget_decoded
 
 DEFAULT_THRESHOLD_DB = 40.0
 DECODE_STEPS = 8
@@ -251,8 +251,31 @@ def validate_graph(
     *,
     threshold_db: float = DEFAULT_THRESHOLD_DB,
     steps: int = DECODE_STEPS,
+    release: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Compare the graph with the PyTorch model (prefill + `steps` decode steps); raise below the threshold."""
+    """Compare the graph with the PyTorch model (prefill + `steps` decode steps); raise below the threshold.
+
+    The model runs about 5 x (steps + 1) times: each compressed layer decodes its packed weight once for all
+    of them (`decoded_once`, 1 byte per weight) instead of once per call. Every PyTorch run comes before the
+    last ONNX Runtime session, and `release` (if given) is called in between: it may free the PyTorch
+    model's weights, so the two copies of a large fp32 model never share the memory."""
+    with decoded_once(hf_model):
+        return _validate(
+            model_path, ops_library, hf_model, head, config, tokenizer, threshold_db, steps, release
+        )
+
+
+def _validate(
+    model_path: Path,
+    ops_library: Path | None,
+    hf_model: nn.Module,
+    head: nn.Module,
+    config: ExportConfig,
+    tokenizer: Any,
+    threshold_db: float,
+    steps: int,
+    release: Callable[[], None] | None,
+) -> dict[str, Any]:
     ids = prompt_ids(tokenizer, config.vocab_size)
     embed_w, head_w = head.reference_weights()
     head_input = getattr(head, "reference_input", None)
@@ -265,6 +288,25 @@ def validate_graph(
                 noisy, _ = torch_logits(hf_model, ids, steps, forced=tokens)
             noise_floor = compare(reference, noisy)
             forced = teacher_forced(model_path, ops_library, hf_model, config, ids, tokens)
+    # What the kernels' int7 activations change against the compressed model in fp32 (same head, PyTorch).
+    vs_float = None
+    if compressed:
+        with reference_head(hf_model, embed_w, head_w, head_input), eager_arithmetic(hf_model, "float"):
+            float_reference, _ = torch_logits(hf_model, ids, steps, forced=tokens)
+        vs_float = compare(float_reference, reference)
+    # The compact head's own effect: the same PyTorch model with its fp32 head against the stored head.
+    head_effect = None
+    if not (
+        hf_model.get_input_embeddings().weight is embed_w
+        and hf_model.get_output_embeddings().weight is head_w
+    ):
+        with eager_arithmetic(hf_model, "kernel"):
+            fp32_head, _ = torch_logits(hf_model, ids, steps, forced=tokens)
+        head_effect = compare(fp32_head, reference)
+    del embed_w, head_w
+    forget_decoded(hf_model)
+    if release is not None:  # PyTorch is done: its weights may go before ONNX Runtime loads the graph's
+        release()
     free_running = compare(reference, ort_logits(ort_session(model_path, ops_library), config, ids, tokens))
     result: dict[str, Any] = {
         "reference": "transformers forward with the bundle's weights and the kernels' arithmetic",
@@ -276,21 +318,8 @@ def validate_graph(
         "teacher_forced": forced,
         "free_running": free_running,
         "noise_floor": noise_floor,
+        "vs_float_activations": vs_float,
+        "head_effect": head_effect,
     }
-    # What the kernels' int7 activations change against the compressed model in fp32 (same head, PyTorch).
-    result["vs_float_activations"] = None
-    if compressed:
-        with reference_head(hf_model, embed_w, head_w, head_input), eager_arithmetic(hf_model, "float"):
-            float_reference, _ = torch_logits(hf_model, ids, steps, forced=tokens)
-        result["vs_float_activations"] = compare(float_reference, reference)
-    # The compact head's own effect: the same PyTorch model with its fp32 head against the stored head.
-    result["head_effect"] = None
-    if not (
-        hf_model.get_input_embeddings().weight is embed_w
-        and hf_model.get_output_embeddings().weight is head_w
-    ):
-        with eager_arithmetic(hf_model, "kernel"):
-            fp32_head, _ = torch_logits(hf_model, ids, steps, forced=tokens)
-        result["head_effect"] = compare(fp32_head, reference)
     _gate(result, threshold_db)
     return result

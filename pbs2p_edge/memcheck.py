@@ -62,6 +62,14 @@ def require_fp32_model(config: object, what: str) -> None:
         require(BASE_BYTES + fp32_model_bytes(config), what)
 
 
+def fp32_export_bytes(config: object) -> int:
+    """`export --format fp32`: the fp32 weights once (each projection is transposed in place of its original,
+    the graph streams to disk, and PyTorch's copy is freed before ONNX Runtime loads the bundle's), plus one
+    session's working memory and the largest layer transposed beside its original."""
+    total, layer = config_params(config)
+    return BASE_BYTES + 4 * total + 4 * layer + int(0.5 * GIB)
+
+
 def eval_bytes(config: object, ctx: int) -> int:
     """PyTorch perplexity of an fp32 model: the weights + one window's logits (fp32, a few copies)."""
     return BASE_BYTES + fp32_model_bytes(config) + 3 * 4 * ctx * int(config.vocab_size)
