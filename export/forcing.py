@@ -147,22 +147,25 @@ def forced_outputs(
     taps: Sequence[Tap],
     graph_values: Sequence[Mapping[str, np.ndarray]],
 ) -> Iterator[dict[str, _Record]]:
-    """While active, the n-th call of each compressed layer returns the graph's output of step n (its own
-    output is not computed: `SparseBinaryLinear.replace_output`).
+    """While active, each compressed layer returns the graph's outputs of all steps, joined along the token
+    axis (PyTorch runs the whole sequence in one pass), without computing its own
+    (`SparseBinaryLinear.replace_output`); a second call is refused.
 
-    Each call also records PyTorch's own input and the kernel arithmetic applied to the graph's input.
+    The call also records PyTorch's own input and the kernel arithmetic applied to the graph's input.
     """
     records: dict[str, _Record] = {}
+
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([values[name] for values in graph_values], axis=-2)
 
     def replacement(tap: Tap, module: SparseBinaryLinear) -> Any:
         record = records.setdefault(tap.layer, _Record([], [], [], []))
 
         def forced(x: torch.Tensor) -> torch.Tensor:
-            step = len(record.graph_out)
-            if step >= len(graph_values):
+            if record.graph_out:
                 raise Pbs2pError(f"validation: layer {tap.layer} ran more often than the graph")
-            graph_in = graph_values[step][tap.input]
-            graph_out = graph_values[step][tap.output][..., tap.start : tap.stop]
+            graph_in = joined(tap.input)
+            graph_out = joined(tap.output)[..., tap.start : tap.stop]
             record.graph_in.append(graph_in)
             record.graph_out.append(graph_out)
             record.torch_in.append(x.detach().float().numpy().reshape(graph_in.shape))

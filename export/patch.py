@@ -96,8 +96,8 @@ class SparseBinaryLinear(EmittingModule):
             return self._kernel_forward(x)
         if not self.weight_hat.is_meta:
             return nn.functional.linear(x, self.weight_hat, self.bias_eager)
-        # No dense weight held: the decoded form, activations in fp32 (W_hat x = binary x + residual x).
-        return self._decoded_forward(x, quantize=False)
+        # No dense weight held: W_hat rebuilt for this call from the decoded weight (one layer at a time).
+        return nn.functional.linear(x, self._weights().dense(), self.bias_eager)
 
     def _weights(self) -> DecodedWeight:
         """The decoded packed weight: kept while `decoded_once` is active (one decode per layer), else made
@@ -110,106 +110,88 @@ class SparseBinaryLinear(EmittingModule):
         return decoded
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._decoded_forward(x, quantize=True)
-
-    def _decoded_forward(self, x: torch.Tensor, quantize: bool) -> torch.Tensor:
-        """y = sum over activation chunks c of scale_c * (alpha_c * (q_c . t_c) + mu_c * (q_c . |t_c|)) + the
-        salient term on the (column-scaled) float activations + bias, t = mask * sign.
-
-        `quantize` (the kernels' arithmetic): q = the int7 rounding of each chunk, and the sums q . t, q . |t|
-        are exact integer products (int8 x int8 -> int32), as in C++. Else q = the fp32 activations, scale = 1
-        (the compressed model's own arithmetic, reported by validation, not gated)."""
         from pbs2p_edge.format.packed import ACT_MAX
+        from pbs2p_edge.format.reference import chunk_bounds
 
         w = self._weights()
         flat = x.reshape(-1, self.in_features).float()
         if w.col_scales is not None:  # y = W_hat_v1 @ (x * c), scaled before the int7 quantization
             flat = flat * w.col_scales
-        # [chunks, width, rows]: int8 for the integer products; the float path decodes one layer at a time.
-        ternary = w.ternary if quantize else w.ternary.float()
-        kept = ternary.abs()
-        out = []
-        for begin in range(0, flat.shape[0], _TOKEN_BLOCK):  # bounds the [chunks, tokens, rows] sums
-            part = flat[begin : begin + _TOKEN_BLOCK]
-            padded = torch.cat([part, part.new_zeros(part.shape[0], 1)], dim=1)
-            chunks = padded[:, w.gather].transpose(0, 1)  # [chunks, tokens, width]
-            if quantize:
-                amax = chunks.abs().amax(dim=2, keepdim=True)
-                # A true division (torch computes `scalar / tensor` as a reciprocal times the scalar, which
-                # rounds differently from the kernels and flips ties of the int7 rounding).
-                safe = torch.where(amax > 0, amax, 1.0)
-                inv = torch.where(amax > 0, torch.full_like(safe, float(ACT_MAX)) / safe, 0.0)
-                q = torch.clamp(torch.round(chunks * inv), -ACT_MAX, ACT_MAX).to(torch.int8)
-                scale = amax / torch.full_like(amax, float(ACT_MAX))
-                signed = torch.stack([torch._int_mm(q[c], ternary[c]) for c in range(len(q))]).float()
-                total = torch.stack([torch._int_mm(q[c], kept[c]) for c in range(len(q))]).float()
-                sums = (signed * w.alpha + total * w.mu) * scale
-            else:
-                sums = torch.bmm(chunks, ternary) * w.alpha + torch.bmm(chunks, kept) * w.mu
-            y = sums.sum(dim=0)
-            if w.residual is not None:
-                y = y + part[:, w.cols] @ w.residual.T
-            out.append(y)
-        y = torch.cat(out)
+        pieces = []
+        for begin, end, _ in chunk_bounds(self.in_features, self.packed.group_size):
+            chunk = flat[:, begin:end]
+            amax = chunk.abs().amax(dim=1, keepdim=True)
+            # A true division (torch computes `scalar / tensor` as a reciprocal times the scalar, which
+            # rounds differently from the kernels and flips ties of the int7 rounding).
+            safe = torch.where(amax > 0, amax, 1.0)
+            inv = torch.where(amax > 0, torch.full_like(safe, float(ACT_MAX)) / safe, 0.0)
+            q = torch.clamp(torch.round(chunk * inv), -ACT_MAX, ACT_MAX)
+            pieces.append(q * (amax / torch.full_like(amax, float(ACT_MAX))))
+        xq = torch.cat(pieces, dim=1)
+        y = xq @ w.binary().T
+        if w.residual is not None:
+            y = y + flat[:, w.cols] @ w.residual.T
         if self.bias_eager is not None:
             y = y + self.bias_eager
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-# Token rows per batched chunk product: [chunks, 64, rows] fp32 temporaries stay a few MB per layer.
-_TOKEN_BLOCK = 64
-
-
 @dataclass(frozen=True)
 class DecodedWeight:
-    """A packed layer decoded once for the PyTorch twin of the kernels, at 1 byte per weight.
-
-    `ternary` int8 [chunks, width, rows] is mask * sign per activation chunk of a scale group (the kernels'
-    chunks: `chunk_bounds`), zero-padded to the widest chunk; `gather` [chunks, width] names each slot's input
-    column (K = a zero column for padding). `alpha`, `mu` [chunks, 1, rows] are the fp16 scales of each
-    chunk's group. The salient term: `residual` [rows, S] on input columns `cols` [S], or None.
-    """
+    """A packed layer decoded for the PyTorch reference at 1 byte per weight: `ternary` int8 [rows, K] =
+    mask * sign, the fp16 scales `alpha`, `mu` [rows, G] as float32, and the salient term: `residual`
+    [rows, S] (mask * sign * alpha2) on input columns `cols` [S], or None; `col_scales` [K] or None."""
 
     ternary: torch.Tensor
-    gather: torch.Tensor
     alpha: torch.Tensor
     mu: torch.Tensor
+    group_size: int
     cols: torch.Tensor | None
     residual: torch.Tensor | None
     col_scales: torch.Tensor | None
+
+    def binary(self) -> torch.Tensor:
+        """The binarized part mask * (alpha * sign + mu) [rows, K] in float32 (without salient columns and
+        column scales), built for one call."""
+        t = self.ternary.float()
+        k = t.shape[1]
+        alpha = self.alpha.repeat_interleave(self.group_size, dim=1)[:, :k]
+        mu = self.mu.repeat_interleave(self.group_size, dim=1)[:, :k]
+        signed = t * alpha
+        return signed.addcmul_(t.abs_(), mu)
+
+    def dense(self) -> torch.Tensor:
+        """W_hat [rows, K] as `SparseBinaryWeight.dense()` computes it, to the bit."""
+        w = self.binary()
+        if self.residual is not None:
+            w[:, self.cols] += self.residual
+        if self.col_scales is not None:
+            w = w * self.col_scales
+        return w
 
 
 def decode_weight(packed: Any) -> DecodedWeight:
     """Decode one packed layer (`pbs2p_edge.format.PackedWeight`) into a DecodedWeight."""
     from pbs2p_edge.format import unpack
-    from pbs2p_edge.format.reference import chunk_bounds
 
     w = unpack(packed)
-    bounds = chunk_bounds(w.k, w.group_size)
-    width = max(end - begin for begin, end, _ in bounds)
-    gather = np.full((len(bounds), width), w.k, dtype=np.int64)
-    for c, (begin, end, _) in enumerate(bounds):
-        gather[c, : end - begin] = np.arange(begin, end)
-    ternary = np.where(w.mask, np.where(w.signs, 1, -1), 0).astype(np.int8)
-    ternary = np.concatenate([ternary, np.zeros((w.rows, 1), dtype=np.int8)], axis=1)
-    groups = np.array([g for _, _, g in bounds])
-    per_chunk = lambda a: torch.from_numpy(np.ascontiguousarray(a[:, groups].T[:, None, :], np.float32))  # noqa: E731
     cols = residual = None
     if w.salient_cols is not None and w.salient_cols.size:
         cols_np = np.asarray(w.salient_cols, dtype=np.int64)  # [G, S]
         signs = np.where(w.salient_signs, 1.0, -1.0)  # [rows, G, S]
-        mask = w.mask[:, cols_np]  # [rows, G, S]
-        residual_np = mask * signs * w.alpha2[:, :, None]
+        residual_np = w.mask[:, cols_np] * signs * w.alpha2[:, :, None]
         cols = torch.from_numpy(cols_np.reshape(-1))
         residual = torch.from_numpy(np.ascontiguousarray(residual_np.reshape(w.rows, -1), np.float32))
+    ternary = np.where(w.mask, np.where(w.signs, 1, -1), 0).astype(np.int8)
+    as_float = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
     return DecodedWeight(
-        ternary=torch.from_numpy(np.ascontiguousarray(np.transpose(ternary[:, gather], (1, 2, 0)))),
-        gather=torch.from_numpy(gather),
-        alpha=per_chunk(w.alpha),
-        mu=per_chunk(w.mu),
+        ternary=torch.from_numpy(ternary),
+        alpha=as_float(w.alpha),
+        mu=as_float(w.mu),
+        group_size=w.group_size,
         cols=cols,
         residual=residual,
-        col_scales=None if w.col_scales is None else torch.from_numpy(w.col_scales.astype(np.float32)),
+        col_scales=None if w.col_scales is None else as_float(w.col_scales),
     )
 
 

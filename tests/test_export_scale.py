@@ -217,3 +217,15 @@ def test_fp32_export_refuses_up_front_when_memory_is_short(
     assert result.exit_code == 2 and not out.exists()
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "exporting an fp32 bundle" in lines[0] and "GiB is available" in lines[0]
+
+
+@pytest.mark.parametrize(("salient", "col_scales", "k"), [(0, False, 320), (2, True, 200), (3, False, 128)])
+def test_decoded_weight_rebuilds_w_hat_to_the_bit(salient: int, col_scales: bool, k: int) -> None:
+    """The 1-byte-per-weight decoded form gives back exactly the W_hat the format defines."""
+    from pbs2p_edge.export.patch import decode_weight
+    from pbs2p_edge.format import pack, random_weight
+
+    weight = random_weight(48, k, salient=salient, seed=2, col_scales=col_scales)
+    decoded = decode_weight(pack(weight))
+    assert decoded.ternary.dtype == torch.int8
+    np.testing.assert_array_equal(decoded.dense().numpy(), weight.dense())
