@@ -116,6 +116,16 @@ def _share_reshaped_initializers(model: ir.Model) -> None:
             graph.insert_before(first, node)
 
 
+def _drop_tensors(program: Any) -> None:
+    """Cut the exported program's links to the module's tensors once they are on disk: the exporter's objects
+    outlive the call (module-level caches keep its graph reachable), and with them every weight the caller
+    wants to free before validation loads the bundle."""
+    for value in program.model.graph.initializers.values():
+        value.const_value = None
+    program.model.graph.initializers.clear()
+    program.exported_program = None
+
+
 def _nbytes(value: ir.Value) -> int:
     return int(value.const_value.nbytes)
 
@@ -178,6 +188,7 @@ def export_onnx(decoder: Decoder, config: ExportConfig, out_dir: Path) -> Path:
     # external data file one at a time: no serialized copy of the whole graph is ever held in memory.
     _share_reshaped_initializers(program.model)
     ir.save(program.model, str(path), external_data=DATA_FILE, size_threshold_bytes=EXTERNAL_THRESHOLD)
+    _drop_tensors(program)
     del program
     gc.collect()
     model = onnx.load(str(path), load_external_data=False)  # the graph only
