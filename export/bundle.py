@@ -66,6 +66,13 @@ def _load_checkpoint_source(path: Path) -> Source:
     ckpt = load_checkpoint(path)
     # The packed layers stay packed (their modules decode W_hat per call): no fp32 copy of the model.
     model, tokenizer = build_model(ckpt, dense_linears=False)
+    from pbs2p_edge import memcheck
+
+    # The checkpoint and the model are already in memory: the rest of the export needs the difference.
+    needed = memcheck.pbs2p_export_bytes(model.config)
+    memcheck.require(
+        needed - memcheck.process_bytes(), f"exporting {path.name} ({needed / memcheck.GIB:.1f} GiB in all)"
+    )
     files = {name: text for name, text in (ckpt.get("tokenizer") or {}).items() if isinstance(text, str)}
     return Source(
         model.eval(),
@@ -88,13 +95,14 @@ def _load_fp_source(source: str | None, weights: str = "fp32") -> Source:
         raise Pbs2pError(f"{source} is a compressed checkpoint: export it with --format pbs2p")
     folder = sources.model_files(source)
     files = read_tokenizer_files(folder)
-    if weights == "fp32":
+    if weights in ("fp32", "int4"):
         from transformers import AutoConfig
 
         from pbs2p_edge import memcheck
 
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        memcheck.require(memcheck.fp32_export_bytes(config), f"exporting an fp32 bundle of {folder.name}")
+        predict = memcheck.fp32_export_bytes if weights == "fp32" else memcheck.int4_export_bytes
+        memcheck.require(predict(config), f"exporting an {weights} bundle of {folder.name}")
     if has_safetensors(folder):
         # The projections stay on disk until the int4 / fp32 factory reads them one at a time.
         model, store = skeleton_model(folder)
