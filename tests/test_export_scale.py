@@ -229,3 +229,18 @@ def test_decoded_weight_rebuilds_w_hat_to_the_bit(salient: int, col_scales: bool
     decoded = decode_weight(pack(weight))
     assert decoded.ternary.dtype == torch.int8
     np.testing.assert_array_equal(decoded.dense().numpy(), weight.dense())
+
+
+def test_pbs2p_export_refuses_up_front_when_memory_is_short(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pbs2p_edge import memcheck
+    from pbs2p_edge.export.cli import export_command
+
+    monkeypatch.setattr(memcheck, "available_bytes", lambda: 0)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(export_command, [str(checkpoint), "-o", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: exporting model.pt"), result.output
+    assert "GiB in all" in lines[0]
