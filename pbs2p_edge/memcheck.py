@@ -82,7 +82,7 @@ def pbs2p_export_bytes(config: object) -> int:
     """`export model.pt`: the fp32 embeddings and head twice (the model's, and the stored head's dequantized
     reference during validation), 2 bytes per projection weight (the packed arrays, and the int8 ternary each
     layer is decoded to once for validation), plus 1 GiB for the graph export and ONNX Runtime sessions.
-    Qwen2.5-Coder-1.5B 6:8: 7.9 GiB predicted, 7.6 GiB measured (bench/results/large-export-s5.md)."""
+    Qwen2.5-Coder-1.5B 6:8: 7.9 GiB predicted, 7.5 GiB measured (bench/results/large-export-s5.md)."""
     total, layer = config_params(config)
     projections = int(config.num_hidden_layers) * layer
     return BASE_BYTES + 8 * (total - projections) + 2 * projections + GIB

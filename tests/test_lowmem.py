@@ -154,7 +154,10 @@ def test_export_modules_without_dense_copies_compute_the_same(salient: int, bias
     decoded = held._weights()
     assert decoded.ternary.dtype == torch.int8 and decoded.ternary.numel() == 40 * 320
     if salient:
-        assert decoded.cols.numel() == 2 * (320 // 64) and decoded.residual.shape == (40, decoded.cols.numel())
+        assert decoded.cols.numel() == 2 * (320 // 64) and decoded.residual.shape == (
+            40,
+            decoded.cols.numel(),
+        )
 
 
 def test_cli_low_memory_path_skips_the_budget_and_refuses_e2e(
