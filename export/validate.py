@@ -277,9 +277,9 @@ def validate_graph(
 
     PyTorch runs the whole sequence up to 5 times (reference, noise floor, teacher-forced, fp32 activations,
     fp32 head); each compressed layer decodes its packed weight once for all of them (`decoded_once`, 1 byte
-    per weight). Every PyTorch run comes before the
-    last ONNX Runtime session, and `release` (if given) is called in between: it may free the PyTorch
-    model's weights, so the two copies of a large fp32 model never share the memory."""
+    per weight). Every PyTorch run comes before the last ONNX Runtime session, and `release` (if given) is
+    called in between: it may free the PyTorch model's weights, so the two copies of a large fp32 model never
+    share the memory."""
     with decoded_once(hf_model):
         return _validate(
             model_path, ops_library, hf_model, head, config, tokenizer, threshold_db, steps, release
