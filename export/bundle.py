@@ -17,7 +17,7 @@ from typing import Any
 import onnx
 
 from pbs2p_edge.errors import Pbs2pError, atomic_path
-from pbs2p_edge.export.baselines import INT4_BLOCK_SIZE, int4_factory
+from pbs2p_edge.export.baselines import INT4_BLOCK_SIZE, fp32_factory, int4_factory, release_weights
 from pbs2p_edge.export.configs import ExportConfig, export_config
 from pbs2p_edge.export.decoder import Decoder
 from pbs2p_edge.export.fused import LOGITS_TO_KEEP, FusedDecoder, fused_unsupported
@@ -66,6 +66,13 @@ def _load_checkpoint_source(path: Path) -> Source:
     ckpt = load_checkpoint(path)
     # The packed layers stay packed (their modules decode W_hat per call): no fp32 copy of the model.
     model, tokenizer = build_model(ckpt, dense_linears=False)
+    from pbs2p_edge import memcheck
+
+    # The checkpoint and the model are already in memory: the rest of the export needs the difference.
+    needed = memcheck.pbs2p_export_bytes(model.config)
+    memcheck.require(
+        needed - memcheck.process_bytes(), f"exporting {path.name} ({needed / memcheck.GIB:.1f} GiB in all)"
+    )
     files = {name: text for name, text in (ckpt.get("tokenizer") or {}).items() if isinstance(text, str)}
     return Source(
         model.eval(),
@@ -88,21 +95,20 @@ def _load_fp_source(source: str | None, weights: str = "fp32") -> Source:
         raise Pbs2pError(f"{source} is a compressed checkpoint: export it with --format pbs2p")
     folder = sources.model_files(source)
     files = read_tokenizer_files(folder)
-    if weights == "int4" and has_safetensors(folder):
-        # The projections stay on disk until the int4 factory reads and quantizes them one at a time.
-        model, store = skeleton_model(folder)
-        materialize_except(model, store, is_projection)
-        tokenizer = sources.load_tokenizer(folder)
-        return Source(model, tokenizer, files, description=str(source or "default"), store=store)
-    if weights == "fp32":
+    if weights in ("fp32", "int4"):
         from transformers import AutoConfig
 
         from pbs2p_edge import memcheck
 
-        # The exporter serializes every fp32 initializer while the model still holds them: twice the weights.
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        needed = memcheck.BASE_BYTES + 2 * memcheck.fp32_model_bytes(config)
-        memcheck.require(needed, f"exporting an fp32 bundle of {folder.name}")
+        predict = memcheck.fp32_export_bytes if weights == "fp32" else memcheck.int4_export_bytes
+        memcheck.require(predict(config), f"exporting an {weights} bundle of {folder.name}")
+    if has_safetensors(folder):
+        # The projections stay on disk until the int4 / fp32 factory reads them one at a time.
+        model, store = skeleton_model(folder)
+        materialize_except(model, store, is_projection)
+        tokenizer = sources.load_tokenizer(folder)
+        return Source(model, tokenizer, files, description=str(source or "default"), store=store)
     model, tokenizer = sources.load_model(folder)
     return Source(model, tokenizer, files, description=str(source or "default"))
 
@@ -351,6 +357,7 @@ def export_bundle(
                 config,
                 src.tokenizer,
                 threshold_db=threshold,
+                release=lambda: release_weights(src.model, head_module),
             )
         manifest["requires_ops"] = requires_ops
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
@@ -397,7 +404,7 @@ def _factory(src: Source, weights: str, accuracy_level: int) -> Factory:
         return pbs2p_factory(src.packed)
     if weights == "int4":
         return int4_factory(accuracy_level=accuracy_level, release=True, store=src.store)
-    return lambda name, linear: None  # fp32 keeps every linear as it is
+    return fp32_factory(release=True, store=src.store)
 
 
 def _mixed_factory(packed: Factory, nbits: dict[str, Any], accuracy_level: int) -> Factory:

@@ -147,40 +147,43 @@ def forced_outputs(
     taps: Sequence[Tap],
     graph_values: Sequence[Mapping[str, np.ndarray]],
 ) -> Iterator[dict[str, _Record]]:
-    """While active, the n-th call of each compressed layer returns the graph's output of step n.
+    """While active, each compressed layer returns the graph's outputs of all steps, joined along the token
+    axis (PyTorch runs the whole sequence in one pass), without computing its own
+    (`SparseBinaryLinear.replace_output`); a second call is refused.
 
-    Each call also records PyTorch's own input and the kernel arithmetic applied to the graph's input.
+    The call also records PyTorch's own input and the kernel arithmetic applied to the graph's input.
     """
     records: dict[str, _Record] = {}
-    handles = []
 
-    def hook_for(tap: Tap) -> Any:
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([values[name] for values in graph_values], axis=-2)
+
+    def replacement(tap: Tap, module: SparseBinaryLinear) -> Any:
         record = records.setdefault(tap.layer, _Record([], [], [], []))
 
-        def hook(
-            module: SparseBinaryLinear, args: tuple[torch.Tensor, ...], output: torch.Tensor
-        ) -> torch.Tensor:
-            step = len(record.graph_out)
-            if step >= len(graph_values):
+        def forced(x: torch.Tensor) -> torch.Tensor:
+            if record.graph_out:
                 raise Pbs2pError(f"validation: layer {tap.layer} ran more often than the graph")
-            graph_in = graph_values[step][tap.input]
-            graph_out = graph_values[step][tap.output][..., tap.start : tap.stop]
+            graph_in = joined(tap.input)
+            graph_out = joined(tap.output)[..., tap.start : tap.stop]
             record.graph_in.append(graph_in)
             record.graph_out.append(graph_out)
-            record.torch_in.append(args[0].detach().float().numpy().reshape(graph_in.shape))
+            record.torch_in.append(x.detach().float().numpy().reshape(graph_in.shape))
             kernel = module._kernel_forward(torch.from_numpy(np.ascontiguousarray(graph_in)))
             record.kernel_out.append(kernel.numpy())
-            return torch.from_numpy(np.ascontiguousarray(graph_out)).reshape(output.shape).to(output.dtype)
+            shape = (*x.shape[:-1], module.out_features)
+            return torch.from_numpy(np.ascontiguousarray(graph_out)).reshape(shape).to(x.dtype)
 
-        return hook
+        return forced
 
     try:
         for tap in taps:
-            handles.append(modules[tap.layer].register_forward_hook(hook_for(tap)))
+            module = modules[tap.layer]
+            module.replace_output = replacement(tap, module)
         yield records
     finally:
-        for handle in handles:
-            handle.remove()
+        for module in modules.values():
+            module.replace_output = None
 
 
 def ort_steps(

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import gc
+import hashlib
 import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
+from onnxscript import ir
 
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export.configs import ExportConfig
@@ -20,6 +24,8 @@ from pbs2p_edge.export.patch import onnx_emission
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 OPSET = 18
+# Initializers above this many bytes go to DATA_FILE, smaller ones stay in the graph.
+EXTERNAL_THRESHOLD = 1024
 # Example shapes for tracing: all different and > 1 so no axis is specialised to a constant.
 _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 5
 
@@ -78,32 +84,60 @@ def _name_axes(model: onnx.ModelProto, config: ExportConfig, fused: bool = False
                 dim.dim_value = label
 
 
-def _share_reshaped_initializers(model: onnx.ModelProto) -> None:
+def _share_reshaped_initializers(model: ir.Model) -> None:
     """Replace initializers that are byte-identical reshaped copies of another one by a Reshape node.
 
     The tied quantized embedding gathers from the LM head's quantized matrix viewed as 2-D; the exporter's
-    constant folding turns that view into a second copy, which would store the matrix twice.
+    constant folding turns that view into a second copy, which would store the matrix twice. Only folded
+    constants (numpy tensors, not the module's own torch tensors) can be such copies, so only byte counts
+    they share are hashed.
     """
     graph = model.graph
-    by_content: dict[tuple[int, bytes], onnx.TensorProto] = {}
-    initializers = list(graph.initializer)
-    for tensor in initializers:
-        if len(tensor.raw_data) < 4096:
+    values = [v for v in graph.initializers.values() if v.const_value is not None]
+    sizes = {_nbytes(v) for v in values if _nbytes(v) >= 4096 and not _is_module_tensor(v.const_value)}
+    originals: dict[tuple[Any, bytes], ir.Value] = {}
+    first = next(iter(graph), None)
+    for value in values:
+        if _nbytes(value) not in sizes:
             continue
-        key = (tensor.data_type, tensor.raw_data)
-        original = by_content.get(key)
-        if original is None:
-            by_content[key] = tensor
+        key = (value.const_value.dtype, hashlib.sha256(memoryview(_contiguous(value.const_value))).digest())
+        original = originals.setdefault(key, value)
+        if original is value:
             continue
-        shape_name = f"{tensor.name}__shape"
-        graph.initializer.remove(tensor)
-        graph.initializer.append(
-            onnx.numpy_helper.from_array(np.array(tensor.dims, dtype=np.int64), shape_name)
-        )
-        reshape = onnx.helper.make_node(
-            "Reshape", [original.name, shape_name], [tensor.name], name=f"{tensor.name}__reshape"
-        )
-        graph.node.insert(0, reshape)
+        name, dims = value.name, list(value.shape)
+        graph.initializers.pop(name)
+        shape = ir.Value(name=f"{name}__shape", const_value=ir.tensor(np.array(dims, dtype=np.int64)))
+        graph.register_initializer(shape)
+        value.const_value = None
+        node = ir.Node("", "Reshape", [original, shape], outputs=[value], name=f"{name}__reshape")
+        if first is None:
+            graph.append(node)
+        else:
+            graph.insert_before(first, node)
+
+
+def _drop_tensors(program: Any) -> None:
+    """Cut the exported program's links to the module's tensors once they are on disk: the exporter's objects
+    outlive the call (module-level caches keep its graph reachable), and with them every weight the caller
+    wants to free before validation loads the bundle."""
+    for value in program.model.graph.initializers.values():
+        value.const_value = None
+    program.model.graph.initializers.clear()
+    program.exported_program = None
+
+
+def _nbytes(value: ir.Value) -> int:
+    return int(value.const_value.nbytes)
+
+
+def _is_module_tensor(tensor: Any) -> bool:
+    return type(tensor).__name__ == "TorchTensor"
+
+
+def _contiguous(tensor: Any) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 array (a view where the layout allows)."""
+    array = np.ascontiguousarray(tensor.numpy())
+    return array.reshape(-1).view(np.uint8)
 
 
 @contextlib.contextmanager
@@ -150,19 +184,18 @@ def export_onnx(decoder: Decoder, config: ExportConfig, out_dir: Path) -> Path:
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise Pbs2pError(f"ONNX export failed: {first}") from exc
-    model = program.model_proto
+    # The initializers stream from the exporter's tensors (the module's own, and folded constants) to the
+    # external data file one at a time: no serialized copy of the whole graph is ever held in memory.
+    _share_reshaped_initializers(program.model)
+    ir.save(program.model, str(path), external_data=DATA_FILE, size_threshold_bytes=EXTERNAL_THRESHOLD)
+    _drop_tensors(program)
+    del program
+    gc.collect()
+    model = onnx.load(str(path), load_external_data=False)  # the graph only
     if fused:
         fused_graph.finish_graph(model)
     _name_axes(model, config, fused)
-    _share_reshaped_initializers(model)
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=DATA_FILE,
-        size_threshold=1024,
-    )
+    onnx.save_model(model, str(path))  # large initializers keep their place in DATA_FILE
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:

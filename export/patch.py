@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,7 +58,9 @@ class SparseBinaryLinear(EmittingModule):
 
     Eager arithmetic: `"float"` is the compressed PyTorch model (fp32 activations); `"kernel"` reproduces what
     the C++ kernels compute (`pbs2p_edge.format.kernel_matmul`: activations rounded to int7 per chunk of a
-    scale group, salient columns in float), so the graph can be checked against PyTorch to rounding noise.
+    scale group, exact integer sums per chunk, salient columns in float), so the graph can be checked against
+    PyTorch to rounding noise. Both run on the packed weight decoded at 1 byte per weight (`decode_weight`),
+    except "float" on a model that holds W_hat (a plain matmul with it).
     """
 
     def __init__(self, linear: nn.Linear, packed: Any) -> None:
@@ -69,7 +72,10 @@ class SparseBinaryLinear(EmittingModule):
         # Plain attributes, not parameters: the graph must not carry the dense weight.
         self.weight_hat = linear.weight.detach()
         self.bias_eager = None if linear.bias is None else linear.bias.detach()
-        self._kernel_weights: tuple[torch.Tensor, Any, Any, Any, Any] | None = None
+        self.keep_decoded = False
+        self._decoded: DecodedWeight | None = None
+        # Set by validation (export/forcing.py): the output to return instead of computing one.
+        self.replace_output: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.attributes = {k: int(v) for k, v in packed.op_attributes().items()}
         self.input_names = _register_inputs(self, packed.op_inputs())
 
@@ -84,80 +90,33 @@ class SparseBinaryLinear(EmittingModule):
                 shape=(*x.shape[:-1], self.out_features),
                 version=PBS2P_OP_VERSION,
             )
+        if self.replace_output is not None:
+            return self.replace_output(x)
         if self.arithmetic == "kernel":
             return self._kernel_forward(x)
-        return nn.functional.linear(x, self._dense_weight(), self.bias_eager)
-
-    def _dense_weight(self) -> torch.Tensor:
-        """W_hat: the model's weight, or (a model built without dense linears) decoded from the packed arrays
-        for this call only, so a large model never holds every layer in fp32."""
         if not self.weight_hat.is_meta:
-            return self.weight_hat
-        from pbs2p_edge.format import unpack
+            return nn.functional.linear(x, self.weight_hat, self.bias_eager)
+        # No dense weight held: W_hat rebuilt for this call from the decoded weight (one layer at a time).
+        return nn.functional.linear(x, self._weights().dense(), self.bias_eager)
 
-        return torch.from_numpy(unpack(self.packed).dense())
-
-    def _split_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(the binarized part mask*(alpha*s + mu), the salient residual part or None, both [rows, K], without
-        the column scales; the column scales c [K] or None)."""
-        from pbs2p_edge.format import unpack
-
-        w = unpack(self.packed)
-        group = np.arange(w.k) // w.group_size
-        binary = w.mask * (w.alpha[:, group] * np.where(w.signs, 1.0, -1.0) + w.mu[:, group])
-        residual = None
-        if w.salient_cols is not None and w.salient_cols.size:
-            residual = np.zeros((w.rows, w.k), dtype=np.float64)
-            for g, cols in enumerate(w.salient_cols):
-                signs = np.where(w.salient_signs[:, g, :], 1.0, -1.0)
-                residual[:, cols] = w.mask[:, cols] * signs * w.alpha2[:, g : g + 1]
-        as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
-        return (
-            as_tensor(binary),
-            None if residual is None else as_tensor(residual),
-            None if w.col_scales is None else as_tensor(w.col_scales),
-        )
-
-    def _compact_kernel_weights(self) -> tuple[torch.Tensor, Any, Any, Any, Any]:
-        """(binary or W_hat, salient columns, binary - W_hat on them, residual on them, column scales).
-
-        The binarized part equals W_hat off the salient columns, so only those columns are kept beside W_hat
-        (a large model would otherwise hold two more fp32 copies of every layer). When it does not (W_hat is
-        not this packed weight's reconstruction, or column scales multiply it), the full binarized matrix is
-        kept instead.
-        """
-        binary, residual, col_scales = self._split_weights()
-        if col_scales is not None:
-            return binary, None, None, residual, col_scales
-        if residual is None:
-            cols = torch.zeros(0, dtype=torch.long)
-        else:
-            cols = torch.nonzero(residual.abs().sum(dim=0) > 0).flatten()
-        outside = torch.ones(self.in_features, dtype=torch.bool)
-        outside[cols] = False
-        if self.weight_hat.shape != binary.shape or not torch.equal(
-            self.weight_hat[:, outside], binary[:, outside]
-        ):
-            return binary, None, None, residual, None
-        if cols.numel() == 0:
-            return self.weight_hat, None, None, None, None
-        delta = binary[:, cols] - self.weight_hat[:, cols]
-        return self.weight_hat, cols, delta.contiguous(), residual[:, cols].contiguous(), None
+    def _weights(self) -> DecodedWeight:
+        """The decoded packed weight: kept while `decoded_once` is active (one decode per layer), else made
+        for this call only, so a large model never holds every layer decoded outside validation."""
+        if self._decoded is not None:
+            return self._decoded
+        decoded = decode_weight(self.packed)
+        if self.keep_decoded:
+            self._decoded = decoded
+        return decoded
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from pbs2p_edge.format.packed import ACT_MAX
         from pbs2p_edge.format.reference import chunk_bounds
 
-        if self.weight_hat.is_meta:  # no dense weights held: decode for this call only
-            binary, residual, col_scales = self._split_weights()
-            cols, delta = None, None
-        else:
-            if self._kernel_weights is None:
-                self._kernel_weights = self._compact_kernel_weights()
-            binary, cols, delta, residual, col_scales = self._kernel_weights
+        w = self._weights()
         flat = x.reshape(-1, self.in_features).float()
-        if col_scales is not None:  # y = W_hat_v1 @ (x * c), scaled before the int7 quantization
-            flat = flat * col_scales
+        if w.col_scales is not None:  # y = W_hat_v1 @ (x * c), scaled before the int7 quantization
+            flat = flat * w.col_scales
         pieces = []
         for begin, end, _ in chunk_bounds(self.in_features, self.packed.group_size):
             chunk = flat[:, begin:end]
@@ -169,14 +128,93 @@ class SparseBinaryLinear(EmittingModule):
             q = torch.clamp(torch.round(chunk * inv), -ACT_MAX, ACT_MAX)
             pieces.append(q * (amax / torch.full_like(amax, float(ACT_MAX))))
         xq = torch.cat(pieces, dim=1)
-        y = xq @ binary.T
-        if delta is not None:
-            y = y + xq[:, cols] @ delta.T
-        if residual is not None:
-            y = y + (flat if cols is None else flat[:, cols]) @ residual.T
+        y = xq @ w.binary().T
+        if w.residual is not None:
+            y = y + flat[:, w.cols] @ w.residual.T
         if self.bias_eager is not None:
             y = y + self.bias_eager
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+@dataclass(frozen=True)
+class DecodedWeight:
+    """A packed layer decoded for the PyTorch reference at 1 byte per weight: `ternary` int8 [rows, K] =
+    mask * sign, the fp16 scales `alpha`, `mu` [rows, G] as float32, and the salient term: `residual`
+    [rows, S] (mask * sign * alpha2) on input columns `cols` [S], or None; `col_scales` [K] or None."""
+
+    ternary: torch.Tensor
+    alpha: torch.Tensor
+    mu: torch.Tensor
+    group_size: int
+    cols: torch.Tensor | None
+    residual: torch.Tensor | None
+    col_scales: torch.Tensor | None
+
+    def binary(self) -> torch.Tensor:
+        """The binarized part mask * (alpha * sign + mu) [rows, K] in float32 (without salient columns and
+        column scales), built for one call."""
+        t = self.ternary.float()
+        k = t.shape[1]
+        alpha = self.alpha.repeat_interleave(self.group_size, dim=1)[:, :k]
+        mu = self.mu.repeat_interleave(self.group_size, dim=1)[:, :k]
+        signed = t * alpha
+        return signed.addcmul_(t.abs_(), mu)
+
+    def dense(self) -> torch.Tensor:
+        """W_hat [rows, K] as `SparseBinaryWeight.dense()` computes it, to the bit."""
+        w = self.binary()
+        if self.residual is not None:
+            w[:, self.cols] += self.residual
+        if self.col_scales is not None:
+            w = w * self.col_scales
+        return w
+
+
+def decode_weight(packed: Any) -> DecodedWeight:
+    """Decode one packed layer (`pbs2p_edge.format.PackedWeight`) into a DecodedWeight."""
+    from pbs2p_edge.format import unpack
+
+    w = unpack(packed)
+    cols = residual = None
+    if w.salient_cols is not None and w.salient_cols.size:
+        cols_np = np.asarray(w.salient_cols, dtype=np.int64)  # [G, S]
+        signs = np.where(w.salient_signs, 1.0, -1.0)  # [rows, G, S]
+        residual_np = w.mask[:, cols_np] * signs * w.alpha2[:, :, None]
+        cols = torch.from_numpy(cols_np.reshape(-1))
+        residual = torch.from_numpy(np.ascontiguousarray(residual_np.reshape(w.rows, -1), np.float32))
+    ternary = np.where(w.mask, np.where(w.signs, 1, -1), 0).astype(np.int8)
+    as_float = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    return DecodedWeight(
+        ternary=torch.from_numpy(ternary),
+        alpha=as_float(w.alpha),
+        mu=as_float(w.mu),
+        group_size=w.group_size,
+        cols=cols,
+        residual=residual,
+        col_scales=None if w.col_scales is None else as_float(w.col_scales),
+    )
+
+
+@contextlib.contextmanager
+def decoded_once(model: nn.Module) -> Iterator[None]:
+    """Within the block, each SparseBinaryLinear of `model` decodes its packed weight at most once and keeps
+    it (1 byte per weight: validation runs the model about 50 times); dropped on exit."""
+    modules = [m for m in model.modules() if isinstance(m, SparseBinaryLinear)]
+    for module in modules:
+        module.keep_decoded = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.keep_decoded = False
+        forget_decoded(model)
+
+
+def forget_decoded(model: nn.Module) -> None:
+    """Drop the decoded weights `decoded_once` keeps (they are rebuilt on the next call if still active)."""
+    for module in model.modules():
+        if isinstance(module, SparseBinaryLinear):
+            module._decoded = None
 
 
 @contextlib.contextmanager

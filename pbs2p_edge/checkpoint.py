@@ -198,9 +198,12 @@ def build_model(ckpt: dict[str, Any], dense_linears: bool = True) -> tuple[Any, 
         for key, value in ckpt["dense_state"].items()
     }
     for name, packed in packed_layers(ckpt).items():
+        if not dense_linears:  # the bias only: no need to unpack the layer
+            if packed.has_bias:
+                state[f"{name}.bias"] = torch.from_numpy(packed.arrays["bias"].astype("float32"))
+            continue
         weight = unpack(packed)
-        if dense_linears:
-            state[f"{name}.weight"] = torch.from_numpy(weight.dense())
+        state[f"{name}.weight"] = torch.from_numpy(weight.dense())
         if weight.bias is not None:
             state[f"{name}.bias"] = torch.from_numpy(weight.bias.astype("float32"))
     for name, quantized in nbits_layers(ckpt).items():

@@ -21,6 +21,13 @@ def available_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def process_bytes() -> int:
+    """This process's resident memory (what a step that started already holds)."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
 def require(needed: int, what: str) -> None:
     """Raise Pbs2pError naming both figures when `needed` bytes exceed the available memory."""
     if os.environ.get("PBS2P_EDGE_SKIP_MEMORY_CHECK") == "1":
@@ -60,6 +67,35 @@ def require_fp32_model(config: object, what: str) -> None:
 
     if getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES:
         require(BASE_BYTES + fp32_model_bytes(config), what)
+
+
+def fp32_export_bytes(config: object) -> int:
+    """`export --format fp32`: the fp32 weights once (each projection is transposed in place of its original,
+    the graph streams to disk, and PyTorch's copy is freed before ONNX Runtime loads the bundle's), plus one
+    session's working memory and the largest layer transposed beside its original.
+    Qwen2.5-Coder-1.5B: 8.3 GiB predicted, 7.7 GiB measured (bench/results/large-export-s5.md)."""
+    total, layer = config_params(config)
+    return BASE_BYTES + 4 * total + 4 * layer + int(0.5 * GIB)
+
+
+def pbs2p_export_bytes(config: object) -> int:
+    """`export model.pt`: the fp32 embeddings and head twice (the model's, and the stored head's dequantized
+    reference during validation), 2 bytes per projection weight (the packed arrays, and the int8 ternary each
+    layer is decoded to once for validation), plus 1 GiB for the graph export and ONNX Runtime sessions.
+    Qwen2.5-Coder-1.5B 6:8: 7.9 GiB predicted, 7.5 GiB measured (bench/results/large-export-s5.md)."""
+    total, layer = config_params(config)
+    projections = int(config.num_hidden_layers) * layer
+    return BASE_BYTES + 8 * (total - projections) + 2 * projections + GIB
+
+
+def int4_export_bytes(config: object) -> int:
+    """`export --format int4`: the fp32 embeddings and head twice (the model's, and the stored int4 head's
+    dequantized reference), about a byte per projection weight (the int4 blocks and scales, one fp32 layer at
+    a time while it is quantized), plus 1 GiB for the graph export and ONNX Runtime sessions.
+    Qwen2.5-Coder-1.5B: 6.7 GiB predicted, 6.1 GiB measured (bench/results/large-export-s5.md)."""
+    total, layer = config_params(config)
+    projections = int(config.num_hidden_layers) * layer
+    return BASE_BYTES + 8 * (total - projections) + projections + GIB
 
 
 def eval_bytes(config: object, ctx: int) -> int:

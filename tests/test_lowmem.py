@@ -124,8 +124,8 @@ def test_qwen2_config_params_match_the_model(tiny_model_dir: Path, tmp_path: Pat
 
 @pytest.mark.parametrize("salient, bias", [(0, False), (2, True)])
 def test_export_modules_without_dense_copies_compute_the_same(salient: int, bias: bool) -> None:
-    """SparseBinaryLinear: W_hat held + compact salient correction, and W_hat decoded per call (meta weight),
-    agree with the kernels' numpy reference (`kernel_matmul`) to rounding."""
+    """SparseBinaryLinear with W_hat held, and with no dense weight (meta: decoded at 1 byte per weight), agree
+    with W_hat (float) and with the kernels' numpy reference (`kernel_matmul`, kernel) to rounding."""
     from pbs2p_edge.export.patch import SparseBinaryLinear
     from pbs2p_edge.format import kernel_matmul, pack, random_weight
 
@@ -151,10 +151,13 @@ def test_export_modules_without_dense_copies_compute_the_same(salient: int, bias
         )
         module.arithmetic = "kernel"
         np.testing.assert_allclose(module(x).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+    decoded = held._weights()
+    assert decoded.ternary.dtype == torch.int8 and decoded.ternary.numel() == 40 * 320
     if salient:
-        _, cols, delta, residual, col_scales = held._kernel_weights
-        assert col_scales is None
-        assert cols.numel() == 2 * (320 // 64) and delta.shape == residual.shape == (40, cols.numel())
+        assert decoded.cols.numel() == 2 * (320 // 64) and decoded.residual.shape == (
+            40,
+            decoded.cols.numel(),
+        )
 
 
 def test_cli_low_memory_path_skips_the_budget_and_refuses_e2e(
