@@ -29,16 +29,21 @@ class EmittingModule(nn.Module):
 
 
 @contextlib.contextmanager
-def onnx_emission(model: nn.Module) -> Iterator[None]:
-    """Make every EmittingModule in `model` emit its ONNX node for the duration of the block."""
-    modules = [m for m in model.modules() if isinstance(m, EmittingModule)]
+def _flag_modules(model: nn.Module, kind: type, flag: str) -> Iterator[None]:
+    """Set the boolean attribute `flag` on every `kind` module of `model` for the duration of the block."""
+    modules = [m for m in model.modules() if isinstance(m, kind)]
     for module in modules:
-        module.emit_onnx = True
+        setattr(module, flag, True)
     try:
         yield
     finally:
         for module in modules:
-            module.emit_onnx = False
+            setattr(module, flag, False)
+
+
+def onnx_emission(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Make every EmittingModule in `model` emit its ONNX node for the duration of the block."""
+    return _flag_modules(model, EmittingModule, "emit_onnx")
 
 
 def _register_inputs(module: nn.Module, inputs: list[tuple[str, Any]]) -> list[str]:
@@ -199,14 +204,10 @@ def decode_weight(packed: Any) -> DecodedWeight:
 def decoded_once(model: nn.Module) -> Iterator[None]:
     """Within the block, each SparseBinaryLinear of `model` decodes its packed weight at most once and keeps
     it (1 byte per weight: validation runs the model about 50 times); dropped on exit."""
-    modules = [m for m in model.modules() if isinstance(m, SparseBinaryLinear)]
-    for module in modules:
-        module.keep_decoded = True
     try:
-        yield
+        with _flag_modules(model, SparseBinaryLinear, "keep_decoded"):
+            yield
     finally:
-        for module in modules:
-            module.keep_decoded = False
         forget_decoded(model)
 
 

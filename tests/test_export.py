@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -363,13 +364,15 @@ def _revalidate(bundle: Path, checkpoint: Path) -> dict:
         )
 
 
-def _scaled_initializer_copy(bundle: Path, out: Path, initializer: str, factor: float) -> Path:
-    """A copy of `bundle` whose graph has `initializer` multiplied by `factor`."""
+def changed_initializer_copy(
+    bundle: Path, out: Path, initializer: str, change: Callable[[np.ndarray], np.ndarray]
+) -> Path:
+    """A copy of `bundle` whose graph has `initializer` replaced by `change(initializer)` (same dtype)."""
     shutil.copytree(bundle, out, ignore=shutil.ignore_patterns("model.onnx*"))
     model = onnx.load(str(bundle / "model.onnx"))
     tensor = next(t for t in model.graph.initializer if t.name == initializer)
     array = onnx.numpy_helper.to_array(tensor)
-    tensor.CopyFrom(onnx.numpy_helper.from_array((array * factor).astype(array.dtype), initializer))
+    tensor.CopyFrom(onnx.numpy_helper.from_array(change(array).astype(array.dtype), initializer))
     onnx.save_model(
         model,
         str(out / "model.onnx"),
@@ -409,7 +412,7 @@ DEFECTS = {
 def test_validation_names_where_a_defect_is(
     pbs2p_bundle: Path, checkpoint: Path, tmp_path: Path, initializer: str, message: str
 ) -> None:
-    broken = _scaled_initializer_copy(pbs2p_bundle, tmp_path / "broken", initializer, 1.25)
+    broken = changed_initializer_copy(pbs2p_bundle, tmp_path / "broken", initializer, lambda a: a * 1.25)
     with pytest.raises(Pbs2pError, match=message):
         _revalidate(broken, checkpoint)
     assert not (broken / "validate.onnx").exists()

@@ -4,7 +4,6 @@ bundle streams its weights to external data (one copy) and PyTorch's weights go 
 from __future__ import annotations
 
 import itertools
-import shutil
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from test_export import built_bundle, tiny_checkpoint, trained_like_dir
+from test_export import built_bundle, changed_initializer_copy, tiny_checkpoint, trained_like_dir
 
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export import export_bundle
@@ -94,25 +93,6 @@ def test_validation_decodes_each_packed_layer_once(
     assert result["vs_float_activations"]["sqnr_db"] > 10.0  # the float path ran (on the decoded weights)
 
 
-def _corrupted_copy(
-    bundle: Path, out: Path, initializer: str, change: Callable[[np.ndarray], np.ndarray]
-) -> Path:
-    shutil.copytree(bundle, out, ignore=shutil.ignore_patterns("model.onnx*"))
-    model = onnx.load(str(bundle / "model.onnx"))
-    tensor = next(t for t in model.graph.initializer if t.name == initializer)
-    array = onnx.numpy_helper.to_array(tensor)
-    tensor.CopyFrom(onnx.numpy_helper.from_array(change(array).astype(array.dtype), initializer))
-    onnx.save_model(
-        model,
-        str(out / "model.onnx"),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="model.onnx.data",
-        size_threshold=1024,
-    )
-    return out
-
-
 CORRUPTIONS = {
     # Every sign bit of one layer flipped: that node's output is no longer the packed weight's.
     "signs": ("layers.1.mlp.down_proj.signs", np.invert, r"custom node output at layers\.1\.mlp\.down_proj,"),
@@ -131,7 +111,7 @@ def test_decoded_once_validation_still_refuses_a_corrupted_graph(
     change: Callable[[np.ndarray], np.ndarray],
     message: str,
 ) -> None:
-    broken = _corrupted_copy(pbs2p_bundle, tmp_path / "broken", initializer, change)
+    broken = changed_initializer_copy(pbs2p_bundle, tmp_path / "broken", initializer, change)
     with pytest.raises(Pbs2pError, match=message):
         _revalidate_packed_only(broken, checkpoint)
     assert set(decode_counts.values()) == {1}

@@ -20,7 +20,14 @@ from pbs2p_edge.format import packed as fmt
 
 CPU = ["CPUExecutionProvider"]
 ALL_KERNELS = (
-    "avx512-vnni-tile", "avx512-vnni+avx2", "avx512-vnni", "avx2", "sdot+neon", "sdot", "neon", "generic"
+    "avx512-vnni-tile",
+    "avx512-vnni+avx2",
+    "avx512-vnni",
+    "avx2",
+    "sdot+neon",
+    "sdot",
+    "neon",
+    "generic",
 )
 REPO = Path(__file__).resolve().parents[1]
 

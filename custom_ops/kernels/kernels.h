@@ -162,6 +162,9 @@ inline const float* scale_activations(const RuntimeWeight& w, const float* x, si
 // The int7 quantization of one chunk x[b, e) shared by every path: q[0, e - b) = clamp(round_half_even(x * 63 /
 // max|x|)); returns the chunk scale max|x| / 63 (NaN, with q all 0, when the chunk holds a non-finite value).
 float quantize_chunk(const float* x, int b, int e, int8_t* q);
+// The sign patterns the SIMD table builders multiply the activations by, per 4-bit index `c0 | c1 << 2` of a
+// column pair: pa[i] = v(c0), pa[16 + i] = |v(c0)|, and pb likewise for c1 (v = +1, -1 or 0 for a pruned code).
+void pair_sign_patterns(int8_t pa[32], int8_t pb[32]);
 
 // Whole matmul on the calling thread (tests, single-threaded users): y [tokens][rows] = x [tokens][k] @ W_hat^T.
 void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y, TableFn tables = nullptr);

@@ -135,15 +135,7 @@ namespace pbs2p {
 void build_tables_avx2(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t) {
   const int k = t->k, chunks = t->chunks, quads = k / 4;
   alignas(32) int8_t pa[32], pb[32];
-  for (int idx = 0; idx < 16; ++idx) {
-    const int c0 = idx & 3, c1 = idx >> 2;
-    const int sa = c0 == kCodePlus ? 1 : c0 == kCodeMinus ? -1 : 0;
-    const int sb = c1 == kCodePlus ? 1 : c1 == kCodeMinus ? -1 : 0;
-    pa[idx] = int8_t(sa);
-    pa[16 + idx] = int8_t(sa != 0);
-    pb[idx] = int8_t(sb);
-    pb[16 + idx] = int8_t(sb != 0);
-  }
+  pair_sign_patterns(pa, pb);
   const __m256i PA = _mm256_load_si256(reinterpret_cast<const __m256i*>(pa));
   const __m256i PB = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb));
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));

@@ -443,6 +443,18 @@ void tile_generic(PBS2P_TILE_ARGS) {
   }
 }
 
+void pair_sign_patterns(int8_t pa[32], int8_t pb[32]) {
+  for (int idx = 0; idx < 16; ++idx) {
+    const int c0 = idx & 3, c1 = idx >> 2;
+    const int sa = c0 == kCodePlus ? 1 : c0 == kCodeMinus ? -1 : 0;
+    const int sb = c1 == kCodePlus ? 1 : c1 == kCodeMinus ? -1 : 0;
+    pa[idx] = int8_t(sa);
+    pa[16 + idx] = int8_t(sa != 0);
+    pb[idx] = int8_t(sb);
+    pb[16 + idx] = int8_t(sb != 0);
+  }
+}
+
 float quantize_chunk(const float* x, int b, int e, int8_t* q) {
   float amax = 0.0f;
   bool finite = true;  // a NaN/inf activation makes the chunk scale NaN, so every output of the token is NaN

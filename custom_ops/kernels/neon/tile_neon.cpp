@@ -25,15 +25,7 @@ bool cpu_has_dotprod() { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
 void build_tables_neon(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t) {
   const int k = t->k, chunks = t->chunks, quads = k / 4;
   alignas(16) int8_t pa[32], pb[32];  // [d: v(c)][s: |v(c)|] for the first (pa) and second (pb) column of a pair
-  for (int idx = 0; idx < 16; ++idx) {
-    const int c0 = idx & 3, c1 = idx >> 2;
-    const int sa = c0 == kCodePlus ? 1 : c0 == kCodeMinus ? -1 : 0;
-    const int sb = c1 == kCodePlus ? 1 : c1 == kCodeMinus ? -1 : 0;
-    pa[idx] = int8_t(sa);
-    pa[16 + idx] = int8_t(sa != 0);
-    pb[idx] = int8_t(sb);
-    pb[16 + idx] = int8_t(sb != 0);
-  }
+  pair_sign_patterns(pa, pb);
   const int8x16_t pad = vld1q_s8(pa), pas = vld1q_s8(pa + 16), pbd = vld1q_s8(pb), pbs = vld1q_s8(pb + 16);
   int8_t q[kChunkCols];
   for (int tok = token_begin; tok < token_end; ++tok) {
