@@ -83,11 +83,13 @@ demo-large: install-large
 	  -o $(LARGE_OUT)/pbs2p --format pbs2p --force
 	$(TIME) -o $(LARGE_OUT)/export-int4.time $(BIN)/pbs2p-edge export $(LARGE_MODEL) \
 	  -o $(LARGE_OUT)/int4 --format int4 --force
+	$(TIME) -o $(LARGE_OUT)/export-fp32.time $(BIN)/pbs2p-edge export $(LARGE_MODEL) \
+	  -o $(LARGE_OUT)/fp32 --format fp32 --force
 	$(BIN)/pbs2p-edge eval $(LARGE_OUT)/pbs2p --no-progress
 	$(BIN)/pbs2p-edge eval $(LARGE_OUT)/int4 --no-progress
 	$(BIN)/pbs2p-edge generate $(LARGE_OUT)/int4 --chat --prompt "$(LARGE_PROMPT)" -n 64
 	$(BIN)/pbs2p-edge generate $(LARGE_OUT)/pbs2p --chat --prompt "$(LARGE_PROMPT)" -n 64
-	$(BIN)/pbs2p-edge bench $(LARGE_OUT)/pbs2p $(LARGE_OUT)/int4 --threads $(THREADS) \
+	$(BIN)/pbs2p-edge bench $(LARGE_OUT)/pbs2p $(LARGE_OUT)/int4 $(LARGE_OUT)/fp32 --threads $(THREADS) \
 	  --json $(LARGE_OUT)/bench.json
 	@grep -H -E "Elapsed|Maximum resident" $(LARGE_OUT)/*.time
 
