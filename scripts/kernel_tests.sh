@@ -5,6 +5,9 @@
 #   dispatch must fall back to neon and refuse PBS2P_KERNEL=sdot), and with ASan + UBSan (LeakSanitizer does not
 #   run under qemu-user) plus a short seeded fuzz run (FUZZ_RUNS_AARCH64 cases, default 1000) so the fuzz
 #   driver compares the aarch64 kernels too;
+# on x86-64, the AVX-VNNI path: its object holds no EVEX (AVX-512) instruction, a CPU reporting avx_vnni must have
+# tested avxvnni-tile natively (else it is reported as skipped), and the same binary under qemu-x86_64 -cpu
+# Haswell-v4 (AVX2 + FMA + F16C, neither AVX-VNNI nor AVX-512) must dispatch avx2 and refuse PBS2P_KERNEL=avxvnni-tile;
 # then a short fixed-seed fuzz run of the packed-weight parser + repack + matmul under ASan + UBSan
 # (scripts/fuzz_ops.sh, FUZZ_RUNS cases, default 5000; the long run is `make fuzz-ops`).
 # Ends with one summary line; exit status is non-zero if any configuration fails.
@@ -43,7 +46,49 @@ run_config() {  # name, run-prefix, cmake args...
   fi
 }
 
+last_out=""
 run_config native "" -DCMAKE_BUILD_TYPE=Release
+native_out="$last_out"
+if [[ "$(uname -m)" == x86_64 ]]; then
+  obj="$root/native/CMakeFiles/pbs2p_kernels.dir/kernels/avx2/tile_gemm_avxvnni.cpp.o"
+  if [[ ! -f "$obj" ]]; then
+    results+=("avxvnni: SKIPPED (not built: the compiler lacks -mavxvnni)")
+  else
+    # in 64-bit mode an instruction whose first byte is 0x62 is EVEX-encoded (AVX-512); zmm / k registers likewise
+    evex="$(objdump -d --insn-width=16 "$obj" | awk -F'\t' 'NF >= 3 && ($2 ~ /^62 / || $3 ~ /zmm|%k[0-7]|mm(1[6-9]|2[0-9]|3[01])/)' | wc -l)"
+    if [[ "$evex" != 0 ]]; then
+      results+=("avxvnni: FAILED ($evex EVEX / AVX-512 instructions in tile_gemm_avxvnni.cpp.o)")
+      failed=1
+    else
+      results+=("avxvnni: object holds no EVEX / AVX-512 instruction")
+    fi
+    if grep -qw avx_vnni /proc/cpuinfo; then
+      if [[ "$native_out" == *"kernels tested: "*"avxvnni-tile"* ]]; then
+        results+=("avxvnni-tile: tested in the native run (this CPU reports avx_vnni)")
+      else
+        results+=("avxvnni-tile: FAILED (this CPU has avx_vnni but the native run did not test avxvnni-tile)")
+        failed=1
+      fi
+    else
+      results+=("avxvnni-tile: SKIPPED natively (this CPU reports no avx_vnni)")
+    fi
+    if ! command -v qemu-x86_64 >/dev/null; then
+      results+=("x86-qemu-haswell: MISSING TOOLS (apt-get install qemu-user)")
+      failed=1
+    elif [[ -x "$root/native/pbs2p_kernel_tests" ]]; then
+      echo "== x86-qemu-haswell (AVX2, no AVX-VNNI, no AVX-512): run"
+      if out="$(timeout 300 qemu-x86_64 -cpu Haswell-v4 "$root/native/pbs2p_kernel_tests" 2>/dev/null)" \
+        && [[ "$out" == *"dispatch picks avx2)"* && "$out" == *"refused on this CPU: "*"avxvnni-tile"* ]]; then
+        echo "$out" | tail -n 1
+        results+=("x86-qemu-haswell: $(echo "$out" | tail -n 1)")
+      else
+        echo "$out" | tail -n 40
+        results+=("x86-qemu-haswell: FAILED (want dispatch avx2 and PBS2P_KERNEL=avxvnni-tile refused)")
+        failed=1
+      fi
+    fi
+  fi
+fi
 san="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   run_config sanitizers "" -DCMAKE_BUILD_TYPE=Debug "-DCMAKE_CXX_FLAGS=-O1 $san" \
@@ -106,7 +151,7 @@ fi
 echo "== kernel test summary"
 printf '  %s\n' "${results[@]}"
 if [[ $failed == 0 ]]; then
-  echo "KERNEL TESTS PASSED (native, sanitizers, aarch64-qemu max + cortex-a72 + sanitizers, fuzz x86 + aarch64)"
+  echo "KERNEL TESTS PASSED (native, sanitizers, x86-qemu haswell, aarch64-qemu max + cortex-a72 + sanitizers, fuzz x86 + aarch64)"
 else
   echo "KERNEL TESTS FAILED"
 fi

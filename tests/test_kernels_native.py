@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_ops_ort import ALL_KERNELS
 
 from pbs2p_edge.format import PackedWeight, kernel_matmul, pack, random_weight
 
@@ -75,6 +76,34 @@ def test_python_arrays_decode_bit_exactly_in_cpp(
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "PASSED" in out.stdout
+
+
+def _write_case(path: Path, p: PackedWeight, w_dense: np.ndarray, x: np.ndarray) -> None:
+    for name, arr in p.arrays.items():
+        (path / f"{name}.bin").write_bytes(np.ascontiguousarray(arr).tobytes())
+    (path / "x.bin").write_bytes(x.tobytes())
+    (path / "w_dense.bin").write_bytes(w_dense.astype(np.float32).tobytes())
+    (path / "y_kernel.bin").write_bytes(kernel_matmul(x, p).astype(np.float32).tobytes())
+
+
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
+@pytest.mark.parametrize("tokens", [1, 8, 9, 23])  # both sides of kHybridGemv (tile lookups / tile GEMM)
+def test_every_kernel_path_matches_the_numpy_twin(kernel_test_bin, tmp_path, kernel, tokens):
+    """Each path on its own (--kernel), on an awkward shape: rows past one tile and not a multiple of 8, K not a
+    multiple of the group, a group that is not a multiple of 64, salient columns, bias and column scales."""
+    w = random_weight(77, 440, 5, 8, 88, salient=2, bias=True, seed=tokens, col_scales=True)
+    x = np.random.default_rng(tokens).normal(size=(tokens, 440)).astype(np.float32)
+    _write_case(tmp_path, pack(w), w.dense(), x)
+    out = subprocess.run(
+        [str(kernel_test_bin), "--from", str(tmp_path), "--kernel", kernel],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if out.returncode == 3:
+        pytest.skip(out.stdout.strip())
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "PASSED" in out.stdout and f"kernels: {kernel})" in out.stdout, out.stdout
 
 
 def test_version_1_arrays_from_the_old_packer_run_in_cpp(kernel_test_bin, tmp_path):

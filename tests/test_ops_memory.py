@@ -88,7 +88,11 @@ def _session_growth(monkeypatch, kernel: str, model: bytes) -> int:
 def test_compact_kernels_keep_no_copy_of_the_weights(monkeypatch) -> None:
     usable = usable_kernels()
     compact = next((k for k in ("avx512-vnni", "sdot") if k in usable), "generic")
-    tiles = [k for k in ("avx512-vnni+avx2", "avx512-vnni-tile", "avx2", "sdot+neon", "neon") if k in usable]
+    tiles = [
+        k
+        for k in ("avx512-vnni+avx2", "avx512-vnni-tile", "avxvnni-tile", "avx2", "sdot+neon", "neon")
+        if k in usable
+    ]
     p = _large_weight()
     model = build_model(p, x_shape=["a", K])
     disk = p.nbytes

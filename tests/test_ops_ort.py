@@ -21,6 +21,7 @@ from pbs2p_edge.format import packed as fmt
 CPU = ["CPUExecutionProvider"]
 ALL_KERNELS = (
     "avx512-vnni-tile",
+    "avxvnni-tile",
     "avx512-vnni+avx2",
     "avx512-vnni",
     "avx2",

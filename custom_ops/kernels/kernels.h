@@ -250,6 +250,9 @@ using TileGemmFn = void (*)(PBS2P_TILE_GEMM_ARGS);
 #if defined(PBS2P_HAVE_AVX512)
 void tile_gemm_avx512vnni(PBS2P_TILE_GEMM_ARGS);
 #endif
+#if defined(PBS2P_HAVE_AVXVNNI)
+void tile_gemm_avxvnni(PBS2P_TILE_GEMM_ARGS);  // avx2/tile_gemm_avxvnni.cpp: VEX vpdpbusd (ymm), no AVX-512
+#endif
 
 // ---------------- kernel registry and dispatch ----------------
 // A kernel path: compact (reads the disk layout through CompactWeight) or tile (the older table-lookup kernels

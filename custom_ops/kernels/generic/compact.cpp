@@ -184,6 +184,24 @@ bool cpu_has_avx512vnni() {
   return f && bw && vl && bmi2 && vnni && os_saves_zmm();
 }
 #endif
+#if defined(PBS2P_HAVE_AVXVNNI)
+// AVX-VNNI: CPUID.(EAX=7,ECX=1):EAX bit 4, with AVX2 (leaf 7 EBX bit 5), AVX/FMA/F16C (leaf 1 ECX bits 28, 12,
+// 29) and the OS saving the SSE and AVX (ymm) state (OSXSAVE, XCR0 bits 1-2). No AVX-512 needed.
+bool cpu_has_avxvnni() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  const bool osxsave = ecx & (1u << 27), avx = ecx & (1u << 28), fma = ecx & (1u << 12), f16c = ecx & (1u << 29);
+  if (!osxsave || !avx || !fma || !f16c) return false;
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & 0x6u) != 0x6u) return false;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(ebx & (1u << 5))) return false;  // AVX2
+  if (eax < 1) return false;  // no subleaf 1
+  unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0;
+  __cpuid_count(7, 1, a1, b1, c1, d1);
+  return (a1 & (1u << 4)) != 0;
+}
+#endif
 
 const Kernel kGeneric{"generic", true, rows_generic, nullptr, nullptr};
 #if defined(PBS2P_HAVE_AVX512)
@@ -196,6 +214,10 @@ const Kernel kAvx2Tile{"avx2", false, nullptr, tile_avx2, build_tables_avx2};
 const Kernel kAvx512Hybrid{"avx512-vnni+avx2", true, rows_avx512vnni, nullptr, nullptr, &kAvx2Tile};
 // One copy (the tile layout): avx2 table lookups for decode, AVX-512 VNNI dot products over the codes for prefill.
 const Kernel kAvx512Tile{"avx512-vnni-tile", false, nullptr, tile_avx2, build_tables_avx2, nullptr, tile_gemm_avx512vnni};
+#endif
+#if defined(PBS2P_HAVE_AVXVNNI) && defined(PBS2P_HAVE_AVX2)
+// The same one copy for CPUs with AVX-VNNI but no AVX-512: avx2 lookups for decode, 256-bit VNNI for prefill.
+const Kernel kAvxVnniTile{"avxvnni-tile", false, nullptr, tile_avx2, build_tables_avx2, nullptr, tile_gemm_avxvnni};
 #endif
 #if defined(PBS2P_HAVE_NEON)
 const Kernel kNeonTile{"neon", false, nullptr, tile_neon, build_tables_neon};
@@ -211,6 +233,11 @@ const std::vector<const Kernel*>& built_kernels() {
   static const std::vector<const Kernel*> all = {
 #if defined(PBS2P_HAVE_AVX512) && defined(PBS2P_HAVE_AVX2)
       &kAvx512Tile,    // default: the hybrid's decode and prefill speed from one copy of the weights
+#endif
+#if defined(PBS2P_HAVE_AVXVNNI) && defined(PBS2P_HAVE_AVX2)
+      &kAvxVnniTile,   // default where AVX-VNNI has no AVX-512 beside it
+#endif
+#if defined(PBS2P_HAVE_AVX512) && defined(PBS2P_HAVE_AVX2)
       &kAvx512Hybrid,
 #endif
 #if defined(PBS2P_HAVE_AVX512)
@@ -233,6 +260,9 @@ bool kernel_supported(const Kernel& k) {
   if (k.gemv != nullptr && !kernel_supported(*k.gemv)) return false;
 #if defined(PBS2P_HAVE_AVX512)
   if (k.gemm == tile_gemm_avx512vnni && !cpu_has_avx512vnni()) return false;
+#endif
+#if defined(PBS2P_HAVE_AVXVNNI)
+  if (k.gemm == tile_gemm_avxvnni && !cpu_has_avxvnni()) return false;
 #endif
 #if defined(PBS2P_HAVE_AVX512)
   // its post-pass is the AVX2 one (salient_block_avx2): checked too, though every AVX-512 CPU has it

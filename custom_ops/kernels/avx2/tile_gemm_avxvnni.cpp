@@ -1,0 +1,105 @@
+// AVX-VNNI tile GEMM (VEX-encoded 256-bit vpdpbusd + AVX2/FMA/F16C, no AVX-512): prefill over the tile copy for
+// CPUs that have AVX-VNNI without AVX-512 (Intel Alder Lake and later client cores, AMD Zen 5 client).
+// The arithmetic of tile_gemm_avx512vnni with 8-row ymm lanes instead of 16-row zmm lanes: per chunk the 2-bit
+// codes of the tile's 32 rows become, once, [4 columns][8 rows] dword planes of 0/1 bytes (kept = code != 0,
+// +1 = code 1) for each quarter of the tile; then per token 8 vpdpbusd per 4 columns (two planes x four 8-row
+// quarters) against a broadcast activation dword: S = sum of q over kept weights, P = over +1 weights (exact
+// integers), D = 2P - S, y = fma(scale, fma(mu, S, alpha * D), y), so identical bits to every other path.
+// Built with -mavx2 -mfma -mf16c -mavxvnni only; runs after the CPUID check of kernel_supported().
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "../kernels.h"
+
+namespace pbs2p {
+namespace {
+
+constexpr int kLanes = 8;                      // rows per ymm register of dwords
+constexpr int kQuarters = kTileRows / kLanes;  // 4
+
+// Byte i of each dword: bit 2i of x (bits 0, 2, 4, 6 of a tile code byte -> 4 bytes 0/1).
+inline __m256i spread_codes(__m256i x) {
+  __m256i d = _mm256_and_si256(x, _mm256_set1_epi32(1));
+  d = _mm256_or_si256(d, _mm256_and_si256(_mm256_slli_epi32(x, 6), _mm256_set1_epi32(0x100)));
+  d = _mm256_or_si256(d, _mm256_and_si256(_mm256_slli_epi32(x, 12), _mm256_set1_epi32(0x10000)));
+  return _mm256_or_si256(d, _mm256_and_si256(_mm256_slli_epi32(x, 18), _mm256_set1_epi32(0x1000000)));
+}
+
+// y[rows of one quarter] = fma(scale, fma(mu, S, alpha * (2P - S)), y); `lanes` = rows of the quarter in the
+// matrix (8 for a full quarter, else a masked load/store of the first `lanes`).
+inline void accumulate(__m256i S, __m256i P, __m256 alpha, __m256 mu, float scale, int lanes, float* yt) {
+  const __m256i D = _mm256_sub_epi32(_mm256_slli_epi32(P, 1), S);
+  const __m256 part = _mm256_fmadd_ps(mu, _mm256_cvtepi32_ps(S), _mm256_mul_ps(alpha, _mm256_cvtepi32_ps(D)));
+  const __m256 sv = _mm256_set1_ps(scale);
+  if (lanes == kLanes) {
+    _mm256_storeu_ps(yt, _mm256_fmadd_ps(sv, part, _mm256_loadu_ps(yt)));
+  } else {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_maskstore_ps(yt, mask, _mm256_fmadd_ps(sv, part, _mm256_maskload_ps(yt, mask)));
+  }
+}
+
+}  // namespace
+
+void tile_gemm_avxvnni(PBS2P_TILE_GEMM_ARGS) {
+  const Params& p = w.p;
+  const int r0 = tile * kTileRows, nr = std::min(kTileRows, p.rows - r0);
+  const size_t quads = size_t(p.k) / 4, G = size_t(p.groups);
+  const uint8_t* codes = &w.codes[size_t(tile) * quads * kTileRows];
+  const int chunks = a.chunks;
+  const size_t qstride = size_t(chunks) * kChunkCols;
+  int lanes[kQuarters];  // rows of each quarter inside the matrix (0 = quarter past the last row)
+  for (int h = 0; h < kQuarters; ++h) lanes[h] = std::max(0, std::min(kLanes, nr - kLanes * h));
+  const int live = (nr + kLanes - 1) / kLanes;  // quarters holding rows
+  const __m256i m55 = _mm256_set1_epi32(0x55);
+  alignas(32) __m256i pm[kChunkCols / 4][kQuarters], pp[kChunkCols / 4][kQuarters];
+  for (int t = t0; t < t1; ++t) std::fill_n(y + size_t(t) * size_t(p.rows) + size_t(r0), size_t(nr), 0.0f);
+  for (int c = 0; c < chunks; ++c) {
+    const int qb = cm.begin[size_t(c)] / 4, nq = (cm.begin[size_t(c) + 1] - cm.begin[size_t(c)]) / 4;
+    for (int j = 0; j < nq; ++j)
+      for (int h = 0; h < kQuarters; ++h) {
+        const __m256i v = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + size_t(qb + j) * kTileRows + kLanes * h)));
+        const __m256i plus = _mm256_and_si256(v, m55);
+        const __m256i kept = _mm256_or_si256(plus, _mm256_and_si256(_mm256_srli_epi32(v, 1), m55));
+        pm[j][h] = spread_codes(kept);
+        pp[j][h] = spread_codes(plus);
+      }
+    const uint16_t* ts = &w.scales[(size_t(tile) * G + size_t(cm.group[size_t(c)])) * 2 * kTileRows];
+    alignas(32) float alpha[kTileRows], mu[kTileRows];
+    for (int h = 0; h < kQuarters; ++h) {
+      _mm256_store_ps(alpha + kLanes * h,
+                      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ts + kLanes * h))));
+      _mm256_store_ps(mu + kLanes * h,
+                      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ts + kTileRows + kLanes * h))));
+    }
+    const int8_t* qc = &a.q[size_t(c) * kChunkCols];
+    for (int t = t0; t < t1; ++t) {
+      const int8_t* q = qc + size_t(t) * qstride;
+      __m256i S0 = _mm256_setzero_si256(), P0 = S0, S1 = S0, P1 = S0, S2 = S0, P2 = S0, S3 = S0, P3 = S0;
+      for (int j = 0; j < nq; ++j) {
+        int32_t q4;
+        std::memcpy(&q4, q + 4 * j, 4);
+        const __m256i b = _mm256_set1_epi32(q4);
+        S0 = _mm256_dpbusd_avx_epi32(S0, pm[j][0], b);
+        P0 = _mm256_dpbusd_avx_epi32(P0, pp[j][0], b);
+        S1 = _mm256_dpbusd_avx_epi32(S1, pm[j][1], b);
+        P1 = _mm256_dpbusd_avx_epi32(P1, pp[j][1], b);
+        S2 = _mm256_dpbusd_avx_epi32(S2, pm[j][2], b);
+        P2 = _mm256_dpbusd_avx_epi32(P2, pp[j][2], b);
+        S3 = _mm256_dpbusd_avx_epi32(S3, pm[j][3], b);
+        P3 = _mm256_dpbusd_avx_epi32(P3, pp[j][3], b);
+      }
+      const float scale = a.scale[size_t(t) * chunks + c];
+      float* yt = y + size_t(t) * size_t(p.rows) + size_t(r0);
+      const __m256i Ss[kQuarters] = {S0, S1, S2, S3}, Ps[kQuarters] = {P0, P1, P2, P3};
+      for (int h = 0; h < live; ++h)
+        accumulate(Ss[h], Ps[h], _mm256_load_ps(alpha + kLanes * h), _mm256_load_ps(mu + kLanes * h), scale,
+                   lanes[h], yt + kLanes * h);
+    }
+  }
+}
+
+}  // namespace pbs2p
