@@ -27,6 +27,13 @@ inline __m256i spread_codes(__m256i x) {
   return _mm256_or_si256(d, _mm256_and_si256(_mm256_slli_epi32(x, 18), _mm256_set1_epi32(0x1000000)));
 }
 
+// acc += per dword, the 4 products u8 a x s8 b (VEX vpdpbusd). Inline asm with the accumulator tied: GCC 12
+// copies every accumulator through a spare register around _mm256_dpbusd_avx_epi32 and then spills.
+inline __m256i dpbusd(__m256i acc, __m256i a, __m256i b) {
+  __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b));
+  return acc;
+}
+
 // y[rows of one quarter] = fma(scale, fma(mu, S, alpha * (2P - S)), y); `lanes` = rows of the quarter in the
 // matrix (8 for a full quarter, else a masked load/store of the first `lanes`).
 inline void accumulate(__m256i S, __m256i P, __m256 alpha, __m256 mu, float scale, int lanes, float* yt) {
@@ -38,6 +45,46 @@ inline void accumulate(__m256i S, __m256i P, __m256 alpha, __m256 mu, float scal
   } else {
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     _mm256_maskstore_ps(yt, mask, _mm256_fmadd_ps(sv, part, _mm256_maskload_ps(yt, mask)));
+  }
+}
+
+// T tokens x quarters h, h + 1 of one chunk: 4T accumulators (S and P per token and quarter), so each plane load
+// serves T tokens (16 ymm registers: 4T accumulators + 4 planes + the broadcast). Quarters >= live are skipped by
+// the caller in pairs; a pair's second quarter past the last row has lanes[h + 1] == 0 and is not written.
+template <int T>  // 1 or 2
+inline void half_tile(const __m256i (*pm)[kQuarters], const __m256i (*pp)[kQuarters], int nq, int h, const int8_t* q,
+                      size_t qstride, const float* alpha, const float* mu, const float* scale, int chunks,
+                      const int* lanes, float* y, size_t ldy) {
+  // named accumulators (not arrays): GCC keeps them in registers instead of copying them around every vpdpbusd
+  __m256i S0a = _mm256_setzero_si256(), P0a = S0a, S1a = S0a, P1a = S0a, S0b = S0a, P0b = S0a, S1b = S0a, P1b = S0a;
+  const int8_t* qa = q;
+  const int8_t* qb = q + (T > 1 ? qstride : 0);
+  for (int j = 0; j < nq; ++j) {
+    const __m256i m0 = pm[j][h], m1 = pm[j][h + 1], p0 = pp[j][h], p1 = pp[j][h + 1];
+    int32_t q4;
+    std::memcpy(&q4, qa + 4 * j, 4);
+    const __m256i ba = _mm256_set1_epi32(q4);
+    S0a = dpbusd(S0a, m0, ba);
+    P0a = dpbusd(P0a, p0, ba);
+    S1a = dpbusd(S1a, m1, ba);
+    P1a = dpbusd(P1a, p1, ba);
+    if (T > 1) {
+      std::memcpy(&q4, qb + 4 * j, 4);
+      const __m256i bb = _mm256_set1_epi32(q4);
+      S0b = dpbusd(S0b, m0, bb);
+      P0b = dpbusd(P0b, p0, bb);
+      S1b = dpbusd(S1b, m1, bb);
+      P1b = dpbusd(P1b, p1, bb);
+    }
+  }
+  const __m256i S0[2] = {S0a, S0b}, P0[2] = {P0a, P0b}, S1[2] = {S1a, S1b}, P1[2] = {P1a, P1b};
+  for (int i = 0; i < T; ++i) {
+    float* yt = y + size_t(i) * ldy + size_t(kLanes * h);
+    const float s = scale[size_t(i) * size_t(chunks)];
+    accumulate(S0[i], P0[i], _mm256_load_ps(alpha + kLanes * h), _mm256_load_ps(mu + kLanes * h), s, lanes[h], yt);
+    if (lanes[h + 1] > 0)
+      accumulate(S1[i], P1[i], _mm256_load_ps(alpha + kLanes * (h + 1)), _mm256_load_ps(mu + kLanes * (h + 1)), s,
+                 lanes[h + 1], yt + kLanes);
   }
 }
 
@@ -76,29 +123,16 @@ void tile_gemm_avxvnni(PBS2P_TILE_GEMM_ARGS) {
                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ts + kTileRows + kLanes * h))));
     }
     const int8_t* qc = &a.q[size_t(c) * kChunkCols];
-    for (int t = t0; t < t1; ++t) {
-      const int8_t* q = qc + size_t(t) * qstride;
-      __m256i S0 = _mm256_setzero_si256(), P0 = S0, S1 = S0, P1 = S0, S2 = S0, P2 = S0, S3 = S0, P3 = S0;
-      for (int j = 0; j < nq; ++j) {
-        int32_t q4;
-        std::memcpy(&q4, q + 4 * j, 4);
-        const __m256i b = _mm256_set1_epi32(q4);
-        S0 = _mm256_dpbusd_avx_epi32(S0, pm[j][0], b);
-        P0 = _mm256_dpbusd_avx_epi32(P0, pp[j][0], b);
-        S1 = _mm256_dpbusd_avx_epi32(S1, pm[j][1], b);
-        P1 = _mm256_dpbusd_avx_epi32(P1, pp[j][1], b);
-        S2 = _mm256_dpbusd_avx_epi32(S2, pm[j][2], b);
-        P2 = _mm256_dpbusd_avx_epi32(P2, pp[j][2], b);
-        S3 = _mm256_dpbusd_avx_epi32(S3, pm[j][3], b);
-        P3 = _mm256_dpbusd_avx_epi32(P3, pp[j][3], b);
-      }
-      const float scale = a.scale[size_t(t) * chunks + c];
-      float* yt = y + size_t(t) * size_t(p.rows) + size_t(r0);
-      const __m256i Ss[kQuarters] = {S0, S1, S2, S3}, Ps[kQuarters] = {P0, P1, P2, P3};
-      for (int h = 0; h < live; ++h)
-        accumulate(Ss[h], Ps[h], _mm256_load_ps(alpha + kLanes * h), _mm256_load_ps(mu + kLanes * h), scale,
-                   lanes[h], yt + kLanes * h);
-    }
+    const float* sc = &a.scale[size_t(c)];
+    int t = t0;
+    for (; t + 2 <= t1; t += 2)
+      for (int h = 0; h < live; h += 2)
+        half_tile<2>(pm, pp, nq, h, qc + size_t(t) * qstride, qstride, alpha, mu, sc + size_t(t) * chunks, chunks,
+                     lanes, y + size_t(t) * size_t(p.rows) + size_t(r0), size_t(p.rows));
+    if (t < t1)
+      for (int h = 0; h < live; h += 2)
+        half_tile<1>(pm, pp, nq, h, qc + size_t(t) * qstride, qstride, alpha, mu, sc + size_t(t) * chunks, chunks,
+                     lanes, y + size_t(t) * size_t(p.rows) + size_t(r0), size_t(p.rows));
   }
 }
 
