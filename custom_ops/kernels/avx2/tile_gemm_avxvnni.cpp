@@ -18,6 +18,9 @@ namespace {
 
 constexpr int kLanes = 8;                      // rows per ymm register of dwords
 constexpr int kQuarters = kTileRows / kLanes;  // 4
+// Register block of the token loop: 2 tokens x 2 quarters (8 accumulators + 4 planes + 1 broadcast of the 16 ymm
+// registers); 4 x 1 and 6 x 1 measured the same as 2 x 2 at 4096x4096, M=128 (pbs2p_kernel_bench, shared Zen 4).
+constexpr int kBlockTokens = 2, kBlockQuarters = 2;
 
 // Byte i of each dword: bit 2i of x (bits 0, 2, 4, 6 of a tile code byte -> 4 bytes 0/1).
 inline __m256i spread_codes(__m256i x) {
@@ -48,43 +51,38 @@ inline void accumulate(__m256i S, __m256i P, __m256 alpha, __m256 mu, float scal
   }
 }
 
-// T tokens x quarters h, h + 1 of one chunk: 4T accumulators (S and P per token and quarter), so each plane load
-// serves T tokens (16 ymm registers: 4T accumulators + 4 planes + the broadcast). Quarters >= live are skipped by
-// the caller in pairs; a pair's second quarter past the last row has lanes[h + 1] == 0 and is not written.
-template <int T>  // 1 or 2
-inline void half_tile(const __m256i (*pm)[kQuarters], const __m256i (*pp)[kQuarters], int nq, int h, const int8_t* q,
-                      size_t qstride, const float* alpha, const float* mu, const float* scale, int chunks,
-                      const int* lanes, float* y, size_t ldy) {
-  // named accumulators (not arrays): GCC keeps them in registers instead of copying them around every vpdpbusd
-  __m256i S0a = _mm256_setzero_si256(), P0a = S0a, S1a = S0a, P1a = S0a, S0b = S0a, P0b = S0a, S1b = S0a, P1b = S0a;
-  const int8_t* qa = q;
-  const int8_t* qb = q + (T > 1 ? qstride : 0);
+// T tokens x Q quarters (from quarter h) of one chunk: 2TQ accumulators (S and P per token and quarter), each
+// plane load serves T tokens (16 ymm registers: 2TQ accumulators + 2Q planes + the broadcast). A quarter past
+// the last row has lanes == 0 and is not written.
+template <int T, int Q>
+inline void block(const __m256i (*pm)[kQuarters], const __m256i (*pp)[kQuarters], int nq, int h, const int8_t* q,
+                  size_t qstride, const float* alpha, const float* mu, const float* scale, int chunks,
+                  const int* lanes, float* y, size_t ldy) {
+  __m256i S[T][Q], P[T][Q];
+  for (int i = 0; i < T; ++i)
+    for (int g = 0; g < Q; ++g) S[i][g] = P[i][g] = _mm256_setzero_si256();
   for (int j = 0; j < nq; ++j) {
-    const __m256i m0 = pm[j][h], m1 = pm[j][h + 1], p0 = pp[j][h], p1 = pp[j][h + 1];
-    int32_t q4;
-    std::memcpy(&q4, qa + 4 * j, 4);
-    const __m256i ba = _mm256_set1_epi32(q4);
-    S0a = dpbusd(S0a, m0, ba);
-    P0a = dpbusd(P0a, p0, ba);
-    S1a = dpbusd(S1a, m1, ba);
-    P1a = dpbusd(P1a, p1, ba);
-    if (T > 1) {
-      std::memcpy(&q4, qb + 4 * j, 4);
-      const __m256i bb = _mm256_set1_epi32(q4);
-      S0b = dpbusd(S0b, m0, bb);
-      P0b = dpbusd(P0b, p0, bb);
-      S1b = dpbusd(S1b, m1, bb);
-      P1b = dpbusd(P1b, p1, bb);
+    __m256i m[Q], pl[Q];
+    for (int g = 0; g < Q; ++g) {
+      m[g] = pm[j][h + g];
+      pl[g] = pp[j][h + g];
+    }
+    for (int i = 0; i < T; ++i) {
+      int32_t q4;
+      std::memcpy(&q4, q + size_t(i) * qstride + 4 * size_t(j), 4);
+      const __m256i b = _mm256_set1_epi32(q4);
+      for (int g = 0; g < Q; ++g) {
+        S[i][g] = dpbusd(S[i][g], m[g], b);
+        P[i][g] = dpbusd(P[i][g], pl[g], b);
+      }
     }
   }
-  const __m256i S0[2] = {S0a, S0b}, P0[2] = {P0a, P0b}, S1[2] = {S1a, S1b}, P1[2] = {P1a, P1b};
   for (int i = 0; i < T; ++i) {
-    float* yt = y + size_t(i) * ldy + size_t(kLanes * h);
     const float s = scale[size_t(i) * size_t(chunks)];
-    accumulate(S0[i], P0[i], _mm256_load_ps(alpha + kLanes * h), _mm256_load_ps(mu + kLanes * h), s, lanes[h], yt);
-    if (lanes[h + 1] > 0)
-      accumulate(S1[i], P1[i], _mm256_load_ps(alpha + kLanes * (h + 1)), _mm256_load_ps(mu + kLanes * (h + 1)), s,
-                 lanes[h + 1], yt + kLanes);
+    for (int g = 0; g < Q; ++g)
+      if (lanes[h + g] > 0)
+        accumulate(S[i][g], P[i][g], _mm256_load_ps(alpha + kLanes * (h + g)), _mm256_load_ps(mu + kLanes * (h + g)),
+                   s, lanes[h + g], y + size_t(i) * ldy + size_t(kLanes * (h + g)));
   }
 }
 
@@ -124,15 +122,16 @@ void tile_gemm_avxvnni(PBS2P_TILE_GEMM_ARGS) {
     }
     const int8_t* qc = &a.q[size_t(c) * kChunkCols];
     const float* sc = &a.scale[size_t(c)];
+    const size_t ldy = size_t(p.rows);
     int t = t0;
-    for (; t + 2 <= t1; t += 2)
-      for (int h = 0; h < live; h += 2)
-        half_tile<2>(pm, pp, nq, h, qc + size_t(t) * qstride, qstride, alpha, mu, sc + size_t(t) * chunks, chunks,
-                     lanes, y + size_t(t) * size_t(p.rows) + size_t(r0), size_t(p.rows));
-    if (t < t1)
-      for (int h = 0; h < live; h += 2)
-        half_tile<1>(pm, pp, nq, h, qc + size_t(t) * qstride, qstride, alpha, mu, sc + size_t(t) * chunks, chunks,
-                     lanes, y + size_t(t) * size_t(p.rows) + size_t(r0), size_t(p.rows));
+    for (; t + kBlockTokens <= t1; t += kBlockTokens)
+      for (int h = 0; h < live; h += kBlockQuarters)
+        block<kBlockTokens, kBlockQuarters>(pm, pp, nq, h, qc + size_t(t) * qstride, qstride, alpha, mu,
+                                            sc + size_t(t) * chunks, chunks, lanes, y + size_t(t) * ldy + r0, ldy);
+    for (; t < t1; ++t)  // an odd last token
+      for (int h = 0; h < live; h += kBlockQuarters)
+        block<1, kBlockQuarters>(pm, pp, nq, h, qc + size_t(t) * qstride, qstride, alpha, mu, sc + size_t(t) * chunks,
+                                 chunks, lanes, y + size_t(t) * ldy + r0, ldy);
   }
 }
 
