@@ -190,6 +190,14 @@ def test_ops_info_symbol():
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
         assert "neon" in info["kernels"]
+    if machine in ("x86_64", "amd64") and "avx_vnni" in _cpu_flags():  # the AVX-VNNI path is built and usable
+        assert "avxvnni-tile" in info["kernels"]
+
+
+def _cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return {f for ln in text.splitlines() if ln.startswith("flags") for f in ln.split(":", 1)[1].split()}
 
 
 @pytest.mark.parametrize("kernel", ALL_KERNELS)

@@ -1,6 +1,8 @@
 // Quick single-thread kernel timing without ONNX Runtime (development aid; bench/kernels.py is the benchmark).
 // usage: pbs2p_kernel_bench [rows] [k] [tokens] [kernel] [iterations]; weights stay warm in the caches (one 6:8
-// weight, group 128). With a kernel name only that kernel runs (scripts/arm_insn_count.py counts its instructions).
+// weight, group 128). With a kernel name only that kernel runs (scripts/arm_insn_count.py counts its instructions);
+// a tile kernel with a GEMM takes a suffix forcing one form at any token count (the kHybridGemv crossover):
+// `avxvnni-tile/gemm` (the tile GEMM) or `avxvnni-tile/tables` (the table lookups).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -25,9 +27,21 @@ int main(int argc, char** argv) {
   std::vector<float> x(size_t(tokens) * k), y(size_t(tokens) * rows);
   std::normal_distribution<float> nx(0.0f, 1.0f);
   for (auto& v : x) v = nx(rng);
-  const std::string only = argc > 4 ? argv[4] : "";
+  std::string only = argc > 4 ? argv[4] : "", form;
+  if (const size_t slash = only.find('/'); slash != std::string::npos) {
+    form = only.substr(slash + 1);
+    only = only.substr(0, slash);
+    if (form != "gemm" && form != "tables") {
+      std::fprintf(stderr, "error: kernel suffix /%s: want /gemm or /tables\n", form.c_str());
+      return 2;
+    }
+  }
   for (const Kernel* kn : built_kernels()) {
     if (!kernel_supported(*kn) || (!only.empty() && only != kn->name)) continue;
+    if (form == "gemm" && (kn->compact || kn->gemm == nullptr)) {
+      std::fprintf(stderr, "error: kernel %s has no tile GEMM\n", kn->name);
+      return 2;
+    }
     int iters = std::string(kn->name) == "generic" ? 2 : 30;
     if (argc > 5) iters = std::max(1, std::atoi(argv[5]));
     CompactWeight cw;
@@ -48,7 +62,7 @@ int main(int argc, char** argv) {
       if (kn->compact) {
         quantize(x.data(), k, tokens, cw.cm, &a);
         kn->rows(cw, a, x.data(), 0, rows, 0, tokens, y.data(), size_t(rows));
-      } else if (kn->gemm != nullptr && tokens > kHybridGemv) {  // as the op: prefill over the tile copy
+      } else if (kn->gemm != nullptr && (form == "gemm" || (form.empty() && tokens > kHybridGemv))) {  // as the op
         quantize(x.data(), k, tokens, cm, &a);
         for (int tile = 0; tile < rw.tiles; ++tile) kn->gemm(rw, cm, a, tile, 0, tokens, y.data());
       } else {
@@ -58,7 +72,8 @@ int main(int argc, char** argv) {
       all.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
     std::sort(all.begin(), all.end());
-    std::printf("%-16s rows=%d k=%d tokens=%d: best %.3f ms, median %.3f ms\n", kn->name, rows, k, tokens,
+    const std::string label = std::string(kn->name) + (form.empty() ? "" : "/" + form);
+    std::printf("%-16s rows=%d k=%d tokens=%d: best %.3f ms, median %.3f ms\n", label.c_str(), rows, k, tokens,
                 all[0] * 1e3, all[all.size() / 2] * 1e3);
   }
   return 0;
