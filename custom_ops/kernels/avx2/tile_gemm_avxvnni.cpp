@@ -2,9 +2,10 @@
 // CPUs that have AVX-VNNI without AVX-512 (Intel Alder Lake and later client cores, AMD Zen 5 client).
 // The arithmetic of tile_gemm_avx512vnni with 8-row ymm lanes instead of 16-row zmm lanes: per chunk the 2-bit
 // codes of the tile's 32 rows become, once, [4 columns][8 rows] dword planes of 0/1 bytes (kept = code != 0,
-// +1 = code 1) for each quarter of the tile; then per token 8 vpdpbusd per 4 columns (two planes x four 8-row
-// quarters) against a broadcast activation dword: S = sum of q over kept weights, P = over +1 weights (exact
-// integers), D = 2P - S, y = fma(scale, fma(mu, S, alpha * D), y), so identical bits to every other path.
+// +1 = code 1) for each quarter of the tile (6 instructions per plane pair: broadcast, vpshufb, 2 x and + min);
+// then per token 8 vpdpbusd per 4 columns (two planes x four 8-row quarters) against a broadcast activation
+// dword: S = sum of q over kept weights, P = over +1 weights (exact integers), D = 2P - S,
+// y = fma(scale, fma(mu, S, alpha * D), y), so identical bits to every other path.
 // Built with -mavx2 -mfma -mf16c -mavxvnni only; runs after the CPUID check of kernel_supported().
 #include <immintrin.h>
 
@@ -21,14 +22,6 @@ constexpr int kQuarters = kTileRows / kLanes;  // 4
 // Register block of the token loop: 2 tokens x 2 quarters (8 accumulators + 4 planes + 1 broadcast of the 16 ymm
 // registers); 4 x 1 and 6 x 1 measured the same as 2 x 2 at 4096x4096, M=128 (pbs2p_kernel_bench, shared Zen 4).
 constexpr int kBlockTokens = 2, kBlockQuarters = 2;
-
-// Byte i of each dword: bit 2i of x (bits 0, 2, 4, 6 of a tile code byte -> 4 bytes 0/1).
-inline __m256i spread_codes(__m256i x) {
-  __m256i d = _mm256_and_si256(x, _mm256_set1_epi32(1));
-  d = _mm256_or_si256(d, _mm256_and_si256(_mm256_slli_epi32(x, 6), _mm256_set1_epi32(0x100)));
-  d = _mm256_or_si256(d, _mm256_and_si256(_mm256_slli_epi32(x, 12), _mm256_set1_epi32(0x10000)));
-  return _mm256_or_si256(d, _mm256_and_si256(_mm256_slli_epi32(x, 18), _mm256_set1_epi32(0x1000000)));
-}
 
 // acc += per dword, the 4 products u8 a x s8 b (VEX vpdpbusd). Inline asm with the accumulator tied: GCC 12
 // copies every accumulator through a spare register around _mm256_dpbusd_avx_epi32 and then spills.
@@ -98,19 +91,24 @@ void tile_gemm_avxvnni(PBS2P_TILE_GEMM_ARGS) {
   int lanes[kQuarters];  // rows of each quarter inside the matrix (0 = quarter past the last row)
   for (int h = 0; h < kQuarters; ++h) lanes[h] = std::max(0, std::min(kLanes, nr - kLanes * h));
   const int live = (nr + kLanes - 1) / kLanes;  // quarters holding rows
-  const __m256i m55 = _mm256_set1_epi32(0x55);
+  // Planes from codes: the quarter's 8 code bytes broadcast, each replicated over its row's dword (vpshufb), then
+  // byte k of the dword keeps the code's bits 2k, 2k + 1 (column 4q + k): +1 = bit 2k, kept = either bit; min(., 1)
+  // makes the 0/1 bytes.
+  const __m256i replicate = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6,
+                                             6, 6, 6, 7, 7, 7, 7);
+  const __m256i plus_bits = _mm256_set1_epi32(0x40100401), kept_bits = _mm256_set1_epi32(int32_t(0xc0300c03u));
+  const __m256i ones = _mm256_set1_epi8(1);
   alignas(32) __m256i pm[kChunkCols / 4][kQuarters], pp[kChunkCols / 4][kQuarters];
   for (int t = t0; t < t1; ++t) std::fill_n(y + size_t(t) * size_t(p.rows) + size_t(r0), size_t(nr), 0.0f);
   for (int c = 0; c < chunks; ++c) {
     const int qb = cm.begin[size_t(c)] / 4, nq = (cm.begin[size_t(c) + 1] - cm.begin[size_t(c)]) / 4;
     for (int j = 0; j < nq; ++j)
       for (int h = 0; h < kQuarters; ++h) {
-        const __m256i v = _mm256_cvtepu8_epi32(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + size_t(qb + j) * kTileRows + kLanes * h)));
-        const __m256i plus = _mm256_and_si256(v, m55);
-        const __m256i kept = _mm256_or_si256(plus, _mm256_and_si256(_mm256_srli_epi32(v, 1), m55));
-        pm[j][h] = spread_codes(kept);
-        pp[j][h] = spread_codes(plus);
+        int64_t c8;
+        std::memcpy(&c8, codes + size_t(qb + j) * kTileRows + kLanes * h, 8);
+        const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x(c8), replicate);
+        pm[j][h] = _mm256_min_epu8(_mm256_and_si256(v, kept_bits), ones);
+        pp[j][h] = _mm256_min_epu8(_mm256_and_si256(v, plus_bits), ones);
       }
     const uint16_t* ts = &w.scales[(size_t(tile) * G + size_t(cm.group[size_t(c)])) * 2 * kTileRows];
     alignas(32) float alpha[kTileRows], mu[kTileRows];
