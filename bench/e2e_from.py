@@ -83,13 +83,14 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
     ckpt = load_checkpoint(args.source)
     cfg = ckpt["compression"]
     fp_model, tokenizer = sources.load_model(None)
-    calib = sources.calibration_ids(tokenizer, cfg["calib_samples"], cfg["calib_len"], cfg["seed"])
+    calib = sources.calibration_ids(tokenizer, args.samples, cfg["calib_len"], cfg["seed"])
     held = sources.calibration_ids(tokenizer, args.holdout, cfg["calib_len"], cfg["seed"] + 1000)
     eval_ids = sources.evaluation_ids(tokenizer, args.tokens)
     fp_model.float().eval()
     teacher = teacher_topk(fp_model, calib, args.topk, args.micro_batch)
     held_teacher = teacher_topk(fp_model, held, args.topk, args.micro_batch)
     del fp_model
+    n_first = cfg["calib_samples"]  # calib KL on the block stages' windows, which every variant trains on
     rows = []
     for steps in args.steps:
         torch.manual_seed(cfg["seed"])
@@ -107,15 +108,21 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
                 lr=args.lr,
                 micro_batch=args.micro_batch,
                 seed=cfg["seed"],
+                schedule=args.schedule,
+                check_samples=cfg["calib_samples"],
             )
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         row = {
             "steps": steps,
             "lr": args.lr,
+            "samples": args.samples,
+            "schedule": args.schedule,
             "micro_batch": args.micro_batch,
             "topk": args.topk,
             "kept": stats.get("kept", False),
-            "calib_kl": kl_over(model, calib, teacher, args.micro_batch),
+            "calib_kl": kl_over(
+                model, calib[:n_first], (teacher[0][:n_first], teacher[1][:n_first]), args.micro_batch
+            ),
             "heldout_kl": kl_over(model, held, held_teacher, args.micro_batch),
             "ppl": perplexity(model, eval_ids, ctx=args.ctx, progress=False)["ppl"],
             "wall_seconds": wall,
@@ -143,12 +150,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"calibration split, another seed. Evaluation: {meta['tokens']} tokens of the evaluation split, ctx {meta['ctx']}.  ",
         f"Machine: {meta['machine']}; shared by other jobs, so seconds are not speed claims.",
         "",
-        "| start model | E2E steps | lr | micro-batch | kept | calib KL | held-out KL | eval perplexity | wall s | CPU s | measured |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| start model | windows | schedule | E2E steps | lr | micro-batch | kept | calib KL | held-out KL | eval perplexity | wall s | CPU s | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.get('source', '-')} | {r['steps']} | {r['lr']:g} | {r['micro_batch']} | {'yes' if r['kept'] else '-'} | {r['calib_kl']:.4f} | "
+            f"| {r.get('source', '-')} | {r['samples']} | {r['schedule']} | {r['steps']} | {r['lr']:g} | {r['micro_batch']} | {'yes' if r['kept'] else '-'} | {r['calib_kl']:.4f} | "
             f"{r['heldout_kl']:.4f} | {r['ppl']:.2f} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['measured']} |"
         )
     return "\n".join(lines) + "\n"
@@ -168,6 +175,12 @@ def main() -> None:
     parser.add_argument(
         "--micro-batch", type=int, default=None, help="sequences per step (default: PBS2PConfig's)"
     )
+    parser.add_argument(
+        "--samples", type=int, default=None, help="calibration windows to train on (default: PBS2PConfig's)"
+    )
+    parser.add_argument(
+        "--schedule", choices=["constant", "cosine"], default=None, help="learning-rate schedule"
+    )
     parser.add_argument("--topk", type=int, default=None, help="teacher top-k (default: PBS2PConfig's)")
     parser.add_argument("--holdout", type=int, default=16, help="held-out calibration-split windows")
     parser.add_argument("--tokens", type=int, default=4096)
@@ -183,6 +196,8 @@ def main() -> None:
     args.lr = args.lr if args.lr is not None else defaults.e2e_lr
     args.micro_batch = args.micro_batch or defaults.e2e_micro_batch
     args.topk = args.topk or defaults.e2e_topk
+    args.samples = args.samples or defaults.e2e_samples
+    args.schedule = args.schedule or defaults.e2e_schedule
     try:
         args.steps = [int(s) for s in args.steps.split(",")]
         if any(s < 0 for s in args.steps) or not 0 < args.lr < 1 or args.micro_batch < 1 or args.holdout < 1:
@@ -208,9 +223,19 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
     path = RESULTS / f"{args.name}.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
     row = {**row, "source": args.source.name}
-    key = ("steps", "lr", "micro_batch", "source")
+    key = ("steps", "lr", "micro_batch", "samples", "schedule", "source")
+    old = [{"samples": 32, "schedule": "constant", **r} for r in old]  # rows measured before both options
     merged = [r for r in old if tuple(r.get(k) for k in key) != tuple(row[k] for k in key)] + [row]
-    merged.sort(key=lambda r: (r.get("source", ""), r["lr"], r["micro_batch"], r["steps"]))
+    merged.sort(
+        key=lambda r: (
+            r.get("source", ""),
+            r["samples"],
+            r["schedule"],
+            r["lr"],
+            r["micro_batch"],
+            r["steps"],
+        )
+    )
     meta = {
         "command": _threads_env() + "nice -n 10 .venv/bin/python bench/e2e_from.py " + " ".join(sys.argv[1:]),
         "source": args.source.name,
@@ -218,7 +243,7 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
             f"{k}={cfg.get(k)}"
             for k in ("n", "m", "binarizer", "recover_steps", "recover_seconds", "budget_bits", "seed")
         ),
-        "calib": f"{cfg['calib_samples']} x {cfg['calib_len']} tokens",
+        "calib": f"{args.samples} x {cfg['calib_len']} tokens (last run)",
         "holdout": args.holdout,
         "tokens": args.tokens,
         "ctx": args.ctx,

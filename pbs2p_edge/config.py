@@ -23,6 +23,8 @@ SUPPORTED_MODEL_TYPES = _FAMILY_TYPES
 PRUNE_METRICS = ("obs", "magnitude")
 # Block-wise recovery targets: the FP layer applied to the compressed model's inputs, or the FP model's own states.
 RECOVER_TARGETS = ("compressed_inputs", "fp_states")
+# Learning-rate schedules of the end-to-end pass: constant, or cosine decay to 0 over the planned steps.
+E2E_SCHEDULES = ("constant", "cosine")
 # Defaults of the recovery and budget stages (docs/METHOD.md). Recovery is budgeted in optimizer steps, so
 # the same command gives the same model on a busy or an idle machine: with `recover_steps` None each decoder
 # layer gets RECOVER_STEPS_PER_LAYER Adam steps while the model has at most RECOVER_FULL_WEIGHTS compressed
@@ -119,6 +121,10 @@ class PBS2PConfig:
     e2e_lr: float = 1e-3
     e2e_micro_batch: int = 2
     e2e_topk: int = 64
+    # Calibration windows the end-to-end pass trains on (the same seed and length as the block stages' windows,
+    # which are its first `calib_samples` when it has at least as many), and its learning-rate schedule.
+    e2e_samples: int = 32
+    e2e_schedule: str = "constant"
     # Bit budget (compress/budget.py): honest bits/weight over the compressed linears to spend (None =
     # DEFAULT_BUDGET_BITS if the pattern fits under it; a given value below the pattern is an error); `budget`
     # False turns the stage off; calibration sequences x tokens of the per-layer sensitivity probe.
@@ -168,6 +174,10 @@ class PBS2PConfig:
         self._resolve_cfs()
 
     def _check_recovery(self) -> None:
+        if self.e2e_schedule not in E2E_SCHEDULES:
+            raise Pbs2pError(
+                f"unknown --e2e-schedule {self.e2e_schedule!r} (choose from {', '.join(E2E_SCHEDULES)})"
+            )
         if self.recover_target not in RECOVER_TARGETS:
             raise Pbs2pError(
                 f"unknown recovery target {self.recover_target!r} (choose from {', '.join(RECOVER_TARGETS)})"
@@ -194,6 +204,7 @@ class PBS2PConfig:
             "recover_micro_batch",
             "e2e_micro_batch",
             "e2e_topk",
+            "e2e_samples",
             "budget_probe_samples",
             "budget_probe_len",
         )

@@ -117,6 +117,19 @@ import click
     help="Optional wall-time cap on end-to-end recovery, seconds [default: none].",
 )
 @click.option(
+    "--e2e-samples",
+    type=int,
+    default=None,
+    help="Calibration windows the end-to-end pass trains on (the block stages' windows come first) "
+    "[default: 32].",
+)
+@click.option(
+    "--e2e-schedule",
+    default=None,
+    metavar="[constant|cosine]",
+    help="End-to-end learning rate: constant, or a cosine decay to 0 over the steps [default: constant].",
+)
+@click.option(
     "--budget-bits",
     type=float,
     default=None,
@@ -167,6 +180,8 @@ def build_config(options: dict[str, Any]) -> Any:
         "budget": options["budget"],
         "e2e_steps": _steps(options["e2e_steps"], "--e2e-steps", allow_zero=True),
         "e2e_seconds": _budget(options["e2e_seconds"], "--e2e-seconds"),
+        "e2e_samples": options["e2e_samples"],
+        "e2e_schedule": options["e2e_schedule"],
     }
     if options["recover"] is False:
         chosen["recover_steps"] = 0
@@ -272,7 +287,7 @@ def _run(**options: Any) -> None:
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import read_tokenizer_files, save_checkpoint
     from pbs2p_edge.compress.lowmem import has_safetensors, skeleton_model
-    from pbs2p_edge.compress.pipeline import check_supported, compress
+    from pbs2p_edge.compress.pipeline import calibration_windows, check_supported, compress
 
     folder = sources.model_files(options["model_path"])
     store = None
@@ -287,9 +302,7 @@ def _run(**options: Any) -> None:
 
         needed = memcheck.compress_bytes(model.config, config.calib_samples, config.calib_len)
         memcheck.require(needed, f"compressing {folder.name}")
-    calib = sources.calibration_ids(
-        tokenizer, config.calib_samples, config.calib_len, config.seed, options["text_path"]
-    )
+    calib, e2e_ids = calibration_windows(tokenizer, config, options["text_path"])
     tokenizer_files = read_tokenizer_files(folder)
     compressed = compress(
         model,
@@ -298,6 +311,7 @@ def _run(**options: Any) -> None:
         tokenizer_files=tokenizer_files,
         progress=not options["no_progress"],
         store=store,
+        e2e_ids=e2e_ids,
     )
     compressed.weights.clear()  # the packed arrays are what the checkpoint stores
     save_checkpoint(compressed, output)
