@@ -44,6 +44,23 @@ def kl_over(model: Any, ids: Any, teacher: tuple[Any, Any], micro_batch: int) ->
     return total / ids.shape[0]
 
 
+def _ppl_int4_head(model: Any, eval_ids: Any, ctx: int) -> float:
+    """Perplexity through the int4 head the default bundle computes with (what `eval BUNDLE` scores, but for
+    the fp16 rounding of the bundle's scales)."""
+    from pbs2p_edge.compress.head import deployed_head
+    from pbs2p_edge.evaluate import perplexity
+
+    with deployed_head(model, "int4"):
+        return perplexity(model, eval_ids, ctx=ctx, progress=False)["ppl"]
+
+
+def _kl_int4_head(model: Any, ids: Any, teacher: tuple[Any, Any], micro_batch: int) -> float:
+    from pbs2p_edge.compress.head import deployed_head
+
+    with deployed_head(model, "int4"):
+        return kl_over(model, ids, teacher, micro_batch)
+
+
 def save_variant(
     ckpt: dict[str, Any], model: Any, weights: dict[str, Any], stats: dict[str, Any], steps: int, path: Path
 ) -> None:
@@ -75,6 +92,7 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
 
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
+    from pbs2p_edge.compress.head import deployed_head
     from pbs2p_edge.compress.recover import recover_e2e, teacher_topk
     from pbs2p_edge.evaluate import perplexity
     from pbs2p_edge.format import unpack
@@ -99,18 +117,19 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
         stats: dict[str, Any] = {}
         t0, c0 = time.perf_counter(), time.process_time()
         if steps > 0:
-            stats = recover_e2e(
-                model,
-                weights,
-                calib,
-                teacher,
-                steps=steps,
-                lr=args.lr,
-                micro_batch=args.micro_batch,
-                seed=cfg["seed"],
-                schedule=args.schedule,
-                check_samples=cfg["calib_samples"],
-            )
+            with deployed_head(model, args.head):
+                stats = recover_e2e(
+                    model,
+                    weights,
+                    calib,
+                    teacher,
+                    steps=steps,
+                    lr=args.lr,
+                    micro_batch=args.micro_batch,
+                    seed=cfg["seed"],
+                    schedule=args.schedule,
+                    check_samples=cfg["calib_samples"],
+                )
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         row = {
             "steps": steps,
@@ -124,7 +143,10 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
                 model, calib[:n_first], (teacher[0][:n_first], teacher[1][:n_first]), args.micro_batch
             ),
             "heldout_kl": kl_over(model, held, held_teacher, args.micro_batch),
+            "head": args.head,
             "ppl": perplexity(model, eval_ids, ctx=args.ctx, progress=False)["ppl"],
+            "ppl_int4_head": _ppl_int4_head(model, eval_ids, args.ctx),
+            "heldout_kl_int4_head": _kl_int4_head(model, held, held_teacher, args.micro_batch),
             "wall_seconds": wall,
             "cpu_seconds": cpu,
             "torch_threads": torch.get_num_threads(),
@@ -150,13 +172,13 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"calibration split, another seed. Evaluation: {meta['tokens']} tokens of the evaluation split, ctx {meta['ctx']}.  ",
         f"Machine: {meta['machine']}; shared by other jobs, so seconds are not speed claims.",
         "",
-        "| start model | windows | schedule | E2E steps | lr | micro-batch | kept | calib KL | held-out KL | eval perplexity | wall s | CPU s | measured |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| start model | windows | schedule | trained through head | E2E steps | lr | micro-batch | kept | calib KL | held-out KL | held-out KL, int4 head | eval perplexity | same, int4 head | wall s | CPU s | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.get('source', '-')} | {r['samples']} | {r['schedule']} | {r['steps']} | {r['lr']:g} | {r['micro_batch']} | {'yes' if r['kept'] else '-'} | {r['calib_kl']:.4f} | "
-            f"{r['heldout_kl']:.4f} | {r['ppl']:.2f} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['measured']} |"
+            f"| {r.get('source', '-')} | {r['samples']} | {r['schedule']} | {r['head']} | {r['steps']} | {r['lr']:g} | {r['micro_batch']} | {'yes' if r['kept'] else '-'} | {r['calib_kl']:.4f} | "
+            f"{r['heldout_kl']:.4f} | {_maybe(r.get('heldout_kl_int4_head'), 4)} | {r['ppl']:.2f} | {_maybe(r.get('ppl_int4_head'))} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['measured']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -181,6 +203,7 @@ def main() -> None:
     parser.add_argument(
         "--schedule", choices=["constant", "cosine"], default=None, help="learning-rate schedule"
     )
+    parser.add_argument("--head", choices=["float", "int4"], default=None, help="head to train through")
     parser.add_argument("--topk", type=int, default=None, help="teacher top-k (default: PBS2PConfig's)")
     parser.add_argument("--holdout", type=int, default=16, help="held-out calibration-split windows")
     parser.add_argument("--tokens", type=int, default=4096)
@@ -198,6 +221,7 @@ def main() -> None:
     args.topk = args.topk or defaults.e2e_topk
     args.samples = args.samples or defaults.e2e_samples
     args.schedule = args.schedule or defaults.e2e_schedule
+    args.head = args.head or defaults.e2e_head
     try:
         args.steps = [int(s) for s in args.steps.split(",")]
         if any(s < 0 for s in args.steps) or not 0 < args.lr < 1 or args.micro_batch < 1 or args.holdout < 1:
@@ -223,8 +247,10 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
     path = RESULTS / f"{args.name}.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
     row = {**row, "source": args.source.name}
-    key = ("steps", "lr", "micro_batch", "samples", "schedule", "source")
-    old = [{"samples": 32, "schedule": "constant", **r} for r in old]  # rows measured before both options
+    key = ("steps", "lr", "micro_batch", "samples", "schedule", "head", "source")
+    old = [
+        {"samples": 32, "schedule": "constant", "head": "float", **r} for r in old
+    ]  # rows from before the options
     merged = [r for r in old if tuple(r.get(k) for k in key) != tuple(row[k] for k in key)] + [row]
     merged.sort(
         key=lambda r: (
@@ -257,6 +283,10 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text(markdown(merged, meta))
     tmp.replace(md)
+
+
+def _maybe(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _threads_env() -> str:

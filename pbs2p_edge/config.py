@@ -25,6 +25,8 @@ PRUNE_METRICS = ("obs", "magnitude")
 RECOVER_TARGETS = ("compressed_inputs", "fp_states")
 # Learning-rate schedules of the end-to-end pass: constant, or cosine decay to 0 over the planned steps.
 E2E_SCHEDULES = ("constant", "cosine")
+# The head the end-to-end pass trains through (kept in sync with compress/head.py's E2E_HEADS; no torch here).
+E2E_HEADS = ("float", "int4")
 # Defaults of the recovery and budget stages (docs/METHOD.md). Recovery is budgeted in optimizer steps, so
 # the same command gives the same model on a busy or an idle machine: with `recover_steps` None each decoder
 # layer gets RECOVER_STEPS_PER_LAYER Adam steps while the model has at most RECOVER_FULL_WEIGHTS compressed
@@ -125,6 +127,8 @@ class PBS2PConfig:
     # which are its first `calib_samples` when it has at least as many), and its learning-rate schedule.
     e2e_samples: int = 32
     e2e_schedule: str = "constant"
+    # The head it trains through: the float weights, or the int4 head the default bundle computes with.
+    e2e_head: str = "float"
     # Bit budget (compress/budget.py): honest bits/weight over the compressed linears to spend (None =
     # DEFAULT_BUDGET_BITS if the pattern fits under it; a given value below the pattern is an error); `budget`
     # False turns the stage off; calibration sequences x tokens of the per-layer sensitivity probe.
@@ -178,6 +182,8 @@ class PBS2PConfig:
             raise Pbs2pError(
                 f"unknown --e2e-schedule {self.e2e_schedule!r} (choose from {', '.join(E2E_SCHEDULES)})"
             )
+        if self.e2e_head not in E2E_HEADS:
+            raise Pbs2pError(f"unknown --e2e-head {self.e2e_head!r} (choose from {', '.join(E2E_HEADS)})")
         if self.recover_target not in RECOVER_TARGETS:
             raise Pbs2pError(
                 f"unknown recovery target {self.recover_target!r} (choose from {', '.join(RECOVER_TARGETS)})"

@@ -138,6 +138,7 @@ def test_recovered_checkpoint_round_trips(
         ("--recover-seconds", "30 --no-recover", "--no-recover"),
         ("--e2e-samples", "0", "e2e samples"),
         ("--e2e-schedule", "linear", "--e2e-schedule"),
+        ("--e2e-head", "int3", "--e2e-head"),
     ],
 )
 def test_bad_recovery_options(
@@ -265,3 +266,50 @@ def test_e2e_schedule_sets_each_steps_learning_rate(
     assert seen == pytest.approx(expected)
     with pytest.raises(ValueError, match="schedule"):
         recover_e2e(compressed.model, weights, ids, teacher, steps=1, lr=0.01, micro_batch=2, schedule="step")
+
+
+def test_deployed_head_swaps_in_the_bundles_int4_weights_and_restores_the_float_ones(
+    tiny_model_dir: Path,
+) -> None:
+    from pbs2p_edge import sources
+    from pbs2p_edge.compress.head import deployed_head
+    from pbs2p_edge.export.head import make_head
+
+    model, _ = sources.load_model(str(tiny_model_dir))
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    before = (embed.detach().clone(), head.detach().clone())
+    embed_q, head_q = make_head(model, "int4").reference_weights()
+    assert not torch.equal(embed_q, before[0])  # int4 changes the values, so the swap is visible
+    with deployed_head(model, "int4"):
+        assert torch.equal(model.get_input_embeddings().weight, embed_q)
+        assert torch.equal(model.get_output_embeddings().weight, head_q)
+    assert torch.equal(embed, before[0]) and torch.equal(head, before[1])
+    with deployed_head(model, "float"):
+        assert torch.equal(embed, before[0])
+    with pytest.raises(ValueError, match="head"), deployed_head(model, "int3"):
+        pass
+
+
+def test_e2e_options_run_through_compress_and_keep_the_float_embedding(
+    tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path
+) -> None:
+    from pbs2p_edge import sources
+    from pbs2p_edge.checkpoint import load_checkpoint
+
+    out = tmp_path / "model.pt"
+    args = ["--model", str(tiny_model_dir), "--text", str(corpus_text_file), *FAST, "--recover-steps", "2"]
+    args += ["--e2e-steps", "3", "--e2e-samples", "6", "--e2e-schedule", "cosine", "--e2e-head", "int4"]
+    result = CliRunner().invoke(compress_command, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(out)
+    compression = ckpt["compression"]
+    assert (compression["e2e_samples"], compression["e2e_schedule"], compression["e2e_head"]) == (
+        6,
+        "cosine",
+        "int4",
+    )
+    assert compression["results"]["e2e"]["steps"] == 3
+    fp, _ = sources.load_model(str(tiny_model_dir))
+    name = next(k for k in ckpt["dense_state"] if k.endswith("embed_tokens.weight"))
+    assert torch.equal(ckpt["dense_state"][name], fp.get_input_embeddings().weight.detach())

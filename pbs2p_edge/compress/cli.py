@@ -130,6 +130,13 @@ import click
     help="End-to-end learning rate: constant, or a cosine decay to 0 over the steps [default: constant].",
 )
 @click.option(
+    "--e2e-head",
+    default=None,
+    metavar="[float|int4]",
+    help="The head the end-to-end pass trains through: the float weights, or the int4 head the default "
+    "bundle computes with (the checkpoint keeps the float weights) [default: float].",
+)
+@click.option(
     "--budget-bits",
     type=float,
     default=None,
@@ -182,6 +189,7 @@ def build_config(options: dict[str, Any]) -> Any:
         "e2e_seconds": _budget(options["e2e_seconds"], "--e2e-seconds"),
         "e2e_samples": options["e2e_samples"],
         "e2e_schedule": options["e2e_schedule"],
+        "e2e_head": options["e2e_head"],
     }
     if options["recover"] is False:
         chosen["recover_steps"] = 0

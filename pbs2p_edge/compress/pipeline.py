@@ -348,9 +348,13 @@ def _recover_e2e(
     total: int,
     progress: bool,
 ) -> dict[str, Any]:
+    from pbs2p_edge.compress.head import deployed_head
     from pbs2p_edge.compress.recover import recover_e2e
 
-    with tqdm(total=total, desc="recover end-to-end", unit="step", disable=not progress) as bar:
+    with (
+        tqdm(total=total, desc="recover end-to-end", unit="step", disable=not progress) as bar,
+        deployed_head(model, config.e2e_head),
+    ):
 
         def tick(done: int) -> None:
             bar.update(done - bar.n)
