@@ -35,10 +35,11 @@ E2E_HEADS = ("float", "int4")
 # DEFAULT_BUDGET_BITS when the pattern stores less, else nothing is spent.
 RECOVER_STEPS_PER_LAYER = 120
 RECOVER_FULL_WEIGHTS = 106e6
-# The end-to-end pass: with `e2e_steps` None it runs E2E_STEPS Adam steps (three passes over 32 calibration
-# sequences at 2 per step, lr 1e-3: bench/results/e2e.md, chosen on held-out calibration-split KL) up to RECOVER_FULL_WEIGHTS, proportionally fewer above (at least 1); it needs the
+# The end-to-end pass: with `e2e_steps` None it runs E2E_STEPS Adam steps (one pass over 256 calibration
+# windows at 2 per step, lr 2e-3, through the int4 head the bundle deploys: bench/results/e2e.md, chosen on
+# held-out calibration-split KL) up to RECOVER_FULL_WEIGHTS, proportionally fewer above (at least 1); it needs the
 # whole model, so the low-memory path skips the default pass (and refuses an explicit one).
-E2E_STEPS = 48
+E2E_STEPS = 128
 MAX_STEPS = 1_000_000
 DEFAULT_BUDGET_BITS = 2.5
 # Block binarizers (compress/blockq.py); kept in sync with blockq.BINARIZERS (no torch import here).
@@ -120,15 +121,15 @@ class PBS2PConfig:
     # 0 = off).
     e2e_steps: int | None = None
     e2e_seconds: float | None = None
-    e2e_lr: float = 1e-3
+    e2e_lr: float = 2e-3
     e2e_micro_batch: int = 2
     e2e_topk: int = 64
     # Calibration windows the end-to-end pass trains on (the same seed and length as the block stages' windows,
     # which are its first `calib_samples` when it has at least as many), and its learning-rate schedule.
-    e2e_samples: int = 32
+    e2e_samples: int = 256
     e2e_schedule: str = "constant"
     # The head it trains through: the float weights, or the int4 head the default bundle computes with.
-    e2e_head: str = "float"
+    e2e_head: str = "int4"
     # Bit budget (compress/budget.py): honest bits/weight over the compressed linears to spend (None =
     # DEFAULT_BUDGET_BITS if the pattern fits under it; a given value below the pattern is an error); `budget`
     # False turns the stage off; calibration sequences x tokens of the per-layer sensitivity probe.

@@ -108,7 +108,7 @@ import click
     type=int,
     default=None,
     help="End-to-end recovery: Adam steps on the KL to the FP model's logits, signs and mask frozen (0 = off) "
-    "[default: 48, fewer above 106 M compressed weights; skipped on the low-memory path].",
+    "[default: 128, fewer above 106 M compressed weights; skipped on the low-memory path].",
 )
 @click.option(
     "--e2e-seconds",
@@ -121,7 +121,7 @@ import click
     type=int,
     default=None,
     help="Calibration windows the end-to-end pass trains on (the block stages' windows come first) "
-    "[default: 32].",
+    "[default: 256].",
 )
 @click.option(
     "--e2e-schedule",
@@ -134,7 +134,7 @@ import click
     default=None,
     metavar="[float|int4]",
     help="The head the end-to-end pass trains through: the float weights, or the int4 head the default "
-    "bundle computes with (the checkpoint keeps the float weights) [default: float].",
+    "bundle computes with (the checkpoint keeps the float weights) [default: int4].",
 )
 @click.option(
     "--budget-bits",
