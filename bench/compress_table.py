@@ -89,6 +89,7 @@ def run_row(row: str, tokens: int, ctx: int, calib: dict[str, int]) -> dict[str,
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import build_model, load_checkpoint, read_tokenizer_files, save_checkpoint
     from pbs2p_edge.compress import compress
+    from pbs2p_edge.compress.pipeline import calibration_windows
     from pbs2p_edge.config import PBS2PConfig
     from pbs2p_edge.evaluate import perplexity
 
@@ -116,7 +117,7 @@ def run_row(row: str, tokens: int, ctx: int, calib: dict[str, int]) -> dict[str,
         config = PBS2PConfig.from_nm(
             "8:8" if method == "binarize_only" else nm or "", method=method, **calib, **extra
         )
-        calib_ids = sources.calibration_ids(tokenizer, config.calib_samples, config.calib_len, config.seed)
+        calib_ids, e2e_ids = calibration_windows(tokenizer, config)
         start = time.perf_counter()
         compressed = compress(
             model,
@@ -124,6 +125,7 @@ def run_row(row: str, tokens: int, ctx: int, calib: dict[str, int]) -> dict[str,
             calib_ids,
             tokenizer_files=read_tokenizer_files(sources.model_files(None)),
             progress=False,
+            e2e_ids=e2e_ids,
         )
         seconds = time.perf_counter() - start
         with tempfile.TemporaryDirectory(prefix="pbs2p-table-") as folder:

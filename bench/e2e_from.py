@@ -44,6 +44,23 @@ def kl_over(model: Any, ids: Any, teacher: tuple[Any, Any], micro_batch: int) ->
     return total / ids.shape[0]
 
 
+def _ppl_int4_head(model: Any, eval_ids: Any, ctx: int) -> float:
+    """Perplexity through the int4 head the default bundle computes with (what `eval BUNDLE` scores, but for
+    the fp16 rounding of the bundle's scales)."""
+    from pbs2p_edge.compress.head import deployed_head
+    from pbs2p_edge.evaluate import perplexity
+
+    with deployed_head(model, "int4"):
+        return perplexity(model, eval_ids, ctx=ctx, progress=False)["ppl"]
+
+
+def _kl_int4_head(model: Any, ids: Any, teacher: tuple[Any, Any], micro_batch: int) -> float:
+    from pbs2p_edge.compress.head import deployed_head
+
+    with deployed_head(model, "int4"):
+        return kl_over(model, ids, teacher, micro_batch)
+
+
 def save_variant(
     ckpt: dict[str, Any], model: Any, weights: dict[str, Any], stats: dict[str, Any], steps: int, path: Path
 ) -> None:
@@ -75,6 +92,7 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
 
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
+    from pbs2p_edge.compress.head import deployed_head
     from pbs2p_edge.compress.recover import recover_e2e, teacher_topk
     from pbs2p_edge.evaluate import perplexity
     from pbs2p_edge.format import unpack
@@ -83,13 +101,14 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
     ckpt = load_checkpoint(args.source)
     cfg = ckpt["compression"]
     fp_model, tokenizer = sources.load_model(None)
-    calib = sources.calibration_ids(tokenizer, cfg["calib_samples"], cfg["calib_len"], cfg["seed"])
+    calib = sources.calibration_ids(tokenizer, args.samples, cfg["calib_len"], cfg["seed"])
     held = sources.calibration_ids(tokenizer, args.holdout, cfg["calib_len"], cfg["seed"] + 1000)
     eval_ids = sources.evaluation_ids(tokenizer, args.tokens)
     fp_model.float().eval()
     teacher = teacher_topk(fp_model, calib, args.topk, args.micro_batch)
     held_teacher = teacher_topk(fp_model, held, args.topk, args.micro_batch)
     del fp_model
+    n_first = cfg["calib_samples"]  # calib KL on the block stages' windows, which every variant trains on
     rows = []
     for steps in args.steps:
         torch.manual_seed(cfg["seed"])
@@ -98,26 +117,36 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
         stats: dict[str, Any] = {}
         t0, c0 = time.perf_counter(), time.process_time()
         if steps > 0:
-            stats = recover_e2e(
-                model,
-                weights,
-                calib,
-                teacher,
-                steps=steps,
-                lr=args.lr,
-                micro_batch=args.micro_batch,
-                seed=cfg["seed"],
-            )
+            with deployed_head(model, args.head):
+                stats = recover_e2e(
+                    model,
+                    weights,
+                    calib,
+                    teacher,
+                    steps=steps,
+                    lr=args.lr,
+                    micro_batch=args.micro_batch,
+                    seed=cfg["seed"],
+                    schedule=args.schedule,
+                    check_samples=cfg["calib_samples"],
+                )
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         row = {
             "steps": steps,
             "lr": args.lr,
+            "samples": args.samples,
+            "schedule": args.schedule,
             "micro_batch": args.micro_batch,
             "topk": args.topk,
             "kept": stats.get("kept", False),
-            "calib_kl": kl_over(model, calib, teacher, args.micro_batch),
+            "calib_kl": kl_over(
+                model, calib[:n_first], (teacher[0][:n_first], teacher[1][:n_first]), args.micro_batch
+            ),
             "heldout_kl": kl_over(model, held, held_teacher, args.micro_batch),
+            "head": args.head,
             "ppl": perplexity(model, eval_ids, ctx=args.ctx, progress=False)["ppl"],
+            "ppl_int4_head": _ppl_int4_head(model, eval_ids, args.ctx),
+            "heldout_kl_int4_head": _kl_int4_head(model, held, held_teacher, args.micro_batch),
             "wall_seconds": wall,
             "cpu_seconds": cpu,
             "torch_threads": torch.get_num_threads(),
@@ -143,13 +172,13 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"calibration split, another seed. Evaluation: {meta['tokens']} tokens of the evaluation split, ctx {meta['ctx']}.  ",
         f"Machine: {meta['machine']}; shared by other jobs, so seconds are not speed claims.",
         "",
-        "| start model | E2E steps | lr | micro-batch | kept | calib KL | held-out KL | eval perplexity | wall s | CPU s | measured |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| start model | windows | schedule | trained through head | E2E steps | lr | micro-batch | kept | calib KL | held-out KL | held-out KL, int4 head | eval perplexity | same, int4 head | wall s | CPU s | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.get('source', '-')} | {r['steps']} | {r['lr']:g} | {r['micro_batch']} | {'yes' if r['kept'] else '-'} | {r['calib_kl']:.4f} | "
-            f"{r['heldout_kl']:.4f} | {r['ppl']:.2f} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['measured']} |"
+            f"| {r.get('source', '-')} | {r['samples']} | {r['schedule']} | {r['head']} | {r['steps']} | {r['lr']:g} | {r['micro_batch']} | {'yes' if r['kept'] else '-'} | {r['calib_kl']:.4f} | "
+            f"{r['heldout_kl']:.4f} | {_maybe(r.get('heldout_kl_int4_head'), 4)} | {r['ppl']:.2f} | {_maybe(r.get('ppl_int4_head'))} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['measured']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -168,6 +197,13 @@ def main() -> None:
     parser.add_argument(
         "--micro-batch", type=int, default=None, help="sequences per step (default: PBS2PConfig's)"
     )
+    parser.add_argument(
+        "--samples", type=int, default=None, help="calibration windows to train on (default: PBS2PConfig's)"
+    )
+    parser.add_argument(
+        "--schedule", choices=["constant", "cosine"], default=None, help="learning-rate schedule"
+    )
+    parser.add_argument("--head", choices=["float", "int4"], default=None, help="head to train through")
     parser.add_argument("--topk", type=int, default=None, help="teacher top-k (default: PBS2PConfig's)")
     parser.add_argument("--holdout", type=int, default=16, help="held-out calibration-split windows")
     parser.add_argument("--tokens", type=int, default=4096)
@@ -183,6 +219,9 @@ def main() -> None:
     args.lr = args.lr if args.lr is not None else defaults.e2e_lr
     args.micro_batch = args.micro_batch or defaults.e2e_micro_batch
     args.topk = args.topk or defaults.e2e_topk
+    args.samples = args.samples or defaults.e2e_samples
+    args.schedule = args.schedule or defaults.e2e_schedule
+    args.head = args.head or defaults.e2e_head
     try:
         args.steps = [int(s) for s in args.steps.split(",")]
         if any(s < 0 for s in args.steps) or not 0 < args.lr < 1 or args.micro_batch < 1 or args.holdout < 1:
@@ -208,9 +247,21 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
     path = RESULTS / f"{args.name}.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
     row = {**row, "source": args.source.name}
-    key = ("steps", "lr", "micro_batch", "source")
+    key = ("steps", "lr", "micro_batch", "samples", "schedule", "head", "source")
+    old = [
+        {"samples": 32, "schedule": "constant", "head": "float", **r} for r in old
+    ]  # rows from before the options
     merged = [r for r in old if tuple(r.get(k) for k in key) != tuple(row[k] for k in key)] + [row]
-    merged.sort(key=lambda r: (r.get("source", ""), r["lr"], r["micro_batch"], r["steps"]))
+    merged.sort(
+        key=lambda r: (
+            r.get("source", ""),
+            r["samples"],
+            r["schedule"],
+            r["lr"],
+            r["micro_batch"],
+            r["steps"],
+        )
+    )
     meta = {
         "command": _threads_env() + "nice -n 10 .venv/bin/python bench/e2e_from.py " + " ".join(sys.argv[1:]),
         "source": args.source.name,
@@ -218,7 +269,7 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
             f"{k}={cfg.get(k)}"
             for k in ("n", "m", "binarizer", "recover_steps", "recover_seconds", "budget_bits", "seed")
         ),
-        "calib": f"{cfg['calib_samples']} x {cfg['calib_len']} tokens",
+        "calib": f"{args.samples} x {cfg['calib_len']} tokens (last run)",
         "holdout": args.holdout,
         "tokens": args.tokens,
         "ctx": args.ctx,
@@ -232,6 +283,10 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text(markdown(merged, meta))
     tmp.replace(md)
+
+
+def _maybe(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _threads_env() -> str:

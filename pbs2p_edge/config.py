@@ -23,6 +23,10 @@ SUPPORTED_MODEL_TYPES = _FAMILY_TYPES
 PRUNE_METRICS = ("obs", "magnitude")
 # Block-wise recovery targets: the FP layer applied to the compressed model's inputs, or the FP model's own states.
 RECOVER_TARGETS = ("compressed_inputs", "fp_states")
+# Learning-rate schedules of the end-to-end pass: constant, or cosine decay to 0 over the planned steps.
+E2E_SCHEDULES = ("constant", "cosine")
+# The head the end-to-end pass trains through (kept in sync with compress/head.py's E2E_HEADS; no torch here).
+E2E_HEADS = ("float", "int4")
 # Defaults of the recovery and budget stages (docs/METHOD.md). Recovery is budgeted in optimizer steps, so
 # the same command gives the same model on a busy or an idle machine: with `recover_steps` None each decoder
 # layer gets RECOVER_STEPS_PER_LAYER Adam steps while the model has at most RECOVER_FULL_WEIGHTS compressed
@@ -31,10 +35,11 @@ RECOVER_TARGETS = ("compressed_inputs", "fp_states")
 # DEFAULT_BUDGET_BITS when the pattern stores less, else nothing is spent.
 RECOVER_STEPS_PER_LAYER = 120
 RECOVER_FULL_WEIGHTS = 106e6
-# The end-to-end pass: with `e2e_steps` None it runs E2E_STEPS Adam steps (three passes over 32 calibration
-# sequences at 2 per step, lr 1e-3: bench/results/e2e.md, chosen on held-out calibration-split KL) up to RECOVER_FULL_WEIGHTS, proportionally fewer above (at least 1); it needs the
+# The end-to-end pass: with `e2e_steps` None it runs E2E_STEPS Adam steps (one pass over 256 calibration
+# windows at 2 per step, lr 2e-3, through the int4 head the bundle deploys: bench/results/e2e.md, chosen on
+# held-out calibration-split KL) up to RECOVER_FULL_WEIGHTS, proportionally fewer above (at least 1); it needs the
 # whole model, so the low-memory path skips the default pass (and refuses an explicit one).
-E2E_STEPS = 48
+E2E_STEPS = 128
 MAX_STEPS = 1_000_000
 DEFAULT_BUDGET_BITS = 2.5
 # Block binarizers (compress/blockq.py); kept in sync with blockq.BINARIZERS (no torch import here).
@@ -116,9 +121,15 @@ class PBS2PConfig:
     # 0 = off).
     e2e_steps: int | None = None
     e2e_seconds: float | None = None
-    e2e_lr: float = 1e-3
+    e2e_lr: float = 2e-3
     e2e_micro_batch: int = 2
     e2e_topk: int = 64
+    # Calibration windows the end-to-end pass trains on (the same seed and length as the block stages' windows,
+    # which are its first `calib_samples` when it has at least as many), and its learning-rate schedule.
+    e2e_samples: int = 256
+    e2e_schedule: str = "constant"
+    # The head it trains through: the float weights, or the int4 head the default bundle computes with.
+    e2e_head: str = "int4"
     # Bit budget (compress/budget.py): honest bits/weight over the compressed linears to spend (None =
     # DEFAULT_BUDGET_BITS if the pattern fits under it; a given value below the pattern is an error); `budget`
     # False turns the stage off; calibration sequences x tokens of the per-layer sensitivity probe.
@@ -168,6 +179,12 @@ class PBS2PConfig:
         self._resolve_cfs()
 
     def _check_recovery(self) -> None:
+        if self.e2e_schedule not in E2E_SCHEDULES:
+            raise Pbs2pError(
+                f"unknown --e2e-schedule {self.e2e_schedule!r} (choose from {', '.join(E2E_SCHEDULES)})"
+            )
+        if self.e2e_head not in E2E_HEADS:
+            raise Pbs2pError(f"unknown --e2e-head {self.e2e_head!r} (choose from {', '.join(E2E_HEADS)})")
         if self.recover_target not in RECOVER_TARGETS:
             raise Pbs2pError(
                 f"unknown recovery target {self.recover_target!r} (choose from {', '.join(RECOVER_TARGETS)})"
@@ -194,6 +211,7 @@ class PBS2PConfig:
             "recover_micro_batch",
             "e2e_micro_batch",
             "e2e_topk",
+            "e2e_samples",
             "budget_probe_samples",
             "budget_probe_len",
         )

@@ -136,6 +136,9 @@ def test_recovered_checkpoint_round_trips(
         ("--e2e-seconds", "0", "--e2e-seconds"),
         ("--e2e-seconds", "30 --e2e-steps 0", "--e2e-steps"),  # a cap does not turn the pass on
         ("--recover-seconds", "30 --no-recover", "--no-recover"),
+        ("--e2e-samples", "0", "e2e samples"),
+        ("--e2e-schedule", "linear", "--e2e-schedule"),
+        ("--e2e-head", "int3", "--e2e-head"),
     ],
 )
 def test_bad_recovery_options(
@@ -202,6 +205,111 @@ def test_default_step_budget_scales_down_for_larger_models() -> None:
     assert PBS2PConfig(e2e_steps=5).e2e_steps_for(10**15) == 5
     assert config.e2e_steps_for(1000) == E2E_STEPS
     assert config.e2e_steps_for(int(1e15)) == (1 if E2E_STEPS else 0)
-    for bad in ({"recover_steps": 1.5}, {"recover_steps": -1}, {"e2e_steps": True}, {"e2e_seconds": -2.0}):
+    bad_values = (
+        {"recover_steps": 1.5},
+        {"recover_steps": -1},
+        {"e2e_steps": True},
+        {"e2e_seconds": -2.0},
+        {"e2e_samples": 0},
+        {"e2e_schedule": "linear"},
+    )
+    for bad in bad_values:
         with pytest.raises(Pbs2pError):
             PBS2PConfig(**bad)
+
+
+def test_calibration_windows_keep_the_block_windows_whatever_the_e2e_count(
+    tiny_model_dir: Path, corpus_text_file: Path
+) -> None:
+    from pbs2p_edge import sources
+    from pbs2p_edge.compress.pipeline import calibration_windows
+    from pbs2p_edge.config import PBS2PConfig
+
+    tokenizer = sources.load_tokenizer(str(tiny_model_dir))
+    alone = sources.calibration_ids(tokenizer, 4, 32, 3, str(corpus_text_file))
+    for e2e_samples in (2, 4, 11):
+        config = PBS2PConfig(calib_samples=4, calib_len=32, seed=3, e2e_samples=e2e_samples)
+        block, e2e = calibration_windows(tokenizer, config, str(corpus_text_file))
+        assert torch.equal(block, alone)
+        assert e2e.shape == (e2e_samples, 32)
+        assert torch.equal(e2e[: min(4, e2e_samples)], alone[:e2e_samples])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_e2e_schedule_sets_each_steps_learning_rate(
+    tiny_model_dir: Path, corpus_text_file: Path, monkeypatch: pytest.MonkeyPatch, schedule: str
+) -> None:
+    import math
+
+    from pbs2p_edge.compress.recover import recover_e2e, teacher_topk
+    from pbs2p_edge.format import unpack
+
+    compressed, _, ids, _ = _tiny_compressed(tiny_model_dir, corpus_text_file)
+    fp_logits_source = compressed.model  # any fixed teacher works: the test watches the learning rates
+    teacher = teacher_topk(fp_logits_source, ids, 8, 2)
+    weights = {name: unpack(p) for name, p in compressed.packed.items()}
+    seen: list[float] = []
+    original = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    stats = recover_e2e(
+        compressed.model, weights, ids, teacher, steps=4, lr=0.01, micro_batch=2, schedule=schedule
+    )
+    assert stats["steps"] == 4
+    expected = [
+        0.01 * (0.5 * (1 + math.cos(math.pi * i / 4)) if schedule == "cosine" else 1.0) for i in range(4)
+    ]
+    assert seen == pytest.approx(expected)
+    with pytest.raises(ValueError, match="schedule"):
+        recover_e2e(compressed.model, weights, ids, teacher, steps=1, lr=0.01, micro_batch=2, schedule="step")
+
+
+def test_deployed_head_swaps_in_the_bundles_int4_weights_and_restores_the_float_ones(
+    tiny_model_dir: Path,
+) -> None:
+    from pbs2p_edge import sources
+    from pbs2p_edge.compress.head import deployed_head
+    from pbs2p_edge.export.head import make_head
+
+    model, _ = sources.load_model(str(tiny_model_dir))
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    before = (embed.detach().clone(), head.detach().clone())
+    embed_q, head_q = make_head(model, "int4").reference_weights()
+    assert not torch.equal(embed_q, before[0])  # int4 changes the values, so the swap is visible
+    with deployed_head(model, "int4"):
+        assert torch.equal(model.get_input_embeddings().weight, embed_q)
+        assert torch.equal(model.get_output_embeddings().weight, head_q)
+    assert torch.equal(embed, before[0]) and torch.equal(head, before[1])
+    with deployed_head(model, "float"):
+        assert torch.equal(embed, before[0])
+    with pytest.raises(ValueError, match="head"), deployed_head(model, "int3"):
+        pass
+
+
+def test_e2e_options_run_through_compress_and_keep_the_float_embedding(
+    tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path
+) -> None:
+    from pbs2p_edge import sources
+    from pbs2p_edge.checkpoint import load_checkpoint
+
+    out = tmp_path / "model.pt"
+    args = ["--model", str(tiny_model_dir), "--text", str(corpus_text_file), *FAST, "--recover-steps", "2"]
+    args += ["--e2e-steps", "3", "--e2e-samples", "6", "--e2e-schedule", "cosine", "--e2e-head", "int4"]
+    result = CliRunner().invoke(compress_command, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(out)
+    compression = ckpt["compression"]
+    assert (compression["e2e_samples"], compression["e2e_schedule"], compression["e2e_head"]) == (
+        6,
+        "cosine",
+        "int4",
+    )
+    assert compression["results"]["e2e"]["steps"] == 3
+    fp, _ = sources.load_model(str(tiny_model_dir))
+    name = next(k for k in ckpt["dense_state"] if k.endswith("embed_tokens.weight"))
+    assert torch.equal(ckpt["dense_state"][name], fp.get_input_embeddings().weight.detach())

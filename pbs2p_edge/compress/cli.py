@@ -108,13 +108,33 @@ import click
     type=int,
     default=None,
     help="End-to-end recovery: Adam steps on the KL to the FP model's logits, signs and mask frozen (0 = off) "
-    "[default: 48, fewer above 106 M compressed weights; skipped on the low-memory path].",
+    "[default: 128, fewer above 106 M compressed weights; skipped on the low-memory path].",
 )
 @click.option(
     "--e2e-seconds",
     type=float,
     default=None,
     help="Optional wall-time cap on end-to-end recovery, seconds [default: none].",
+)
+@click.option(
+    "--e2e-samples",
+    type=int,
+    default=None,
+    help="Calibration windows the end-to-end pass trains on (the block stages' windows come first) "
+    "[default: 256].",
+)
+@click.option(
+    "--e2e-schedule",
+    default=None,
+    metavar="[constant|cosine]",
+    help="End-to-end learning rate: constant, or a cosine decay to 0 over the steps [default: constant].",
+)
+@click.option(
+    "--e2e-head",
+    default=None,
+    metavar="[float|int4]",
+    help="The head the end-to-end pass trains through: the float weights, or the int4 head the default "
+    "bundle computes with (the checkpoint keeps the float weights) [default: int4].",
 )
 @click.option(
     "--budget-bits",
@@ -167,6 +187,9 @@ def build_config(options: dict[str, Any]) -> Any:
         "budget": options["budget"],
         "e2e_steps": _steps(options["e2e_steps"], "--e2e-steps", allow_zero=True),
         "e2e_seconds": _budget(options["e2e_seconds"], "--e2e-seconds"),
+        "e2e_samples": options["e2e_samples"],
+        "e2e_schedule": options["e2e_schedule"],
+        "e2e_head": options["e2e_head"],
     }
     if options["recover"] is False:
         chosen["recover_steps"] = 0
@@ -272,7 +295,7 @@ def _run(**options: Any) -> None:
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import read_tokenizer_files, save_checkpoint
     from pbs2p_edge.compress.lowmem import has_safetensors, skeleton_model
-    from pbs2p_edge.compress.pipeline import check_supported, compress
+    from pbs2p_edge.compress.pipeline import calibration_windows, check_supported, compress
 
     folder = sources.model_files(options["model_path"])
     store = None
@@ -287,9 +310,7 @@ def _run(**options: Any) -> None:
 
         needed = memcheck.compress_bytes(model.config, config.calib_samples, config.calib_len)
         memcheck.require(needed, f"compressing {folder.name}")
-    calib = sources.calibration_ids(
-        tokenizer, config.calib_samples, config.calib_len, config.seed, options["text_path"]
-    )
+    calib, e2e_ids = calibration_windows(tokenizer, config, options["text_path"])
     tokenizer_files = read_tokenizer_files(folder)
     compressed = compress(
         model,
@@ -298,6 +319,7 @@ def _run(**options: Any) -> None:
         tokenizer_files=tokenizer_files,
         progress=not options["no_progress"],
         store=store,
+        e2e_ids=e2e_ids,
     )
     compressed.weights.clear()  # the packed arrays are what the checkpoint stores
     save_checkpoint(compressed, output)

@@ -93,6 +93,7 @@ def compress(
     tokenizer_files: dict[str, str] | None = None,
     progress: bool = True,
     store: Any = None,
+    e2e_ids: torch.Tensor | None = None,
 ) -> CompressedModel:
     """Compress the linears of every decoder layer of `model` in place; embeddings, norms, head stay dense.
 
@@ -100,7 +101,8 @@ def compress(
     checkpoint; by default they are read from the folder the model was loaded from. With `store` (a
     `lowmem.LayerStore`, model from `lowmem.skeleton_model`) each decoder layer is read from disk for its
     turn and its linears dropped afterwards; the result is the same. That path has no whole model in memory,
-    so the bit budget's sensitivity probe is skipped and end-to-end recovery is refused.
+    so the bit budget's sensitivity probe is skipped and end-to-end recovery is refused. `e2e_ids` are the
+    end-to-end pass's windows (default: `calib_ids`; `calibration_windows` draws both).
     """
     from pbs2p_edge.format import pack
 
@@ -158,7 +160,8 @@ def compress(
                     "(models stored as safetensors larger than the in-memory limit) cannot run it: use --e2e-steps 0"
                 )
 
-            teacher = teacher_topk(model, calib_ids, config.e2e_topk, config.e2e_micro_batch)
+            e2e_ids = calib_ids if e2e_ids is None else e2e_ids
+            teacher = teacher_topk(model, e2e_ids, config.e2e_topk, config.e2e_micro_batch)
         chunks = capture_layer_inputs(model, calib_ids, config.batch_size)
         if store is not None:
             store.release_embeddings(model)
@@ -209,7 +212,7 @@ def compress(
         if store is not None:
             store.restore(model, names)
     if teacher is not None:
-        e2e = _recover_e2e(model, weights, calib_ids, teacher, config, e2e_steps, progress)
+        e2e = _recover_e2e(model, weights, e2e_ids, teacher, config, e2e_steps, progress)
     packed = {name: pack(w) for name, w in weights.items()}
     if store is not None:  # finished layers were packed as they went; `weights` unpacks them on access
         packed, weights = store.packed, store.unpacked_view()
@@ -345,9 +348,13 @@ def _recover_e2e(
     total: int,
     progress: bool,
 ) -> dict[str, Any]:
+    from pbs2p_edge.compress.head import deployed_head
     from pbs2p_edge.compress.recover import recover_e2e
 
-    with tqdm(total=total, desc="recover end-to-end", unit="step", disable=not progress) as bar:
+    with (
+        tqdm(total=total, desc="recover end-to-end", unit="step", disable=not progress) as bar,
+        deployed_head(model, config.e2e_head),
+    ):
 
         def tick(done: int) -> None:
             bar.update(done - bar.n)
@@ -363,7 +370,22 @@ def _recover_e2e(
             seed=config.seed,
             seconds=config.e2e_seconds,
             progress=tick,
+            schedule=config.e2e_schedule,
+            check_samples=config.calib_samples,
         )
+
+
+def calibration_windows(
+    tokenizer: Any, config: PBS2PConfig, text_path: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block-stage windows, end-to-end windows): one seeded draw of max(calib_samples, e2e_samples) windows,
+    so the block stages get the same `calib_samples` windows whatever `e2e_samples` is."""
+    from pbs2p_edge import sources
+
+    drawn = sources.calibration_ids(
+        tokenizer, max(config.calib_samples, config.e2e_samples), config.calib_len, config.seed, text_path
+    )
+    return drawn[: config.calib_samples], drawn[: config.e2e_samples]
 
 
 def compress_linear(

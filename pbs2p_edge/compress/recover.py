@@ -17,6 +17,7 @@ write them back into the SparseBinaryWeight (`write_back`), so checkpoint, eval 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -377,27 +378,33 @@ def recover_e2e(
     seed: int = 0,
     seconds: float | None = None,
     progress: Callable[[int], None] | None = None,
+    schedule: str = "constant",
+    check_samples: int | None = None,
 ) -> dict[str, Any]:
     """Tune every compressed linear's scales and every RMSNorm (incl. the final norm) with `steps` Adam
     steps on the top-k KL to the FP model's log-probs (fewer if the optional wall-time cap `seconds` runs out
-    first). Kept only if the KL over all calibration data fell. `progress` gets the steps done so far."""
+    first), at a constant learning rate or one decaying to 0 on a cosine over the `steps`. Kept only if the KL
+    over the first `check_samples` windows (None: all) fell. `progress` gets the steps done so far."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
     t0 = time.perf_counter()
     t_logp, t_idx = teacher
+    n_check = calib_ids.shape[0] if check_samples is None else min(check_samples, calib_ids.shape[0])
 
     def total_kl() -> float:
         with torch.no_grad():
             parts = [
                 float(
                     _kl_topk(
-                        model(input_ids=calib_ids[i : i + micro_batch], use_cache=False).logits,
-                        t_logp[i : i + micro_batch],
-                        t_idx[i : i + micro_batch],
+                        model(input_ids=calib_ids[i : min(i + micro_batch, n_check)], use_cache=False).logits,
+                        t_logp[i : min(i + micro_batch, n_check)],
+                        t_idx[i : min(i + micro_batch, n_check)],
                     )
                 )
-                * min(micro_batch, calib_ids.shape[0] - i)
-                for i in range(0, calib_ids.shape[0], micro_batch)
+                * (min(i + micro_batch, n_check) - i)
+                for i in range(0, n_check, micro_batch)
             ]
-        return sum(parts) / calib_ids.shape[0]
+        return sum(parts) / n_check
 
     before = total_kl()
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -411,6 +418,9 @@ def recover_e2e(
     clock = _Budget(steps, seconds)
     with torch.enable_grad():
         for i in _batch_order(len(starts), seed, clock):
+            if schedule == "cosine":
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * clock.done / steps))
             lo = starts[i]
             hi = lo + micro_batch
             logits = model(input_ids=calib_ids[lo:hi], use_cache=False).logits
