@@ -278,4 +278,10 @@ const Kernel* kernel_by_name(const char* name);  // built and supported, else nu
 // Whole matmul from the disk arrays with one kernel on the calling thread (tests, fuzzing, benchmarks).
 std::string matmul_disk(const DiskView& d, const Kernel& k, const float* x, int tokens, float* y);
 
+// ---------------- epilogue: after the matmul, shared by every kernel path (generic/epilogue.cpp) ----------------
+// SwiGLU of a [tokens][2f] matmul output (gate = columns [0, f), up = columns [f, 2f)): out[t][j] =
+// silu(gate) * up in float32, a fixed operation order (numpy twin: pbs2p_edge.format.swiglu), tokens
+// [t_begin, t_end). `out` [tokens][f] must not overlap `in`.
+void swiglu_rows(const float* in, int t_begin, int t_end, int64_t f, float* out);
+
 }  // namespace pbs2p
