@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from test_export import TINY_LAYERS, built_bundle
 
@@ -39,9 +40,17 @@ def test_fused_graph_nodes(bundles: dict[str, Path]) -> None:
         assert ops["GroupQueryAttention"] == TINY_LAYERS
         assert ops["SkipSimplifiedLayerNormalization"] == 2 * TINY_LAYERS
         assert not {"Softmax", "Transpose", "Concat", "Where"} & set(ops)
-        # Per layer: 2 norms, attention, 4 projection nodes (q|k|v, o, gate|up, down), Split of gate|up,
-        # SiLU (Sigmoid, Mul) * up (Mul).
-        assert nodes["per_layer"] == 2 + 1 + 4 + 1 + 3
+        # Per layer: 2 norms, attention, 4 projection nodes (q|k|v, o, gate|up, down); int4 adds the Split of
+        # gate|up and SiLU (Sigmoid, Mul) * up (Mul), which a SparseBinaryMatMul gate|up node computes itself
+        # (attribute activation=swiglu).
+        swiglu = {"pbs2p": 0, "int4": 1 + 3}[kind]
+        assert nodes["per_layer"] == 2 + 1 + 4 + swiglu
+        if kind == "pbs2p":
+            assert not {"Split", "Sigmoid"} & set(ops)
+            assert ops["SparseBinaryMatMul"] == 4 * TINY_LAYERS
+            graph = onnx.load(str(bundles[kind] / "model.onnx"), load_external_data=False).graph
+            activations = [a.s.decode() for n in graph.node for a in n.attribute if a.name == "activation"]
+            assert activations == ["swiglu"] * TINY_LAYERS
         assert ops[{"pbs2p": "SparseBinaryMatMul", "int4": "MatMulNBits"}[kind]] >= 4 * TINY_LAYERS
         unfused = _manifest(bundles[f"{kind}-unfused"])
         assert unfused["graph"] == "unfused"
