@@ -51,6 +51,9 @@ LOGITS_TO_KEEP = "logits_to_keep"
 # Tagged on the final norm's node so `finish_graph` can cut the hidden rows before the head.
 ROLE_KEY = "pbs2p_edge.role"
 FINAL_NORM_ROLE = "final_norm"
+# The epilogue of a SparseBinaryMatMul gate|up node (docs/FORMAT.md "Epilogue"; "none" writes the graph of
+# op version 3 and earlier: the node's [.., 2F] output, then Split, Sigmoid, Mul, Mul).
+GATE_UP_ACTIVATION = "swiglu"
 
 
 def fused_unsupported(config: ExportConfig) -> str | None:
@@ -221,7 +224,9 @@ class FusedDecoder(Decoder):
             names = [f"layers.{index}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
             self.qkv_proj.append(_fused_projection(names, [attn.q_proj, attn.k_proj, attn.v_proj]))
             names = [f"layers.{index}.mlp.{p}" for p in ("gate_proj", "up_proj")]
-            self.gate_up_proj.append(_fused_projection(names, [mlp.gate_proj, mlp.up_proj], "swiglu"))
+            self.gate_up_proj.append(
+                _fused_projection(names, [mlp.gate_proj, mlp.up_proj], GATE_UP_ACTIVATION)
+            )
 
     def _skip_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, role: str = ""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from test_export import TINY_LAYERS, built_bundle
+from test_export import TINY_LAYERS, built_bundle, tiny_checkpoint
 
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export.validate import DEFAULT_THRESHOLD_DB
@@ -166,3 +166,54 @@ def test_fused_graph_refuses_families_it_cannot_express() -> None:
     assert not _use_fused(config, "auto") and not _use_fused(config, "unfused")
     with pytest.raises(Pbs2pError, match="--graph unfused"):
         _use_fused(config, "fused")
+
+
+def test_graph_without_the_epilogue_still_runs(
+    bundles: dict[str, Path], tmp_path_factory, tiny_model_dir, corpus_text_file, monkeypatch
+) -> None:
+    """The gate|up node without attribute activation (the graph every bundle before op version 4 has: Split,
+    Sigmoid, Mul, Mul after it) still exports, validates, loads and decodes; its logits are the swiglu graph's."""
+    from pbs2p_edge import ops
+    from pbs2p_edge.export import export_bundle, fused
+    from pbs2p_edge.export.configs import export_config
+    from pbs2p_edge.export.validate import compare, ort_logits, ort_session
+    from pbs2p_edge.runtime import Generator
+
+    monkeypatch.setattr(fused, "GATE_UP_ACTIVATION", "none")
+    out = tmp_path_factory.mktemp("no_epilogue") / "bundle"
+    source = tiny_checkpoint(tmp_path_factory, tiny_model_dir, corpus_text_file)
+    manifest = export_bundle(source, out, weights="pbs2p")
+    assert (
+        manifest["graph_nodes"]["per_layer"] == 11
+        and manifest["graph_nodes"]["by_op"]["Sigmoid"] == TINY_LAYERS
+    )
+    assert manifest["validation"]["teacher_forced"]["ops_min_sqnr_db"] >= DEFAULT_THRESHOLD_DB
+    assert Generator(out, threads=1).generate(PROMPT, 8).token_ids
+    from transformers import AutoConfig
+
+    config = export_config(AutoConfig.for_model(**manifest["model_config"]))
+    library = ops.library_path()
+    old = ort_logits(ort_session(out / "model.onnx", library), config, PROMPT, [])
+    new = ort_logits(ort_session(bundles["pbs2p"] / "model.onnx", library), config, PROMPT, [])
+    assert compare(old, new)["sqnr_db"] >= DEFAULT_THRESHOLD_DB
+
+
+def test_validation_refuses_a_wrong_fused_node(
+    tmp_path_factory, tiny_model_dir, corpus_text_file, monkeypatch
+) -> None:
+    """A gate|up node computing silu(up) * gate (blocks swapped, metadata unchanged) fails the export's gate at
+    that node: the logits and the down projection's input are forced, the node's output is not."""
+    from pbs2p_edge.export import export_bundle, fused
+
+    class Swapped(fused.FusedSparseBinary):
+        def __init__(self, names: list[str], modules: list, activation: str = "none") -> None:
+            super().__init__(names, modules[::-1] if activation == "swiglu" else modules, activation)
+
+    monkeypatch.setattr(fused, "FusedSparseBinary", Swapped)
+    out = tmp_path_factory.mktemp("swapped") / "bundle"
+    source = tiny_checkpoint(tmp_path_factory, tiny_model_dir, corpus_text_file)
+    with pytest.raises(
+        Pbs2pError, match=r"custom node output at layers\.\d\.mlp\.gate_proj\+layers\.\d\.mlp\.up_proj"
+    ):
+        export_bundle(source, out, weights="pbs2p")
+    assert not out.exists()
