@@ -428,13 +428,17 @@ struct SparseBinaryMatMul {
       // With an epilogue the matmul writes [tokens, rows] into scratch (per thread for decode, grown once, so no
       // allocation per call; per call for prefill), then the epilogue writes Y from complete rows.
       thread_local std::vector<float> decode_mm;
-      std::vector<float> prefill_mm;
+      std::unique_ptr<float[]> prefill_mm;  // not zero-filled: the matmul writes every entry
       float* y = out;
       if (swiglu) {
-        std::vector<float>& mm = tokens <= kEpilogueTokens ? decode_mm : prefill_mm;
         const size_t need = size_t(tokens) * size_t(rows_);
-        if (mm.size() < need) mm.resize(need);
-        y = mm.data();
+        if (tokens <= kEpilogueTokens) {
+          if (decode_mm.size() < need) decode_mm.resize(need);
+          y = decode_mm.data();
+        } else {
+          prefill_mm.reset(new float[need]);
+          y = prefill_mm.get();
+        }
       }
       matmul(kc, local, local_compact, X.GetTensorData<float>(), tokens, y);
       if (swiglu) {
