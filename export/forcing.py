@@ -71,16 +71,17 @@ class Tap:
 
 def _node_taps(node: onnx.NodeProto) -> list[Tap]:
     layers = next((p.value.split(",") for p in node.metadata_props if p.key == LAYERS_KEY), None)
+    activation = next((a.s.decode() for a in node.attribute if a.name == "activation"), "none")
+    if activation not in ("none", "swiglu") or (activation != "none" and layers is None):
+        raise Pbs2pError(
+            f"validation cannot check custom node {node.name} with activation {activation!r} "
+            "(known: none, and swiglu on a node naming its gate and up layers)"
+        )
     if layers is None:
         return [Tap(_node_layer(node), node.input[0], node.output[0], node=node.name)]
     rows = next((list(a.ints) for a in node.attribute if a.name == "block_rows"), [])
     if len(rows) != len(layers):
         raise Pbs2pError(f"custom node {node.name} names {len(layers)} layers for {len(rows)} blocks")
-    activation = next((a.s.decode() for a in node.attribute if a.name == "activation"), "none")
-    if activation not in ("none", "swiglu"):
-        raise Pbs2pError(
-            f"custom node {node.name} has activation {activation!r}, validation knows none, swiglu"
-        )
     bounds = np.cumsum([0, *rows])
     return [
         Tap(layer, node.input[0], node.output[0], int(begin), int(end), node.name, activation)
@@ -182,9 +183,8 @@ def forced_outputs(
             kernel = module._kernel_forward(torch.from_numpy(np.ascontiguousarray(graph_in)))
             record.kernel_out.append(kernel.numpy())
             shape = (*x.shape[:-1], module.out_features)
-            if (
-                tap.activation != "none"
-            ):  # the node outputs silu(gate) * up: this layer's own output is no graph value
+            if tap.activation != "none":
+                # The node outputs silu(gate) * up: this layer's own output is no graph value.
                 return kernel.reshape(shape).to(x.dtype)
             graph_out = joined(tap.output)[..., tap.start : tap.stop]
             record.graph_out.append(graph_out)

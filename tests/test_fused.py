@@ -217,3 +217,26 @@ def test_validation_refuses_a_wrong_fused_node(
     ):
         export_bundle(source, out, weights="pbs2p")
     assert not out.exists()
+
+
+def test_validation_taps_of_epilogue_nodes() -> None:
+    """Validation reads a gate|up node's epilogue; it refuses epilogues it cannot check."""
+    from pbs2p_edge.export.forcing import LAYERS_KEY, _node_taps
+
+    def node(activation: str | None, layers: str | None) -> onnx.NodeProto:
+        attrs = {"block_rows": [4, 4]} | ({"activation": activation} if activation else {})
+        made = onnx.helper.make_node("SparseBinaryMatMul", ["x", "w"], ["y"], domain="pbs2p.edge", **attrs)
+        if layers is not None:
+            made.metadata_props.add(key=LAYERS_KEY, value=layers)
+        return made
+
+    taps = _node_taps(node("swiglu", "l.gate_proj,l.up_proj"))
+    assert [(t.layer, t.start, t.stop, t.activation) for t in taps] == [
+        ("l.gate_proj", 0, 4, "swiglu"),
+        ("l.up_proj", 4, 8, "swiglu"),
+    ]
+    assert {t.activation for t in _node_taps(node(None, "l.gate_proj,l.up_proj"))} == {"none"}
+    with pytest.raises(Pbs2pError, match="activation 'gelu'"):
+        _node_taps(node("gelu", "l.gate_proj,l.up_proj"))
+    with pytest.raises(Pbs2pError, match="activation 'swiglu'"):
+        _node_taps(node("swiglu", None))
