@@ -111,6 +111,11 @@ def summary(manifest: dict, output: str) -> str:
     weights = sizes["weights"]
     parts = ", ".join(f"{name} {value / 1e6:.2f} MB" for name, value in weights.items() if value)
     lines.append(f"  weights: {parts}")
+    nodes = manifest.get("graph_nodes")
+    if nodes:
+        lines.append(
+            f"  graph: {manifest.get('graph')}, {nodes['total']} nodes ({nodes['per_layer']} per layer)"
+        )
     check = manifest.get("validation")
     if check is None:
         lines.append("  validation: skipped (--no-validate)")

@@ -11,10 +11,15 @@ outputs. PyTorch then runs the same steps with each compressed linear's output r
 (forward hooks), which stops any divergence from compounding while still recomputing everything else (norms,
 rotary, attention over the KV cache, residual stream, head). Three checks follow, each on identical inputs:
 
-- `ops`: each node's output against PyTorch's kernel arithmetic applied to the node's own graph input;
+- `ops`: each node's output against PyTorch's kernel arithmetic applied to the node's own graph input (a
+  gate|up node with the swiglu epilogue: against silu(gate) * up of its two layers' kernel outputs, through the
+  epilogue's numpy twin `pbs2p_edge.format.swiglu`);
 - `wiring`: each node's graph input against the input PyTorch computes from the forced outputs, i.e. all the
   float code between the custom nodes, KV cache and positions included;
 - `logits`: graph logits against PyTorch's logits from the forced outputs (final norm and head).
+
+A swiglu node's gate and up outputs are not graph values: while forced, those two layers return PyTorch's
+kernel arithmetic on the node's graph input instead, and the down projection after them is forced as usual.
 
 A defect anywhere (a packing or kernel bug, a wrong cache slot, position or mask, a misplaced norm) shows up
 in one of them at the layer where it happens.
@@ -52,7 +57,8 @@ LAYERS_KEY = "pbs2p_edge.layers"
 @dataclass(frozen=True)
 class Tap:
     """One model layer computed by a custom node: the graph values of the node's activation input and output,
-    and the columns [start, stop) of the output that are this layer's (all of them for a one-block node)."""
+    and the columns [start, stop) of the node's matmul output that are this layer's (all of them for a
+    one-block node). With `activation` "swiglu" the node outputs silu(gate) * up, not the matmul."""
 
     layer: str
     input: str
@@ -60,10 +66,17 @@ class Tap:
     start: int = 0
     stop: int | None = None
     node: str = ""
+    activation: str = "none"
 
 
 def _node_taps(node: onnx.NodeProto) -> list[Tap]:
     layers = next((p.value.split(",") for p in node.metadata_props if p.key == LAYERS_KEY), None)
+    activation = next((a.s.decode() for a in node.attribute if a.name == "activation"), "none")
+    if activation not in ("none", "swiglu") or (activation != "none" and layers is None):
+        raise Pbs2pError(
+            f"validation cannot check custom node {node.name} with activation {activation!r} "
+            "(known: none, and swiglu on a node naming its gate and up layers)"
+        )
     if layers is None:
         return [Tap(_node_layer(node), node.input[0], node.output[0], node=node.name)]
     rows = next((list(a.ints) for a in node.attribute if a.name == "block_rows"), [])
@@ -71,7 +84,7 @@ def _node_taps(node: onnx.NodeProto) -> list[Tap]:
         raise Pbs2pError(f"custom node {node.name} names {len(layers)} layers for {len(rows)} blocks")
     bounds = np.cumsum([0, *rows])
     return [
-        Tap(layer, node.input[0], node.output[0], int(begin), int(end), node.name)
+        Tap(layer, node.input[0], node.output[0], int(begin), int(end), node.name, activation)
         for layer, begin, end in zip(layers, bounds[:-1], bounds[1:], strict=True)
     ]
 
@@ -162,16 +175,19 @@ def forced_outputs(
         record = records.setdefault(tap.layer, _Record([], [], [], []))
 
         def forced(x: torch.Tensor) -> torch.Tensor:
-            if record.graph_out:
+            if record.kernel_out:
                 raise Pbs2pError(f"validation: layer {tap.layer} ran more often than the graph")
             graph_in = joined(tap.input)
-            graph_out = joined(tap.output)[..., tap.start : tap.stop]
             record.graph_in.append(graph_in)
-            record.graph_out.append(graph_out)
             record.torch_in.append(x.detach().float().numpy().reshape(graph_in.shape))
             kernel = module._kernel_forward(torch.from_numpy(np.ascontiguousarray(graph_in)))
             record.kernel_out.append(kernel.numpy())
             shape = (*x.shape[:-1], module.out_features)
+            if tap.activation != "none":
+                # The node outputs silu(gate) * up: this layer's own output is no graph value.
+                return kernel.reshape(shape).to(x.dtype)
+            graph_out = joined(tap.output)[..., tap.start : tap.stop]
+            record.graph_out.append(graph_out)
             return torch.from_numpy(np.ascontiguousarray(graph_out)).reshape(shape).to(x.dtype)
 
         return forced
@@ -184,6 +200,35 @@ def forced_outputs(
     finally:
         for module in modules.values():
             module.replace_output = None
+
+
+def node_records(
+    records: Mapping[str, _Record], taps: Sequence[Tap], graph_values: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, _Record]:
+    """The records of the `ops` check, one per node output: a layer's own record, or for a node with an
+    epilogue (gate|up, swiglu) one record named `gate+up` holding the node's graph output and the epilogue's
+    numpy twin applied to its layers' kernel outputs, side by side as the node computes them."""
+    from pbs2p_edge.format import apply_activation
+
+    out: dict[str, _Record] = {}
+    nodes: dict[str, list[Tap]] = {}
+    for tap in taps:
+        if tap.activation == "none":
+            out[tap.layer] = records[tap.layer]
+        else:
+            nodes.setdefault(tap.node, []).append(tap)
+    for node_taps in nodes.values():
+        parts = [records[tap.layer].kernel_out for tap in node_taps]
+        if any(len(p) != 1 for p in parts):
+            raise Pbs2pError(
+                f"validation: the layers of custom node {node_taps[0].node} did not run once each"
+            )
+        matmul = np.concatenate([p[0] for p in parts], axis=-1)
+        graph_out = np.concatenate([values[node_taps[0].output] for values in graph_values], axis=-2)
+        name = "+".join(tap.layer for tap in node_taps)
+        reference = apply_activation(matmul, node_taps[0].activation).reshape(graph_out.shape)
+        out[name] = _Record([graph_out], [], [], [reference])
+    return out
 
 
 def ort_steps(

@@ -1,16 +1,17 @@
 """The fused decoder graph: onnxruntime's com.microsoft contrib ops, a shared fixed-length KV buffer.
 
-Per layer (11 nodes; docs/ARCHITECTURE.md §3):
+Per layer (7 nodes when gate/up are SparseBinaryMatMul layers, 11 otherwise; docs/ARCHITECTURE.md §3):
 
     SkipSimplifiedLayerNormalization(mlp_out of the previous layer, residual) -> x, residual
     q|k|v projection -> GroupQueryAttention(qkv, -, -, past_k, past_v, seqlens_k, total_seq_len, cos, sin)
         (do_rotary=1: the rotary embedding runs inside the attention op; past and present share one buffer)
     o projection -> SkipSimplifiedLayerNormalization(o_out, residual) -> x, residual
-    gate|up projection -> Split -> SiLU(gate) (Sigmoid, Mul) * up (Mul) -> down projection
+    gate|up projection with the swiglu epilogue (silu(gate) * up inside the node) -> down projection
+        (int4 or fp32 gate|up: gate|up projection -> Split -> SiLU(gate) (Sigmoid, Mul) * up (Mul) -> down)
 
 q/k/v and gate/up run as one node when their formats allow: one multi-block SparseBinaryMatMul
 (`pbs2p_edge.format.op_node_spec`, its layers named in node metadata so validation checks each block against
-its own layer), or one MatMulNBits over the concatenated rows of int4 layers. Otherwise (mixed formats, fp32)
+its own layer; gate|up with attribute activation=swiglu, docs/FORMAT.md "Epilogue"), or one MatMulNBits over the concatenated rows of int4 layers. Otherwise (mixed formats, fp32)
 each projection is the node its swapped module emits, as in the unfused graph (`export/decoder.py`).
 Graph interface:
 
@@ -50,6 +51,9 @@ LOGITS_TO_KEEP = "logits_to_keep"
 # Tagged on the final norm's node so `finish_graph` can cut the hidden rows before the head.
 ROLE_KEY = "pbs2p_edge.role"
 FINAL_NORM_ROLE = "final_norm"
+# The epilogue of a SparseBinaryMatMul gate|up node (docs/FORMAT.md "Epilogue"; "none" writes the graph of
+# op version 3 and earlier: the node's [.., 2F] output, then Split, Sigmoid, Mul, Mul).
+GATE_UP_ACTIVATION = "swiglu"
 
 
 def fused_unsupported(config: ExportConfig) -> str | None:
@@ -131,13 +135,17 @@ class FusedSparseBinary(nn.Module):
     """Several SparseBinaryMatMul layers with the same input as one multi-block node (`op_node_spec`); the node
     names its layers in metadata so validation checks each block against its own layer (export/forcing.py)."""
 
-    def __init__(self, names: list[str], modules: list[nn.Module]) -> None:
+    def __init__(self, names: list[str], modules: list[nn.Module], activation: str = "none") -> None:
         super().__init__()
         from pbs2p_edge.format import op_node_spec
 
         inputs, attributes = op_node_spec([m.packed for m in modules])
-        self.attributes = attributes
+        self.activation = activation
         self.rows = int(attributes["rows"])
+        if activation != "none":  # the op's epilogue: [.., rows] -> [.., rows / 2] (gate rows, then up rows)
+            attributes["activation"] = activation
+            self.rows //= 2
+        self.attributes = attributes
         self.names = names
         self.input_names = []
         for name, array in inputs:  # the packed arrays themselves (read-only ones copied), not copies
@@ -167,12 +175,13 @@ def multi_block_supported() -> bool:
     return True
 
 
-def _fused_projection(names: list[str], modules: list[nn.Module]) -> nn.Module:
-    """One node for `modules` (same input) when their formats allow it, else Identity (one node each)."""
+def _fused_projection(names: list[str], modules: list[nn.Module], activation: str = "none") -> nn.Module:
+    """One node for `modules` (same input) when their formats allow it, else Identity (one node each).
+    `activation`: the epilogue a SparseBinaryMatMul node applies to its output (MatMulNBits has none)."""
     if fusable_nbits(modules):
         return FusedNBits(modules)
     if all(isinstance(m, SparseBinaryLinear) for m in modules) and multi_block_supported():
-        return FusedSparseBinary(names, modules)
+        return FusedSparseBinary(names, modules, activation)
     return nn.Identity()
 
 
@@ -215,7 +224,9 @@ class FusedDecoder(Decoder):
             names = [f"layers.{index}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
             self.qkv_proj.append(_fused_projection(names, [attn.q_proj, attn.k_proj, attn.v_proj]))
             names = [f"layers.{index}.mlp.{p}" for p in ("gate_proj", "up_proj")]
-            self.gate_up_proj.append(_fused_projection(names, [mlp.gate_proj, mlp.up_proj]))
+            self.gate_up_proj.append(
+                _fused_projection(names, [mlp.gate_proj, mlp.up_proj], GATE_UP_ACTIVATION)
+            )
 
     def _skip_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, role: str = ""
@@ -236,6 +247,8 @@ class FusedDecoder(Decoder):
         fused, mlp = self.gate_up_proj[index], self.layers[index].mlp
         if isinstance(fused, nn.Identity):
             return self._mlp(mlp, x)
+        if getattr(fused, "activation", "none") == "swiglu":  # silu(gate) * up inside the node
+            return mlp.down_proj(fused(x))
         gate, up = fused(x).chunk(2, dim=-1)
         return mlp.down_proj(nn.functional.silu(gate) * up)
 

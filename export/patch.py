@@ -19,7 +19,7 @@ from torch import nn
 from pbs2p_edge.errors import Pbs2pError
 
 PBS2P_OP = "pbs2p.edge::SparseBinaryMatMul"
-PBS2P_OP_VERSION = 3  # = pbs2p_edge.ops.OP_VERSION
+PBS2P_OP_VERSION = 4  # = pbs2p_edge.ops.OP_VERSION
 
 
 class EmittingModule(nn.Module):

@@ -230,7 +230,8 @@ def teacher_forced(
     modules = forcing.match_layers(taps, hf_model)
     with forcing.forced_outputs(modules, taps, values) as records:
         reference = torch_sequence_logits(hf_model, ids, tokens)
-    ops_sqnr, ops_layer = forcing.worst_layer(records, "kernel_out", "graph_out")
+    nodes = forcing.node_records(records, taps, values)
+    ops_sqnr, ops_layer = forcing.worst_layer(nodes, "kernel_out", "graph_out")
     wiring_sqnr, wiring_layer = forcing.worst_layer(records, "torch_in", "graph_in")
     return {
         **compare(reference, graph),

@@ -15,7 +15,8 @@ from pbs2p_edge.errors import Pbs2pError
 LIBRARY_NAME = "libpbs2p_edge_ops.so"
 OP_DOMAIN = "pbs2p.edge"
 OP_TYPE = "SparseBinaryMatMul"
-OP_VERSION = 3  # domain opset version (= pbs2p_edge.format.OP_VERSION); 3: multi-block nodes
+# Domain opset version (= pbs2p_edge.format.OP_VERSION); 3: multi-block nodes; 4: attribute activation
+OP_VERSION = 4
 ENV_LIBRARY = "PBS2P_EDGE_OPS_LIBRARY"
 ENV_KERNEL = "PBS2P_KERNEL"  # optional override read by the library (a name from OpsInfo.kernels)
 

@@ -396,8 +396,16 @@ def test_revalidating_an_intact_bundle_passes_every_check(pbs2p_bundle: Path, ch
 
 
 DEFECTS = {
-    # A packed scale off by 25% in one layer: that node's output no longer matches the kernel arithmetic.
-    "packed-scales": ("layers.1.mlp.up_proj.scales", r"custom node output at layers\.1\.mlp\.up_proj,"),
+    # A packed scale off by 25% in one layer: that node's output no longer matches the kernel arithmetic; the
+    # gate|up node (swiglu epilogue) is checked as one output, named after both its layers.
+    "packed-scales": (
+        "layers.1.mlp.up_proj.scales",
+        r"custom node output at layers\.1\.mlp\.gate_proj\+layers\.1\.mlp\.up_proj,",
+    ),
+    "packed-scales-qkv": (
+        "layers.1.self_attn.k_proj.scales",
+        r"custom node output at layers\.1\.self_attn\.k_proj,",
+    ),
     # A norm between two custom nodes: the inputs of the nodes it feeds differ.
     "norm-between-nodes": (
         "layers.1.post_attention_layernorm.weight",

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
-from test_export import TINY_LAYERS, built_bundle
+from test_export import TINY_LAYERS, built_bundle, tiny_checkpoint
 
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export.validate import DEFAULT_THRESHOLD_DB
@@ -39,9 +40,17 @@ def test_fused_graph_nodes(bundles: dict[str, Path]) -> None:
         assert ops["GroupQueryAttention"] == TINY_LAYERS
         assert ops["SkipSimplifiedLayerNormalization"] == 2 * TINY_LAYERS
         assert not {"Softmax", "Transpose", "Concat", "Where"} & set(ops)
-        # Per layer: 2 norms, attention, 4 projection nodes (q|k|v, o, gate|up, down), Split of gate|up,
-        # SiLU (Sigmoid, Mul) * up (Mul).
-        assert nodes["per_layer"] == 2 + 1 + 4 + 1 + 3
+        # Per layer: 2 norms, attention, 4 projection nodes (q|k|v, o, gate|up, down); int4 adds the Split of
+        # gate|up and SiLU (Sigmoid, Mul) * up (Mul), which a SparseBinaryMatMul gate|up node computes itself
+        # (attribute activation=swiglu).
+        swiglu = {"pbs2p": 0, "int4": 1 + 3}[kind]
+        assert nodes["per_layer"] == 2 + 1 + 4 + swiglu
+        if kind == "pbs2p":
+            assert not {"Split", "Sigmoid"} & set(ops)
+            assert ops["SparseBinaryMatMul"] == 4 * TINY_LAYERS
+            graph = onnx.load(str(bundles[kind] / "model.onnx"), load_external_data=False).graph
+            activations = [a.s.decode() for n in graph.node for a in n.attribute if a.name == "activation"]
+            assert activations == ["swiglu"] * TINY_LAYERS
         assert ops[{"pbs2p": "SparseBinaryMatMul", "int4": "MatMulNBits"}[kind]] >= 4 * TINY_LAYERS
         unfused = _manifest(bundles[f"{kind}-unfused"])
         assert unfused["graph"] == "unfused"
@@ -157,3 +166,77 @@ def test_fused_graph_refuses_families_it_cannot_express() -> None:
     assert not _use_fused(config, "auto") and not _use_fused(config, "unfused")
     with pytest.raises(Pbs2pError, match="--graph unfused"):
         _use_fused(config, "fused")
+
+
+def test_graph_without_the_epilogue_still_runs(
+    bundles: dict[str, Path], tmp_path_factory, tiny_model_dir, corpus_text_file, monkeypatch
+) -> None:
+    """The gate|up node without attribute activation (the graph every bundle before op version 4 has: Split,
+    Sigmoid, Mul, Mul after it) still exports, validates, loads and decodes; its logits are the swiglu graph's."""
+    from pbs2p_edge import ops
+    from pbs2p_edge.export import export_bundle, fused
+    from pbs2p_edge.export.configs import export_config
+    from pbs2p_edge.export.validate import compare, ort_logits, ort_session
+    from pbs2p_edge.runtime import Generator
+
+    monkeypatch.setattr(fused, "GATE_UP_ACTIVATION", "none")
+    out = tmp_path_factory.mktemp("no_epilogue") / "bundle"
+    source = tiny_checkpoint(tmp_path_factory, tiny_model_dir, corpus_text_file)
+    manifest = export_bundle(source, out, weights="pbs2p")
+    assert (
+        manifest["graph_nodes"]["per_layer"] == 11
+        and manifest["graph_nodes"]["by_op"]["Sigmoid"] == TINY_LAYERS
+    )
+    assert manifest["validation"]["teacher_forced"]["ops_min_sqnr_db"] >= DEFAULT_THRESHOLD_DB
+    assert Generator(out, threads=1).generate(PROMPT, 8).token_ids
+    from transformers import AutoConfig
+
+    config = export_config(AutoConfig.for_model(**manifest["model_config"]))
+    library = ops.library_path()
+    old = ort_logits(ort_session(out / "model.onnx", library), config, PROMPT, [])
+    new = ort_logits(ort_session(bundles["pbs2p"] / "model.onnx", library), config, PROMPT, [])
+    assert compare(old, new)["sqnr_db"] >= DEFAULT_THRESHOLD_DB
+
+
+def test_validation_refuses_a_wrong_fused_node(
+    tmp_path_factory, tiny_model_dir, corpus_text_file, monkeypatch
+) -> None:
+    """A gate|up node computing silu(up) * gate (blocks swapped, metadata unchanged) fails the export's gate at
+    that node: the logits and the down projection's input are forced, the node's output is not."""
+    from pbs2p_edge.export import export_bundle, fused
+
+    class Swapped(fused.FusedSparseBinary):
+        def __init__(self, names: list[str], modules: list, activation: str = "none") -> None:
+            super().__init__(names, modules[::-1] if activation == "swiglu" else modules, activation)
+
+    monkeypatch.setattr(fused, "FusedSparseBinary", Swapped)
+    out = tmp_path_factory.mktemp("swapped") / "bundle"
+    source = tiny_checkpoint(tmp_path_factory, tiny_model_dir, corpus_text_file)
+    with pytest.raises(
+        Pbs2pError, match=r"custom node output at layers\.\d\.mlp\.gate_proj\+layers\.\d\.mlp\.up_proj"
+    ):
+        export_bundle(source, out, weights="pbs2p")
+    assert not out.exists()
+
+
+def test_validation_taps_of_epilogue_nodes() -> None:
+    """Validation reads a gate|up node's epilogue; it refuses epilogues it cannot check."""
+    from pbs2p_edge.export.forcing import LAYERS_KEY, _node_taps
+
+    def node(activation: str | None, layers: str | None) -> onnx.NodeProto:
+        attrs = {"block_rows": [4, 4]} | ({"activation": activation} if activation else {})
+        made = onnx.helper.make_node("SparseBinaryMatMul", ["x", "w"], ["y"], domain="pbs2p.edge", **attrs)
+        if layers is not None:
+            made.metadata_props.add(key=LAYERS_KEY, value=layers)
+        return made
+
+    taps = _node_taps(node("swiglu", "l.gate_proj,l.up_proj"))
+    assert [(t.layer, t.start, t.stop, t.activation) for t in taps] == [
+        ("l.gate_proj", 0, 4, "swiglu"),
+        ("l.up_proj", 4, 8, "swiglu"),
+    ]
+    assert {t.activation for t in _node_taps(node(None, "l.gate_proj,l.up_proj"))} == {"none"}
+    with pytest.raises(Pbs2pError, match="activation 'gelu'"):
+        _node_taps(node("gelu", "l.gate_proj,l.up_proj"))
+    with pytest.raises(Pbs2pError, match="activation 'swiglu'"):
+        _node_taps(node("swiglu", None))

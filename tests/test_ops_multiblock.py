@@ -116,4 +116,4 @@ def test_multi_block_errors() -> None:
 def test_op_versions_agree() -> None:
     from pbs2p_edge.format import OP_VERSION
 
-    assert ops.OP_VERSION == OP_VERSION == 3
+    assert ops.OP_VERSION == OP_VERSION == 4

@@ -281,4 +281,24 @@ const Kernel* kernel_by_name(const char* name);  // built and supported, else nu
 // Whole matmul from the disk arrays with one kernel on the calling thread (tests, fuzzing, benchmarks).
 std::string matmul_disk(const DiskView& d, const Kernel& k, const float* x, int tokens, float* y);
 
+// ---------------- epilogue: after the matmul, shared by every kernel path (generic/epilogue*.cpp) ----------------
+// SwiGLU of a [tokens][2f] matmul output (gate = columns [0, f), up = columns [f, 2f)): out[t][j] =
+// silu(gate) * up in float32, a fixed operation order (numpy twin: pbs2p_edge.format.swiglu), tokens
+// [t_begin, t_end). `out` [tokens][f] must not overlap `in`. Every variant gives the same bits; swiglu_rows
+// calls the first of swiglu_variants() (this CPU's widest).
+using SwigluFn = void (*)(const float* in, int t_begin, int t_end, int64_t f, float* out);
+struct SwigluVariant {
+  const char* name;
+  SwigluFn fn;
+};
+std::vector<SwigluVariant> swiglu_variants();  // the variants this CPU runs, widest first
+void swiglu_rows_generic(const float* in, int t_begin, int t_end, int64_t f, float* out);
+#if defined(PBS2P_HAVE_AVX2)
+void swiglu_rows_avx2(const float* in, int t_begin, int t_end, int64_t f, float* out);
+#endif
+#if defined(PBS2P_HAVE_AVX512)
+void swiglu_rows_avx512(const float* in, int t_begin, int t_end, int64_t f, float* out);
+#endif
+void swiglu_rows(const float* in, int t_begin, int t_end, int64_t f, float* out);
+
 }  // namespace pbs2p

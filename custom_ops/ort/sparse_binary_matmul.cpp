@@ -26,7 +26,8 @@ using F16 = Ort::Float16_t;
 
 constexpr const char* kOpName = "SparseBinaryMatMul";
 constexpr const char* kDomain = "pbs2p.edge";
-constexpr int kOpVersion = 3;  // 2: optional 10th input col_scales; 3: multi-block nodes (attribute blocks)
+// 2: optional 10th input col_scales; 3: multi-block nodes (attribute blocks); 4: attribute activation (epilogue)
+constexpr int kOpVersion = 4;
 constexpr size_t kMinInputs = 9, kMaxInputs = 10;  // one block: X + 8 (format v1) or 9 (format v2) arrays
 constexpr size_t kArraysPerBlock = 9;             // header .. col_scales
 constexpr int64_t kMaxBlocks = 64;
@@ -41,6 +42,40 @@ std::string shape_str(const std::vector<int64_t>& s) {
 }
 
 Ort::Status error(const std::string& msg) { return Ort::Status((std::string(kOpName) + ": " + msg).c_str(), ORT_INVALID_ARGUMENT); }
+
+// Epilogue after the matmul (optional string attribute `activation`; docs/FORMAT.md "Epilogue"): "none" (the
+// default: Y is the matmul output [.., rows]) or "swiglu" (Y [.., rows / 2] = silu(gate) * up, gate = the first
+// rows / 2 output columns, up = the rest), computed by pbs2p::swiglu_rows on complete rows.
+enum class Activation { kNone, kSwiglu };
+constexpr int kEpilogueTokens = 16;  // tokens per epilogue work item (prefill)
+
+// Parses the attribute's value; "" on success, else the message.
+std::string parse_activation(const std::string& value, int64_t rows, Activation* out) {
+  if (value == "none") {
+    *out = Activation::kNone;
+  } else if (value == "swiglu") {
+    *out = Activation::kSwiglu;
+    if (rows % 2 != 0)
+      return "attribute activation='swiglu' needs an even row count (gate rows, then as many up rows), got rows=" +
+             std::to_string(rows);
+  } else {
+    return "attribute activation='" + value + "' is not supported (expected 'none' or 'swiglu')";
+  }
+  return "";
+}
+
+struct EpilogueWork {
+  const float* in;
+  float* out;
+  int64_t f;
+  int tokens;
+};
+
+void swiglu_task(void* data, size_t i) {
+  const EpilogueWork& wk = *static_cast<const EpilogueWork*>(data);
+  const int t0 = int(i) * kEpilogueTokens, t1 = std::min(wk.tokens, t0 + kEpilogueTokens);
+  pbs2p::swiglu_rows(wk.in, t0, t1, wk.f, wk.out);
+}
 
 // The (attribute) parameters an exporter wrote; checked against every header.
 struct Attrs {
@@ -216,6 +251,24 @@ struct SparseBinaryMatMul {
     return true;
   }
 
+  // Optional attribute `activation` (absent: "none", so graphs written before op version 4 load unchanged).
+  std::string read_activation(const OrtApi* api, const OrtKernelInfo* info) {
+    size_t len = 0;
+    if (OrtStatus* st = api->KernelInfoGetAttribute_string(info, "activation", nullptr, &len)) {
+      api->ReleaseStatus(st);
+      int64_t as_int = 0;
+      if (optional_int(api, info, "activation", &as_int)) return "attribute activation must be a string";
+      return "";
+    }
+    std::string value(len, '\0');
+    if (OrtStatus* st = api->KernelInfoGetAttribute_string(info, "activation", value.data(), &len)) {
+      api->ReleaseStatus(st);
+      return "cannot read attribute activation";
+    }
+    value.resize(std::strlen(value.c_str()));
+    return parse_activation(value, rows_, &activation_);
+  }
+
   std::string init(const OrtApi* api, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki{info};
     int64_t blocks = 1;  // optional attribute: multi-block nodes (op version 3) carry it
@@ -303,6 +356,8 @@ struct SparseBinaryMatMul {
       if (name.empty() || name[0] == '\0')
         return "input " + std::to_string(i) + " is missing (empty name): X and every packed array must be given";
     }
+    const std::string ea = read_activation(api, info);
+    if (!ea.empty()) return ea;
     const std::string ek = pbs2p::select_kernel(&kernel_);
     if (!ek.empty()) return ek;
     // Prepare once here when every weight input is an initializer (the normal exported graph).
@@ -365,34 +420,63 @@ struct SparseBinaryMatMul {
                      " (X's last dimension must be K=" + std::to_string(k_) + ")");
       int64_t tokens = 1;
       for (size_t i = 0; i + 1 < xs.size(); ++i) tokens *= xs[i];
+      const bool swiglu = activation_ == Activation::kSwiglu;
       std::vector<int64_t> ys(xs);
-      ys.back() = rows_;
-      float* y = kc.GetOutput(0, ys).GetTensorMutableData<float>();
+      ys.back() = swiglu ? rows_ / 2 : rows_;
+      float* out = kc.GetOutput(0, ys).GetTensorMutableData<float>();
       if (tokens == 0) return Ort::Status{nullptr};
-      const float* x_in = X.GetTensorData<float>();
-      const pbs2p::Kernel* tile = kernel_->compact ? kernel_->gemv : kernel_;
-      if (kernel_->compact && (tile == nullptr || tokens > pbs2p::kHybridGemv)) {
-        run_compact(kc, prepacked_ ? nullptr : &local_compact, x_in, tokens, y);
-        return Ort::Status{nullptr};
-      }
-      std::vector<float> block_y;
-      for (size_t i = 0; i < blocks_.size(); ++i) {
-        const pbs2p::RuntimeWeight& w = prepacked_ ? blocks_[i].weight : local[i];
-        const int64_t rows = w.p.rows;
-        float* yb = y;
-        if (blocks_.size() > 1) {
-          block_y.resize(size_t(tokens) * size_t(rows));
-          yb = block_y.data();
+      // With an epilogue the matmul writes [tokens, rows] into scratch (per thread for decode, grown once, so no
+      // allocation per call; per call for prefill), then the epilogue writes Y from complete rows.
+      thread_local std::vector<float> decode_mm;
+      std::unique_ptr<float[]> prefill_mm;  // not zero-filled: the matmul writes every entry
+      float* y = out;
+      if (swiglu) {
+        const size_t need = size_t(tokens) * size_t(rows_);
+        if (tokens <= kEpilogueTokens) {
+          if (decode_mm.size() < need) decode_mm.resize(need);
+          y = decode_mm.data();
+        } else {
+          prefill_mm.reset(new float[need]);
+          y = prefill_mm.get();
         }
-        run_block(kc, *tile, w, prepacked_ ? &blocks_[i].chunks : nullptr, x_in, tokens, yb);
-        if (blocks_.size() > 1)
-          for (int64_t t = 0; t < tokens; ++t)
-            std::memcpy(y + size_t(t) * size_t(rows_) + size_t(blocks_[i].row_offset), yb + size_t(t) * size_t(rows),
-                        size_t(rows) * sizeof(float));
+      }
+      matmul(kc, local, local_compact, X.GetTensorData<float>(), tokens, y);
+      if (swiglu) {
+        EpilogueWork ew{y, out, rows_ / 2, int(tokens)};
+        if (tokens <= kEpilogueTokens)
+          swiglu_task(&ew, 0);
+        else
+          kc.ParallelFor(swiglu_task, size_t((tokens + kEpilogueTokens - 1) / kEpilogueTokens), 0, &ew);
       }
       return Ort::Status{nullptr};
     } catch (const std::exception& e) {
       return error(e.what());
+    }
+  }
+
+  // Y [tokens, rows] = the matmul of every block (their outputs side by side).
+  void matmul(Ort::KernelContext& kc, const std::vector<pbs2p::RuntimeWeight>& local,
+              const std::vector<pbs2p::CompactWeight>& local_compact, const float* x_in, int64_t tokens,
+              float* y) const {
+    const pbs2p::Kernel* tile = kernel_->compact ? kernel_->gemv : kernel_;
+    if (kernel_->compact && (tile == nullptr || tokens > pbs2p::kHybridGemv)) {
+      run_compact(kc, prepacked_ ? nullptr : &local_compact, x_in, tokens, y);
+      return;
+    }
+    std::vector<float> block_y;
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      const pbs2p::RuntimeWeight& w = prepacked_ ? blocks_[i].weight : local[i];
+      const int64_t rows = w.p.rows;
+      float* yb = y;
+      if (blocks_.size() > 1) {
+        block_y.resize(size_t(tokens) * size_t(rows));
+        yb = block_y.data();
+      }
+      run_block(kc, *tile, w, prepacked_ ? &blocks_[i].chunks : nullptr, x_in, tokens, yb);
+      if (blocks_.size() > 1)
+        for (int64_t t = 0; t < tokens; ++t)
+          std::memcpy(y + size_t(t) * size_t(rows_) + size_t(blocks_[i].row_offset), yb + size_t(t) * size_t(rows),
+                      size_t(rows) * sizeof(float));
     }
   }
 
@@ -474,10 +558,11 @@ struct SparseBinaryMatMul {
   bool prepacked_ = false;
   std::vector<Block> blocks_;
   int64_t rows_ = 0, k_ = 0;
+  Activation activation_ = Activation::kNone;
   const pbs2p::Kernel* kernel_ = nullptr;
 };
 
-// Shape inference: Y = X's shape with the last dimension replaced by `rows`. Registered on the raw OrtCustomOp
+// Shape inference: Y = X's shape with the last dimension replaced by `rows` (`rows / 2` with activation=swiglu). Registered on the raw OrtCustomOp
 // because Ort::ShapeInferContext::SetOutputShape of the 1.21 headers marks symbolic dims with -2, which newer
 // runtimes reject ("dim_values must be -1 or larger"); the shape is set through the C API with -1 instead.
 OrtStatusPtr ORT_API_CALL infer_output_shape(const OrtCustomOp*, OrtShapeInferContext* raw) noexcept {
@@ -520,7 +605,17 @@ OrtStatusPtr ORT_API_CALL infer_output_shape(const OrtCustomOp*, OrtShapeInferCo
       dims.push_back(d.IsInt() ? d.AsInt() : -1);
       syms.push_back(d.IsInt() || d.AsSym() == nullptr ? "" : d.AsSym());
     }
-    dims.back() = rows;
+    Activation activation = Activation::kNone;
+    const OrtOpAttr* aattr = nullptr;
+    if (OrtStatus* st = api.ShapeInferContext_GetAttribute(raw, "activation", &aattr)) {
+      api.ReleaseStatus(st);
+      aattr = nullptr;
+    }
+    if (aattr != nullptr) {
+      const std::string e = parse_activation(ctx.GetAttrString("activation"), rows, &activation);
+      if (!e.empty()) return error(e).release();
+    }
+    dims.back() = activation == Activation::kSwiglu ? rows / 2 : rows;
     syms.back() = "";
     OrtTensorTypeAndShapeInfo* info = nullptr;
     OrtStatus* st = api.CreateTensorTypeAndShapeInfo(&info);

@@ -372,6 +372,52 @@ int from_python(const std::string& dir, const char* only) {
 
 }  // namespace
 
+// The swiglu epilogue (generic/epilogue*.cpp), every variant this CPU runs, on fixed inputs (clamps, signed zeros,
+// NaN, infinities, a denormal): its output bits hash to the value the numpy twin gives (tests/test_ops_epilogue.py
+// recomputes it there), so every target (x86 SSE2 / AVX2 / AVX-512, aarch64 under qemu, sanitizer builds) computes
+// the same bits; close to silu in double; token pieces give the whole call's bits.
+void swiglu_epilogue() {
+  constexpr int kF = 509, kT = 3;
+  std::vector<float> in(size_t(kT) * 2 * kF), out(size_t(kT) * kF), pieces(out.size());
+  const float specials[12] = {0.0f, -0.0f, NAN, INFINITY, -INFINITY, 87.0f, -87.0f, 88.0f, -88.0f, 1e-30f, -1e-38f,
+                              3e38f};
+  for (int64_t i = 0; i < int64_t(kT) * kF; ++i) {
+    const int64_t t = i / kF, j = i % kF;
+    const float g = i < 12 ? specials[i] : float((i * 7919) % 4001 - 2000) / 16.0f;
+    in[size_t(t * 2 * kF + j)] = g;
+    in[size_t(t * 2 * kF + kF + j)] = float((i * 104729) % 2001 - 1000) / 64.0f;
+  }
+  std::string names;
+  for (const SwigluVariant& v : swiglu_variants()) {
+    const std::string name = std::string("swiglu epilogue ") + v.name + ": ";
+    names += std::string(names.empty() ? "" : ",") + v.name;
+    v.fn(in.data(), 0, kT, kF, out.data());
+    uint64_t h = 0xcbf29ce484222325ull;
+    bool close = true;
+    for (size_t i = 0; i < out.size(); ++i) {
+      uint32_t b;
+      std::memcpy(&b, &out[i], sizeof(b));
+      if (std::isnan(out[i])) b = 0x7FC00000u;
+      h = (h ^ b) * 0x100000001b3ull;
+      const size_t t = i / kF, j = i % kF;
+      const double g = in[t * 2 * kF + j], u = in[t * 2 * kF + kF + j];
+      if (std::isfinite(g) && std::fabs(g) < 80.0) {
+        const double want = g / (1.0 + std::exp(-g)) * u;
+        close = close && std::fabs(out[i] - want) <= 4e-7 * std::fabs(want) + 1e-30;
+      }
+    }
+    check(h == 0x73faece2175db743ull, name + "output bits hash to the numpy twin's");
+    check(close, name + "within 4e-7 relative of silu(gate) * up in double");
+    check(std::isnan(out[2]) && out[0] == 0.0f && out[1] == 0.0f && std::isinf(out[3]), name + "NaN, zeros, inf");
+    v.fn(in.data(), 0, 1, kF, pieces.data());
+    v.fn(in.data(), 1, kT, kF, pieces.data());
+    check(same_bits(out, pieces), name + "token pieces give the whole call's bits");
+  }
+  swiglu_rows(in.data(), 0, kT, kF, pieces.data());
+  check(same_bits(out, pieces), "swiglu_rows gives the variants' bits");
+  std::printf("swiglu epilogue variants tested: %s\n", names.c_str());
+}
+
 int main(int argc, char** argv) {
   if (argc == 3 && std::strcmp(argv[1], "--from") == 0) return from_python(argv[2], nullptr);
   if (argc == 5 && std::strcmp(argv[1], "--from") == 0 && std::strcmp(argv[3], "--kernel") == 0)
@@ -415,6 +461,7 @@ int main(int argc, char** argv) {
   bad_inputs(rng);
   non_finite_activations(rng);
   fp16_roundtrip();
+  swiglu_epilogue();
   const Kernel* best = nullptr;
   const std::string es = select_kernel(&best);
   check(es.empty(), "select_kernel: " + es);

@@ -14,15 +14,17 @@ from pbs2p_edge.format.packed import (
     unpack,
 )
 from pbs2p_edge.format.random import random_weight
-from pbs2p_edge.format.reference import kernel_matmul, reference_matmul
+from pbs2p_edge.format.reference import ACTIVATIONS, apply_activation, kernel_matmul, reference_matmul, swiglu
 
 __all__ = [
+    "ACTIVATIONS",
     "ARRAY_ORDER",
     "FLAG_COL_SCALES",
     "MAGIC",
     "OP_VERSION",
     "READ_VERSIONS",
     "VERSION",
+    "apply_activation",
     "PackedWeight",
     "SparseBinaryWeight",
     "kernel_matmul",
@@ -31,5 +33,6 @@ __all__ = [
     "random_weight",
     "reference_matmul",
     "runtime_bits_per_weight",
+    "swiglu",
     "unpack",
 ]

@@ -11,8 +11,9 @@ from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.format.packed import PackedWeight
 
 # Domain opset version of SparseBinaryMatMul graphs (= pbs2p_edge.ops.OP_VERSION, the library's op_version).
-# 3: multi-block nodes (attribute `blocks`); one-block nodes are unchanged since version 2.
-OP_VERSION = 3
+# 3: multi-block nodes (attribute `blocks`); one-block nodes are unchanged since version 2. 4: attribute
+# `activation` (the swiglu epilogue; absent = "none", so graphs of versions 1-3 run unchanged).
+OP_VERSION = 4
 MAX_BLOCKS = 64  # the op refuses more (kMaxBlocks in custom_ops/ort/sparse_binary_matmul.cpp)
 BLOCK_ATTRIBUTES = ("n", "m", "group_size", "rows", "salient", "has_bias", "has_col_scales")
 

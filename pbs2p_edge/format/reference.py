@@ -70,3 +70,59 @@ def kernel_matmul(x: np.ndarray, p: PackedWeight) -> np.ndarray:
     if w.bias is not None:
         y += w.bias.astype(np.float64)
     return y.astype(np.float32).reshape(*lead, p.rows)
+
+
+# The op's epilogues (attribute `activation`, docs/FORMAT.md "Epilogue"): float32 operations in the order of
+# custom_ops/kernels/generic/epilogue.cpp, so the op and this twin agree bit for bit.
+ACTIVATIONS = ("none", "swiglu")
+_EXP_CLAMP = np.float32(87.0)
+_LOG2E = np.float32(1.44269504088896341)
+_ROUND_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23
+_ROUND_BITS = np.uint32(0x4B400000)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_POLY = tuple(
+    np.float32(c)
+    for c in (
+        1.9875691500e-4,
+        1.3981999507e-3,
+        8.3334519073e-3,
+        4.1665795894e-2,
+        1.6666665459e-1,
+        5.0000001201e-1,
+    )
+)
+
+
+def swiglu(y: np.ndarray) -> np.ndarray:
+    """The `swiglu` epilogue: y [..., 2F] (gate = columns [0, F), up = [F, 2F)) -> silu(gate) * up [..., F],
+    float32, with the op's own exp (Cody-Waite reduction, a degree-7 polynomial, |argument| clamped to 87)."""
+    y = np.asarray(y, dtype=np.float32)
+    if y.ndim < 1 or y.shape[-1] % 2:
+        raise Pbs2pError(f"swiglu needs an even last dimension (gate then up), got shape {list(y.shape)}")
+    f = y.shape[-1] // 2
+    gate, up = y[..., :f], y[..., f:]
+    with np.errstate(all="ignore"):
+        x = -gate
+        x = np.where(x < -_EXP_CLAMP, -_EXP_CLAMP, x)
+        x = np.where(x > _EXP_CLAMP, _EXP_CLAMP, x)
+        t = x * _LOG2E + _ROUND_MAGIC
+        n = t - _ROUND_MAGIC
+        r = x - n * _LN2_HI
+        r = r - n * _LN2_LO
+        z = r * r
+        p = np.full_like(r, _EXP_POLY[0])
+        for c in _EXP_POLY[1:]:
+            p = p * r + c
+        p = p * z + r + np.float32(1.0)
+        bits = (t.view(np.uint32) - _ROUND_BITS + np.uint32(127)) << np.uint32(23)
+        return (gate / (np.float32(1.0) + p * bits.view(np.float32)) * up).astype(np.float32)
+
+
+def apply_activation(y: np.ndarray, activation: str) -> np.ndarray:
+    """The op's output from its matmul output `y` for attribute `activation` ("none" or "swiglu")."""
+    if activation == "none":
+        return np.asarray(y, dtype=np.float32)
+    if activation == "swiglu":
+        return swiglu(y)
+    raise Pbs2pError(f"unknown activation {activation!r} (expected one of {', '.join(ACTIVATIONS)})")
