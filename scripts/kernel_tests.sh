@@ -20,6 +20,22 @@ jobs="${JOBS:-2}"
 declare -a results=()
 failed=0
 
+# An already built test binary on an emulated CPU that lacks some paths: dispatch must pick $3, and the paths
+# named in $4 must be listed as refused.
+run_restricted() {  # name, command, expected dispatch, expected refused
+  local out
+  echo "== $1: run"
+  if out="$(timeout 300 $2 2>/dev/null)" \
+    && [[ "$out" == *"dispatch picks $3)"* && "$out" == *"refused on this CPU: "*"$4"* ]]; then
+    echo "$out" | tail -n 1
+    results+=("$1: $(echo "$out" | tail -n 1)")
+  else
+    echo "$out" | tail -n 40
+    results+=("$1: FAILED (want dispatch $3 and $4 refused)")
+    failed=1
+  fi
+}
+
 run_config() {  # name, run-prefix, cmake args...
   local name="$1" prefix="$2"
   shift 2
@@ -76,16 +92,8 @@ if [[ "$(uname -m)" == x86_64 ]]; then
       results+=("x86-qemu-haswell: MISSING TOOLS (apt-get install qemu-user)")
       failed=1
     elif [[ -x "$root/native/pbs2p_kernel_tests" ]]; then
-      echo "== x86-qemu-haswell (AVX2, no AVX-VNNI, no AVX-512): run"
-      if out="$(timeout 300 qemu-x86_64 -cpu Haswell-v4 "$root/native/pbs2p_kernel_tests" 2>/dev/null)" \
-        && [[ "$out" == *"dispatch picks avx2)"* && "$out" == *"refused on this CPU: "*"avxvnni-tile"* ]]; then
-        echo "$out" | tail -n 1
-        results+=("x86-qemu-haswell: $(echo "$out" | tail -n 1)")
-      else
-        echo "$out" | tail -n 40
-        results+=("x86-qemu-haswell: FAILED (want dispatch avx2 and PBS2P_KERNEL=avxvnni-tile refused)")
-        failed=1
-      fi
+      # AVX2, no AVX-VNNI, no AVX-512
+      run_restricted x86-qemu-haswell "qemu-x86_64 -cpu Haswell-v4 $root/native/pbs2p_kernel_tests" avx2 avxvnni-tile
     fi
   fi
 fi
@@ -106,16 +114,7 @@ else
   run_config aarch64-qemu "$qemu -cpu max" -DCMAKE_BUILD_TYPE=Release "${cross[@]}"
   if [[ "$last_out" == *"kernels tested: sdot+neon,sdot,neon,generic;"* ]]; then
     # the same binary on a core without the dot product (Pi 4 class): neon chosen, sdot refused
-    echo "== aarch64-qemu-a72 (no dot product): run"
-    if out="$(timeout 300 $qemu -cpu cortex-a72 "$root/aarch64-qemu/pbs2p_kernel_tests" 2>&1)" \
-      && [[ "$out" == *"dispatch picks neon)"* && "$out" == *"refused on this CPU: sdot+neon,sdot"* ]]; then
-      echo "$out" | tail -n 1
-      results+=("aarch64-qemu-a72: $(echo "$out" | tail -n 1)")
-    else
-      echo "$out" | tail -n 40
-      results+=("aarch64-qemu-a72: FAILED (want dispatch neon and PBS2P_KERNEL=sdot refused)")
-      failed=1
-    fi
+    run_restricted aarch64-qemu-a72 "$qemu -cpu cortex-a72 $root/aarch64-qemu/pbs2p_kernel_tests" neon sdot+neon,sdot
   elif [[ -n "$last_out" ]]; then
     results+=("aarch64-qemu: FAILED (the sdot paths were not tested under -cpu max)")
     failed=1
