@@ -310,6 +310,8 @@ def test_e2e_options_run_through_compress_and_keep_the_float_embedding(
         "int4",
     )
     assert compression["results"]["e2e"]["steps"] == 3
+    assert (compression["results"]["e2e"]["windows"], compression["results"]["e2e"]["head"]) == (6, "int4")
+    assert "3 steps over 6 windows, int4 head" in result.output
     fp, _ = sources.load_model(str(tiny_model_dir))
     name = next(k for k in ckpt["dense_state"] if k.endswith("embed_tokens.weight"))
     assert torch.equal(ckpt["dense_state"][name], fp.get_input_embeddings().weight.detach())

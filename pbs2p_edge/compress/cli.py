@@ -374,7 +374,8 @@ def summary(results: dict[str, Any], output: Any) -> str:
     elif e2e:
         lines.append(
             f"  end-to-end recovery: top-k KL {e2e['before']:.4f} -> {e2e['after']:.4f} "
-            f"({'kept' if e2e['kept'] else 'discarded'}, {e2e['steps']} steps)"
+            f"({'kept' if e2e['kept'] else 'discarded'}, {e2e['steps']} steps"
+            + (f" over {e2e['windows']} windows, {e2e['head']} head)" if "windows" in e2e else ")")
             + _capped([e2e.get("capped", False)])
         )
     return "\n".join(lines)

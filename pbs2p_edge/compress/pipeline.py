@@ -213,6 +213,7 @@ def compress(
             store.restore(model, names)
     if teacher is not None:
         e2e = _recover_e2e(model, weights, e2e_ids, teacher, config, e2e_steps, progress)
+        e2e.update(windows=int(e2e_ids.shape[0]), head=config.e2e_head)
     packed = {name: pack(w) for name, w in weights.items()}
     if store is not None:  # finished layers were packed as they went; `weights` unpacks them on access
         packed, weights = store.packed, store.unpacked_view()
