@@ -377,8 +377,17 @@ def _use_fused(config: ExportConfig, graph: str) -> bool:
 
 
 def _ops_requirement(info: Any, packed: dict[str, Any]) -> dict[str, Any]:
-    """What the graph needs from an ops library: the exporting library's op version, the packed formats used."""
+    """What the graph needs from an ops library: the exporting library's op version, the packed formats used.
+    A library older than the op version this exporter writes is refused: it would ignore attributes it does not
+    know (the swiglu epilogue) and fail the validation with a shape error instead of naming the cause."""
+    from pbs2p_edge.format import OP_VERSION
     from pbs2p_edge.format.packed import HDR_VERSION
+
+    if info.op_version < OP_VERSION:
+        raise Pbs2pError(
+            f"the ops library has op version {info.op_version}, older than the op version {OP_VERSION} this "
+            "exporter writes: rebuild it (make setup, or pip install the package again)"
+        )
 
     formats = sorted({int(p.header[HDR_VERSION]) for p in packed.values()})
     return {"op_version": info.op_version, "format_versions": formats}

@@ -503,3 +503,18 @@ def test_kernel_arithmetic_in_pytorch_equals_the_format_oracle(salient: int, bia
     with torch.no_grad():
         ours = module(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(ours, kernel_matmul(x, pack(weight)), rtol=1e-5, atol=1e-6)
+
+
+def test_an_ops_library_older_than_the_exporter_is_refused(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An op-version-3 library ignores the swiglu attribute: the export must name the library, not fail later."""
+    import dataclasses
+
+    from pbs2p_edge import ops
+
+    real = ops.library_info
+    monkeypatch.setattr(ops, "library_info", lambda path: dataclasses.replace(real(path), op_version=3))
+    out = tmp_path / "out"
+    _assert_one_line_error(_export(checkpoint, "-o", out), "op version 3")
+    assert not out.exists()
