@@ -1,6 +1,7 @@
 // Sparse-binary matmul kernels: plain C++, raw pointers, no ONNX Runtime types.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -63,6 +64,20 @@ struct RuntimeWeight {
   std::vector<float> col_scales;        // [k] (fp16 values as float) or empty
   size_t runtime_bytes() const;
 };
+
+// One tile as every tile kernel walks it: its first row, its row count (the last tile may be short), K/4 quads
+// per row, the scale groups, and its codes (tiles stored one after another, [k/4][kTileRows] bytes each).
+struct TileView {
+  int r0, nr;
+  size_t quads, groups;
+  const uint8_t* codes;
+};
+inline TileView tile_view(const RuntimeWeight& w, int tile) {
+  const int r0 = tile * kTileRows;
+  const size_t quads = size_t(w.p.k) / 4;
+  return {r0, std::min(kTileRows, w.p.rows - r0), quads, size_t(w.p.groups),
+          &w.codes[size_t(tile) * quads * kTileRows]};
+}
 
 // Disk -> runtime layout. "" on success, else a message (sizes, magic, N:M violations...).
 std::string repack(const DiskView& disk, RuntimeWeight* out);

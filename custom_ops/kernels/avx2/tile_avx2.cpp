@@ -15,9 +15,7 @@ namespace pbs2p {
 
 void tile_avx2(PBS2P_TILE_ARGS) {
   const Params& p = w.p;
-  const int r0 = tile * kTileRows, nr = std::min(kTileRows, p.rows - r0);
-  const size_t quads = size_t(p.k) / 4, G = size_t(p.groups);
-  const uint8_t* codes = &w.codes[size_t(tile) * quads * kTileRows];
+  const auto [r0, nr, quads, G, codes] = tile_view(w, tile);
   const __m256i nib = _mm256_set1_epi8(0x0f);
   const __m256i ones8 = _mm256_set1_epi8(1);
   for (int tok = t_begin; tok < t_end; ++tok) {

@@ -83,9 +83,7 @@ inline void block(const __m256i (*pm)[kQuarters], const __m256i (*pp)[kQuarters]
 
 void tile_gemm_avxvnni(PBS2P_TILE_GEMM_ARGS) {
   const Params& p = w.p;
-  const int r0 = tile * kTileRows, nr = std::min(kTileRows, p.rows - r0);
-  const size_t quads = size_t(p.k) / 4, G = size_t(p.groups);
-  const uint8_t* codes = &w.codes[size_t(tile) * quads * kTileRows];
+  const auto [r0, nr, quads, G, codes] = tile_view(w, tile);
   const int chunks = a.chunks;
   const size_t qstride = size_t(chunks) * kChunkCols;
   int lanes[kQuarters];  // rows of each quarter inside the matrix (0 = quarter past the last row)

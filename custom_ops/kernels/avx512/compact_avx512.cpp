@@ -171,9 +171,7 @@ static inline __m512i spread_codes(__m512i x) {
 // 4 vpdpbusd per 4 columns (two planes x two 16-row halves) with a broadcast activation dword.
 void tile_gemm_avx512vnni(PBS2P_TILE_GEMM_ARGS) {
   const Params& p = w.p;
-  const int r0 = tile * kTileRows, nr = std::min(kTileRows, p.rows - r0);
-  const size_t quads = size_t(p.k) / 4, G = size_t(p.groups);
-  const uint8_t* codes = &w.codes[size_t(tile) * quads * kTileRows];
+  const auto [r0, nr, quads, G, codes] = tile_view(w, tile);
   const int chunks = a.chunks;
   const size_t qstride = size_t(chunks) * kChunkCols;
   const __mmask16 rows[2] = {__mmask16(nr >= kRows ? 0xffffu : (1u << nr) - 1u),

@@ -412,9 +412,7 @@ SalientFn salient_fn_for(TileFn fn) {
 
 void tile_generic(PBS2P_TILE_ARGS) {
   const Params& p = w.p;
-  const int r0 = tile * kTileRows, nr = std::min(kTileRows, p.rows - r0);
-  const size_t quads = size_t(p.k) / 4, G = size_t(p.groups);
-  const uint8_t* codes = &w.codes[size_t(tile) * quads * kTileRows];
+  const auto [r0, nr, quads, G, codes] = tile_view(w, tile);
   for (int tok = t_begin; tok < t_end; ++tok) {
     const QuadTable* tab = &t.tables[size_t(tok) * quads];
     float acc[kTileRows] = {};

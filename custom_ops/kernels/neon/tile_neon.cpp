@@ -48,9 +48,7 @@ void build_tables_neon(const float* x, int token_begin, int token_end, const Chu
 
 void tile_neon(PBS2P_TILE_ARGS) {
   const Params& p = w.p;
-  const int r0 = tile * kTileRows, nr = std::min(kTileRows, p.rows - r0);
-  const size_t quads = size_t(p.k) / 4, G = size_t(p.groups);
-  const uint8_t* codes = &w.codes[size_t(tile) * quads * kTileRows];
+  const auto [r0, nr, quads, G, codes] = tile_view(w, tile);
   const uint8x16_t nib = vdupq_n_u8(0x0f);
   for (int tok = t_begin; tok < t_end; ++tok) {
     const QuadTable* tab = &t.tables[size_t(tok) * quads];
