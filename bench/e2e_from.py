@@ -28,22 +28,6 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def kl_over(model: Any, ids: Any, teacher: tuple[Any, Any], micro_batch: int) -> float:
-    """Mean top-k KL(FP || model) over the positions of `ids` (the quantity the E2E pass minimizes)."""
-    import torch
-
-    from pbs2p_edge.compress.recover import _kl_topk
-
-    t_logp, t_idx = teacher
-    total = 0.0
-    with torch.no_grad():
-        for lo in range(0, ids.shape[0], micro_batch):
-            hi = min(lo + micro_batch, ids.shape[0])
-            logits = model(input_ids=ids[lo:hi], use_cache=False).logits
-            total += float(_kl_topk(logits, t_logp[lo:hi], t_idx[lo:hi])) * (hi - lo)
-    return total / ids.shape[0]
-
-
 def _ppl_int4_head(model: Any, eval_ids: Any, ctx: int) -> float:
     """Perplexity through the int4 head the default bundle computes with (what `eval BUNDLE` scores, but for
     the fp16 rounding of the bundle's scales)."""
@@ -56,9 +40,10 @@ def _ppl_int4_head(model: Any, eval_ids: Any, ctx: int) -> float:
 
 def _kl_int4_head(model: Any, ids: Any, teacher: tuple[Any, Any], micro_batch: int) -> float:
     from pbs2p_edge.compress.head import deployed_head
+    from pbs2p_edge.compress.recover import mean_topk_kl
 
     with deployed_head(model, "int4"):
-        return kl_over(model, ids, teacher, micro_batch)
+        return mean_topk_kl(model, ids, teacher, micro_batch)
 
 
 def save_variant(
@@ -93,7 +78,7 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
     from pbs2p_edge.compress.head import deployed_head
-    from pbs2p_edge.compress.recover import recover_e2e, teacher_topk
+    from pbs2p_edge.compress.recover import mean_topk_kl, recover_e2e, teacher_topk
     from pbs2p_edge.evaluate import perplexity
     from pbs2p_edge.format import unpack
 
@@ -139,10 +124,10 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
             "micro_batch": args.micro_batch,
             "topk": args.topk,
             "kept": stats.get("kept", False),
-            "calib_kl": kl_over(
+            "calib_kl": mean_topk_kl(
                 model, calib[:n_first], (teacher[0][:n_first], teacher[1][:n_first]), args.micro_batch
             ),
-            "heldout_kl": kl_over(model, held, held_teacher, args.micro_batch),
+            "heldout_kl": mean_topk_kl(model, held, held_teacher, args.micro_batch),
             "head": args.head,
             "ppl": perplexity(model, eval_ids, ctx=args.ctx, progress=False)["ppl"],
             "ppl_int4_head": _ppl_int4_head(model, eval_ids, args.ctx),

@@ -390,21 +390,10 @@ def recover_e2e(
     t0 = time.perf_counter()
     t_logp, t_idx = teacher
     n_check = calib_ids.shape[0] if check_samples is None else min(check_samples, calib_ids.shape[0])
+    check = (calib_ids[:n_check], (t_logp[:n_check], t_idx[:n_check]))
 
     def total_kl() -> float:
-        with torch.no_grad():
-            parts = [
-                float(
-                    _kl_topk(
-                        model(input_ids=calib_ids[i : min(i + micro_batch, n_check)], use_cache=False).logits,
-                        t_logp[i : min(i + micro_batch, n_check)],
-                        t_idx[i : min(i + micro_batch, n_check)],
-                    )
-                )
-                * (min(i + micro_batch, n_check) - i)
-                for i in range(0, n_check, micro_batch)
-            ]
-        return sum(parts) / n_check
+        return mean_topk_kl(model, *check, micro_batch)
 
     before = total_kl()
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -439,6 +428,21 @@ def recover_e2e(
         _revert(swap, norms)
         after = before
     return _stats(before, after, kept, clock, t0)
+
+
+def mean_topk_kl(
+    model: nn.Module, ids: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor], micro_batch: int
+) -> float:
+    """Mean top-k KL(FP || model) over the windows `ids` (`teacher`: their top-k log-probs from
+    `teacher_topk`), what the end-to-end pass minimizes; no gradients."""
+    t_logp, t_idx = teacher
+    total = 0.0
+    with torch.no_grad():
+        for lo in range(0, ids.shape[0], micro_batch):
+            hi = min(lo + micro_batch, ids.shape[0])
+            logits = model(input_ids=ids[lo:hi], use_cache=False).logits
+            total += float(_kl_topk(logits, t_logp[lo:hi], t_idx[lo:hi])) * (hi - lo)
+    return total / ids.shape[0]
 
 
 def _stats(before: float, after: float, kept: bool, clock: _Budget, t0: float) -> dict[str, Any]:
