@@ -25,7 +25,8 @@ PRUNE_METRICS = ("obs", "magnitude")
 RECOVER_TARGETS = ("compressed_inputs", "fp_states")
 # Learning-rate schedules of the end-to-end pass: constant, or cosine decay to 0 over the planned steps.
 E2E_SCHEDULES = ("constant", "cosine")
-# The head the end-to-end pass trains through (kept in sync with compress/head.py's E2E_HEADS; no torch here).
+# The heads the end-to-end pass can train through (compress/head.py): the checkpoint's own float weights, or
+# the default bundle's int4 (MatMulNBits head + GatherBlockQuantized embedding, shared when tied).
 E2E_HEADS = ("float", "int4")
 # Defaults of the recovery and budget stages (docs/METHOD.md). Recovery is budgeted in optimizer steps, so
 # the same command gives the same model on a busy or an idle machine: with `recover_steps` None each decoder

@@ -9,9 +9,7 @@ from typing import Any
 
 import torch
 
-# The heads the end-to-end pass can train through: the checkpoint's own float weights, or the default
-# bundle's int4 (MatMulNBits head + GatherBlockQuantized embedding, shared when tied).
-E2E_HEADS = ("float", "int4")
+from pbs2p_edge.config import E2E_HEADS
 
 
 @contextlib.contextmanager
