@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pbs2p_edge.config import E2E_SCHEDULES
+
 FP16_MAX = 65504.0
 
 
@@ -385,7 +387,7 @@ def recover_e2e(
     steps on the top-k KL to the FP model's log-probs (fewer if the optional wall-time cap `seconds` runs out
     first), at a constant learning rate or one decaying to 0 on a cosine over the `steps`. Kept only if the KL
     over the first `check_samples` windows (None: all) fell. `progress` gets the steps done so far."""
-    if schedule not in ("constant", "cosine"):
+    if schedule not in E2E_SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {schedule!r}")
     t0 = time.perf_counter()
     t_logp, t_idx = teacher
