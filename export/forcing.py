@@ -41,6 +41,7 @@ from torch import nn
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export.configs import ExportConfig
 from pbs2p_edge.export.patch import PBS2P_OP, SparseBinaryLinear
+from pbs2p_edge.format import ACTIVATIONS
 
 INSTRUMENTED_FILE = "validate.onnx"
 _DOMAIN, _, _OP_TYPE = PBS2P_OP.partition("::")
@@ -72,7 +73,7 @@ class Tap:
 def _node_taps(node: onnx.NodeProto) -> list[Tap]:
     layers = next((p.value.split(",") for p in node.metadata_props if p.key == LAYERS_KEY), None)
     activation = next((a.s.decode() for a in node.attribute if a.name == "activation"), "none")
-    if activation not in ("none", "swiglu") or (activation != "none" and layers is None):
+    if activation not in ACTIVATIONS or (activation != "none" and layers is None):
         raise Pbs2pError(
             f"validation cannot check custom node {node.name} with activation {activation!r} "
             "(known: none, and swiglu on a node naming its gate and up layers)"
