@@ -23,6 +23,7 @@ from pbs2p_edge.export.decoder import Decoder
 from pbs2p_edge.export.fused import LOGITS_TO_KEEP, FusedDecoder, fused_unsupported
 from pbs2p_edge.export.fused import input_names as fused_input_names
 from pbs2p_edge.export.head import head_read_bytes, make_head
+from pbs2p_edge.export.nbits import ACCURACY_LEVEL
 from pbs2p_edge.export.onnx_export import DATA_FILE, MODEL_FILE, OPSET, export_onnx
 from pbs2p_edge.export.patch import Factory, check_packed_names, pbs2p_factory, swapped_linears
 from pbs2p_edge.runtime.integrity import file_entries
@@ -290,7 +291,7 @@ def export_bundle(
     validate: bool = True,
     ops_library: str = "copy",
     threshold_db: float | None = None,
-    accuracy_level: int = 0,
+    accuracy_level: int = ACCURACY_LEVEL,
     graph: str = "auto",
 ) -> dict[str, Any]:
     """Export `source` (a model.pt for pbs2p; a model folder/GGUF/None=default for fp32/int4) to `out_dir`.

@@ -37,9 +37,9 @@ import click
 @click.option(
     "--accuracy-level",
     type=click.Choice(["0", "4"]),
-    default="0",
-    show_default=True,
-    help="MatMulNBits compute (int4 layers, int8/int4 head): 0 = fp32, 4 = int8 activations (faster).",
+    default=None,
+    help="MatMulNBits compute (int4 layers, int8/int4 head): 0 = fp32, 4 = int8 activations, faster "
+    "[default: 4, as ORT GenAI's builder on CPU].",
 )
 @click.option(
     "--threshold-db",
@@ -65,7 +65,7 @@ def export_command(
     weights: str,
     head: str | None,
     ops_library: str,
-    accuracy_level: str,
+    accuracy_level: str | None,
     threshold_db: float | None,
     graph: str,
     force: bool,
@@ -92,7 +92,7 @@ def export_command(
             validate=not no_validate,
             ops_library=ops_library,
             threshold_db=threshold_db,
-            accuracy_level=int(accuracy_level),
+            **({} if accuracy_level is None else {"accuracy_level": int(accuracy_level)}),
             graph=graph,
         )
     except Pbs2pError as exc:

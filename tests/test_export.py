@@ -353,7 +353,7 @@ def _revalidate(bundle: Path, checkpoint: Path) -> dict:
     model, tokenizer = build_model(ckpt)
     manifest = _manifest(bundle)
     with swapped_linears(model, pbs2p_factory(packed_layers(ckpt))):
-        head = make_head(model, manifest["head"])
+        head = make_head(model, manifest["head"], manifest["accuracy_level"])
         return validate_graph(
             bundle / "model.onnx",
             bundle / manifest["ops_library"],

@@ -53,7 +53,7 @@ def _revalidate_packed_only(bundle: Path, checkpoint: Path) -> dict:
     manifest = json.loads((bundle / "manifest.json").read_text())
     with swapped_linears(model, pbs2p_factory(packed_layers(ckpt))) as swapped:
         assert all(m.weight_hat.is_meta for m in swapped.values())
-        head = make_head(model, manifest["head"])
+        head = make_head(model, manifest["head"], manifest["accuracy_level"])
         return validate_graph(
             bundle / "model.onnx",
             bundle / manifest["ops_library"],

@@ -65,6 +65,26 @@ def test_searched_layout_matches_onnxruntime(bits: int, block: int) -> None:
     assert sqnr_db(x @ dense.T, int8) < 60.0
 
 
+@pytest.mark.parametrize("k", [64, 200])
+@pytest.mark.parametrize("block", [32, 64])
+def test_int4_linear_reference_matches_onnxruntime_at_accuracy_level_4(k: int, block: int) -> None:
+    """The int4 layers' eager reference rounds its input as MatMulNBits does at accuracy_level 4 (a ragged
+    last block included), so validation compares like with like."""
+    from torch import nn
+
+    from pbs2p_edge.export.nbits import NBitsLinear
+
+    rng = np.random.default_rng(k + block)
+    linear = nn.Linear(k, 24, bias=False)
+    linear.weight.data = torch.from_numpy(rng.standard_normal((24, k)).astype(np.float32))
+    x = (3 * rng.standard_normal((5, k))).astype(np.float32)
+    for level in (0, 4):
+        module = NBitsLinear(linear, 4, block, level)
+        expected = _nbits_session(module.quantized, level).run(None, {"X": x})[0]
+        assert sqnr_db(module(torch.from_numpy(x)).detach().numpy(), expected) > EXACT_DB
+    assert sqnr_db(x @ module.quantized.dequantize().T, expected) < 60.0
+
+
 def _rtn_asymmetric_error(weight: np.ndarray, bits: int, block: int, h: np.ndarray) -> float:
     levels = (1 << bits) - 1
     w = weight.reshape(weight.shape[0], -1, block)
