@@ -23,7 +23,7 @@ from pbs2p_edge.export.decoder import Decoder
 from pbs2p_edge.export.fused import LOGITS_TO_KEEP, FusedDecoder, fused_unsupported
 from pbs2p_edge.export.fused import input_names as fused_input_names
 from pbs2p_edge.export.head import head_read_bytes, make_head
-from pbs2p_edge.export.nbits import ACCURACY_LEVEL
+from pbs2p_edge.export.nbits import DEFAULT_ACCURACY_LEVEL
 from pbs2p_edge.export.onnx_export import DATA_FILE, MODEL_FILE, OPSET, export_onnx
 from pbs2p_edge.export.patch import Factory, check_packed_names, pbs2p_factory, swapped_linears
 from pbs2p_edge.runtime.integrity import file_entries
@@ -291,13 +291,14 @@ def export_bundle(
     validate: bool = True,
     ops_library: str = "copy",
     threshold_db: float | None = None,
-    accuracy_level: int = ACCURACY_LEVEL,
+    accuracy_level: int | None = None,
     graph: str = "auto",
 ) -> dict[str, Any]:
     """Export `source` (a model.pt for pbs2p; a model folder/GGUF/None=default for fp32/int4) to `out_dir`.
 
     Returns the manifest. Raises Pbs2pError on bad input or failed validation, leaving no bundle behind.
-    `accuracy_level` is passed to ONNX Runtime's MatMulNBits (0 = fp32 compute, 4 = int8 activations).
+    `accuracy_level` is passed to ONNX Runtime's MatMulNBits (0 = fp32 compute, 4 = int8 activations; None:
+    the format's DEFAULT_ACCURACY_LEVEL).
     `graph`: "fused" (contrib ops, shared KV buffer: export/fused.py), "unfused" (export/decoder.py), or
     "auto" (fused when the family supports it).
     """
@@ -310,6 +311,7 @@ def export_bundle(
     if ops_library not in OPS_LIBRARY_MODES:
         raise Pbs2pError(f"unknown ops library mode {ops_library!r} (choose copy or reference)")
     head = head or DEFAULT_HEAD[weights]
+    accuracy_level = DEFAULT_ACCURACY_LEVEL[weights] if accuracy_level is None else accuracy_level
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise Pbs2pError(f"output {out} exists and is not a directory")

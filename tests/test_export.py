@@ -265,6 +265,17 @@ def test_baselines_export_run_and_share_the_interface(baseline_bundle: Path, pbs
     onnx.checker.check_model(str(baseline_bundle / "model.onnx"))
 
 
+def test_matmul_nbits_accuracy_level_defaults_per_format(baseline_bundle: Path, pbs2p_bundle: Path) -> None:
+    """int8 activations (level 4) where validation re-anchors the graph at every sparse-binary node (pbs2p);
+    fp32 compute for the baselines, every MatMulNBits node carrying the manifest's level."""
+    for bundle, level in ((pbs2p_bundle, 4), (baseline_bundle, 0)):
+        assert _manifest(bundle)["accuracy_level"] == level
+        graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+        nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        levels = {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} or {0}
+        assert levels == ({level} if nodes else {0})
+
+
 def test_pbs2p_bundle_is_smaller_than_baselines(baseline_bundle: Path, pbs2p_bundle: Path) -> None:
     assert (
         _manifest(pbs2p_bundle)["sizes"]["graph_total"] < _manifest(baseline_bundle)["sizes"]["graph_total"]

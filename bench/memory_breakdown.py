@@ -1,0 +1,184 @@
+"""Where a bundle's resident memory goes while it generates (issue 12's memory goal).
+
+`pbs2p-edge bench` reports peak RSS while generating over (bundle + KV cache + bare session); this script says
+what the rest is. Each variant runs in a fresh process and records RSS, split into anonymous memory and the
+bundle's mapped weight file, at four points: before loading, after loading, after a `--pp`-token prefill and
+after `--tg` decode steps, plus the peak. The `no prepack` variant loads with onnxruntime's weight prepacking
+off (`session.disable_prepacking`), i.e. the weights as stored: the difference at load is what the kernels'
+repacked copies cost (our tile layout; MatMulNBits' own packing). The stored bytes per consuming op come from
+the graph.
+
+    .venv/bin/python bench/memory_breakdown.py out/pbs2p --out bench/results/memory-smollm2
+
+Memory does not depend on load, so this may run on a busy machine; the decode latency it prints does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("default", "no prepack")
+MIB = 1 << 20
+
+
+def _rollup(data_file: Path) -> dict[str, int]:
+    """RSS, anonymous memory and the resident pages of the bundle's weight file, in bytes (Linux)."""
+    fields = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Rss", "Anonymous"):
+            fields[key.lower()] = int(rest.split()[0]) * 1024
+    mapped, current = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:
+            current = len(head) > 5 and head[5] == str(data_file)
+        elif current and head and head[0] == "Rss:":
+            mapped += int(head[1]) * 1024
+    return {**fields, "weight_file": mapped}
+
+
+def worker(bundle_dir: Path, variant: str, pp: int, tg: int, threads: int) -> dict[str, Any]:
+    import numpy as np
+
+    from pbs2p_edge.runtime import session as session_module
+    from pbs2p_edge.runtime.bundle import load_bundle
+    from pbs2p_edge.runtime.memory import peak_rss
+
+    bundle = load_bundle(bundle_dir)
+    data_file = bundle.model_path.with_name(bundle.model_path.name + ".data").resolve()
+    if variant == "no prepack":
+        plain = session_module.session_options
+
+        def unpacked(*args: Any, **kwargs: Any) -> Any:
+            options = plain(*args, **kwargs)
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            return options
+
+        session_module.session_options = unpacked
+    points = {"before load": _rollup(data_file)}
+    session = session_module.DecoderSession(bundle, threads=threads)
+    points["after load"] = _rollup(data_file)
+    prompt = np.random.default_rng(0).integers(0, bundle.vocab_size, pp)
+    session.forward(prompt)
+    points[f"after prefill {pp}"] = _rollup(data_file)
+    start = time.perf_counter()
+    for _ in range(tg):
+        session.forward(np.array([int(prompt[-1])]))
+    decode_ms = (time.perf_counter() - start) / max(tg, 1) * 1e3
+    points[f"after {tg} decode steps"] = _rollup(data_file)
+    kv = bundle.kv_bytes_per_token(np.dtype(session.cache_dtype).itemsize) * (pp + tg)
+    return {"points": points, "peak_rss": peak_rss(), "kv_bytes": kv, "decode_ms": decode_ms}
+
+
+def stored_bytes(model_path: Path) -> dict[str, int]:
+    """Initializer bytes by the op types that consume them (shared initializers count once, under all)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    consumers: dict[str, set[str]] = defaultdict(set)
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name].add(node.op_type)
+    totals: dict[str, int] = defaultdict(int)
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            size = int(next(e.value for e in tensor.external_data if e.key == "length"))
+        else:
+            size = len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
+        totals[" + ".join(sorted(consumers[tensor.name])) or "(unused)"] += size
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def _run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    command = [sys.executable, __file__, str(args.bundle), "--worker", variant, "--pp", str(args.pp)]
+    command += ["--tg", str(args.tg), "--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()
+        raise SystemExit(f"error: the {variant!r} worker failed: {tail[-1] if tail else done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Resident memory of {report['bundle']} ({report['threads']} thread(s))", ""]
+    lines += [
+        "| variant | point | RSS MiB | anonymous MiB | weight file resident MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for variant, run in report["variants"].items():
+        for point, values in run["points"].items():
+            row = (values["rss"] / MIB, values["anonymous"] / MIB, values["weight_file"] / MIB)
+            lines.append(f"| {variant} | {point} | {row[0]:.1f} | {row[1]:.1f} | {row[2]:.1f} |")
+        lines.append(f"| {variant} | peak | {run['peak_rss'] / MIB:.1f} | | |")
+    default, plain = report["variants"]["default"], report["variants"]["no prepack"]
+    grown = {
+        name: run["points"]["after load"]["anonymous"] - run["points"]["before load"]["anonymous"]
+        for name, run in (("default", default), ("plain", plain))
+    }
+    lines += [
+        "",
+        f"Bundle {report['bundle_bytes'] / MIB:.1f} MiB; KV cache at {report['pp']}+{report['tg']} tokens "
+        f"{default['kv_bytes'] / MIB:.1f} MiB. Anonymous memory added by loading: {grown['default'] / MIB:.1f} MiB "
+        f"with prepacking, {grown['plain'] / MIB:.1f} MiB without; decode {default['decode_ms']:.2f} ms/step "
+        f"with prepacking, {plain['decode_ms']:.2f} without.",
+        "",
+        "Stored initializer bytes by consuming op:",
+        "",
+        "| consumers | MiB |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {size / MIB:.1f} |" for name, size in report["stored"].items()]
+    lines += ["", f"Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--pp", type=int, default=128)
+    parser.add_argument("--tg", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="bench/results/NAME: writes NAME.md and NAME.json")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not (args.bundle / "manifest.json").is_file():
+        raise SystemExit(f"error: {args.bundle} is not a bundle (no manifest.json)")
+    if min(args.pp, args.threads) < 1 or args.tg < 0:
+        raise SystemExit("error: --pp and --threads must be at least 1, --tg at least 0")
+    if args.worker:
+        print(json.dumps(worker(args.bundle, args.worker, args.pp, args.tg, args.threads)))
+        return
+    from pbs2p_edge.runtime.bundle import bundle_bytes
+
+    report = {
+        "bundle": str(args.bundle),
+        "bundle_bytes": bundle_bytes(args.bundle),
+        "threads": args.threads,
+        "pp": args.pp,
+        "tg": args.tg,
+        "variants": {variant: _run_variant(args, variant) for variant in VARIANTS},
+        "stored": stored_bytes(args.bundle / "model.onnx"),
+        "command": "bench/memory_breakdown.py " + " ".join(sys.argv[1:]),
+    }
+    text = markdown(report)
+    print(text)
+    if args.out:
+        for suffix, body in ((".json", json.dumps(report, indent=2) + "\n"), (".md", text)):
+            path = args.out.with_name(args.out.name + suffix)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            tmp.write_text(body)
+            tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()
