@@ -45,6 +45,7 @@ def reset_peak_rss() -> bool:
     return True
 
 
+_MADV_RANDOM = 1  # no read-ahead on faults in this range
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; their contents are kept (re-read on access)
 
 
@@ -54,7 +55,10 @@ def release_file_pages(path: Path) -> int:
     onnxruntime maps external-data initializers from the file. Kernels that repack their weights at load
     (our sparse-binary op, prepacked MatMul) never read those pages again, yet they stay resident and count
     in RSS. MADV_PAGEOUT drops them without changing any data: a page that is read later (an embedding row)
-    simply faults back in from the file. Best effort: does nothing where unsupported (non-Linux, old kernels).
+    simply faults back in from the file. The range is also marked random-access: an embedding row then faults
+    in its own page instead of a read-ahead window (128 KiB by default) around it, which had added ~10 MiB
+    of RSS over a 128-token prompt on the default model (bench/results/memory-smollm2.md). Best effort: does
+    nothing where unsupported (non-Linux, old kernels).
     """
     target = str(path.resolve())
     try:
@@ -72,6 +76,7 @@ def release_file_pages(path: Path) -> int:
             start, end = (int(x, 16) for x in fields[0].split("-"))
             if madvise(start, end - start, _MADV_PAGEOUT) == 0:
                 advised += end - start
+            madvise(start, end - start, _MADV_RANDOM)
     return advised
 
 

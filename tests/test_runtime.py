@@ -175,6 +175,15 @@ def test_repacked_initializer_pages_are_released(fp32_generator) -> None:
     assert release_file_pages(data) > 0
     fp32_generator.session.reset()
     np.testing.assert_array_equal(fp32_generator.session.prefill(ids), before)
+    # ... and marked random-access (smaps VmFlags "rr"): a gathered row faults in one page, not a read-ahead
+    flags, current = [], False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:
+            current = len(fields) > 5 and fields[5] == str(data.resolve())
+        elif current and line.startswith("VmFlags:"):
+            flags.append(fields[1:])
+    assert flags and all("rr" in f for f in flags)
 
 
 def test_sampling_is_reproducible_with_a_seed(fp32_generator) -> None:
