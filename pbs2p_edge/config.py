@@ -36,11 +36,11 @@ E2E_HEADS = ("float", "int4")
 # DEFAULT_BUDGET_BITS when the pattern stores less, else nothing is spent.
 RECOVER_STEPS_PER_LAYER = 120
 RECOVER_FULL_WEIGHTS = 106e6
-# The end-to-end pass: with `e2e_steps` None it runs E2E_STEPS Adam steps (one pass over 256 calibration
+# The end-to-end pass: with `e2e_steps` None it runs E2E_STEPS Adam steps (one pass over 1024 calibration
 # windows at 2 per step, lr 2e-3, through the int4 head the bundle deploys: bench/results/e2e.md, chosen on
 # held-out calibration-split KL) up to RECOVER_FULL_WEIGHTS, proportionally fewer above (at least 1); it needs the
 # whole model, so the low-memory path skips the default pass (and refuses an explicit one).
-E2E_STEPS = 128
+E2E_STEPS = 512
 MAX_STEPS = 1_000_000
 DEFAULT_BUDGET_BITS = 2.5
 # Block binarizers (compress/blockq.py); kept in sync with blockq.BINARIZERS (no torch import here).
@@ -127,7 +127,7 @@ class PBS2PConfig:
     e2e_topk: int = 64
     # Calibration windows the end-to-end pass trains on (the same seed and length as the block stages' windows,
     # which are its first `calib_samples` when it has at least as many), and its learning-rate schedule.
-    e2e_samples: int = 256
+    e2e_samples: int = 1024
     e2e_schedule: str = "constant"
     # The head it trains through: the float weights, or the int4 head the default bundle computes with.
     e2e_head: str = "int4"
