@@ -25,7 +25,9 @@ def _fast_checkpoint(root: Path, tiny_model_dir: Path) -> Path:
 
     path = root / "model_v1_scales.pt"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    config = PBS2PConfig(calib_samples=4, calib_len=32, arb_iters=3, cfs=False)
+    # e2e_steps pinned: 512 default steps over these 4 windows overfit the tiny model into near-tied logits,
+    # where greedy tokens compare rounding noise instead of the column scales
+    config = PBS2PConfig(calib_samples=4, calib_len=32, arb_iters=3, cfs=False, e2e_steps=128)
     calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     compressed = compress(
         model, config, calib, tokenizer_files=read_tokenizer_files(tiny_model_dir), progress=False
@@ -67,7 +69,9 @@ def test_col_scales_export_validate_and_generate(tmp_path: Path, tiny_model_dir:
 
     out = tmp_path / "bundle"
     # validation is on: export_bundle raises below the gate; the figures are checked here as well
-    manifest = export_bundle(scaled, out, weights="pbs2p", head="fp32", graph="unfused")  # one-block nodes
+    # one-block nodes; fp32 MatMulNBits compute for any int4 budget layer, so the greedy tokens below can be
+    # compared with the float PyTorch model
+    manifest = export_bundle(scaled, out, weights="pbs2p", head="fp32", graph="unfused", accuracy_level=0)
     forced = manifest["validation"]["teacher_forced"]
     assert forced["custom_layers"] == layers
     worst = min(forced["sqnr_db"], forced["ops_min_sqnr_db"], forced["wiring_min_sqnr_db"])

@@ -27,10 +27,10 @@ def _genai_greedy(bundle: Path, prompt: list[int], new_tokens: int) -> list[int]
     return tokens
 
 
-def _torch_greedy(model, head, prompt: list[int], new_tokens: int) -> list[int]:
+def _torch_greedy(model, head, prompt: list[int], new_tokens: int, head_input=None) -> list[int]:
     from pbs2p_edge.export.validate import reference_head, torch_logits
 
-    with reference_head(model, head, head):
+    with reference_head(model, head, head, head_input):
         _, tokens = torch_logits(model, prompt, steps=new_tokens)  # the `new_tokens` greedy tokens
     return tokens
 
@@ -64,16 +64,20 @@ def test_genai_tokenizer_matches_transformers(tmp_path_factory, tiny_model_dir, 
 
 def test_genai_greedy_equals_pytorch_greedy_pbs2p(tmp_path_factory, tiny_model_dir, corpus_text_file) -> None:
     from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
+    from pbs2p_edge.export.head import make_head
     from pbs2p_edge.export.patch import eager_arithmetic, pbs2p_factory, swapped_linears
 
     bundle = built_bundle(tmp_path_factory, tiny_model_dir, corpus_text_file, "pbs2p")
+    manifest = json.loads((bundle / "manifest.json").read_text())
     ckpt = load_checkpoint(tiny_checkpoint(tmp_path_factory, tiny_model_dir, corpus_text_file))
     model, _ = build_model(ckpt)
     head = _dequantized_head(bundle)
+    # the head's input rounded as its MatMulNBits node rounds it (int8 at the manifest's accuracy level 4)
+    head_input = make_head(model, manifest["head"], manifest["accuracy_level"]).reference_input
     # PyTorch with the kernels' arithmetic (int7 activations), as the bundle computes.
     with swapped_linears(model, pbs2p_factory(packed_layers(ckpt))), eager_arithmetic(model, "kernel"):
         for prompt in _prompts(model.config.vocab_size):
-            expected = _torch_greedy(model, head, prompt, NEW_TOKENS)
+            expected = _torch_greedy(model, head, prompt, NEW_TOKENS, head_input)
             assert _genai_greedy(bundle, prompt, NEW_TOKENS) == expected
 
 
