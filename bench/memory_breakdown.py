@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -173,11 +172,9 @@ def main() -> None:
     text = markdown(report)
     print(text)
     if args.out:
-        for suffix, body in ((".json", json.dumps(report, indent=2) + "\n"), (".md", text)):
-            path = args.out.with_name(args.out.name + suffix)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            tmp.write_text(body)
-            tmp.replace(path)
+        from peers import write_report
+
+        write_report(args.out, report, text)
 
 
 if __name__ == "__main__":

@@ -353,10 +353,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": shlex.join(["bench/peers.py", *(sys.argv[1:] if argv is None else argv)]),
         "note": args.note,
     }
-    write_atomic(args.out.with_name(args.out.name + ".json"), json.dumps(report, indent=2) + "\n")
-    write_atomic(args.out.with_name(args.out.name + ".md"), markdown(report))
+    write_report(args.out, report, markdown(report))
     print(markdown(report))
     return 0
+
+
+def write_report(out: Path, report: dict[str, Any], text: str) -> None:
+    """OUT.json (the report) and OUT.md (its table), each written whole or not at all."""
+    write_atomic(out.with_name(out.name + ".json"), json.dumps(report, indent=2) + "\n")
+    write_atomic(out.with_name(out.name + ".md"), text)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -1,0 +1,152 @@
+"""A short end-to-end pass with chat-formatted calibration windows, from one compressed model (issue 10).
+
+The default E2E pass trains on Wikipedia windows only; the longer it runs, the further the model's first token
+after the chat template drifts from the FP model's (docs/METHOD.md "Session 7"). This script measures the remedy
+before it becomes a `compress` option: it builds windows from calibration-split articles wrapped in the
+tokenizer's chat template (a user turn asking about the article's title, the article's intro as the assistant
+turn, conversations concatenated up to the window length), mixes them one to one with plain calibration windows
+of another seed, and runs `recover_e2e` on the mix through the int4 head. Before and after it reports the
+perplexity through the int4 head on the evaluation split, the top next tokens after a chat prompt and the
+greedy chat reply, in PyTorch.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/chat_windows.py --from e2e-512.pt --windows 64 --steps 64 \
+        --save chat.pt --out bench/results/chat-windows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+QUESTIONS = ("Tell me about {}.", "What is {}?", "Who or what is {}?", "Explain {} briefly.")
+PROMPT = "What is the capital of France?"
+
+
+def chat_windows(tokenizer: Any, count: int, length: int, seed: int) -> Any:
+    """`count` windows of `length` tokens of chat-formatted calibration articles (never evaluation ones)."""
+    import numpy as np
+    import torch
+
+    from pbs2p_edge import sources
+
+    articles = json.loads(sources.corpus_path().read_text(encoding="utf-8"))
+    intros = {t: (a.get("extract") or "").strip() for t, a in articles.items()}
+    titles = sorted(t for t, text in intros.items() if text and not sources.is_evaluation_text(text))
+    rng = np.random.default_rng(seed)
+    windows = []
+    for _ in range(count):
+        ids: list[int] = []
+        while len(ids) < length:
+            title = titles[int(rng.integers(len(titles)))]
+            question = QUESTIONS[int(rng.integers(len(QUESTIONS)))].format(title)
+            turns = [{"role": "user", "content": question}, {"role": "assistant", "content": intros[title]}]
+            ids += list(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False))
+        windows.append(ids[:length])
+    return torch.tensor(windows, dtype=torch.long)
+
+
+def probe(model: Any, tokenizer: Any, eval_ids: Any) -> dict[str, Any]:
+    """Perplexity through the int4 head, the top next tokens after the chat prompt, the greedy chat reply."""
+    import torch
+
+    from pbs2p_edge.compress.head import deployed_head
+    from pbs2p_edge.evaluate import perplexity
+
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=prompt).logits[0, -1].float(), dim=-1)
+        top = logp.topk(5)
+        reply = model.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.shape[1] :]
+    with deployed_head(model, "int4"):
+        ppl = perplexity(model, eval_ids, ctx=512, progress=False)["ppl"]
+    return {
+        "ppl_int4_head": ppl,
+        "top_next": [
+            [tokenizer.decode([int(i)]), round(float(v.exp()), 4)] for v, i in zip(*top, strict=True)
+        ],
+        "greedy_reply": tokenizer.decode(reply),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from", dest="source", type=Path, required=True, help="model.pt to start from")
+    parser.add_argument("--windows", type=int, default=64, help="chat windows (as many plain ones are added)")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--save", type=Path, help="write the tuned model.pt here")
+    parser.add_argument("--out", type=Path, help="bench/results/NAME: writes NAME.json and NAME.md")
+    args = parser.parse_args()
+    if not args.source.is_file():
+        raise SystemExit(f"error: {args.source} does not exist")
+    if min(args.windows, args.steps) < 1 or args.lr <= 0:
+        raise SystemExit("error: --windows and --steps must be at least 1 and --lr positive")
+    import torch
+
+    from pbs2p_edge import sources
+    from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
+    from pbs2p_edge.compress.head import deployed_head
+    from pbs2p_edge.compress.recover import recover_e2e, teacher_topk
+    from pbs2p_edge.format import unpack
+
+    ckpt = load_checkpoint(args.source)
+    cfg = ckpt["compression"]
+    fp_model, tokenizer = sources.load_model(None)
+    fp_model.float().eval()
+    chat = chat_windows(tokenizer, args.windows, cfg["calib_len"], cfg["seed"] + 7)
+    plain = sources.calibration_ids(tokenizer, args.windows, cfg["calib_len"], cfg["seed"] + 77)
+    mix = torch.stack([w for pair in zip(chat, plain, strict=True) for w in pair])
+    teacher = teacher_topk(fp_model, mix, cfg.get("e2e_topk", 64), 2)
+    eval_ids = sources.evaluation_ids(tokenizer, 4096)
+    report: dict[str, Any] = {"fp": probe(fp_model, tokenizer, eval_ids)}
+    del fp_model
+    model, _ = build_model(ckpt)
+    weights = {name: unpack(p) for name, p in packed_layers(ckpt).items()}
+    report["before"] = probe(model, tokenizer, eval_ids)
+    started = time.perf_counter()
+    with deployed_head(model, "int4"):
+        stats = recover_e2e(model, weights, mix, teacher, steps=args.steps, lr=args.lr, micro_batch=2)
+    report["e2e"] = {**stats, "wall_seconds": time.perf_counter() - started}
+    report["after"] = probe(model, tokenizer, eval_ids)
+    report["command"] = (
+        "bench/chat_windows.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in (("from", args.source), ("windows", args.windows))
+        )
+        + f" --steps {args.steps} --lr {args.lr:g}"
+    )
+    if args.save:
+        from e2e_from import save_variant
+
+        # recorded as one E2E pass of the earlier steps plus these (its stats are this pass's)
+        save_variant(ckpt, model, weights, stats, (cfg.get("e2e_steps") or 0) + args.steps, args.save)
+    lines = [
+        f"# Chat-formatted E2E windows from {args.source.name}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
+    lines += ["| model | perplexity, int4 head | top next tokens after the chat prompt | greedy chat reply |"]
+    lines += ["|---|---|---|---|"]
+    for key in ("fp", "before", "after"):
+        r = report[key]
+        top = ", ".join(f"{t!r} {p:.3f}" for t, p in r["top_next"])
+        lines.append(f"| {key} | {r['ppl_int4_head']:.2f} | {top} | {r['greedy_reply']!r} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        from peers import write_report
+
+        write_report(args.out, report, text)
+
+
+if __name__ == "__main__":
+    main()
