@@ -6,6 +6,7 @@ Nothing here touches the network: the tokenizer is trained in the test session o
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,21 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+# The suite's tiny-model compresses run the default E2E pass at session 6's 128 steps: this release's 512 made
+# each such compress ~4x slower without testing anything more (the pass's own behaviour is tested with explicit
+# --e2e-steps, and test_recover checks E2E_STEPS through the module, patched or not).
+SUITE_E2E_STEPS = 128
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _suite_e2e_length() -> Iterator[None]:
+    from pbs2p_edge import config
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config, "E2E_STEPS", SUITE_E2E_STEPS)
+        yield
 
 
 def _fallback_text() -> str:
