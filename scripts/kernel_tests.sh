@@ -20,6 +20,17 @@ jobs="${JOBS:-2}"
 declare -a results=()
 failed=0
 
+# A run's verdict: its last line on success; its last 40 lines, a FAILED entry and the failure flag otherwise.
+record_pass() {  # name, output
+  echo "$2" | tail -n 1
+  results+=("$1: $(echo "$2" | tail -n 1)")
+}
+record_fail() {  # name, output, FAILED detail
+  echo "$2" | tail -n 40
+  results+=("$1: FAILED${3:+ ($3)}")
+  failed=1
+}
+
 # An already built test binary on an emulated CPU that lacks some paths: dispatch must pick $3, and the paths
 # named in $4 must be listed as refused.
 run_restricted() {  # name, command, expected dispatch, expected refused
@@ -27,12 +38,9 @@ run_restricted() {  # name, command, expected dispatch, expected refused
   echo "== $1: run"
   if out="$(timeout 300 $2 2>/dev/null)" \
     && [[ "$out" == *"dispatch picks $3)"* && "$out" == *"refused on this CPU: "*"$4"* ]]; then
-    echo "$out" | tail -n 1
-    results+=("$1: $(echo "$out" | tail -n 1)")
+    record_pass "$1" "$out"
   else
-    echo "$out" | tail -n 40
-    results+=("$1: FAILED (want dispatch $3 and $4 refused)")
-    failed=1
+    record_fail "$1" "$out" "want dispatch $3 and $4 refused"
   fi
 }
 
@@ -52,13 +60,10 @@ run_config() {  # name, run-prefix, cmake args...
   echo "== $name: run"
   local out
   if out="$(timeout 300 $prefix "$dir/pbs2p_kernel_tests" 2>&1)"; then
-    echo "$out" | tail -n 1
-    results+=("$name: $(echo "$out" | tail -n 1)")
+    record_pass "$name" "$out"
     last_out="$out"
   else
-    echo "$out" | tail -n 40
-    results+=("$name: FAILED")
-    failed=1
+    record_fail "$name" "$out"
   fi
 }
 
@@ -129,12 +134,9 @@ else
     && out="$(ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=0:malloc_limit_mb=2048 \
       UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
       timeout 600 $qemu -cpu max "$adir/pbs2p_fuzz_ops" --runs "$aruns" --seed 1 --max-len 1024 2>&1)"; then
-    echo "$out" | tail -n 1
-    results+=("aarch64-fuzz: $(echo "$out" | tail -n 1)")
+    record_pass aarch64-fuzz "$out"
   else
-    echo "$out" | tail -n 40
-    results+=("aarch64-fuzz: FAILED (log: $root/aarch64-sanitizers.log)")
-    failed=1
+    record_fail aarch64-fuzz "$out" "log: $root/aarch64-sanitizers.log"
   fi
 fi
 
