@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -85,19 +86,25 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="write the tuned model.pt here")
     parser.add_argument("--out", type=Path, help="bench/results/NAME: writes NAME.json and NAME.md")
     args = parser.parse_args()
+    from peers import exit_usage
+
     if not args.source.is_file():
-        raise SystemExit(f"error: {args.source} does not exist")
+        exit_usage(f"{args.source} does not exist")
     if min(args.windows, args.steps) < 1 or args.lr <= 0:
-        raise SystemExit("error: --windows and --steps must be at least 1 and --lr positive")
+        exit_usage("--windows and --steps must be at least 1 and --lr positive")
     import torch
 
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
     from pbs2p_edge.compress.head import deployed_head
     from pbs2p_edge.compress.recover import recover_e2e, teacher_topk
+    from pbs2p_edge.errors import Pbs2pError
     from pbs2p_edge.format import unpack
 
-    ckpt = load_checkpoint(args.source)
+    try:
+        ckpt = load_checkpoint(args.source)
+    except Pbs2pError as exc:
+        exit_usage(str(exc))
     cfg = ckpt["compression"]
     fp_model, tokenizer = sources.load_model(None)
     fp_model.float().eval()
@@ -116,13 +123,7 @@ def main() -> None:
         stats = recover_e2e(model, weights, mix, teacher, steps=args.steps, lr=args.lr, micro_batch=2)
     report["e2e"] = {**stats, "wall_seconds": time.perf_counter() - started}
     report["after"] = probe(model, tokenizer, eval_ids)
-    report["command"] = (
-        "bench/chat_windows.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in (("from", args.source), ("windows", args.windows))
-        )
-        + f" --steps {args.steps} --lr {args.lr:g}"
-    )
+    report["command"] = "bench/chat_windows.py " + " ".join(sys.argv[1:])
     if args.save:
         from e2e_from import save_variant
 

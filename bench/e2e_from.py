@@ -197,6 +197,8 @@ def main() -> None:
     parser.add_argument("--save", type=Path, default=None, help="folder for each variant's model.pt")
     args = parser.parse_args()
 
+    from peers import exit_usage
+
     from pbs2p_edge.config import PBS2PConfig
     from pbs2p_edge.errors import Pbs2pError
 
@@ -212,19 +214,14 @@ def main() -> None:
         if any(s < 0 for s in args.steps) or not 0 < args.lr < 1 or args.micro_batch < 1 or args.holdout < 1:
             raise ValueError
     except ValueError:
-        print(
-            "error: --steps must be integers >= 0, --lr in (0, 1), --micro-batch and --holdout >= 1",
-            file=sys.stderr,
-        )
-        raise SystemExit(2) from None
+        exit_usage("--steps must be integers >= 0, --lr in (0, 1), --micro-batch and --holdout >= 1")
     from pbs2p_edge.checkpoint import load_checkpoint
 
     try:
         cfg = load_checkpoint(args.source)["compression"]
         run(args, lambda row: _write(args, cfg, row))
     except Pbs2pError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_usage(str(exc))
 
 
 def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pbs2p_edge.runtime.bench import JsonLinesProcess, cpu_name
 
@@ -356,6 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_report(args.out, report, markdown(report))
     print(markdown(report))
     return 0
+
+
+def exit_usage(message: str) -> NoReturn:
+    """Bad arguments or inputs in a bench script: one `error:` line on stderr, exit 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def write_report(out: Path, report: dict[str, Any], text: str) -> None:
