@@ -35,13 +35,9 @@ def _rollup(data_file: Path) -> dict[str, int]:
         key, _, rest = line.partition(":")
         if key in ("Rss", "Anonymous"):
             fields[key.lower()] = int(rest.split()[0]) * 1024
-    mapped, current = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()
-        if head and "-" in head[0] and len(head) >= 5:
-            current = len(head) > 5 and head[5] == str(data_file)
-        elif current and head and head[0] == "Rss:":
-            mapped += int(head[1]) * 1024
+    from pbs2p_edge.runtime.memory import file_mappings
+
+    mapped = sum(int(m["Rss"].split()[0]) * 1024 for m in file_mappings(data_file))
     return {**fields, "weight_file": mapped}
 
 
@@ -104,7 +100,9 @@ def _run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()
-        raise SystemExit(f"error: the {variant!r} worker failed: {tail[-1] if tail else done.returncode}")
+        from peers import exit_usage
+
+        exit_usage(f"the {variant!r} worker failed: {tail[-1] if tail else done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -150,10 +148,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="bench/results/NAME: writes NAME.md and NAME.json")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not (args.bundle / "manifest.json").is_file():
-        raise SystemExit(f"error: {args.bundle} is not a bundle (no manifest.json)")
-    if min(args.pp, args.threads) < 1 or args.tg < 0:
-        raise SystemExit("error: --pp and --threads must be at least 1, --tg at least 0")
+    if args.worker is None:  # the workers' RSS baseline stays free of the peers module's imports
+        from peers import exit_usage
+
+        if not (args.bundle / "manifest.json").is_file():
+            exit_usage(f"{args.bundle} is not a bundle (no manifest.json)")
+        if min(args.pp, args.threads) < 1 or args.tg < 0:
+            exit_usage("--pp and --threads must be at least 1, --tg at least 0")
     if args.worker:
         print(json.dumps(worker(args.bundle, args.worker, args.pp, args.tg, args.threads)))
         return

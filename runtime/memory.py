@@ -80,6 +80,30 @@ def release_file_pages(path: Path) -> int:
     return advised
 
 
+def file_mappings(path: Path) -> list[dict[str, str]]:
+    """The /proc/self/smaps fields (`Rss`, `VmFlags`, ...: the text after the colon) of each of this process's
+    mappings of `path`; empty where smaps does not exist (non-Linux)."""
+    target = str(path.resolve())
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return []
+    mappings: list[dict[str, str]] = []
+    current: dict[str, str] | None = None
+    for line in lines:
+        head = line.split(maxsplit=5)
+        if (
+            head and "-" in head[0] and len(head) >= 5
+        ):  # a mapping's header: range perms offset dev inode [path]
+            current = {} if len(head) == 6 and head[5] == target else None
+            if current is not None:
+                mappings.append(current)
+        elif current is not None:
+            key, _, value = line.partition(":")
+            current[key] = value.strip()
+    return mappings
+
+
 class PeakRss:
     """`with PeakRss() as meter: ...` then `meter.peak` is the peak RSS in bytes during the block."""
 

@@ -166,7 +166,7 @@ def test_chunked_prefill_gives_the_same_logits(fp32_bundle: Path, fp32_generator
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT and /proc are Linux")
 def test_repacked_initializer_pages_are_released(fp32_generator) -> None:
     """onnxruntime maps external data; releasing those pages keeps results identical (they fault back in)."""
-    from pbs2p_edge.runtime.memory import release_file_pages
+    from pbs2p_edge.runtime.memory import file_mappings, release_file_pages
 
     data = fp32_generator.bundle.model_path.with_name("model.onnx.data")
     ids = fp32_generator.encode(PROMPTS[0])
@@ -176,13 +176,7 @@ def test_repacked_initializer_pages_are_released(fp32_generator) -> None:
     fp32_generator.session.reset()
     np.testing.assert_array_equal(fp32_generator.session.prefill(ids), before)
     # ... and marked random-access (smaps VmFlags "rr"): a gathered row faults in one page, not a read-ahead
-    flags, current = [], False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if fields and "-" in fields[0] and len(fields) >= 5:
-            current = len(fields) > 5 and fields[5] == str(data.resolve())
-        elif current and line.startswith("VmFlags:"):
-            flags.append(fields[1:])
+    flags = [mapping["VmFlags"].split() for mapping in file_mappings(data)]
     assert flags and all("rr" in f for f in flags)
 
 
