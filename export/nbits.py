@@ -25,15 +25,6 @@ from torch import nn
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export.patch import EmittingModule
 
-# MatMulNBits compute by default, per bundle format. 4 = int8 activations per block, as ORT GenAI's builder
-# uses on CPU: in the pbs2p bundle (int4 head, budget layers) it decodes faster than fp32 compute for +0.2%
-# perplexity (README, speed section). The eager reference rounds like onnxruntime (`int8_activations`) and the
-# teacher-forced validation re-anchors the graph at every sparse-binary node, so the 40 dB gate holds. An int4
-# baseline has no such anchor: one-ulp differences flip int8 roundings that compound over every layer (33 dB
-# free-running on the default model), so it keeps fp32 compute unless asked (--accuracy-level 4 with a lower
-# --threshold-db).
-DEFAULT_ACCURACY_LEVEL = {"pbs2p": 4, "int4": 0, "fp32": 0}
-
 
 @dataclass
 class BlockQuantized:
