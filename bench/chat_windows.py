@@ -11,6 +11,8 @@ greedy chat reply, in PyTorch.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/chat_windows.py --from e2e-512.pt --windows 64 --steps 64 \
         --save chat.pt --out bench/results/chat-windows
+
+`--steps 0` only probes the start model and the FP one (no windows, no training).
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", type=Path, required=True, help="model.pt to start from")
     parser.add_argument("--windows", type=int, default=64, help="chat windows (as many plain ones are added)")
-    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument(
+        "--steps", type=int, default=64, help="0: only probe the start model (and the FP one)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--save", type=Path, help="write the tuned model.pt here")
     parser.add_argument("--out", type=Path, help="bench/results/NAME: writes NAME.json and NAME.md")
@@ -90,8 +94,10 @@ def main() -> None:
 
     if not args.source.is_file():
         exit_usage(f"{args.source} does not exist")
-    if min(args.windows, args.steps) < 1 or args.lr <= 0:
-        exit_usage("--windows and --steps must be at least 1 and --lr positive")
+    if args.windows < 1 or args.steps < 0 or args.lr <= 0:
+        exit_usage("--windows must be at least 1, --steps at least 0 and --lr positive")
+    if args.save and args.steps == 0:
+        exit_usage("--save needs --steps of at least 1 (with 0 the model is the start model)")
     import torch
 
     from pbs2p_edge import sources
@@ -108,21 +114,23 @@ def main() -> None:
     cfg = ckpt["compression"]
     fp_model, tokenizer = sources.load_model(None)
     fp_model.float().eval()
-    chat = chat_windows(tokenizer, args.windows, cfg["calib_len"], cfg["seed"] + 7)
-    plain = sources.calibration_ids(tokenizer, args.windows, cfg["calib_len"], cfg["seed"] + 77)
-    mix = torch.stack([w for pair in zip(chat, plain, strict=True) for w in pair])
-    teacher = teacher_topk(fp_model, mix, cfg.get("e2e_topk", 64), 2)
+    if args.steps:
+        chat = chat_windows(tokenizer, args.windows, cfg["calib_len"], cfg["seed"] + 7)
+        plain = sources.calibration_ids(tokenizer, args.windows, cfg["calib_len"], cfg["seed"] + 77)
+        mix = torch.stack([w for pair in zip(chat, plain, strict=True) for w in pair])
+        teacher = teacher_topk(fp_model, mix, cfg.get("e2e_topk", 64), 2)
     eval_ids = sources.evaluation_ids(tokenizer, 4096)
     report: dict[str, Any] = {"fp": probe(fp_model, tokenizer, eval_ids)}
     del fp_model
     model, _ = build_model(ckpt)
     weights = {name: unpack(p) for name, p in packed_layers(ckpt).items()}
     report["before"] = probe(model, tokenizer, eval_ids)
-    started = time.perf_counter()
-    with deployed_head(model, "int4"):
-        stats = recover_e2e(model, weights, mix, teacher, steps=args.steps, lr=args.lr, micro_batch=2)
-    report["e2e"] = {**stats, "wall_seconds": time.perf_counter() - started}
-    report["after"] = probe(model, tokenizer, eval_ids)
+    if args.steps:
+        started = time.perf_counter()
+        with deployed_head(model, "int4"):
+            stats = recover_e2e(model, weights, mix, teacher, steps=args.steps, lr=args.lr, micro_batch=2)
+        report["e2e"] = {**stats, "wall_seconds": time.perf_counter() - started}
+        report["after"] = probe(model, tokenizer, eval_ids)
     report["command"] = "bench/chat_windows.py " + " ".join(sys.argv[1:])
     if args.save:
         from e2e_from import save_variant
@@ -137,7 +145,7 @@ def main() -> None:
     ]
     lines += ["| model | perplexity, int4 head | top next tokens after the chat prompt | greedy chat reply |"]
     lines += ["|---|---|---|---|"]
-    for key in ("fp", "before", "after"):
+    for key in ("fp", "before", "after")[: 3 if args.steps else 2]:
         r = report[key]
         top = ", ".join(f"{t!r} {p:.3f}" for t, p in r["top_next"])
         lines.append(f"| {key} | {r['ppl_int4_head']:.2f} | {top} | {r['greedy_reply']!r} |")
