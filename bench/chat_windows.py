@@ -1,11 +1,9 @@
 """A short end-to-end pass with chat-formatted calibration windows, from one compressed model (issue 10).
 
 The default E2E pass trains on Wikipedia windows only; the longer it runs, the further the model's first token
-after the chat template drifts from the FP model's (docs/METHOD.md "Session 7"). This script measures the remedy
-before it becomes a `compress` option: it builds windows from calibration-split articles wrapped in the
-tokenizer's chat template (a user turn asking about the article's title, the article's intro as the assistant
-turn, conversations concatenated up to the window length), mixes them one to one with plain calibration windows
-of another seed, and runs `recover_e2e` on the mix through the int4 head. Before and after it reports the
+after the chat template drifts from the FP model's (docs/METHOD.md "Session 7"). This script measured the remedy
+before it became `compress --e2e-chat`: chat-formatted windows (`sources.chat_calibration_ids`) mixed one to
+one with plain calibration windows of another seed, and runs `recover_e2e` on the mix through the int4 head. Before and after it reports the
 perplexity through the int4 head on the evaluation split, the top next tokens after a chat prompt and the
 greedy chat reply, in PyTorch.
 
@@ -18,37 +16,12 @@ greedy chat reply, in PyTorch.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-QUESTIONS = ("Tell me about {}.", "What is {}?", "Who or what is {}?", "Explain {} briefly.")
 PROMPT = "What is the capital of France?"
-
-
-def chat_windows(tokenizer: Any, count: int, length: int, seed: int) -> Any:
-    """`count` windows of `length` tokens of chat-formatted calibration articles (never evaluation ones)."""
-    import numpy as np
-    import torch
-
-    from pbs2p_edge import sources
-
-    articles = json.loads(sources.corpus_path().read_text(encoding="utf-8"))
-    intros = {t: (a.get("extract") or "").strip() for t, a in articles.items()}
-    titles = sorted(t for t, text in intros.items() if text and not sources.is_evaluation_text(text))
-    rng = np.random.default_rng(seed)
-    windows = []
-    for _ in range(count):
-        ids: list[int] = []
-        while len(ids) < length:
-            title = titles[int(rng.integers(len(titles)))]
-            question = QUESTIONS[int(rng.integers(len(QUESTIONS)))].format(title)
-            turns = [{"role": "user", "content": question}, {"role": "assistant", "content": intros[title]}]
-            ids += list(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False))
-        windows.append(ids[:length])
-    return torch.tensor(windows, dtype=torch.long)
 
 
 def probe(model: Any, tokenizer: Any, eval_ids: Any) -> dict[str, Any]:
@@ -115,7 +88,7 @@ def main() -> None:
     fp_model, tokenizer = sources.load_model(None)
     fp_model.float().eval()
     if args.steps:
-        chat = chat_windows(tokenizer, args.windows, cfg["calib_len"], cfg["seed"] + 7)
+        chat = sources.chat_calibration_ids(tokenizer, args.windows, cfg["calib_len"], cfg["seed"] + 7)
         plain = sources.calibration_ids(tokenizer, args.windows, cfg["calib_len"], cfg["seed"] + 77)
         mix = torch.stack([w for pair in zip(chat, plain, strict=True) for w in pair])
         teacher = teacher_topk(fp_model, mix, cfg.get("e2e_topk", 64), 2)

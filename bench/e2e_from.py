@@ -72,12 +72,26 @@ def save_variant(
         torch.save(out, tmp)
 
 
+def e2e_config(cfg: dict[str, Any], args: argparse.Namespace) -> Any:
+    """The start model's calibration settings with this run's E2E windows (and their chat share)."""
+    from pbs2p_edge.config import PBS2PConfig
+
+    return PBS2PConfig(
+        calib_samples=cfg["calib_samples"],
+        calib_len=cfg["calib_len"],
+        seed=cfg["seed"],
+        e2e_samples=args.samples,
+        e2e_chat=args.chat,
+    )
+
+
 def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
     import torch
 
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
     from pbs2p_edge.compress.head import deployed_head
+    from pbs2p_edge.compress.pipeline import calibration_windows
     from pbs2p_edge.compress.recover import mean_topk_kl, recover_e2e, teacher_topk
     from pbs2p_edge.evaluate import perplexity
     from pbs2p_edge.format import unpack
@@ -86,7 +100,7 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
     ckpt = load_checkpoint(args.source)
     cfg = ckpt["compression"]
     fp_model, tokenizer = sources.load_model(None)
-    calib = sources.calibration_ids(tokenizer, args.samples, cfg["calib_len"], cfg["seed"])
+    _, calib = calibration_windows(tokenizer, e2e_config(cfg, args))
     held = sources.calibration_ids(tokenizer, args.holdout, cfg["calib_len"], cfg["seed"] + 1000)
     eval_ids = sources.evaluation_ids(tokenizer, args.tokens)
     fp_model.float().eval()
@@ -121,6 +135,7 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
             "lr": args.lr,
             "samples": args.samples,
             "schedule": args.schedule,
+            "chat": args.chat,
             "micro_batch": args.micro_batch,
             "topk": args.topk,
             "kept": stats.get("kept", False),
@@ -157,12 +172,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"calibration split, another seed. Evaluation: {meta['tokens']} tokens of the evaluation split, ctx {meta['ctx']}.  ",
         f"Machine: {meta['machine']}; shared by other jobs, so seconds are not speed claims.",
         "",
-        "| start model | windows | schedule | trained through head | E2E steps | lr | micro-batch | kept | calib KL | held-out KL | held-out KL, int4 head | eval perplexity | same, int4 head | wall s | CPU s | measured |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| start model | windows | chat share | schedule | trained through head | E2E steps | lr | micro-batch | kept | calib KL | held-out KL | held-out KL, int4 head | eval perplexity | same, int4 head | wall s | CPU s | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.get('source', '-')} | {r['samples']} | {r['schedule']} | {r['head']} | {r['steps']} | {r['lr']:g} | {r['micro_batch']} | {'yes' if r['kept'] else '-'} | {r['calib_kl']:.4f} | "
+            f"| {r.get('source', '-')} | {r['samples']} | {r.get('chat', 0.0):g} | {r['schedule']} | {r['head']} | {r['steps']} | {r['lr']:g} | {r['micro_batch']} | {'yes' if r['kept'] else '-'} | {r['calib_kl']:.4f} | "
             f"{r['heldout_kl']:.4f} | {_maybe(r.get('heldout_kl_int4_head'), 4)} | {r['ppl']:.2f} | {_maybe(r.get('ppl_int4_head'))} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['measured']} |"
         )
     return "\n".join(lines) + "\n"
@@ -189,6 +204,12 @@ def main() -> None:
         "--schedule", choices=["constant", "cosine"], default=None, help="learning-rate schedule"
     )
     parser.add_argument("--head", choices=["float", "int4"], default=None, help="head to train through")
+    parser.add_argument(
+        "--chat",
+        type=float,
+        default=0.0,
+        help="share of the windows that are chat-formatted (compress --e2e-chat)",
+    )
     parser.add_argument("--topk", type=int, default=None, help="teacher top-k (default: PBS2PConfig's)")
     parser.add_argument("--holdout", type=int, default=16, help="held-out calibration-split windows")
     parser.add_argument("--tokens", type=int, default=4096)
@@ -213,8 +234,12 @@ def main() -> None:
         args.steps = [int(s) for s in args.steps.split(",")]
         if any(s < 0 for s in args.steps) or not 0 < args.lr < 1 or args.micro_batch < 1 or args.holdout < 1:
             raise ValueError
+        if not 0 <= args.chat <= 1:
+            raise ValueError
     except ValueError:
-        exit_usage("--steps must be integers >= 0, --lr in (0, 1), --micro-batch and --holdout >= 1")
+        exit_usage(
+            "--steps must be integers >= 0, --lr in (0, 1), --micro-batch and --holdout >= 1, --chat in [0, 1]"
+        )
     from pbs2p_edge.checkpoint import load_checkpoint
 
     try:
@@ -229,9 +254,9 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
     path = RESULTS / f"{args.name}.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
     row = {**row, "source": args.source.name}
-    key = ("steps", "lr", "micro_batch", "samples", "schedule", "head", "source")
+    key = ("steps", "lr", "micro_batch", "samples", "schedule", "head", "chat", "source")
     old = [
-        {"samples": 32, "schedule": "constant", "head": "float", **r} for r in old
+        {"samples": 32, "schedule": "constant", "head": "float", "chat": 0.0, **r} for r in old
     ]  # rows from before the options
     merged = [r for r in old if tuple(r.get(k) for k in key) != tuple(row[k] for k in key)] + [row]
     merged.sort(
@@ -239,6 +264,7 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
             r.get("source", ""),
             r["samples"],
             r["schedule"],
+            r["chat"],
             r["lr"],
             r["micro_batch"],
             r["steps"],

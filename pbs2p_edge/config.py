@@ -41,6 +41,9 @@ RECOVER_FULL_WEIGHTS = 106e6
 # held-out calibration-split KL) up to RECOVER_FULL_WEIGHTS, proportionally fewer above (at least 1); it needs the
 # whole model, so the low-memory path skips the default pass (and refuses an explicit one).
 E2E_STEPS = 512
+# The share of the end-to-end windows that are chat-formatted (sources.chat_calibration_ids), by default when
+# the tokenizer has a chat template and the calibration text is the built-in corpus (docs/METHOD.md "Session 8").
+E2E_CHAT = 0.25
 MAX_STEPS = 1_000_000
 DEFAULT_BUDGET_BITS = 2.5
 # Block binarizers (compress/blockq.py); kept in sync with blockq.BINARIZERS (no torch import here).
@@ -131,6 +134,9 @@ class PBS2PConfig:
     e2e_schedule: str = "constant"
     # The head it trains through: the float weights, or the int4 head the default bundle computes with.
     e2e_head: str = "int4"
+    # The share of those windows that are chat-formatted conversations (None: E2E_CHAT when the tokenizer has a
+    # chat template and no calibration text file is given, else 0; see `e2e_chat_share`).
+    e2e_chat: float | None = None
     # Bit budget (compress/budget.py): honest bits/weight over the compressed linears to spend (None =
     # DEFAULT_BUDGET_BITS if the pattern fits under it; a given value below the pattern is an error); `budget`
     # False turns the stage off; calibration sequences x tokens of the per-layer sensitivity probe.
@@ -186,6 +192,12 @@ class PBS2PConfig:
             )
         if self.e2e_head not in E2E_HEADS:
             raise Pbs2pError(f"unknown --e2e-head {self.e2e_head!r} (choose from {', '.join(E2E_HEADS)})")
+        if self.e2e_chat is not None and not (
+            isinstance(self.e2e_chat, (int, float))
+            and not isinstance(self.e2e_chat, bool)
+            and 0 <= self.e2e_chat <= 1
+        ):
+            raise Pbs2pError(f"--e2e-chat must be a share in [0, 1] (got {self.e2e_chat!r})")
         if self.recover_target not in RECOVER_TARGETS:
             raise Pbs2pError(
                 f"unknown recovery target {self.recover_target!r} (choose from {', '.join(RECOVER_TARGETS)})"
@@ -252,6 +264,14 @@ class PBS2PConfig:
         if self.recover_steps is not None:
             return self.recover_steps
         return max(1, round(RECOVER_STEPS_PER_LAYER * min(1.0, RECOVER_FULL_WEIGHTS / max(weights, 1))))
+
+    def e2e_chat_share(self, chat_template: bool, builtin_corpus: bool) -> float:
+        """The share of chat-formatted end-to-end windows for a tokenizer with or without a chat template."""
+        if self.e2e_chat is None:
+            return E2E_CHAT if chat_template and builtin_corpus else 0.0
+        if self.e2e_chat > 0 and not chat_template:
+            raise Pbs2pError("--e2e-chat needs a tokenizer with a chat template; this model's has none")
+        return float(self.e2e_chat)
 
     def e2e_steps_for(self, weights: int) -> int:
         """End-to-end recovery steps for a model with `weights` compressed weights (0 = off)."""

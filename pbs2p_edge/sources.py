@@ -467,6 +467,41 @@ def calibration_ids(
     return torch.from_numpy(np.stack([data[s : s + seq_len] for s in starts]))
 
 
+# User turns of the chat-formatted calibration windows; the article's title fills the braces.
+CHAT_QUESTIONS = ("Tell me about {}.", "What is {}?", "Who or what is {}?", "Explain {} briefly.")
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_calibration_ids(tokenizer: Any, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`n_samples` windows of `seq_len` tokens of conversations from the calibration split: a user turn asking
+    about an article's title (CHAT_QUESTIONS), the article's intro as the assistant turn, wrapped in the
+    tokenizer's chat template, conversations concatenated until the window is full. LongTensor [n, seq_len]."""
+    import numpy as np
+    import torch
+
+    if n_samples <= 0 or seq_len <= 0:
+        raise Pbs2pError(f"chat calibration needs samples > 0 and length > 0 (got {n_samples} x {seq_len})")
+    if not has_chat_template(tokenizer):
+        raise Pbs2pError("the tokenizer has no chat template, so chat-formatted windows cannot be built")
+    articles = json.loads(corpus_path().read_text(encoding="utf-8"))
+    intros = {title: (a.get("extract") or "").strip() for title, a in articles.items()}
+    titles = sorted(t for t, text in intros.items() if text and not is_evaluation_text(text))
+    rng = np.random.default_rng(seed)
+    windows = []
+    for _ in range(n_samples):
+        ids: list[int] = []
+        while len(ids) < seq_len:
+            title = titles[int(rng.integers(len(titles)))]
+            question = CHAT_QUESTIONS[int(rng.integers(len(CHAT_QUESTIONS)))].format(title)
+            turns = [{"role": "user", "content": question}, {"role": "assistant", "content": intros[title]}]
+            ids += list(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False))
+        windows.append(ids[:seq_len])
+    return torch.tensor(windows, dtype=torch.long)
+
+
 def evaluation_token_list(
     encode_text: Callable[[str], list[int]], n_tokens: int, text_path: str | os.PathLike | None = None
 ) -> list[int]:

@@ -139,6 +139,9 @@ def test_recovered_checkpoint_round_trips(
         ("--e2e-samples", "0", "e2e samples"),
         ("--e2e-schedule", "linear", "--e2e-schedule"),
         ("--e2e-head", "int3", "--e2e-head"),
+        ("--e2e-chat", "1.5", "--e2e-chat"),
+        ("--e2e-chat", "-0.1", "--e2e-chat"),
+        ("--e2e-chat", "nan", "--e2e-chat"),
     ],
 )
 def test_bad_recovery_options(
@@ -212,6 +215,8 @@ def test_default_step_budget_scales_down_for_larger_models() -> None:
         {"e2e_seconds": -2.0},
         {"e2e_samples": 0},
         {"e2e_schedule": "linear"},
+        {"e2e_chat": 2.0},
+        {"e2e_chat": True},
     )
     for bad in bad_values:
         with pytest.raises(Pbs2pError):
@@ -233,6 +238,51 @@ def test_calibration_windows_keep_the_block_windows_whatever_the_e2e_count(
         assert torch.equal(block, alone)
         assert e2e.shape == (e2e_samples, 32)
         assert torch.equal(e2e[: min(4, e2e_samples)], alone[:e2e_samples])
+
+
+def test_chat_share_defaults_only_for_a_chat_template_and_the_builtin_corpus() -> None:
+    from pbs2p_edge.config import E2E_CHAT, PBS2PConfig
+    from pbs2p_edge.errors import Pbs2pError
+
+    assert PBS2PConfig().e2e_chat_share(chat_template=True, builtin_corpus=True) == E2E_CHAT
+    assert PBS2PConfig().e2e_chat_share(chat_template=True, builtin_corpus=False) == 0.0
+    assert PBS2PConfig().e2e_chat_share(chat_template=False, builtin_corpus=True) == 0.0
+    assert PBS2PConfig(e2e_chat=0.5).e2e_chat_share(chat_template=True, builtin_corpus=False) == 0.5
+    assert PBS2PConfig(e2e_chat=0.0).e2e_chat_share(chat_template=False, builtin_corpus=True) == 0.0
+    with pytest.raises(Pbs2pError, match="chat template"):
+        PBS2PConfig(e2e_chat=0.5).e2e_chat_share(chat_template=False, builtin_corpus=True)
+
+
+def test_chat_windows_follow_the_plain_ones_and_use_only_calibration_articles(
+    tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from pbs2p_edge import sources
+    from pbs2p_edge.compress.pipeline import calibration_windows
+    from pbs2p_edge.config import PBS2PConfig
+
+    articles = {f"Topic{i}": {"extract": f"Topic{i} is a thing number {i} of the world."} for i in range(40)}
+    evaluation = [t for t, a in articles.items() if sources.is_evaluation_text(a["extract"])]
+    assert evaluation and len(evaluation) < len(articles)  # the fixture has both sides
+    corpus = tmp_path / "corpus.json"
+    corpus.write_text(json.dumps(articles), encoding="utf-8")
+    monkeypatch.setattr(sources, "corpus_path", lambda: corpus)
+    tokenizer = sources.load_tokenizer(str(tiny_model_dir))
+    plain = PBS2PConfig(calib_samples=4, calib_len=48, seed=3, e2e_samples=12, e2e_chat=0.0)
+    mixed = PBS2PConfig(calib_samples=4, calib_len=48, seed=3, e2e_samples=12, e2e_chat=0.25)
+    block0, e2e0 = calibration_windows(tokenizer, plain, str(corpus_text_file))
+    block1, e2e1 = calibration_windows(tokenizer, mixed, str(corpus_text_file))
+    assert torch.equal(block0, block1) and e2e1.shape == (12, 48)
+    assert torch.equal(
+        e2e1[:9], e2e0[:9]
+    )  # the plain share first: the keep-or-revert check sees block windows
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    chat_text = tokenizer.decode(e2e1[9:].flatten().tolist())
+    assert all(start in window.tolist() for window in e2e1[9:]) and start not in e2e1[:9].flatten().tolist()
+    assert "Topic" in chat_text
+    assert not any(f"about {t}." in chat_text or f"is {t}?" in chat_text for t in evaluation)
+    assert not any(articles[t]["extract"][:20] in chat_text for t in evaluation)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
@@ -300,6 +350,7 @@ def test_e2e_options_run_through_compress_and_keep_the_float_embedding(
     out = tmp_path / "model.pt"
     args = ["--model", str(tiny_model_dir), "--text", str(corpus_text_file), *FAST, "--recover-steps", "2"]
     args += ["--e2e-steps", "3", "--e2e-samples", "6", "--e2e-schedule", "cosine", "--e2e-head", "int4"]
+    args += ["--e2e-chat", "0.5"]
     result = CliRunner().invoke(compress_command, [*args, "-o", str(out)])
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(out)
@@ -311,7 +362,8 @@ def test_e2e_options_run_through_compress_and_keep_the_float_embedding(
     )
     assert compression["results"]["e2e"]["steps"] == 3
     assert (compression["results"]["e2e"]["windows"], compression["results"]["e2e"]["head"]) == (6, "int4")
-    assert "3 steps over 6 windows, int4 head" in result.output
+    assert compression["e2e_chat"] == 0.5 and compression["results"]["e2e"]["chat_windows"] == 3
+    assert "3 steps over 6 windows (3 chat-formatted), int4 head" in result.output
     fp, _ = sources.load_model(str(tiny_model_dir))
     name = next(k for k in ckpt["dense_state"] if k.endswith("embed_tokens.weight"))
     assert torch.equal(ckpt["dense_state"][name], fp.get_input_embeddings().weight.detach())

@@ -108,7 +108,7 @@ import click
     type=int,
     default=None,
     help="End-to-end recovery: Adam steps on the KL to the FP model's logits, signs and mask frozen (0 = off) "
-    "[default: 128, fewer above 106 M compressed weights; skipped on the low-memory path].",
+    "[default: 512, fewer above 106 M compressed weights; skipped on the low-memory path].",
 )
 @click.option(
     "--e2e-seconds",
@@ -121,7 +121,15 @@ import click
     type=int,
     default=None,
     help="Calibration windows the end-to-end pass trains on (the block stages' windows come first) "
-    "[default: 256].",
+    "[default: 1024].",
+)
+@click.option(
+    "--e2e-chat",
+    type=float,
+    default=None,
+    help="Share of the end-to-end windows that are chat-formatted conversations about calibration articles, "
+    "so the pass also covers the chat template's positions [default: 0.25 when the tokenizer has a chat "
+    "template and no --text is given, else 0].",
 )
 @click.option(
     "--e2e-schedule",
@@ -190,6 +198,7 @@ def build_config(options: dict[str, Any]) -> Any:
         "e2e_samples": options["e2e_samples"],
         "e2e_schedule": options["e2e_schedule"],
         "e2e_head": options["e2e_head"],
+        "e2e_chat": options["e2e_chat"],
     }
     if options["recover"] is False:
         chosen["recover_steps"] = 0
@@ -295,7 +304,12 @@ def _run(**options: Any) -> None:
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import read_tokenizer_files, save_checkpoint
     from pbs2p_edge.compress.lowmem import has_safetensors, skeleton_model
-    from pbs2p_edge.compress.pipeline import calibration_windows, check_supported, compress
+    from pbs2p_edge.compress.pipeline import (
+        calibration_windows,
+        check_supported,
+        compress,
+        resolve_e2e_chat,
+    )
 
     folder = sources.model_files(options["model_path"])
     store = None
@@ -310,6 +324,8 @@ def _run(**options: Any) -> None:
 
         needed = memcheck.compress_bytes(model.config, config.calib_samples, config.calib_len)
         memcheck.require(needed, f"compressing {folder.name}")
+    if config.e2e_steps_for(1) > 0:  # the share only matters (and only needs a template) with the pass on
+        config = resolve_e2e_chat(config, tokenizer, options["text_path"])
     calib, e2e_ids = calibration_windows(tokenizer, config, options["text_path"])
     tokenizer_files = read_tokenizer_files(folder)
     compressed = compress(
@@ -324,6 +340,10 @@ def _run(**options: Any) -> None:
     compressed.weights.clear()  # the packed arrays are what the checkpoint stores
     save_checkpoint(compressed, output)
     click.echo(summary(compressed.results, output))
+
+
+def _chat_text(e2e: dict[str, Any]) -> str:
+    return f" ({e2e['chat_windows']} chat-formatted)" if e2e.get("chat_windows") else ""
 
 
 def _salient_text(results: dict[str, Any]) -> str:
@@ -375,7 +395,11 @@ def summary(results: dict[str, Any], output: Any) -> str:
         lines.append(
             f"  end-to-end recovery: top-k KL {e2e['before']:.4f} -> {e2e['after']:.4f} "
             f"({'kept' if e2e['kept'] else 'discarded'}, {e2e['steps']} steps"
-            + (f" over {e2e['windows']} windows, {e2e['head']} head)" if "windows" in e2e else ")")
+            + (
+                f" over {e2e['windows']} windows{_chat_text(e2e)}, {e2e['head']} head)"
+                if "windows" in e2e
+                else ")"
+            )
             + _capped([e2e.get("capped", False)])
         )
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import functools
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -32,6 +32,8 @@ from pbs2p_edge.config import DEFAULT_BUDGET_BITS, SUPPORTED_MODEL_TYPES, PBS2PC
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.families import check_config
 
+# The chat windows' seed is the block windows' plus this, so the two draws are independent.
+CHAT_SEED_OFFSET = 7
 LINEAR_NAMES = (
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -213,7 +215,9 @@ def compress(
             store.restore(model, names)
     if teacher is not None:
         e2e = _recover_e2e(model, weights, e2e_ids, teacher, config, e2e_steps, progress)
-        e2e.update(windows=int(e2e_ids.shape[0]), head=config.e2e_head)
+        e2e.update(
+            windows=int(e2e_ids.shape[0]), chat_windows=chat_window_count(config), head=config.e2e_head
+        )
     packed = {name: pack(w) for name, w in weights.items()}
     if store is not None:  # finished layers were packed as they went; `weights` unpacks them on access
         packed, weights = store.packed, store.unpacked_view()
@@ -379,14 +383,35 @@ def _recover_e2e(
 def calibration_windows(
     tokenizer: Any, config: PBS2PConfig, text_path: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block-stage windows, end-to-end windows): one seeded draw of max(calib_samples, e2e_samples) windows,
-    so the block stages get the same `calib_samples` windows whatever `e2e_samples` is."""
+    """(block-stage windows, end-to-end windows). One seeded draw of max(calib_samples, e2e_samples) plain
+    windows, so the block stages get the same `calib_samples` windows whatever the E2E settings are. The E2E
+    windows are the first plain ones followed by the chat-formatted share (`config.e2e_chat`, resolved by
+    `resolve_e2e_chat`), so the keep-or-revert check runs on the block stages' windows."""
     from pbs2p_edge import sources
 
     drawn = sources.calibration_ids(
         tokenizer, max(config.calib_samples, config.e2e_samples), config.calib_len, config.seed, text_path
     )
-    return drawn[: config.calib_samples], drawn[: config.e2e_samples]
+    chat = chat_window_count(config)
+    e2e = drawn[: config.e2e_samples - chat]
+    if chat:
+        extra = sources.chat_calibration_ids(
+            tokenizer, chat, config.calib_len, config.seed + CHAT_SEED_OFFSET
+        )
+        e2e = torch.cat([e2e, extra])
+    return drawn[: config.calib_samples], e2e
+
+
+def chat_window_count(config: PBS2PConfig) -> int:
+    return round((config.e2e_chat or 0.0) * config.e2e_samples)
+
+
+def resolve_e2e_chat(config: PBS2PConfig, tokenizer: Any, text_path: Any = None) -> PBS2PConfig:
+    """`config` with its chat share fixed for this tokenizer and calibration text (recorded in the checkpoint)."""
+    from pbs2p_edge import sources
+
+    share = config.e2e_chat_share(sources.has_chat_template(tokenizer), text_path is None)
+    return replace(config, e2e_chat=share)
 
 
 def compress_linear(
