@@ -128,6 +128,7 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
                     seed=cfg["seed"],
                     schedule=args.schedule,
                     check_samples=cfg["calib_samples"],
+                    dtype=args.dtype,
                 )
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         row = {
@@ -136,6 +137,7 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
             "samples": args.samples,
             "schedule": args.schedule,
             "chat": args.chat,
+            "dtype": args.dtype,
             "micro_batch": args.micro_batch,
             "topk": args.topk,
             "kept": stats.get("kept", False),
@@ -172,12 +174,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"calibration split, another seed. Evaluation: {meta['tokens']} tokens of the evaluation split, ctx {meta['ctx']}.  ",
         f"Machine: {meta['machine']}; shared by other jobs, so seconds are not speed claims.",
         "",
-        "| start model | windows | chat share | schedule | trained through head | E2E steps | lr | micro-batch | kept | calib KL | held-out KL | held-out KL, int4 head | eval perplexity | same, int4 head | wall s | CPU s | measured |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| start model | windows | chat share | step dtype | schedule | trained through head | E2E steps | lr | micro-batch | kept | calib KL | held-out KL | held-out KL, int4 head | eval perplexity | same, int4 head | wall s | CPU s | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.get('source', '-')} | {r['samples']} | {r.get('chat', 0.0):g} | {r['schedule']} | {r['head']} | {r['steps']} | {r['lr']:g} | {r['micro_batch']} | {'yes' if r['kept'] else '-'} | {r['calib_kl']:.4f} | "
+            f"| {r.get('source', '-')} | {r['samples']} | {r.get('chat', 0.0):g} | {r.get('dtype', 'float32')} | {r['schedule']} | {r['head']} | {r['steps']} | {r['lr']:g} | {r['micro_batch']} | {'yes' if r['kept'] else '-'} | {r['calib_kl']:.4f} | "
             f"{r['heldout_kl']:.4f} | {_maybe(r.get('heldout_kl_int4_head'), 4)} | {r['ppl']:.2f} | {_maybe(r.get('ppl_int4_head'))} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['measured']} |"
         )
     return "\n".join(lines) + "\n"
@@ -209,6 +211,12 @@ def main() -> None:
         type=float,
         default=0.0,
         help="share of the windows that are chat-formatted (compress --e2e-chat)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="precision of the steps (--e2e-dtype)",
     )
     parser.add_argument("--topk", type=int, default=None, help="teacher top-k (default: PBS2PConfig's)")
     parser.add_argument("--holdout", type=int, default=16, help="held-out calibration-split windows")
@@ -254,9 +262,10 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
     path = RESULTS / f"{args.name}.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
     row = {**row, "source": args.source.name}
-    key = ("steps", "lr", "micro_batch", "samples", "schedule", "head", "chat", "source")
+    key = ("steps", "lr", "micro_batch", "samples", "schedule", "head", "chat", "dtype", "source")
     old = [
-        {"samples": 32, "schedule": "constant", "head": "float", "chat": 0.0, **r} for r in old
+        {"samples": 32, "schedule": "constant", "head": "float", "chat": 0.0, "dtype": "float32", **r}
+        for r in old
     ]  # rows from before the options
     merged = [r for r in old if tuple(r.get(k) for k in key) != tuple(row[k] for k in key)] + [row]
     merged.sort(
@@ -265,6 +274,7 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
             r["samples"],
             r["schedule"],
             r["chat"],
+            r["dtype"],
             r["lr"],
             r["micro_batch"],
             r["steps"],

@@ -28,6 +28,9 @@ E2E_SCHEDULES = ("constant", "cosine")
 # The heads the end-to-end pass can train through (compress/head.py): the checkpoint's own float weights, or
 # the default bundle's int4 (MatMulNBits head + GatherBlockQuantized embedding, shared when tied).
 E2E_HEADS = ("float", "int4")
+# Compute precision of the end-to-end pass's steps: float32, or bfloat16 autocast (fast only on CPUs with
+# native bf16 dot products, e.g. AVX512_BF16 / AMX; the keep-or-revert check and the teacher stay float32).
+E2E_DTYPES = ("float32", "bfloat16")
 # Defaults of the recovery and budget stages (docs/METHOD.md). Recovery is budgeted in optimizer steps, so
 # the same command gives the same model on a busy or an idle machine: with `recover_steps` None each decoder
 # layer gets RECOVER_STEPS_PER_LAYER Adam steps while the model has at most RECOVER_FULL_WEIGHTS compressed
@@ -137,6 +140,8 @@ class PBS2PConfig:
     # The share of those windows that are chat-formatted conversations (None: E2E_CHAT when the tokenizer has a
     # chat template and no calibration text file is given, else 0; see `e2e_chat_share`).
     e2e_chat: float | None = None
+    # The precision its steps compute in (E2E_DTYPES).
+    e2e_dtype: str = "float32"
     # Bit budget (compress/budget.py): honest bits/weight over the compressed linears to spend (None =
     # DEFAULT_BUDGET_BITS if the pattern fits under it; a given value below the pattern is an error); `budget`
     # False turns the stage off; calibration sequences x tokens of the per-layer sensitivity probe.
@@ -192,6 +197,8 @@ class PBS2PConfig:
             )
         if self.e2e_head not in E2E_HEADS:
             raise Pbs2pError(f"unknown --e2e-head {self.e2e_head!r} (choose from {', '.join(E2E_HEADS)})")
+        if self.e2e_dtype not in E2E_DTYPES:
+            raise Pbs2pError(f"unknown --e2e-dtype {self.e2e_dtype!r} (choose from {', '.join(E2E_DTYPES)})")
         if self.e2e_chat is not None and not (
             isinstance(self.e2e_chat, (int, float))
             and not isinstance(self.e2e_chat, bool)

@@ -142,6 +142,7 @@ def test_recovered_checkpoint_round_trips(
         ("--e2e-chat", "1.5", "--e2e-chat"),
         ("--e2e-chat", "-0.1", "--e2e-chat"),
         ("--e2e-chat", "nan", "--e2e-chat"),
+        ("--e2e-dtype", "float16", "--e2e-dtype"),
     ],
 )
 def test_bad_recovery_options(
@@ -217,6 +218,7 @@ def test_default_step_budget_scales_down_for_larger_models() -> None:
         {"e2e_schedule": "linear"},
         {"e2e_chat": 2.0},
         {"e2e_chat": True},
+        {"e2e_dtype": "fp16"},
     )
     for bad in bad_values:
         with pytest.raises(Pbs2pError):
@@ -285,6 +287,39 @@ def test_chat_windows_follow_the_plain_ones_and_use_only_calibration_articles(
     assert not any(articles[t]["extract"][:20] in chat_text for t in evaluation)
 
 
+@pytest.mark.parametrize("dtype,expected", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_e2e_dtype_sets_the_steps_precision_but_not_the_check(
+    tiny_model_dir: Path,
+    corpus_text_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: str,
+    expected: torch.dtype,
+) -> None:
+    from pbs2p_edge.compress import recover
+    from pbs2p_edge.format import unpack
+
+    compressed, _, ids, _ = _tiny_compressed(tiny_model_dir, corpus_text_file)
+    teacher = recover.teacher_topk(compressed.model, ids, 8, 2)
+    weights = {name: unpack(p) for name, p in compressed.packed.items()}
+    seen: list[tuple[bool, torch.dtype]] = []
+    original = recover._kl_topk
+
+    def kl(logits, *args):
+        seen.append((torch.is_grad_enabled(), logits.dtype))
+        return original(logits, *args)
+
+    monkeypatch.setattr(recover, "_kl_topk", kl)
+    recover.recover_e2e(compressed.model, weights, ids, teacher, steps=3, lr=0.01, micro_batch=2, dtype=dtype)
+    steps = [d for grad, d in seen if grad]
+    checks = [d for grad, d in seen if not grad]
+    assert steps == [expected] * 3
+    assert checks and set(checks) == {torch.float32}
+    with pytest.raises(ValueError, match="dtype"):
+        recover.recover_e2e(
+            compressed.model, weights, ids, teacher, steps=1, lr=0.01, micro_batch=2, dtype="fp16"
+        )
+
+
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_e2e_schedule_sets_each_steps_learning_rate(
     tiny_model_dir: Path, corpus_text_file: Path, monkeypatch: pytest.MonkeyPatch, schedule: str
@@ -350,7 +385,7 @@ def test_e2e_options_run_through_compress_and_keep_the_float_embedding(
     out = tmp_path / "model.pt"
     args = ["--model", str(tiny_model_dir), "--text", str(corpus_text_file), *FAST, "--recover-steps", "2"]
     args += ["--e2e-steps", "3", "--e2e-samples", "6", "--e2e-schedule", "cosine", "--e2e-head", "int4"]
-    args += ["--e2e-chat", "0.5"]
+    args += ["--e2e-chat", "0.5", "--e2e-dtype", "bfloat16"]
     result = CliRunner().invoke(compress_command, [*args, "-o", str(out)])
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(out)
@@ -363,7 +398,8 @@ def test_e2e_options_run_through_compress_and_keep_the_float_embedding(
     assert compression["results"]["e2e"]["steps"] == 3
     assert (compression["results"]["e2e"]["windows"], compression["results"]["e2e"]["head"]) == (6, "int4")
     assert compression["e2e_chat"] == 0.5 and compression["results"]["e2e"]["chat_windows"] == 3
-    assert "3 steps over 6 windows (3 chat-formatted), int4 head" in result.output
+    assert compression["e2e_dtype"] == "bfloat16" and compression["results"]["e2e"]["dtype"] == "bfloat16"
+    assert "3 steps over 6 windows (3 chat-formatted), int4 head, bfloat16 steps" in result.output
     fp, _ = sources.load_model(str(tiny_model_dir))
     name = next(k for k in ckpt["dense_state"] if k.endswith("embed_tokens.weight"))
     assert torch.equal(ckpt["dense_state"][name], fp.get_input_embeddings().weight.detach())

@@ -132,6 +132,14 @@ import click
     "template and no --text is given, else 0].",
 )
 @click.option(
+    "--e2e-dtype",
+    default=None,
+    metavar="[float32|bfloat16]",
+    help="Precision the end-to-end steps compute in: bfloat16 autocast is faster on CPUs with native bf16 "
+    "(AVX512_BF16, AMX), slower elsewhere; the teacher and the keep-or-revert check stay float32 "
+    "[default: float32].",
+)
+@click.option(
     "--e2e-schedule",
     default=None,
     metavar="[constant|cosine]",
@@ -199,6 +207,7 @@ def build_config(options: dict[str, Any]) -> Any:
         "e2e_schedule": options["e2e_schedule"],
         "e2e_head": options["e2e_head"],
         "e2e_chat": options["e2e_chat"],
+        "e2e_dtype": options["e2e_dtype"],
     }
     if options["recover"] is False:
         chosen["recover_steps"] = 0
@@ -324,7 +333,8 @@ def _run(**options: Any) -> None:
 
         needed = memcheck.compress_bytes(model.config, config.calib_samples, config.calib_len)
         memcheck.require(needed, f"compressing {folder.name}")
-    if config.e2e_steps_for(1) > 0:  # the share only matters (and only needs a template) with the pass on
+    # the chat share matters (and needs a template) only where the end-to-end pass runs
+    if store is None and config.e2e_steps_for(1) > 0:
         config = resolve_e2e_chat(config, tokenizer, options["text_path"])
     calib, e2e_ids = calibration_windows(tokenizer, config, options["text_path"])
     tokenizer_files = read_tokenizer_files(folder)
@@ -396,7 +406,8 @@ def summary(results: dict[str, Any], output: Any) -> str:
             f"  end-to-end recovery: top-k KL {e2e['before']:.4f} -> {e2e['after']:.4f} "
             f"({'kept' if e2e['kept'] else 'discarded'}, {e2e['steps']} steps"
             + (
-                f" over {e2e['windows']} windows{_chat_text(e2e)}, {e2e['head']} head)"
+                f" over {e2e['windows']} windows{_chat_text(e2e)}, {e2e['head']} head"
+                f"{', bfloat16 steps' if e2e.get('dtype') == 'bfloat16' else ''})"
                 if "windows" in e2e
                 else ")"
             )

@@ -216,7 +216,10 @@ def compress(
     if teacher is not None:
         e2e = _recover_e2e(model, weights, e2e_ids, teacher, config, e2e_steps, progress)
         e2e.update(
-            windows=int(e2e_ids.shape[0]), chat_windows=chat_window_count(config), head=config.e2e_head
+            windows=int(e2e_ids.shape[0]),
+            chat_windows=chat_window_count(config),
+            head=config.e2e_head,
+            dtype=config.e2e_dtype,
         )
     packed = {name: pack(w) for name, w in weights.items()}
     if store is not None:  # finished layers were packed as they went; `weights` unpacks them on access
@@ -377,6 +380,7 @@ def _recover_e2e(
             progress=tick,
             schedule=config.e2e_schedule,
             check_samples=config.calib_samples,
+            dtype=config.e2e_dtype,
         )
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pbs2p_edge.config import E2E_SCHEDULES
+from pbs2p_edge.config import E2E_DTYPES, E2E_SCHEDULES
 
 FP16_MAX = 65504.0
 
@@ -382,6 +382,7 @@ def recover_e2e(
     progress: Callable[[int], None] | None = None,
     schedule: str = "constant",
     check_samples: int | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Tune every compressed linear's scales and every RMSNorm (incl. the final norm) with `steps` Adam
     steps on the top-k KL to the FP model's log-probs (fewer if the optional wall-time cap `seconds` runs out
@@ -389,6 +390,8 @@ def recover_e2e(
     over the first `check_samples` windows (None: all) fell. `progress` gets the steps done so far."""
     if schedule not in E2E_SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    if dtype not in E2E_DTYPES:
+        raise ValueError(f"unknown end-to-end dtype {dtype!r}")
     t0 = time.perf_counter()
     t_logp, t_idx = teacher
     n_check = calib_ids.shape[0] if check_samples is None else min(check_samples, calib_ids.shape[0])
@@ -407,7 +410,8 @@ def recover_e2e(
     opt = torch.optim.Adam(swap.params() + norms.scales, lr=lr)
     starts = list(range(0, calib_ids.shape[0], micro_batch))
     clock = _Budget(steps, seconds)
-    with torch.enable_grad():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with torch.enable_grad(), autocast:
         for i in _batch_order(len(starts), seed, clock):
             if schedule == "cosine":
                 for group in opt.param_groups:
