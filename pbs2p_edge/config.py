@@ -28,8 +28,8 @@ E2E_SCHEDULES = ("constant", "cosine")
 # The heads the end-to-end pass can train through (compress/head.py): the checkpoint's own float weights, or
 # the default bundle's int4 (MatMulNBits head + GatherBlockQuantized embedding, shared when tied).
 E2E_HEADS = ("float", "int4")
-# Compute precision of the end-to-end pass's steps: float32, or bfloat16 autocast (fast only on CPUs with
-# native bf16 dot products, e.g. AVX512_BF16 / AMX; the keep-or-revert check and the teacher stay float32).
+# Compute precision of the end-to-end pass's steps: float32, or bfloat16 autocast (measured faster on a CPU
+# with native bf16 dot products, e.g. AVX512_BF16 / AMX; the keep-or-revert check and the teacher stay float32).
 E2E_DTYPES = ("float32", "bfloat16")
 # Defaults of the recovery and budget stages (docs/METHOD.md). Recovery is budgeted in optimizer steps, so
 # the same command gives the same model on a busy or an idle machine: with `recover_steps` None each decoder

@@ -136,7 +136,7 @@ import click
     default=None,
     metavar="[float32|bfloat16]",
     help="Precision the end-to-end steps compute in: bfloat16 autocast is faster on CPUs with native bf16 "
-    "(AVX512_BF16, AMX), slower elsewhere; the teacher and the keep-or-revert check stay float32 "
+    "(AVX512_BF16, AMX), expected slower elsewhere (not measured); the teacher and the keep-or-revert check stay float32 "
     "[default: float32].",
 )
 @click.option(
