@@ -76,6 +76,7 @@ def main() -> None:
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
     from pbs2p_edge.compress.head import deployed_head
+    from pbs2p_edge.compress.pipeline import CHAT_SEED_OFFSET
     from pbs2p_edge.compress.recover import recover_e2e, teacher_topk
     from pbs2p_edge.errors import Pbs2pError
     from pbs2p_edge.format import unpack
@@ -88,7 +89,9 @@ def main() -> None:
     fp_model, tokenizer = sources.load_model(None)
     fp_model.float().eval()
     if args.steps:
-        chat = sources.chat_calibration_ids(tokenizer, args.windows, cfg["calib_len"], cfg["seed"] + 7)
+        chat = sources.chat_calibration_ids(
+            tokenizer, args.windows, cfg["calib_len"], cfg["seed"] + CHAT_SEED_OFFSET
+        )
         plain = sources.calibration_ids(tokenizer, args.windows, cfg["calib_len"], cfg["seed"] + 77)
         mix = torch.stack([w for pair in zip(chat, plain, strict=True) for w in pair])
         teacher = teacher_topk(fp_model, mix, cfg.get("e2e_topk", 64), 2)

@@ -401,17 +401,19 @@ def is_evaluation_text(text: str) -> bool:
     return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % EVAL_MODULUS == 0
 
 
+def corpus_articles() -> list[tuple[str, str, bool]]:
+    """(title, intro, on the evaluation side) of every article with a non-empty intro, sorted by title."""
+    articles = json.loads(corpus_path().read_text(encoding="utf-8"))
+    texts = ((title, (articles[title].get("extract") or "").strip()) for title in sorted(articles))
+    return [(title, text, is_evaluation_text(text)) for title, text in texts if text]
+
+
 @functools.lru_cache(maxsize=1)
 def corpus_split() -> tuple[list[str], list[str]]:
     """(calibration texts, evaluation texts), deterministic and disjoint; see the module docstring."""
-    articles = json.loads(corpus_path().read_text(encoding="utf-8"))
-    calibration: list[str] = []
-    evaluation: list[str] = []
-    for title in sorted(articles):
-        text = (articles[title].get("extract") or "").strip()
-        if text:
-            (evaluation if is_evaluation_text(text) else calibration).append(text)
-    return calibration, evaluation
+    articles = corpus_articles()
+    calibration = [text for _, text, evaluation in articles if not evaluation]
+    return calibration, [text for _, text, evaluation in articles if evaluation]
 
 
 def read_text_file(path: str | os.PathLike) -> str:
@@ -486,9 +488,8 @@ def chat_calibration_ids(tokenizer: Any, n_samples: int, seq_len: int, seed: int
         raise Pbs2pError(f"chat calibration needs samples > 0 and length > 0 (got {n_samples} x {seq_len})")
     if not has_chat_template(tokenizer):
         raise Pbs2pError("the tokenizer has no chat template, so chat-formatted windows cannot be built")
-    articles = json.loads(corpus_path().read_text(encoding="utf-8"))
-    intros = {title: (a.get("extract") or "").strip() for title, a in articles.items()}
-    titles = sorted(t for t, text in intros.items() if text and not is_evaluation_text(text))
+    intros = {title: text for title, text, evaluation in corpus_articles() if not evaluation}
+    titles = list(intros)  # sorted by title
     rng = np.random.default_rng(seed)
     windows = []
     for _ in range(n_samples):

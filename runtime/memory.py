@@ -92,9 +92,8 @@ def file_mappings(path: Path) -> list[dict[str, str]]:
     current: dict[str, str] | None = None
     for line in lines:
         head = line.split(maxsplit=5)
-        if (
-            head and "-" in head[0] and len(head) >= 5
-        ):  # a mapping's header: range perms offset dev inode [path]
+        # a mapping's header: range perms offset dev inode [path]; its fields follow as "Key: value" lines
+        if head and "-" in head[0] and len(head) >= 5:
             current = {} if len(head) == 6 and head[5] == target else None
             if current is not None:
                 mappings.append(current)

@@ -135,8 +135,8 @@ import click
     "--e2e-dtype",
     default=None,
     metavar="[float32|bfloat16]",
-    help="Precision the end-to-end steps compute in: bfloat16 autocast is faster on CPUs with native bf16 "
-    "(AVX512_BF16, AMX), expected slower elsewhere (not measured); the teacher and the keep-or-revert check stay float32 "
+    help="Precision the end-to-end steps compute in: bfloat16 autocast measured 1.57x faster on a CPU "
+    "with AVX512_BF16, expected slower without native bf16 (not measured); the teacher and the keep-or-revert check stay float32 "
     "[default: float32].",
 )
 @click.option(
