@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pbs2p_edge.cpu import native_bf16
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.families import SUPPORTED_MODEL_TYPES as _FAMILY_TYPES
 from pbs2p_edge.format.packed import SUPPORTED_M
@@ -30,7 +31,10 @@ E2E_SCHEDULES = ("constant", "cosine")
 E2E_HEADS = ("float", "int4")
 # Compute precision of the end-to-end pass's steps: float32, or bfloat16 autocast (measured faster on a CPU
 # with native bf16 dot products, e.g. AVX512_BF16 / AMX; the keep-or-revert check and the teacher stay float32).
+# "auto" (the default) resolves on construction to bfloat16 where the CPU has native bf16 (`cpu.native_bf16`),
+# else float32; the checkpoint records the resolved value.
 E2E_DTYPES = ("float32", "bfloat16")
+E2E_DTYPE_AUTO = "auto"
 # Defaults of the recovery and budget stages (docs/METHOD.md). Recovery is budgeted in optimizer steps, so
 # the same command gives the same model on a busy or an idle machine: with `recover_steps` None each decoder
 # layer gets RECOVER_STEPS_PER_LAYER Adam steps while the model has at most RECOVER_FULL_WEIGHTS compressed
@@ -52,6 +56,12 @@ DEFAULT_BUDGET_BITS = 2.5
 # Block binarizers (compress/blockq.py); kept in sync with blockq.BINARIZERS (no torch import here).
 BINARIZERS = ("arb", "arbx", "arbrc", "arbrcx")
 _NM_PATTERN = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
+
+
+def default_e2e_dtype() -> str:
+    """bfloat16 where the CPU computes bf16 dot products natively (the E2E steps ran 1.57x faster at the same
+    quality there: docs/METHOD.md "Session 8"), else float32 (emulated bf16 is expected to be slower)."""
+    return "bfloat16" if native_bf16() else "float32"
 
 
 def parse_nm(text: str) -> tuple[int, int]:
@@ -140,8 +150,8 @@ class PBS2PConfig:
     # The share of those windows that are chat-formatted conversations (None: E2E_CHAT when the tokenizer has a
     # chat template and no calibration text file is given, else 0; see `e2e_chat_share`).
     e2e_chat: float | None = None
-    # The precision its steps compute in (E2E_DTYPES).
-    e2e_dtype: str = "float32"
+    # The precision its steps compute in (E2E_DTYPES, or E2E_DTYPE_AUTO: chosen by the CPU).
+    e2e_dtype: str = E2E_DTYPE_AUTO
     # Bit budget (compress/budget.py): honest bits/weight over the compressed linears to spend (None =
     # DEFAULT_BUDGET_BITS if the pattern fits under it; a given value below the pattern is an error); `budget`
     # False turns the stage off; calibration sequences x tokens of the per-layer sensitivity probe.
@@ -197,8 +207,11 @@ class PBS2PConfig:
             )
         if self.e2e_head not in E2E_HEADS:
             raise Pbs2pError(f"unknown --e2e-head {self.e2e_head!r} (choose from {', '.join(E2E_HEADS)})")
+        if self.e2e_dtype == E2E_DTYPE_AUTO:
+            self.e2e_dtype = default_e2e_dtype()
         if self.e2e_dtype not in E2E_DTYPES:
-            raise Pbs2pError(f"unknown --e2e-dtype {self.e2e_dtype!r} (choose from {', '.join(E2E_DTYPES)})")
+            choices = ", ".join((E2E_DTYPE_AUTO, *E2E_DTYPES))
+            raise Pbs2pError(f"unknown --e2e-dtype {self.e2e_dtype!r} (choose from {choices})")
         if self.e2e_chat is not None and not (
             isinstance(self.e2e_chat, (int, float))
             and not isinstance(self.e2e_chat, bool)

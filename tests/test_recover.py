@@ -403,3 +403,30 @@ def test_e2e_options_run_through_compress_and_keep_the_float_embedding(
     fp, _ = sources.load_model(str(tiny_model_dir))
     name = next(k for k in ckpt["dense_state"] if k.endswith("embed_tokens.weight"))
     assert torch.equal(ckpt["dense_state"][name], fp.get_input_embeddings().weight.detach())
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        ("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n", "bfloat16"),
+        ("flags\t\t: fpu sse2 avx2 amx_tile amx_bf16\n", "bfloat16"),
+        ("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n", "float32"),
+        ("Features\t: fp asimd asimddp bf16 i8mm\n", "bfloat16"),
+        ("Features\t: fp asimd evtstrm crc32 cpuid\n", "float32"),
+        ("", "float32"),
+    ],
+)
+def test_auto_e2e_dtype_follows_the_cpus_native_bf16(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: str, expected: str
+) -> None:
+    from pbs2p_edge import config, cpu
+    from pbs2p_edge.config import PBS2PConfig
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\n" + flags)
+    assert cpu.native_bf16(info) == (expected == "bfloat16")
+    monkeypatch.setattr(config, "native_bf16", lambda: cpu.native_bf16(info))
+    assert PBS2PConfig().e2e_dtype == expected
+    assert PBS2PConfig(e2e_dtype="auto").e2e_dtype == expected
+    assert PBS2PConfig(e2e_dtype="float32").e2e_dtype == "float32"  # an explicit choice is kept
+    assert not cpu.native_bf16(tmp_path / "missing")

@@ -134,10 +134,11 @@ import click
 @click.option(
     "--e2e-dtype",
     default=None,
-    metavar="[float32|bfloat16]",
+    metavar="[auto|float32|bfloat16]",
     help="Precision the end-to-end steps compute in: bfloat16 autocast measured 1.57x faster on a CPU "
-    "with AVX512_BF16, expected slower without native bf16 (not measured); the teacher and the keep-or-revert check stay float32 "
-    "[default: float32].",
+    "with AVX512_BF16 at the same quality, expected slower without native bf16 (not measured); the teacher "
+    "and the keep-or-revert check stay float32. auto: bfloat16 on CPUs with native bf16 (AVX512_BF16, "
+    "AMX-BF16, arm64 BF16), else float32 [default: auto].",
 )
 @click.option(
     "--e2e-schedule",
