@@ -87,25 +87,31 @@ def e2e_config(cfg: dict[str, Any], args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
     import torch
+    from tqdm.auto import tqdm
 
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
     from pbs2p_edge.compress.head import deployed_head
     from pbs2p_edge.compress.pipeline import calibration_windows
     from pbs2p_edge.compress.recover import mean_topk_kl, recover_e2e, teacher_topk
+    from pbs2p_edge.errors import Pbs2pError
     from pbs2p_edge.evaluate import perplexity
     from pbs2p_edge.format import unpack
 
     torch.use_deterministic_algorithms(True, warn_only=True)
     ckpt = load_checkpoint(args.source)
     cfg = ckpt["compression"]
-    fp_model, tokenizer = sources.load_model(None)
+    fp_model, tokenizer = sources.load_model(args.model)
+    shape_keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+    fp_shape = {key: getattr(fp_model.config, key, None) for key in shape_keys}
+    if fp_shape != {key: ckpt["model_config"].get(key) for key in shape_keys}:
+        raise Pbs2pError(f"{args.source} was not compressed from this teacher ({fp_shape}): pass its --model")
     _, calib = calibration_windows(tokenizer, e2e_config(cfg, args))
     held = sources.calibration_ids(tokenizer, args.holdout, cfg["calib_len"], cfg["seed"] + 1000)
     eval_ids = sources.evaluation_ids(tokenizer, args.tokens)
     fp_model.float().eval()
-    teacher = teacher_topk(fp_model, calib, args.topk, args.micro_batch)
-    held_teacher = teacher_topk(fp_model, held, args.topk, args.micro_batch)
+    teacher = teacher_topk(fp_model, calib, args.topk, args.micro_batch, progress=True)
+    held_teacher = teacher_topk(fp_model, held, args.topk, args.micro_batch, progress=True)
     del fp_model
     n_first = cfg["calib_samples"]  # calib KL on the block stages' windows, which every variant trains on
     rows = []
@@ -116,7 +122,7 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
         stats: dict[str, Any] = {}
         t0, c0 = time.perf_counter(), time.process_time()
         if steps > 0:
-            with deployed_head(model, args.head):
+            with deployed_head(model, args.head), tqdm(total=steps, desc="E2E", unit="step") as bar:
                 stats = recover_e2e(
                     model,
                     weights,
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
                     schedule=args.schedule,
                     check_samples=cfg["calib_samples"],
                     dtype=args.dtype,
+                    progress=lambda done: bar.update(done - bar.n),
                 )
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         row = {
@@ -191,6 +198,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--from", dest="source", type=Path, required=True, help="model.pt from pbs2p-edge compress"
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the FP model the start checkpoint was compressed from, the teacher (a name `pbs2p-edge eval` "
+        "takes or a folder; default: the default model)",
     )
     parser.add_argument(
         "--steps", default="0,16,48", help="comma list of E2E step counts (0 = the start model)"

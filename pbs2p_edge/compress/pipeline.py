@@ -163,7 +163,7 @@ def compress(
                 )
 
             e2e_ids = calib_ids if e2e_ids is None else e2e_ids
-            teacher = teacher_topk(model, e2e_ids, config.e2e_topk, config.e2e_micro_batch)
+            teacher = teacher_topk(model, e2e_ids, config.e2e_topk, config.e2e_micro_batch, progress)
         chunks = capture_layer_inputs(model, calib_ids, config.batch_size)
         if store is not None:
             store.release_embeddings(model)

@@ -348,13 +348,20 @@ def recover_layer(
 
 
 def teacher_topk(
-    model: nn.Module, calib_ids: torch.Tensor, k: int, batch_size: int
+    model: nn.Module, calib_ids: torch.Tensor, k: int, batch_size: int, progress: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # (batch_size sequences at a time: the full-vocabulary logits of one batch are the peak)
-    """The FP model's top-k log-probabilities and their token ids per calibration position (fp16 / int32)."""
+    """The FP model's top-k log-probabilities and their token ids per calibration position (fp16 / int32);
+    `progress` shows a bar over the windows (minutes on the default model's 1024)."""
+    from tqdm.auto import tqdm
+
     values, indices = [], []
-    with torch.no_grad():
+    with (
+        torch.no_grad(),
+        tqdm(total=calib_ids.shape[0], desc="teacher top-k", unit="window", disable=not progress) as bar,
+    ):
         for batch in calib_ids.split(batch_size):
+            bar.update(batch.shape[0])
             logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
             top = logp.topk(k, dim=-1)
             values.append(top.values.half())
