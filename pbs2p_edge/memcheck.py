@@ -103,6 +103,20 @@ def eval_bytes(config: object, ctx: int) -> int:
     return BASE_BYTES + fp32_model_bytes(config) + 3 * 4 * ctx * int(config.vocab_size)
 
 
+def lowmem_e2e_bytes(config: object, micro_batch: int, seq_len: int) -> int:
+    """The end-to-end pass after a low-memory compression, at its peak (the tuned values written back): fp32
+    W_hat of every compressed linear (4 bytes per weight), their unpacked mask and signs (2) and the tunables'
+    int8 signs (1); the rest of the model in fp32; one micro-batch's logits (x3: logits, log-softmax, gradient)
+    and saved activations (about 12 hidden-size and 3 intermediate-size floats per token and layer)."""
+    total, layer = config_params(config)
+    n_layers = int(config.num_hidden_layers)
+    hidden, inter, vocab = int(config.hidden_size), int(config.intermediate_size), int(config.vocab_size)
+    compressed = n_layers * layer
+    tokens = micro_batch * seq_len
+    activations = 4 * tokens * n_layers * (12 * hidden + 3 * inter) + 3 * 4 * tokens * vocab
+    return BASE_BYTES + 7 * compressed + 4 * (total - compressed) + activations
+
+
 def compress_bytes(config: object, samples: int, seq_len: int) -> int:
     """Low-memory compression, the larger of its two phases:
     - start: the embeddings and head read in fp32 (each briefly twice while copied out of the file);

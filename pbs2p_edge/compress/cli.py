@@ -108,7 +108,9 @@ import click
     type=int,
     default=None,
     help="End-to-end recovery: Adam steps on the KL to the FP model's logits, signs and mask frozen (0 = off) "
-    "[default: 512, fewer above 106 M compressed weights; skipped on the low-memory path].",
+    "[default: 512, fewer above 106 M compressed weights; on the low-memory path (large models) only when "
+    "given, after the layer loop, with the teacher streamed layer by layer; set --e2e-samples to about 2 x N "
+    "there, the teacher's cost].",
 )
 @click.option(
     "--e2e-seconds",
@@ -329,13 +331,19 @@ def _run(**options: Any) -> None:
     else:
         model, tokenizer = sources.load_model(folder)
     check_supported(model)
+    # on the low-memory path the end-to-end pass runs only when asked for
+    e2e_runs = config.e2e_steps_for(1) > 0 and (store is None or config.e2e_steps is not None)
     if store is not None:
         from pbs2p_edge import memcheck
 
         needed = memcheck.compress_bytes(model.config, config.calib_samples, config.calib_len)
+        if e2e_runs:
+            needed = max(
+                needed, memcheck.lowmem_e2e_bytes(model.config, config.e2e_micro_batch, config.calib_len)
+            )
         memcheck.require(needed, f"compressing {folder.name}")
     # the chat share matters (and needs a template) only where the end-to-end pass runs
-    if store is None and config.e2e_steps_for(1) > 0:
+    if e2e_runs:
         config = resolve_e2e_chat(config, tokenizer, options["text_path"])
     calib, e2e_ids = calibration_windows(tokenizer, config, options["text_path"])
     tokenizer_files = read_tokenizer_files(folder)

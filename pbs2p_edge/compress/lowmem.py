@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pbs2p_edge.config import SUPPORTED_MODEL_TYPES
@@ -225,3 +226,68 @@ def materialize_except(model: Any, store: LayerStore, skip: Any) -> None:
 def has_safetensors(folder: str | os.PathLike) -> bool:
     folder = Path(folder)
     return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+
+
+def teacher_topk_streaming(
+    model: Any, store: LayerStore, ids: torch.Tensor, k: int, batch_size: int, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`recover.teacher_topk` one decoder layer at a time: the FP model's hidden states of every window go
+    through each layer read from `store` in turn (the same batches, the same per-layer calls), then through
+    the model's own final norm and head. Holds the windows' hidden states, not the model."""
+    from tqdm.auto import tqdm
+
+    from pbs2p_edge.compress.families import layer_kwargs, layers_differ
+    from pbs2p_edge.compress.pipeline import _run_layer, capture_layer_inputs
+    from pbs2p_edge.compress.recover import topk_logprobs
+
+    with torch.no_grad():
+        chunks = capture_layer_inputs(model, ids, batch_size)
+        per_layer = layer_kwargs(model, ids, batch_size) if layers_differ(model) else None
+        hidden = [h for h, _ in chunks]
+        layers = tqdm(
+            list(enumerate(model.model.layers)),
+            desc="teacher (layer by layer)",
+            unit="layer",
+            disable=not progress,
+        )
+        for index, layer in layers:
+            store.load(index, layer)
+            for b, (_, kwargs) in enumerate(chunks):
+                hidden[b] = _run_layer(layer, hidden[b], per_layer[b][index] if per_layer else kwargs)
+            layer.to("meta")
+        values, indices = [], []
+        for batch, states in zip(ids.split(batch_size), hidden, strict=True):
+            top = topk_logprobs(_logits_from_final_states(model, batch, states), k)
+            values.append(top[0])
+            indices.append(top[1])
+    return torch.cat(values), torch.cat(indices)
+
+
+def _logits_from_final_states(model: Any, batch: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """The model's logits for `batch` given the last decoder layer's outputs `states`: its own forward with the
+    decoder layers taken out and the final norm's input replaced (so any family-specific head step applies)."""
+    layers = model.model.layers
+    handle = model.model.norm.register_forward_pre_hook(lambda _m, _args: (states,))
+    model.model.layers = torch.nn.ModuleList()
+    try:
+        return model(input_ids=batch, use_cache=False).logits
+    finally:
+        model.model.layers = layers
+        handle.remove()
+
+
+def materialize_compressed(model: Any, weights: Mapping[str, Any]) -> None:
+    """Give the compressed linears (on meta after the layer loop) their fp32 W_hat (and bias) from `weights`."""
+    for name, weight in weights.items():
+        linear = model.get_submodule(name)
+        linear.weight = torch.nn.Parameter(torch.from_numpy(weight.dense()), requires_grad=False)
+        if weight.bias is not None:
+            linear.bias = torch.nn.Parameter(
+                torch.from_numpy(np.asarray(weight.bias, dtype=np.float32)), requires_grad=False
+            )
+
+
+def drop_compressed(model: Any, names: Iterator[str] | list[str]) -> None:
+    """Back to meta: the packed arrays hold them."""
+    for name in names:
+        model.get_submodule(name).to("meta")

@@ -103,8 +103,10 @@ def compress(
     checkpoint; by default they are read from the folder the model was loaded from. With `store` (a
     `lowmem.LayerStore`, model from `lowmem.skeleton_model`) each decoder layer is read from disk for its
     turn and its linears dropped afterwards; the result is the same. That path has no whole model in memory,
-    so the bit budget's sensitivity probe is skipped and end-to-end recovery is refused. `e2e_ids` are the
-    end-to-end pass's windows (default: `calib_ids`; `calibration_windows` draws both).
+    so the bit budget's sensitivity probe is skipped, and the end-to-end pass runs only when asked for
+    (`config.e2e_steps` set): its teacher streams the FP layers from the store, and the pass itself runs after
+    the layer loop on the packed layers (`_recover_e2e_streamed`). `e2e_ids` are the end-to-end pass's windows
+    (default: `calib_ids`; `calibration_windows` draws both).
     """
     from pbs2p_edge.format import pack
 
@@ -152,18 +154,10 @@ def compress(
         e2e_steps = config.e2e_steps_for(sum(params))
         e2e: dict[str, Any] = {}
         if e2e_steps > 0 and store is not None and config.e2e_steps is None:
-            e2e = {"skipped": "the low-memory path has no whole model for the end-to-end pass"}
+            e2e = {"skipped": "the low-memory path runs the end-to-end pass only when asked (--e2e-steps N)"}
         elif e2e_steps > 0:
-            from pbs2p_edge.compress.recover import teacher_topk
-
-            if store is not None:
-                raise Pbs2pError(
-                    "end-to-end recovery needs the whole model in memory; the low-memory path "
-                    "(models stored as safetensors larger than the in-memory limit) cannot run it: use --e2e-steps 0"
-                )
-
             e2e_ids = calib_ids if e2e_ids is None else e2e_ids
-            teacher = teacher_topk(model, e2e_ids, config.e2e_topk, config.e2e_micro_batch, progress)
+            teacher = _teacher(model, store, e2e_ids, config, progress)
         chunks = capture_layer_inputs(model, calib_ids, config.batch_size)
         if store is not None:
             store.release_embeddings(model)
@@ -213,8 +207,11 @@ def compress(
             layer_seconds.append(time.perf_counter() - t0)
         if store is not None:
             store.restore(model, names)
-    if teacher is not None:
+    if teacher is not None and store is not None:
+        e2e = _recover_e2e_streamed(model, store, e2e_ids, teacher, config, e2e_steps, progress)
+    elif teacher is not None:
         e2e = _recover_e2e(model, weights, e2e_ids, teacher, config, e2e_steps, progress)
+    if teacher is not None:
         e2e.update(
             windows=int(e2e_ids.shape[0]),
             chat_windows=chat_window_count(config),
@@ -345,6 +342,44 @@ def _recover(
         seed=config.seed,
         seconds=budget[1],
     )
+
+
+def _teacher(
+    model: Any, store: Any, ids: torch.Tensor, config: PBS2PConfig, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP model's top-k log-probs over the end-to-end windows, before any layer is compressed."""
+    if store is not None:
+        from pbs2p_edge.compress.lowmem import teacher_topk_streaming
+
+        return teacher_topk_streaming(model, store, ids, config.e2e_topk, config.e2e_micro_batch, progress)
+    from pbs2p_edge.compress.recover import teacher_topk
+
+    return teacher_topk(model, ids, config.e2e_topk, config.e2e_micro_batch, progress)
+
+
+def _recover_e2e_streamed(
+    model: Any,
+    store: Any,
+    calib_ids: torch.Tensor,
+    teacher: tuple[torch.Tensor, torch.Tensor],
+    config: PBS2PConfig,
+    total: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """The end-to-end pass on the low-memory path, after the layer loop: the packed layers are unpacked and
+    their W_hat materialized (the whole model in fp32 again, plus 3 bytes per compressed weight while tuning),
+    tuned exactly as on the in-memory path, then packed again and dropped back to meta."""
+    from pbs2p_edge.compress.lowmem import drop_compressed, materialize_compressed
+    from pbs2p_edge.format import pack, unpack
+
+    weights = {name: unpack(p) for name, p in store.packed.items()}
+    materialize_compressed(model, weights)
+    try:
+        stats = _recover_e2e(model, weights, calib_ids, teacher, config, total, progress)
+        store.packed = {name: pack(w) for name, w in weights.items()}
+    finally:
+        drop_compressed(model, list(weights))
+    return stats
 
 
 def _recover_e2e(

@@ -362,11 +362,16 @@ def teacher_topk(
     ):
         for batch in calib_ids.split(batch_size):
             bar.update(batch.shape[0])
-            logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
-            top = logp.topk(k, dim=-1)
-            values.append(top.values.half())
-            indices.append(top.indices.int())
+            top = topk_logprobs(model(input_ids=batch, use_cache=False).logits, k)
+            values.append(top[0])
+            indices.append(top[1])
     return torch.cat(values), torch.cat(indices)
+
+
+def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k log-probabilities (fp16) and token ids (int32) of each position's logits."""
+    top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    return top.values.half(), top.indices.int()
 
 
 def _kl_topk(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
