@@ -105,7 +105,7 @@ def compress(
     turn and its linears dropped afterwards; the result is the same. That path has no whole model in memory,
     so the bit budget's sensitivity probe is skipped, and the end-to-end pass runs only when asked for
     (`config.e2e_steps` set): its teacher streams the FP layers from the store, and the pass itself runs after
-    the layer loop on the packed layers (`_recover_e2e_streamed`). `e2e_ids` are the end-to-end pass's windows
+    the layer loop on the packed layers (`_unpacked_from_store`). `e2e_ids` are the end-to-end pass's windows
     (default: `calib_ids`; `calibration_windows` draws both).
     """
     from pbs2p_edge.format import pack
@@ -208,7 +208,8 @@ def compress(
         if store is not None:
             store.restore(model, names)
     if teacher is not None and store is not None:
-        e2e = _recover_e2e_streamed(model, store, e2e_ids, teacher, config, e2e_steps, progress)
+        with _unpacked_from_store(model, store) as streamed:
+            e2e = _recover_e2e(model, streamed, e2e_ids, teacher, config, e2e_steps, progress)
     elif teacher is not None:
         e2e = _recover_e2e(model, weights, e2e_ids, teacher, config, e2e_steps, progress)
     if teacher is not None:
@@ -357,29 +358,21 @@ def _teacher(
     return teacher_topk(model, ids, config.e2e_topk, config.e2e_micro_batch, progress)
 
 
-def _recover_e2e_streamed(
-    model: Any,
-    store: Any,
-    calib_ids: torch.Tensor,
-    teacher: tuple[torch.Tensor, torch.Tensor],
-    config: PBS2PConfig,
-    total: int,
-    progress: bool,
-) -> dict[str, Any]:
-    """The end-to-end pass on the low-memory path, after the layer loop: the packed layers are unpacked and
-    their W_hat materialized (the whole model in fp32 again, plus 3 bytes per compressed weight while tuning),
-    tuned exactly as on the in-memory path, then packed again and dropped back to meta."""
+@contextlib.contextmanager
+def _unpacked_from_store(model: Any, store: Any) -> Iterator[dict[str, Any]]:
+    """The end-to-end pass on the low-memory path, after the layer loop: the packed layers unpacked and their
+    W_hat materialized (the whole model in fp32 again, plus 3 bytes per compressed weight while tuning), to be
+    tuned exactly as on the in-memory path; then packed again and dropped back to meta."""
     from pbs2p_edge.compress.lowmem import drop_compressed, materialize_compressed
     from pbs2p_edge.format import pack, unpack
 
     weights = {name: unpack(p) for name, p in store.packed.items()}
     materialize_compressed(model, weights)
     try:
-        stats = _recover_e2e(model, weights, calib_ids, teacher, config, total, progress)
+        yield weights
         store.packed = {name: pack(w) for name, w in weights.items()}
     finally:
         drop_compressed(model, list(weights))
-    return stats
 
 
 def _recover_e2e(
