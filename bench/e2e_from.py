@@ -6,6 +6,9 @@ step count given, each variant from the same starting weights, so one compress s
 
     nice -n 10 .venv/bin/python bench/e2e_from.py --from default.pt --steps 0,16,48,96 --name e2e
 
+A start model compressed from another model names its teacher with `--model` (e.g. `--model qwen2.5-coder-1.5b`
+with a model.pt from the layer-streaming path, which runs the same pass when given `--e2e-steps`).
+
 For each variant it reports the top-k KL to the FP model on the calibration windows the pass trains on, the
 same KL on held-out windows drawn from the calibration split with another seed (the overfitting check; the
 evaluation split is never used for choosing), and the perplexity on the evaluation windows (what the ablation
