@@ -297,7 +297,7 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
         )
     )
     meta = {
-        "command": _threads_env() + "nice -n 10 .venv/bin/python bench/e2e_from.py " + " ".join(sys.argv[1:]),
+        "command": _threads_env() + _nice() + ".venv/bin/python bench/e2e_from.py " + " ".join(sys.argv[1:]),
         "source": args.source.name,
         "source_config": ", ".join(
             f"{k}={cfg.get(k)}"
@@ -321,6 +321,11 @@ def _write(args: argparse.Namespace, cfg: dict[str, Any], row: dict[str, Any]) -
 
 def _maybe(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _nice() -> str:
+    niceness = os.nice(0)
+    return f"nice -n {niceness} " if niceness else ""
 
 
 def _threads_env() -> str:
