@@ -109,8 +109,8 @@ import click
     default=None,
     help="End-to-end recovery: Adam steps on the KL to the FP model's logits, signs and mask frozen (0 = off) "
     "[default: 512, fewer above 106 M compressed weights; on the low-memory path (large models) only when "
-    "given, after the layer loop, with the teacher streamed layer by layer; set --e2e-samples to about 2 x N "
-    "there, the teacher's cost].",
+    "given, after the layer loop, with the teacher streamed layer by layer over N x micro-batch windows "
+    "unless --e2e-samples says otherwise].",
 )
 @click.option(
     "--e2e-seconds",
@@ -342,6 +342,10 @@ def _run(**options: Any) -> None:
                 needed, memcheck.lowmem_e2e_bytes(model.config, config.e2e_micro_batch, config.calib_len)
             )
         memcheck.require(needed, f"compressing {folder.name}")
+        if e2e_runs and options["e2e_samples"] is None:  # the teacher costs per window: each seen once
+            import dataclasses
+
+            config = dataclasses.replace(config, e2e_samples=config.e2e_steps_for(1) * config.e2e_micro_batch)
     # the chat share matters (and needs a template) only where the end-to-end pass runs
     if e2e_runs:
         config = resolve_e2e_chat(config, tokenizer, options["text_path"])
