@@ -207,12 +207,10 @@ def compress(
             layer_seconds.append(time.perf_counter() - t0)
         if store is not None:
             store.restore(model, names)
-    if teacher is not None and store is not None:
-        with _unpacked_from_store(model, store) as streamed:
-            e2e = _recover_e2e(model, streamed, e2e_ids, teacher, config, e2e_steps, progress)
-    elif teacher is not None:
-        e2e = _recover_e2e(model, weights, e2e_ids, teacher, config, e2e_steps, progress)
     if teacher is not None:
+        tuned = _unpacked_from_store(model, store) if store is not None else contextlib.nullcontext(weights)
+        with tuned as tunable:
+            e2e = _recover_e2e(model, tunable, e2e_ids, teacher, config, e2e_steps, progress)
         e2e.update(
             windows=int(e2e_ids.shape[0]),
             chat_windows=chat_window_count(config),
