@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="write the tuned model.pt here")
     parser.add_argument("--out", type=Path, help="bench/results/NAME: writes NAME.json and NAME.md")
     args = parser.parse_args()
+    from e2e_from import start_checkpoint, teacher_for
     from peers import exit_usage
 
     if not args.source.is_file():
@@ -74,20 +75,19 @@ def main() -> None:
     import torch
 
     from pbs2p_edge import sources
-    from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
+    from pbs2p_edge.checkpoint import build_model, packed_layers
     from pbs2p_edge.compress.head import deployed_head
     from pbs2p_edge.compress.pipeline import CHAT_SEED_OFFSET
     from pbs2p_edge.compress.recover import recover_e2e, teacher_topk
     from pbs2p_edge.errors import Pbs2pError
     from pbs2p_edge.format import unpack
 
+    ckpt = start_checkpoint(args.source)
+    cfg = ckpt["compression"]
     try:
-        ckpt = load_checkpoint(args.source)
+        fp_model, tokenizer = teacher_for(ckpt, None)
     except Pbs2pError as exc:
         exit_usage(str(exc))
-    cfg = ckpt["compression"]
-    fp_model, tokenizer = sources.load_model(None)
-    fp_model.float().eval()
     if args.steps:
         chat = sources.chat_calibration_ids(
             tokenizer, args.windows, cfg["calib_len"], cfg["seed"] + CHAT_SEED_OFFSET

@@ -88,31 +88,53 @@ def e2e_config(cfg: dict[str, Any], args: argparse.Namespace) -> Any:
     )
 
 
-def run(args: argparse.Namespace, write: Any) -> list[dict[str, Any]]:
+def start_checkpoint(source: Path) -> dict[str, Any]:
+    """The start model.pt, or one `error:` line and exit 2 (missing, unreadable, not a checkpoint)."""
+    from peers import exit_usage
+
+    from pbs2p_edge.checkpoint import load_checkpoint
+    from pbs2p_edge.errors import Pbs2pError
+
+    try:
+        return load_checkpoint(source)
+    except Pbs2pError as exc:
+        exit_usage(str(exc))
+
+
+def teacher_for(ckpt: dict[str, Any], model: str | None) -> tuple[Any, Any]:
+    """(FP model in fp32 eval mode, tokenizer) of `model` (None: the default), refused with Pbs2pError when
+    the checkpoint was not compressed from a model of its shapes."""
+    from pbs2p_edge import sources
+    from pbs2p_edge.errors import Pbs2pError
+
+    fp_model, tokenizer = sources.load_model(model)
+    shape_keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+    fp_shape = {key: getattr(fp_model.config, key, None) for key in shape_keys}
+    if fp_shape != {key: ckpt["model_config"].get(key) for key in shape_keys}:
+        raise Pbs2pError(
+            f"the start model was not compressed from this teacher ({fp_shape}): pass its --model"
+        )
+    return fp_model.float().eval(), tokenizer
+
+
+def run(args: argparse.Namespace, ckpt: dict[str, Any], write: Any) -> list[dict[str, Any]]:
     import torch
     from tqdm.auto import tqdm
 
     from pbs2p_edge import sources
-    from pbs2p_edge.checkpoint import build_model, load_checkpoint, packed_layers
+    from pbs2p_edge.checkpoint import build_model, packed_layers
     from pbs2p_edge.compress.head import deployed_head
     from pbs2p_edge.compress.pipeline import calibration_windows
     from pbs2p_edge.compress.recover import mean_topk_kl, recover_e2e, teacher_topk
-    from pbs2p_edge.errors import Pbs2pError
     from pbs2p_edge.evaluate import perplexity
     from pbs2p_edge.format import unpack
 
     torch.use_deterministic_algorithms(True, warn_only=True)
-    ckpt = load_checkpoint(args.source)
     cfg = ckpt["compression"]
-    fp_model, tokenizer = sources.load_model(args.model)
-    shape_keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
-    fp_shape = {key: getattr(fp_model.config, key, None) for key in shape_keys}
-    if fp_shape != {key: ckpt["model_config"].get(key) for key in shape_keys}:
-        raise Pbs2pError(f"{args.source} was not compressed from this teacher ({fp_shape}): pass its --model")
+    fp_model, tokenizer = teacher_for(ckpt, args.model)
     _, calib = calibration_windows(tokenizer, e2e_config(cfg, args))
     held = sources.calibration_ids(tokenizer, args.holdout, cfg["calib_len"], cfg["seed"] + 1000)
     eval_ids = sources.evaluation_ids(tokenizer, args.tokens)
-    fp_model.float().eval()
     teacher = teacher_topk(fp_model, calib, args.topk, args.micro_batch, progress=True)
     held_teacher = teacher_topk(fp_model, held, args.topk, args.micro_batch, progress=True)
     del fp_model
@@ -264,11 +286,9 @@ def main() -> None:
         exit_usage(
             "--steps must be integers >= 0, --lr in (0, 1), --micro-batch and --holdout >= 1, --chat in [0, 1]"
         )
-    from pbs2p_edge.checkpoint import load_checkpoint
-
+    ckpt = start_checkpoint(args.source)  # loaded once: a 1.5B model.pt is 2.2 GB
     try:
-        cfg = load_checkpoint(args.source)["compression"]
-        run(args, lambda row: _write(args, cfg, row))
+        run(args, ckpt, lambda row: _write(args, ckpt["compression"], row))
     except Pbs2pError as exc:
         exit_usage(str(exc))
 

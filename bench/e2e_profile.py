@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="E2E steps per pass (2 windows each)")
     parser.add_argument("--out", type=Path, help="bench/results/NAME: writes NAME.json and NAME.md")
     args = parser.parse_args()
+    from e2e_from import start_checkpoint, teacher_for
     from peers import exit_usage, write_report
 
     if not args.source.is_file():
@@ -59,17 +60,15 @@ def main() -> None:
     import torch
 
     from pbs2p_edge import sources
-    from pbs2p_edge.checkpoint import load_checkpoint
     from pbs2p_edge.compress.recover import teacher_topk
     from pbs2p_edge.errors import Pbs2pError
 
+    ckpt = start_checkpoint(args.source)
+    cfg = ckpt["compression"]
     try:
-        ckpt = load_checkpoint(args.source)
+        fp_model, tokenizer = teacher_for(ckpt, None)
     except Pbs2pError as exc:
         exit_usage(str(exc))
-    cfg = ckpt["compression"]
-    fp_model, tokenizer = sources.load_model(None)
-    fp_model.float().eval()
     ids = sources.calibration_ids(tokenizer, 2 * args.steps, cfg["calib_len"], cfg["seed"] + 5)
     teacher = teacher_topk(fp_model, ids, cfg.get("e2e_topk", 64), 2)
     del fp_model
