@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -246,6 +247,10 @@ def test_cli_low_memory_path_skips_the_budget_and_runs_only_an_explicit_e2e(
     assert result.exit_code == 0, result.output
     # without --e2e-samples the streamed teacher covers the windows the steps use (2 x 2), not 1024
     assert "end-to-end recovery: top-k KL" in result.output and "2 steps over 4 windows" in result.output
+    stages = re.search(
+        r"time: ([\d.]+) s \(decoder layers ([\d.]+) s, end-to-end pass ([\d.]+) s, the rest", result.output
+    )
+    assert stages and float(stages[1]) >= float(stages[2]) + float(stages[3]) > 0, result.output
     wide = [*e2e, "--e2e-samples", "6"]
     result = CliRunner().invoke(compress_command, [*base, *fast, *wide, "-o", str(tmp_path / "w.pt")])
     assert result.exit_code == 0 and "2 steps over 6 windows" in result.output, result.output

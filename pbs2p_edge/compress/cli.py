@@ -378,6 +378,17 @@ def _salient_text(results: dict[str, Any]) -> str:
     return f"{min(counts)}..{max(counts)} (mean {sum(counts) / len(counts):.2f}, searched)"
 
 
+def _stage_seconds(results: dict[str, Any]) -> str:
+    """Where the compress time went: the decoder layers, the end-to-end pass, and everything else (mostly
+    the teacher's top-k and the dense passes)."""
+    layers = sum(results.get("layer_seconds") or [])
+    e2e = (results.get("e2e") or {}).get("seconds", 0.0)
+    if not layers:
+        return ""
+    rest = results["seconds"] - layers - e2e
+    return f" (decoder layers {layers:.1f} s, end-to-end pass {e2e:.1f} s, the rest {rest:.1f} s)"
+
+
 def summary(results: dict[str, Any], output: Any) -> str:
     layer_n = results["layer_n"]
     lines = [
@@ -387,7 +398,7 @@ def summary(results: dict[str, Any], output: Any) -> str:
         f"(signs + mask + scales), {results['bits_per_weight_paper_style']:.3f} paper-style (kept signs only)",
         f"  binarizer: {results.get('binarizer', 'arb')}, salient columns per group: {_salient_text(results)}",
         f"  per-layer N: {' '.join(map(str, layer_n))} (parameter-weighted average {results['average_n']:.3f})",
-        f"  time: {results['seconds']:.1f} s",
+        f"  time: {results['seconds']:.1f} s{_stage_seconds(results)}",
     ]
     budget = results.get("budget") or {}
     if budget.get("skipped"):
