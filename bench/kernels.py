@@ -44,7 +44,7 @@ LLAMA = [(4096, 4096), (4096, 11008), (11008, 4096)]
 NMS = [(6, 8), (5, 8), (4, 8)]
 # paths whose GEMV streams the repacked tile layout (2.25 bpw + salient coefficients); the hybrid's prefill
 # reads the disk arrays instead, so its GB/s at more than 8 tokens is understated by about 2.1 / 2.4
-TILE_KERNELS = ("avx2", "neon", "avx512-vnni-tile", "avxvnni-tile", "avx512-vnni+avx2")
+TILE_KERNELS = ("avx2", "neon", "avx512-vbmi-tile", "avx512-vnni-tile", "avxvnni-tile", "avx512-vnni+avx2")
 
 
 def memcpy_gbps(threads: int, nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -387,7 +387,7 @@ def render_markdown(res: dict) -> str:
         "of run time / nodes. "
         "Weight GB/s = bytes the op reads for its weights (pbs2p compact paths: the disk arrays in place, "
         "mask + kept signs + fp16 scales (+ salient signs and alpha2); pbs2p tile paths "
-        "avx2/neon/avx512-vnni-tile/avxvnni-tile and "
+        "avx2/neon/avx512-vbmi-tile/avx512-vnni-tile/avxvnni-tile and "
         "the hybrid avx512-vnni+avx2: the repacked tile layout, 2.25 bpw + salient coefficients; "
         "MatMulNBits: packed weights + scales; fp32: 4 bytes/weight) divided by time. `cold` = the nodes' "
         "weights together exceed 2x L3, so they stream from DRAM. Speedup: ratio of medians, and in brackets "

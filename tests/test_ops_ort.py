@@ -20,6 +20,7 @@ from pbs2p_edge.format import packed as fmt
 
 CPU = ["CPUExecutionProvider"]
 ALL_KERNELS = (
+    "avx512-vbmi-tile",
     "avx512-vnni-tile",
     "avxvnni-tile",
     "avx512-vnni+avx2",
@@ -192,6 +193,8 @@ def test_ops_info_symbol():
         assert "neon" in info["kernels"]
     if machine in ("x86_64", "amd64") and "avx_vnni" in _cpu_flags():  # the AVX-VNNI path is built and usable
         assert "avxvnni-tile" in info["kernels"]
+    if machine in ("x86_64", "amd64") and {"avx512vbmi", "avx512_vnni"} <= _cpu_flags():  # the default there
+        assert info["kernels"][0] == "avx512-vbmi-tile"
 
 
 def _cpu_flags() -> set[str]:

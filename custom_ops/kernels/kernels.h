@@ -54,6 +54,7 @@ std::string validate(const DiskView& disk, const Params& p);
 // Runtime (repacked) weight, built once per session.
 struct RuntimeWeight {
   Params p;
+  TileLayout layout = kLayoutRowBytes;  // where each code sits in a 32-byte quad block (format.h)
   int tiles = 0;                        // ceil(rows / kTileRows)
   std::vector<uint8_t> codes;           // [tiles][k/4][32]
   std::vector<uint16_t> scales;         // [tiles][G] TileScales
@@ -79,8 +80,15 @@ inline TileView tile_view(const RuntimeWeight& w, int tile) {
           &w.codes[size_t(tile) * quads * kTileRows]};
 }
 
-// Disk -> runtime layout. "" on success, else a message (sizes, magic, N:M violations...).
-std::string repack(const DiskView& disk, RuntimeWeight* out);
+// Nibble of row i (< kTileRows) in one 32-byte quad block: pair 0 = columns (4q, 4q+1), pair 1 = (4q+2, 4q+3).
+inline int quad_nibble(const uint8_t* block, TileLayout layout, int i, int pair) {
+  if (layout == kLayoutRowPairs) return (block[2 * (i % 16) + pair] >> (i >= 16 ? 4 : 0)) & 15;
+  return (block[i] >> (4 * pair)) & 15;
+}
+
+// Disk -> runtime layout, codes arranged as `layout`. "" on success, else a message (sizes, magic, N:M
+// violations...).
+std::string repack(const DiskView& disk, RuntimeWeight* out, TileLayout layout = kLayoutRowBytes);
 
 // Disk -> dense float W_hat [rows][k] (the formula of format.h with fp16 scales), for tests.
 std::string decode_dense(const DiskView& disk, std::vector<float>* w);
@@ -116,6 +124,12 @@ using TileFn = void (*)(PBS2P_TILE_ARGS);
 void tile_generic(PBS2P_TILE_ARGS);
 #if defined(PBS2P_HAVE_AVX2)
 void tile_avx2(PBS2P_TILE_ARGS);
+#endif
+#if defined(PBS2P_HAVE_AVX512VBMI)
+// avx512/tile_vbmi.cpp, the only file built with -mavx512vbmi: the avx2 kernel's sums and float steps over the
+// kLayoutRowPairs codes (byte permutes, no unpacks), two quads per zmm; same bits as tile_avx2.
+void tile_avx512vbmi(PBS2P_TILE_ARGS);
+bool cpu_has_avx512vbmi();  // AVX-512 F/BW/VL/VBMI, FMA, F16C and the OS saving the zmm state
 #endif
 #if defined(PBS2P_HAVE_NEON)
 void tile_neon(PBS2P_TILE_ARGS);
@@ -263,7 +277,7 @@ inline const float* scale_activations(const CompactWeight& w, const float* x, si
   const RuntimeWeight &w, const ChunkMap &cm, const QuantActs &a, int tile, int t0, int t1, float *y
 using TileGemmFn = void (*)(PBS2P_TILE_GEMM_ARGS);
 #if defined(PBS2P_HAVE_AVX512)
-void tile_gemm_avx512vnni(PBS2P_TILE_GEMM_ARGS);
+void tile_gemm_avx512vnni(PBS2P_TILE_GEMM_ARGS);  // either layout (w.layout)
 #endif
 #if defined(PBS2P_HAVE_AVXVNNI)
 void tile_gemm_avxvnni(PBS2P_TILE_GEMM_ARGS);  // avx2/tile_gemm_avxvnni.cpp: VEX vpdpbusd (ymm), no AVX-512
@@ -282,6 +296,7 @@ struct Kernel {
   TableFn tables;                 // tile
   const Kernel* gemv = nullptr;   // hybrid: the tile kernel used for few tokens
   TileGemmFn gemm = nullptr;      // tile: calls of more than kHybridGemv tokens (prefill) over the same copy
+  TileLayout layout = kLayoutRowBytes;  // tile: the code arrangement `tile` and `gemm` read (repack's argument)
 };
 constexpr int kHybridGemv = 8;  // measured crossover at 4096x4096 on Zen 4 (pbs2p_kernel_bench)
 // Every kernel built into this binary, in preference order (best first).

@@ -47,7 +47,7 @@ int main(int argc, char** argv) {
     CompactWeight cw;
     RuntimeWeight rw;
     if (kn->compact) prepare(d.view(), &cw);
-    else repack(d.view(), &rw);
+    else repack(d.view(), &rw, kn->layout);
     const ChunkMap cm = make_chunks(k, 128);
     QuantActs a;
     ActTables t;

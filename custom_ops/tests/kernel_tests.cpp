@@ -107,6 +107,18 @@ void run_case(const Case& c, std::mt19937& rng) {
   const std::string e2 = repack(d.view(), &rw);
   check(e2.empty(), name + ": repack: " + e2);
   if (!e2.empty()) return;
+  {  // the row-pairs arrangement holds the same nibbles, each at the place format.h gives it
+    RuntimeWeight pairs;
+    check(repack(d.view(), &pairs, kLayoutRowPairs).empty() && pairs.codes.size() == rw.codes.size(),
+          name + ": repack to row pairs");
+    bool same = pairs.codes.size() == rw.codes.size() && pairs.scales == rw.scales;
+    for (size_t b = 0; same && b < rw.codes.size(); b += kTileRows)
+      for (int i = 0; i < kTileRows; ++i)
+        for (int pair = 0; pair < 2; ++pair)
+          same = same && quad_nibble(&pairs.codes[b], kLayoutRowPairs, i, pair) ==
+                             ((rw.codes[b + size_t(i)] >> (4 * pair)) & 15);
+    check(same, name + ": row-pairs nibbles differ from the row bytes'");
+  }
   std::normal_distribution<float> nx(0.0f, 1.0f);
   std::vector<float> x(size_t(c.tokens) * c.k);
   for (auto& v : x) v = nx(rng);
@@ -161,6 +173,13 @@ void run_case(const Case& c, std::mt19937& rng) {
     check(same_bits(y, y_generic), name + " kernel=" + kn->name + ": not bit-identical to the generic kernel");
     if (kn->compact) compact_pieces(*kn, d.view(), x, c.tokens, y_generic, name);
   }
+  {  // the scalar tile kernel reads either arrangement
+    RuntimeWeight pairs;
+    repack(d.view(), &pairs, kLayoutRowPairs);
+    std::vector<float> y(size_t(c.tokens) * c.rows, NAN);
+    matmul(pairs, tile_generic, x.data(), c.tokens, y.data(), build_tables_generic);
+    check(same_bits(y, y_generic), name + " tile_generic over row pairs: not bit-identical to the generic kernel");
+  }
 }
 
 // A NaN or inf activation must give NaN outputs for that token (never a silently clamped finite value).
@@ -189,6 +208,10 @@ void bad_inputs(std::mt19937& rng) {
     Disk d = make_disk(c, rng, &w);
     d.header[kHdrMagic] = 0x1234;
     check(repack(d.view(), &rw).find("magic") != std::string::npos, "bad magic rejected");
+  }
+  {
+    Disk d = make_disk(c, rng, &w);
+    check(repack(d.view(), &rw, TileLayout(2)).find("layout") != std::string::npos, "unknown tile layout rejected");
   }
   {
     Disk d = make_disk(c, rng, &w);

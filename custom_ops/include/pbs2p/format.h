@@ -14,9 +14,10 @@
 //    + fp16 scales: (1 + N/M) bits per weight + 32/group_size. Smallest honest encoding that is still cheap to
 //    decode without tables.
 //    The compact kernels (generic, avx512-vnni) read it in place, straight from ONNX Runtime's initializers.
-//  * the TILE layout (built once at session creation by repack(), only for the tile kernels avx2 / neon and the
-//    decode half of the hybrid): 2-bit ternary codes interleaved over tiles of 32 rows, read by the table-lookup
-//    kernels: 2 + 32/group_size bits per weight, independent of N, held besides the initializers.
+//  * the TILE layout (built once at session creation by repack(), for the tile paths and the decode half of the
+//    hybrids): 2-bit ternary codes interleaved over tiles of 32 rows, read by the table-lookup kernels and the
+//    tile GEMMs: 2 + 32/group_size bits per weight, independent of N. Two arrangements of a quad's 32 bytes
+//    (TileLayout below), the same bits.
 #pragma once
 
 #include <cstddef>
@@ -82,6 +83,22 @@ struct TileQuad {
   uint8_t codes[kTileRows];
 };
 static_assert(sizeof(TileQuad) * 8 == 2 * kTileRows * 4, "runtime codes: exactly 2 bits per weight");
+
+// Arrangement of a tile's codes inside each 32-byte quad block (the tile's 32 rows x 4 columns); both hold the
+// same 64 nibbles (nibble = the 2 codes of a column pair, c0 | c1 << 2), only their places differ.
+enum TileLayout : int {
+  // byte i = row i: low nibble = columns (4q, 4q+1), high nibble = columns (4q+2, 4q+3). Every tile path.
+  kLayoutRowBytes = 0,
+  // byte 2i + h (i < 16, h = 0 low pair / 1 high pair): low nibble = row i's pair h, high nibble = row 16 + i's
+  // pair h. Masking out the low (or high) nibbles gives 16 rows with their two pair indices side by side, so one
+  // byte permute over a [d_lo | d_hi] table and one vpmaddubsw per 16 rows form the row sums with no unpack
+  // (avx512-vbmi-tile).
+  kLayoutRowPairs = 1,
+};
+struct RowPairsQuad {
+  uint8_t nibbles[kTileRows];  // [2 * (i % 16) + pair] low nibble: row i < 16, high nibble: row i + 16
+};
+static_assert(sizeof(RowPairsQuad) == sizeof(TileQuad), "both layouts: 2 bits per weight, 32 bytes per quad");
 
 // Per tile and group: fp16 alpha of the 32 rows, then fp16 mu of the 32 rows.
 struct TileScales {

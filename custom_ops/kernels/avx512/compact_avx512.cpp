@@ -176,22 +176,33 @@ void tile_gemm_avx512vnni(PBS2P_TILE_GEMM_ARGS) {
   const size_t qstride = size_t(chunks) * kChunkCols;
   const __mmask16 rows[2] = {__mmask16(nr >= kRows ? 0xffffu : (1u << nr) - 1u),
                              __mmask16(nr >= 2 * kRows ? 0xffffu : nr > kRows ? (1u << (nr - kRows)) - 1u : 0u)};
-  const __m512i m55 = _mm512_set1_epi32(0x55);
+  const __m512i m55 = _mm512_set1_epi32(0x55), m0f = _mm512_set1_epi32(0x0f);
   alignas(64) __m512i pm[2][kChunkCols / 4], pp[2][kChunkCols / 4];
   for (int t = t0; t < t1; ++t)
     for (int h = 0; h < 2; ++h)
       _mm512_mask_storeu_ps(y + size_t(t) * size_t(p.rows) + size_t(r0 + kRows * h), rows[h], _mm512_setzero_ps());
   for (int c = 0; c < chunks; ++c) {
     const int qb = cm.begin[size_t(c)] / 4, nq = (cm.begin[size_t(c) + 1] - cm.begin[size_t(c)]) / 4;
-    for (int j = 0; j < nq; ++j)
+    for (int j = 0; j < nq; ++j) {
+      const uint8_t* block = codes + size_t(qb + j) * kTileRows;
+      __m512i rows16[2];  // dword i of half h: row 16h + i's code byte in bits 0-7 (bits above are not read)
+      if (w.layout == kLayoutRowPairs) {  // bytes 2i, 2i+1 in one dword: low nibbles row i, high nibbles 16 + i
+        const __m512i dw = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
+        const __m512i s4 = _mm512_srli_epi32(dw, 4);
+        rows16[0] = _mm512_ternarylogic_epi32(dw, s4, m0f, 0xE4);  // m0f ? dw : dw >> 4
+        rows16[1] = _mm512_ternarylogic_epi32(s4, _mm512_srli_epi32(dw, 8), m0f, 0xE4);
+      } else {
+        for (int h = 0; h < 2; ++h)
+          rows16[h] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + kRows * h)));
+      }
       for (int h = 0; h < 2; ++h) {
-        const __m512i v = _mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + size_t(qb + j) * kTileRows + kRows * h)));
+        const __m512i v = rows16[h];
         const __m512i plus = _mm512_and_si512(v, m55);
         const __m512i kept = _mm512_or_si512(plus, _mm512_and_si512(_mm512_srli_epi32(v, 1), m55));
         pm[h][j] = spread_codes(kept);
         pp[h][j] = spread_codes(plus);
       }
+    }
     const uint16_t* ts = &w.scales[(size_t(tile) * G + size_t(cm.group[size_t(c)])) * 2 * kTileRows];
     __m512 alpha[2], mu[2];
     for (int h = 0; h < 2; ++h) {

@@ -255,13 +255,15 @@ size_t RuntimeWeight::runtime_bytes() const {
          bias.size() * 4 + col_scales.size() * 4;
 }
 
-std::string repack(const DiskView& d, RuntimeWeight* out) {
+std::string repack(const DiskView& d, RuntimeWeight* out, TileLayout layout) {
+  if (layout != kLayoutRowBytes && layout != kLayoutRowPairs) return "unknown tile layout " + std::to_string(layout);
   Params p;
   std::string e = parse_header(d.header, d.header_len, &p);
   if (e.empty()) e = validate(d, p);
   if (!e.empty()) return e;
   RuntimeWeight& w = *out;
   w.p = p;
+  w.layout = layout;
   w.tiles = int((int64_t(p.rows) + kTileRows - 1) / kTileRows);
   const size_t quads = size_t(p.k) / 4, G = size_t(p.groups), S = size_t(p.salient);
   // Runtime sizes, checked before any allocation. validate() tied rows * K to the mask the graph feeds
@@ -282,8 +284,13 @@ std::string repack(const DiskView& d, RuntimeWeight* out) {
   w.codes.assign(n_codes, 0);
   for_each_code(d, p, [&](int r, int j, uint8_t code) {
     const size_t tile = size_t(r) / kTileRows, i = size_t(r) % kTileRows, q = size_t(j) / 4;
-    const int shift = (j % 4) * 2;  // cols 0,1 -> low nibble bits 0-3; cols 2,3 -> high nibble
-    w.codes[(tile * quads + q) * kTileRows + i] |= uint8_t(code << shift);
+    size_t byte = i;
+    int shift = (j % 4) * 2;  // row bytes: cols 0,1 -> low nibble bits 0-3; cols 2,3 -> high nibble
+    if (layout == kLayoutRowPairs) {  // byte 2 (i % 16) + pair; rows 16-31 in the high nibbles
+      byte = 2 * (i % 16) + size_t(j % 4) / 2;
+      shift = (i >= 16 ? 4 : 0) + (j % 2) * 2;
+    }
+    w.codes[(tile * quads + q) * kTileRows + byte] |= uint8_t(code << shift);
   });
   w.scales.assign(n_scales, 0);
   for (int r = 0; r < p.rows; ++r)
@@ -406,6 +413,9 @@ SalientFn salient_fn_for(TileFn fn) {
 #if defined(PBS2P_HAVE_AVX2)
   if (fn == tile_avx2) return salient_block_avx2;
 #endif
+#if defined(PBS2P_HAVE_AVX512VBMI)
+  if (fn == tile_avx512vbmi) return salient_block_avx2;  // AVX-512 implies AVX2, FMA and F16C
+#endif
   (void)fn;
   return salient_block_generic;
 }
@@ -423,7 +433,7 @@ void tile_generic(PBS2P_TILE_ARGS) {
         const uint8_t* cq = codes + size_t(q) * kTileRows;
         const QuadTable& qt = tab[q];
         for (int i = 0; i < kTileRows; ++i) {
-          const int lo = cq[i] & 15, hi = cq[i] >> 4;
+          const int lo = quad_nibble(cq, w.layout, i, 0), hi = quad_nibble(cq, w.layout, i, 1);
           dsum[i] += qt.d_lo[lo] + qt.d_hi[hi];
           ssum[i] += qt.s_lo[lo] + qt.s_hi[hi];
         }

@@ -215,6 +215,11 @@ const Kernel kAvx512Hybrid{"avx512-vnni+avx2", true, rows_avx512vnni, nullptr, n
 // One copy (the tile layout): avx2 table lookups for decode, AVX-512 VNNI dot products over the codes for prefill.
 const Kernel kAvx512Tile{"avx512-vnni-tile", false, nullptr, tile_avx2, build_tables_avx2, nullptr, tile_gemm_avx512vnni};
 #endif
+#if defined(PBS2P_HAVE_AVX512VBMI)
+// The same one copy, its codes in row pairs: vpermb lookups for decode, the same VNNI GEMM for prefill.
+const Kernel kAvx512VbmiTile{"avx512-vbmi-tile", false,   nullptr,          tile_avx512vbmi, build_tables_avx2,
+                             nullptr,            tile_gemm_avx512vnni, kLayoutRowPairs};
+#endif
 #if defined(PBS2P_HAVE_AVXVNNI) && defined(PBS2P_HAVE_AVX2)
 // The same one copy for CPUs with AVX-VNNI but no AVX-512: avx2 lookups for decode, 256-bit VNNI for prefill.
 const Kernel kAvxVnniTile{"avxvnni-tile", false, nullptr, tile_avx2, build_tables_avx2, nullptr, tile_gemm_avxvnni};
@@ -231,8 +236,11 @@ const Kernel kSdotHybrid{"sdot+neon", true, rows_sdot, nullptr, nullptr, &kNeonT
 
 const std::vector<const Kernel*>& built_kernels() {
   static const std::vector<const Kernel*> all = {
+#if defined(PBS2P_HAVE_AVX512VBMI)
+      &kAvx512VbmiTile,  // default where VBMI is there: avx512-vnni-tile's one copy, faster decode
+#endif
 #if defined(PBS2P_HAVE_AVX512) && defined(PBS2P_HAVE_AVX2)
-      &kAvx512Tile,    // default: the hybrid's decode and prefill speed from one copy of the weights
+      &kAvx512Tile,    // one copy: the hybrid's decode and prefill speed
 #endif
 #if defined(PBS2P_HAVE_AVXVNNI) && defined(PBS2P_HAVE_AVX2)
       &kAvxVnniTile,   // default where AVX-VNNI has no AVX-512 beside it
@@ -272,6 +280,9 @@ bool kernel_supported(const Kernel& k) {
   if (k.rows == rows_sdot) return cpu_has_dotprod();
 #endif
   if (k.compact) return true;
+#if defined(PBS2P_HAVE_AVX512VBMI)
+  if (k.tile == tile_avx512vbmi) return cpu_has_avx512vbmi();
+#endif
   for (const char* isa : {"avx2", "neon", "generic"})  // the tile kernel's own CPU check
     if (k.tile == tile_fn_by_name(isa)) return true;
   return false;
@@ -310,7 +321,7 @@ std::string matmul_disk(const DiskView& d, const Kernel& k, const float* x, int 
   if (k.gemv != nullptr && tokens <= kHybridGemv) return matmul_disk(d, *k.gemv, x, tokens, y);
   if (!k.compact) {
     RuntimeWeight rw;
-    const std::string e = repack(d, &rw);
+    const std::string e = repack(d, &rw, k.layout);
     if (!e.empty()) return e;
     if (k.gemm == nullptr || tokens <= kHybridGemv) {
       matmul(rw, k.tile, x, tokens, y, k.tables);
