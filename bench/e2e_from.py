@@ -66,7 +66,7 @@ def save_variant(
         for name, w in weights.items()
     }
     compression = dict(ckpt["compression"])
-    compression["e2e_steps"] = steps
+    compression["e2e_steps"] = (compression.get("e2e_steps") or 0) + steps  # a start model's own pass counts
     results = compression["results"]
     # as if `compress` had run the pass: its seconds count in the compress time
     compression["results"] = {**results, "e2e": stats, "seconds": results["seconds"] + stats["seconds"]}
@@ -82,7 +82,7 @@ def e2e_config(cfg: dict[str, Any], args: argparse.Namespace) -> Any:
     return PBS2PConfig(
         calib_samples=cfg["calib_samples"],
         calib_len=cfg["calib_len"],
-        seed=cfg["seed"],
+        seed=cfg["seed"] if args.window_seed is None else args.window_seed,
         e2e_samples=args.samples,
         e2e_chat=args.chat,
     )
@@ -172,6 +172,7 @@ def run(args: argparse.Namespace, ckpt: dict[str, Any], write: Any) -> list[dict
             "dtype": args.dtype,
             "micro_batch": args.micro_batch,
             "topk": args.topk,
+            "window_seed": cfg["seed"] if args.window_seed is None else args.window_seed,
             "kept": stats.get("kept", False),
             "calib_kl": mean_topk_kl(
                 model, calib[:n_first], (teacher[0][:n_first], teacher[1][:n_first]), args.micro_batch
@@ -258,6 +259,13 @@ def main() -> None:
     )
     parser.add_argument("--topk", type=int, default=None, help="teacher top-k (default: PBS2PConfig's)")
     parser.add_argument("--holdout", type=int, default=16, help="held-out calibration-split windows")
+    parser.add_argument(
+        "--window-seed",
+        type=int,
+        default=None,
+        help="seed of the windows the pass trains on (default: the start model's, i.e. compress's windows); "
+        "another seed continues a model that already had a pass on fresh windows",
+    )
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--name", default="e2e", help="output stem under bench/results/")

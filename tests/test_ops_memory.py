@@ -90,7 +90,15 @@ def test_compact_kernels_keep_no_copy_of_the_weights(monkeypatch) -> None:
     compact = next((k for k in ("avx512-vnni", "sdot") if k in usable), "generic")
     tiles = [
         k
-        for k in ("avx512-vnni+avx2", "avx512-vbmi-tile", "avx512-vnni-tile", "avxvnni-tile", "avx2", "sdot+neon", "neon")
+        for k in (
+            "avx512-vnni+avx2",
+            "avx512-vbmi-tile",
+            "avx512-vnni-tile",
+            "avxvnni-tile",
+            "avx2",
+            "sdot+neon",
+            "neon",
+        )
         if k in usable
     ]
     p = _large_weight()
