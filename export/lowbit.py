@@ -22,6 +22,7 @@ from pbs2p_edge.errors import Pbs2pError
 SCALE_GRID = np.linspace(0.5, 1.0, 11)
 REFINE_STEPS = 2
 ROWS_PER_CHUNK = 2048
+PROGRESS_ROWS = 65536  # larger matrices show a progress bar
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -113,9 +114,16 @@ def search_quantize(
     scales = np.empty((n, blocks), np.float32)
     zero = np.empty((n, blocks), np.uint8)
     w_all = np.asarray(weight, np.float32).reshape(n, blocks, block_size)
-    for start in range(0, n, ROWS_PER_CHUNK):
-        stop = min(n, start + ROWS_PER_CHUNK)
-        codes[start:stop], scales[start:stop], zero[start:stop] = _search_chunk(
-            w_all[start:stop], h, 1 << bits
-        )
+    from tqdm.auto import tqdm
+
+    # minutes for a 151,936-row head: a bar with ETA on a terminal (tqdm turns itself off elsewhere)
+    with tqdm(
+        total=n, desc=f"{bits}-bit scale search", unit="row", disable=None if n > PROGRESS_ROWS else True
+    ) as bar:
+        for start in range(0, n, ROWS_PER_CHUNK):
+            stop = min(n, start + ROWS_PER_CHUNK)
+            codes[start:stop], scales[start:stop], zero[start:stop] = _search_chunk(
+                w_all[start:stop], h, 1 << bits
+            )
+            bar.update(stop - start)
     return pack_codes(codes, bits), scales, zero
