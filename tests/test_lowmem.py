@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_CONFIG
+from test_model_families import tiny_family_dir
 from transformers import AutoConfig
 
 from pbs2p_edge import memcheck, sources
@@ -39,11 +40,21 @@ def _qwen2_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("family, cfs", [("llama", False), ("qwen2", True)])
+def _family_dir(family: str, tmp_path: Path, tiny_model_dir: Path) -> Path:
+    if family == "llama":
+        return tiny_model_dir
+    if family == "qwen2":
+        return _qwen2_dir(tmp_path, tiny_model_dir)
+    # Gemma 3: sliding and global layers get different masks and rotary tables (per-layer keyword arguments)
+    tiny_family_dir(tmp_path / family, tiny_model_dir, family)
+    return tmp_path / family
+
+
+@pytest.mark.parametrize("family, cfs", [("llama", False), ("qwen2", True), ("gemma3_text", True)])
 def test_streaming_compression_is_bit_identical(
     family: str, cfs: bool, tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path
 ) -> None:
-    folder = tiny_model_dir if family == "llama" else _qwen2_dir(tmp_path, tiny_model_dir)
+    folder = _family_dir(family, tmp_path, tiny_model_dir)
     if family == "qwen2":
         assert (folder / "model.safetensors.index.json").is_file()  # the sharded reader is exercised
     config = PBS2PConfig(
@@ -94,7 +105,7 @@ def test_streaming_compression_is_bit_identical(
     assert a["model_config"] == b["model_config"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
 def test_streaming_end_to_end_pass_is_bit_identical(
     family: str, tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path
 ) -> None:
@@ -103,7 +114,7 @@ def test_streaming_end_to_end_pass_is_bit_identical(
     from pbs2p_edge.compress.lowmem import teacher_topk_streaming
     from pbs2p_edge.compress.recover import teacher_topk
 
-    folder = tiny_model_dir if family == "llama" else _qwen2_dir(tmp_path, tiny_model_dir)
+    folder = _family_dir(family, tmp_path, tiny_model_dir)
     config = PBS2PConfig(
         n=6, m=8, calib_samples=4, calib_len=32, cfs=False, batch_size=2, arb_iters=3, recover_steps=2,
         e2e_steps=3, e2e_samples=6, e2e_lr=0.01, e2e_dtype="float32", budget=False,

@@ -31,29 +31,32 @@ def layers_differ(model: Any) -> bool:
 
 
 def layer_kwargs(model: Any, calib_ids: torch.Tensor, batch_size: int) -> list[list[dict[str, Any]]]:
-    """Per calibration batch (as `capture_layer_inputs` splits them), per decoder layer: its keyword arguments."""
+    """Per calibration batch (as `capture_layer_inputs` splits them), per decoder layer: its keyword arguments.
+
+    The model's own forward computes them; each layer's `forward` is replaced for the call by a recorder that
+    returns its input unchanged, so no layer computes (its weights may still be on the meta device, as on the
+    layer-streaming path) while the model still reads every attribute of its layers."""
     layers = model.model.layers
     recorded: list[list[dict[str, Any]]] = []
-    handles = []
 
-    def hook_for(index: int) -> Any:
-        def hook(_module: Any, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    def recorder_for(index: int) -> Any:
+        def record(hidden_states: torch.Tensor, *_args: Any, **kwargs: Any) -> torch.Tensor:
             kwargs.update(use_cache=False, past_key_values=None)
             recorded[-1].append(kwargs)
             if index == len(layers) - 1:
                 raise _Stop
+            return hidden_states
 
-        return hook
+        return record
 
     for index, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(hook_for(index), with_kwargs=True))
+        layer.forward = recorder_for(index)  # an instance attribute shadows the class's forward
     try:
         for batch in calib_ids.split(batch_size):
             recorded.append([])
             with contextlib.suppress(_Stop):
                 model(input_ids=batch, use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
+        for layer in layers:
+            del layer.forward
     return recorded

@@ -125,6 +125,7 @@ class LayerStore:
         )
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
+        rebuild_computed_buffers(model)  # Gemma's embedding scale went to meta with the embeddings
 
 
 def skeleton_model(folder: str | os.PathLike) -> tuple[Any, LayerStore]:
@@ -190,9 +191,11 @@ def layer_cosines_streaming(
     """`pipeline.layer_cosines` one layer at a time: the same batches through the same layers, same sums."""
     from tqdm.auto import tqdm
 
+    from pbs2p_edge.compress.families import layer_kwargs, layers_differ
     from pbs2p_edge.compress.pipeline import _run_layer, capture_layer_inputs
 
     chunks = capture_layer_inputs(model, calib_ids, batch_size)
+    per_layer = layer_kwargs(model, calib_ids, batch_size) if layers_differ(model) else None
     cosines = []
     layers = tqdm(
         list(enumerate(model.model.layers)), desc="cfs (dense pass)", unit="layer", disable=not progress
@@ -201,8 +204,8 @@ def layer_cosines_streaming(
         store.load(index, layer)
         total, count = 0.0, 0
         outputs = []
-        for hidden, kwargs in chunks:
-            out = _run_layer(layer, hidden, kwargs)
+        for b, (hidden, kwargs) in enumerate(chunks):
+            out = _run_layer(layer, hidden, per_layer[b][index] if per_layer else kwargs)
             cos = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
             total += float(cos.sum())
             count += cos.numel()

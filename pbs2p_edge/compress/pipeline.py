@@ -159,12 +159,13 @@ def compress(
             e2e_ids = calib_ids if e2e_ids is None else e2e_ids
             teacher = _teacher(model, store, e2e_ids, config, progress)
         chunks = capture_layer_inputs(model, calib_ids, config.batch_size)
-        if store is not None:
-            store.release_embeddings(model)
         # Local/global layers get different masks and rotary tables: replay each layer's own (families.py).
+        # Recorded through the model's own forward, so before the streaming path releases the embeddings.
         layer_kwargs_by_batch = (
             layer_kwargs(model, calib_ids, config.batch_size) if layers_differ(model) else None
         )
+        if store is not None:
+            store.release_embeddings(model)
         fp_chunks = [hs for hs, _ in chunks] if config.recover_target == "fp_states" else []
         recovery: list[dict[str, Any]] = []
         weights: dict[str, Any] = {}
