@@ -82,7 +82,7 @@ def e2e_config(cfg: dict[str, Any], args: argparse.Namespace) -> Any:
     return PBS2PConfig(
         calib_samples=cfg["calib_samples"],
         calib_len=cfg["calib_len"],
-        seed=cfg["seed"] if args.window_seed is None else args.window_seed,
+        seed=args.window_seed,
         e2e_samples=args.samples,
         e2e_chat=args.chat,
     )
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace, ckpt: dict[str, Any], write: Any) -> list[dict
             "dtype": args.dtype,
             "micro_batch": args.micro_batch,
             "topk": args.topk,
-            "window_seed": cfg["seed"] if args.window_seed is None else args.window_seed,
+            "window_seed": args.window_seed,
             "kept": stats.get("kept", False),
             "calib_kl": mean_topk_kl(
                 model, calib[:n_first], (teacher[0][:n_first], teacher[1][:n_first]), args.micro_batch
@@ -295,6 +295,8 @@ def main() -> None:
             "--steps must be integers >= 0, --lr in (0, 1), --micro-batch and --holdout >= 1, --chat in [0, 1]"
         )
     ckpt = start_checkpoint(args.source)  # loaded once: a 1.5B model.pt is 2.2 GB
+    if args.window_seed is None:
+        args.window_seed = ckpt["compression"]["seed"]
     try:
         run(args, ckpt, lambda row: _write(args, ckpt["compression"], row))
     except Pbs2pError as exc:

@@ -129,7 +129,6 @@ void tile_avx2(PBS2P_TILE_ARGS);
 // avx512/tile_vbmi.cpp, the only file built with -mavx512vbmi: the avx2 kernel's sums and float steps over the
 // kLayoutRowPairs codes (byte permutes, no unpacks), two quads per zmm; same bits as tile_avx2.
 void tile_avx512vbmi(PBS2P_TILE_ARGS);
-bool cpu_has_avx512vbmi();  // AVX-512 F/BW/VL/VBMI, FMA, F16C and the OS saving the zmm state
 #endif
 #if defined(PBS2P_HAVE_NEON)
 void tile_neon(PBS2P_TILE_ARGS);

@@ -6,8 +6,6 @@
 // The integer sums and the float steps are tile_avx2's, in its order: identical bits.
 #include <immintrin.h>
 
-#include <cpuid.h>
-
 #include "../kernels.h"
 
 #ifndef PBS2P_PF_DIST
@@ -15,20 +13,6 @@
 #endif
 
 namespace pbs2p {
-
-bool cpu_has_avx512vbmi() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
-  const bool osxsave = ecx & (1u << 27), fma = ecx & (1u << 12), f16c = ecx & (1u << 29);
-  if (!osxsave || !fma || !f16c) return false;
-  unsigned lo = 0, hi = 0;
-  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  if ((lo & 0xe6u) != 0xe6u) return false;  // SSE, AVX and the three AVX-512 state components
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool f = ebx & (1u << 16), bw = ebx & (1u << 30), vl = ebx & (1u << 31), avx2 = ebx & (1u << 5);
-  const bool vbmi = ecx & (1u << 1);
-  return f && bw && vl && avx2 && vbmi;
-}
 
 void tile_avx512vbmi(PBS2P_TILE_ARGS) {
   const Params& p = w.p;

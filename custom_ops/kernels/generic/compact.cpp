@@ -184,6 +184,14 @@ bool cpu_has_avx512vnni() {
   return f && bw && vl && bmi2 && vnni && os_saves_zmm();
 }
 #endif
+#if defined(PBS2P_HAVE_AVX512VBMI)
+bool cpu_has_avx512vbmi() {  // vpermb (leaf 7 ECX bit 1) beside AVX-512 F/BW/VL and the zmm state
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool f = ebx & (1u << 16), bw = ebx & (1u << 30), vl = ebx & (1u << 31), vbmi = ecx & (1u << 1);
+  return f && bw && vl && vbmi && os_saves_zmm();
+}
+#endif
 #if defined(PBS2P_HAVE_AVXVNNI)
 // AVX-VNNI: CPUID.(EAX=7,ECX=1):EAX bit 4, with AVX2 (leaf 7 EBX bit 5), AVX/FMA/F16C (leaf 1 ECX bits 28, 12,
 // 29) and the OS saving the SSE and AVX (ymm) state (OSXSAVE, XCR0 bits 1-2). No AVX-512 needed.
@@ -281,7 +289,8 @@ bool kernel_supported(const Kernel& k) {
 #endif
   if (k.compact) return true;
 #if defined(PBS2P_HAVE_AVX512VBMI)
-  if (k.tile == tile_avx512vbmi) return cpu_has_avx512vbmi();
+  // its table builder and post-pass are the AVX2 ones: AVX2, FMA and F16C checked too (tile_fn_by_name)
+  if (k.tile == tile_avx512vbmi) return cpu_has_avx512vbmi() && tile_fn_by_name("avx2") != nullptr;
 #endif
   for (const char* isa : {"avx2", "neon", "generic"})  // the tile kernel's own CPU check
     if (k.tile == tile_fn_by_name(isa)) return true;
