@@ -68,7 +68,7 @@ def test_streaming_compression_is_bit_identical(
         arb_iters=3,
         recover_steps=3,  # step-budgeted recovery is reproducible
         e2e_steps=0,  # the streaming path has no whole model for the end-to-end pass
-        budget=False,  # the streaming path has no whole model for the budget's probe
+        budget=False,  # test_streaming_bit_budget_is_bit_identical covers it
     )
     model, tokenizer = sources.load_model(folder)
     calib = sources.calibration_ids(tokenizer, 4, 32, 0, corpus_text_file)
@@ -103,6 +103,61 @@ def test_streaming_compression_is_bit_identical(
     for key, tensor in a["dense_state"].items():
         assert torch.equal(tensor, b["dense_state"][key]), key
     assert a["model_config"] == b["model_config"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_streaming_bit_budget_is_bit_identical(
+    family: str, tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path
+) -> None:
+    """The bit budget on the layer-streaming path: the same sensitivities (probed one layer at a time), the
+    same layers kept in int4 (their biases too), then an end-to-end pass over them, exactly as in memory."""
+    from pbs2p_edge.compress.budget import layer_sensitivity, quick_binarize
+    from pbs2p_edge.compress.pipeline import linear_names
+
+    folder = _family_dir(family, tmp_path, tiny_model_dir)
+    config = PBS2PConfig(
+        n=6, m=8, calib_samples=4, calib_len=32, cfs=False, batch_size=2, arb_iters=3, recover_steps=2,
+        e2e_steps=2, e2e_samples=4, e2e_lr=0.01, e2e_dtype="float32", budget_bits=4.2, budget_probe_len=24,
+    )  # fmt: skip
+    model, tokenizer = sources.load_model(folder)
+    calib = sources.calibration_ids(tokenizer, 4, 32, 0, corpus_text_file)
+    probe = calib[:2, :24]
+    names = linear_names(model)
+    whole = layer_sensitivity(model, probe, names, 6, 8, config.group_size)
+    # layer 0's sensitivity, computed the plain way: the model's loss with only layer 0 quick-binarized
+    loss = lambda: float(model(input_ids=probe, labels=probe).loss.detach())  # noqa: E731
+    base = loss()
+    saved = {n: model.model.layers[0].get_submodule(n).weight.data.clone() for n in names}
+    for n, w in saved.items():
+        model.model.layers[0].get_submodule(n).weight.data.copy_(quick_binarize(w, 6, 8, config.group_size))
+    assert whole[0] == pytest.approx(loss() - base, rel=1e-4, abs=1e-6)
+    for n, w in saved.items():
+        model.model.layers[0].get_submodule(n).weight.data.copy_(w)
+    skeleton, store = skeleton_model(folder)
+    assert layer_sensitivity(skeleton, probe, names, 6, 8, config.group_size, store=store) == whole
+
+    files = read_tokenizer_files(folder)
+    full = compress(model, config, calib, tokenizer_files=files, progress=False)
+    skeleton, store = skeleton_model(folder)
+    low = compress(skeleton, config, calib, tokenizer_files=files, progress=False, store=store)
+    assert full.results["budget"]["sensitivity"] == whole
+    chosen = full.results["budget"]["int4_layers"]
+    assert chosen and len(chosen) < len(whole)  # the tiny model's 2 layers: 1 kept in int4 at 4.2 bits
+    untimed = [{k: v for k, v in m.results["budget"].items() if k != "probe_seconds"} for m in (full, low)]
+    assert untimed[0] == untimed[1]
+    e2e = [{k: v for k, v in m.results["e2e"].items() if k != "seconds"} for m in (full, low)]
+    assert e2e[0] == e2e[1] and e2e[0]["steps"] == 2
+    assert full.nbits.keys() == low.nbits.keys() and full.packed.keys() == low.packed.keys()
+    for name, entry in full.nbits.items():
+        for key, tensor in entry.items():
+            assert torch.equal(tensor, low.nbits[name][key]), f"{name}.{key}"
+    for name in full.packed:
+        for key, array in full.packed[name].arrays.items():
+            np.testing.assert_array_equal(array, low.packed[name].arrays[key], err_msg=f"{name}.{key}")
+    a, b = checkpoint_dict(full), checkpoint_dict(low)
+    assert a["dense_state"].keys() == b["dense_state"].keys()  # an int4 layer's q/k/v biases included
+    for key, tensor in a["dense_state"].items():
+        assert torch.equal(tensor, b["dense_state"][key]), key
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
@@ -232,12 +287,12 @@ def test_export_modules_without_dense_copies_compute_the_same(salient: int, bias
         )
 
 
-def test_cli_low_memory_path_skips_the_budget_and_runs_only_an_explicit_e2e(
+def test_cli_low_memory_path_spends_the_budget_and_runs_only_an_explicit_e2e(
     tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The layer-streaming path (forced here; large models take it by size) compresses, says that the bit
-    budget's probe was skipped, skips the default end-to-end pass, runs an explicit one, and refuses it in one
-    line when the memory it needs is not there."""
+    """The layer-streaming path (forced here; large models take it by size) compresses with the bit budget,
+    skips the default end-to-end pass, runs an explicit one, and refuses it in one line when the memory it
+    needs is not there."""
     from click.testing import CliRunner
 
     from pbs2p_edge.compress.cli import compress_command
@@ -248,7 +303,7 @@ def test_cli_low_memory_path_skips_the_budget_and_runs_only_an_explicit_e2e(
     out = tmp_path / "low.pt"
     result = CliRunner().invoke(compress_command, [*base, *fast, "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "bit budget skipped" in result.output and out.is_file()
+    assert "  bit budget 2.5 (pattern alone" in result.output and out.is_file()
     from pbs2p_edge.config import E2E_STEPS
 
     if E2E_STEPS:  # the default end-to-end pass is skipped on this path; an explicit one runs
@@ -274,3 +329,37 @@ def test_cli_low_memory_path_skips_the_budget_and_runs_only_an_explicit_e2e(
     assert "GiB of memory" in result.output and not (tmp_path / "f.pt").exists()
     result = CliRunner().invoke(compress_command, [*base, *fast, "-o", str(tmp_path / "g.pt")])
     assert result.exit_code == 0, result.output  # the layer loop alone fits
+
+
+def test_sensitivity_script_plans_the_same_layers_streamed_or_not(
+    tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path
+) -> None:
+    """bench/sensitivity.py reports compress's plan (per-layer N, sensitivities, int4 layers) without
+    compressing; the layer-streaming path gives the same plan; a bad pattern is one error line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "sensitivity.py"
+    base = [sys.executable, str(script), "--model", str(tiny_model_dir), "--text", str(corpus_text_file)]
+    base += ["--budget-bits", "4.2"]
+    reports = []
+    for low in ("0", "1"):
+        out = tmp_path / f"plan-{low}"
+        env = {**os.environ, "PBS2P_EDGE_LOW_MEMORY": low}
+        done = subprocess.run(
+            [*base, "--out", str(out)], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        reports.append(json.loads(out.with_name(out.name + ".json").read_text()))
+        table = out.with_name(out.name + ".md").read_text()
+        assert table.count("\n| ") == 1 + len(reports[-1]["layer_n"])  # header + one row per decoder layer
+    assert [r["streamed"] for r in reports] == [False, True]
+    plans = [(r["layer_n"], r["budget"]["sensitivity"], r["budget"]["int4_layers"]) for r in reports]
+    assert plans[0] == plans[1] and len(plans[0][2]) == 1
+    done = subprocess.run(
+        [*base, "--nm", "9:8", "--out", str(tmp_path / "bad")], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error:"), (
+        done.stderr
+    )

@@ -5,8 +5,8 @@ blocks of 32, fp32 scales: 5.0 bits per weight, quantized by onnxruntime's own q
 format). Which layers: a probe measures each layer's sensitivity before compression, as the increase of the
 mean next-token loss on calibration sequences when only that layer's 7 linears are replaced by a quick
 binarization (magnitude N:M mask, per row and group alpha, mu; no compensation), on `budget_probe_samples`
-sequences of `budget_probe_len` tokens (default 2 x 128: the probe costs about half a forward pass per layer);
-layers are then taken
+sequences of `budget_probe_len` tokens (default 2 x 128: the probe costs about half a forward pass per layer,
+and runs layer by layer, so the layer-streaming path of large models has it too); layers are then taken
 greedily by sensitivity per extra stored bit while the total stays within the budget.
 """
 
@@ -45,8 +45,12 @@ def quick_binarize(w: torch.Tensor, n: int, m: int, group_size: int) -> torch.Te
     return out
 
 
-def _loss_from_hidden(model: Any, hidden: torch.Tensor, ids: torch.Tensor) -> float:
-    logits = model.lm_head(model.model.norm(hidden)).float()
+def _loss_from_states(model: Any, states: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token loss of `ids` given the last decoder layer's outputs (the model's own final norm and
+    head, with any family-specific step such as Gemma's logit soft-capping)."""
+    from pbs2p_edge.compress.lowmem import logits_from_final_states
+
+    logits = logits_from_final_states(model, ids, states).float()
     return float(
         torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
@@ -62,37 +66,46 @@ def layer_sensitivity(
     m: int,
     group_size: int,
     progress: bool = False,
+    store: Any = None,
 ) -> list[float]:
     """Loss increase per decoder layer when only that layer is quick-binarized (FP model, `ids` sequences).
-    The FP hidden states entering each layer are cached once, so probing layer l runs layers l..L-1 only."""
+
+    One pass over the layers, each visited once (so `store`, a `lowmem.LayerStore`, can read it from disk for
+    its turn, as on the layer-streaming path): layer l starts branch l from the FP hidden states, binarized, and
+    carries every earlier branch one layer on. The branches are hidden states of the probe's few sequences
+    (about 2 x 128 x hidden floats each), so probing costs L (L + 1) / 2 layer calls and no copy of the model.
+    """
     from tqdm.auto import tqdm
 
+    from pbs2p_edge.compress.families import layer_kwargs, layers_differ
     from pbs2p_edge.compress.pipeline import _run_layer, capture_layer_inputs
 
     layers = model.model.layers
     with torch.no_grad():
-        ((hidden, kwargs),) = capture_layer_inputs(model, ids, ids.shape[0])
-        states = [hidden]
-        for layer in layers:
-            states.append(_run_layer(layer, states[-1], kwargs))
-        base = _loss_from_hidden(model, states[-1], ids)
-        out = []
+        ((fp, kwargs),) = capture_layer_inputs(model, ids, ids.shape[0])
+        per_layer = layer_kwargs(model, ids, ids.shape[0])[0] if layers_differ(model) else None
+        branches: list[torch.Tensor] = []
         bar = tqdm(
             list(enumerate(layers)), desc="budget: layer sensitivity", unit="layer", disable=not progress
         )
         for index, layer in bar:
+            if store is not None:
+                store.load(index, layer)
+            args = per_layer[index] if per_layer else kwargs
+            branches = [_run_layer(layer, h, args) for h in branches]
             saved = {}
             for name in names:
                 linear = layer.get_submodule(name)
                 saved[name] = linear.weight.data.clone()
                 linear.weight.data.copy_(quick_binarize(saved[name].float(), n, m, group_size))
-            h = states[index]
-            for later in layers[index:]:
-                h = _run_layer(later, h, kwargs)
-            out.append(_loss_from_hidden(model, h, ids) - base)
+            branches.append(_run_layer(layer, fp, args))
             for name in names:
                 layer.get_submodule(name).weight.data.copy_(saved[name])
-    return out
+            fp = _run_layer(layer, fp, args)
+            if store is not None:
+                layer.to("meta")
+        base = _loss_from_states(model, fp, ids)
+        return [_loss_from_states(model, h, ids) - base for h in branches]
 
 
 def layer_bits(

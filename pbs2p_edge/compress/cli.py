@@ -223,11 +223,11 @@ def build_config(options: dict[str, Any]) -> Any:
 
 
 # Models whose fp32 weights exceed this are compressed one decoder layer at a time from their safetensors
-# (compress/lowmem.py); smaller ones are held whole, which the bit budget's probe and E2E recovery need.
+# (compress/lowmem.py); smaller ones are held whole, which the default end-to-end pass needs.
 LOW_MEMORY_BYTES = 2 << 30
 
 
-def _needs_low_memory(folder: Path) -> bool:
+def needs_low_memory(folder: Path) -> bool:
     from transformers import AutoConfig
 
     from pbs2p_edge import memcheck
@@ -325,7 +325,7 @@ def _run(**options: Any) -> None:
 
     folder = sources.model_files(options["model_path"])
     store = None
-    if has_safetensors(folder) and _needs_low_memory(folder):  # one decoder layer in RAM at a time
+    if has_safetensors(folder) and needs_low_memory(folder):  # one decoder layer in RAM at a time
         model, store = skeleton_model(folder)
         tokenizer = sources.load_tokenizer(folder)
     else:
@@ -401,9 +401,7 @@ def summary(results: dict[str, Any], output: Any) -> str:
         f"  time: {results['seconds']:.1f} s{_stage_seconds(results)}",
     ]
     budget = results.get("budget") or {}
-    if budget.get("skipped"):
-        lines.append(f"  bit budget skipped: {budget['skipped']}")
-    elif budget:
+    if budget:
         lines.append(
             f"  bit budget {budget['budget_bits']:g} (pattern alone {budget['pattern_bits']:.3f}): "
             f"int4 decoder layers {budget['int4_layers'] or 'none'}"

@@ -112,6 +112,12 @@ class LayerStore:
         for name in linear_names:
             layer.get_submodule(name).to("meta")
 
+    def release_weights(self, layer: torch.nn.Module, linear_names: tuple[str, ...]) -> None:
+        """Drop only the weights of a layer the bit budget keeps in int4 (the checkpoint's `nbits` hold them);
+        their biases stay, the checkpoint stores those densely."""
+        for name in linear_names:
+            drop_weight(layer.get_submodule(name))
+
     def release_embeddings(self, model: Any) -> None:
         """Once decoder layer 0's inputs are captured the layer loop needs neither the embeddings nor the
         head (a GiB each for a 150k vocabulary): drop them to meta until `restore`."""
@@ -260,13 +266,13 @@ def teacher_topk_streaming(
             layer.to("meta")
         values, indices = [], []
         for batch, states in zip(ids.split(batch_size), hidden, strict=True):
-            top = topk_logprobs(_logits_from_final_states(model, batch, states), k)
+            top = topk_logprobs(logits_from_final_states(model, batch, states), k)
             values.append(top[0])
             indices.append(top[1])
     return torch.cat(values), torch.cat(indices)
 
 
-def _logits_from_final_states(model: Any, batch: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+def logits_from_final_states(model: Any, batch: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     """The model's logits for `batch` given the last decoder layer's outputs `states`: its own forward with the
     decoder layers taken out and the final norm's input replaced (so any family-specific head step applies)."""
     layers = model.model.layers
@@ -288,6 +294,25 @@ def materialize_compressed(model: Any, weights: Mapping[str, Any]) -> None:
             linear.bias = torch.nn.Parameter(
                 torch.from_numpy(np.asarray(weight.bias, dtype=np.float32)), requires_grad=False
             )
+
+
+def materialize_nbits(model: Any, nbits: Mapping[str, Any]) -> None:
+    """Give the linears the bit budget keeps in int4 (weights on meta after the layer loop) their dequantized
+    fp32 weights from the checkpoint entries `nbits` ({name: {packed, scales, meta}})."""
+    from pbs2p_edge.export.nbits import BlockQuantized
+
+    for name, entry in nbits.items():
+        bits, block, k = (int(v) for v in entry["meta"].tolist())
+        q = BlockQuantized(
+            packed=entry["packed"].numpy(), scales=entry["scales"].numpy(), bits=bits, block_size=block, k=k
+        )
+        weight = torch.from_numpy(np.ascontiguousarray(q.dequantize(), dtype=np.float32))
+        model.get_submodule(name).weight = torch.nn.Parameter(weight, requires_grad=False)
+
+
+def drop_weight(linear: torch.nn.Module) -> None:
+    """The linear's weight to meta (same shape and dtype); its bias stays."""
+    linear.weight = torch.nn.Parameter(torch.empty_like(linear.weight, device="meta"), requires_grad=False)
 
 
 def drop_compressed(model: Any, names: Iterator[str] | list[str]) -> None:

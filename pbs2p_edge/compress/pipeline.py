@@ -103,9 +103,9 @@ def compress(
     checkpoint; by default they are read from the folder the model was loaded from. With `store` (a
     `lowmem.LayerStore`, model from `lowmem.skeleton_model`) each decoder layer is read from disk for its
     turn and its linears dropped afterwards; the result is the same. That path has no whole model in memory,
-    so the bit budget's sensitivity probe is skipped, and the end-to-end pass runs only when asked for
-    (`config.e2e_steps` set): its teacher streams the FP layers from the store, and the pass itself runs after
-    the layer loop on the packed layers (`_unpacked_from_store`). `e2e_ids` are the end-to-end pass's windows
+    so the bit budget's sensitivity probe streams the layers too, and the end-to-end pass runs only when asked
+    for (`config.e2e_steps` set): its teacher streams the FP layers from the store, and the pass itself runs
+    after the layer loop on the packed layers (`_unpacked_from_store`). `e2e_ids` are the end-to-end pass's windows
     (default: `calib_ids`; `calibration_windows` draws both).
     """
     from pbs2p_edge.format import pack
@@ -126,28 +126,8 @@ def compress(
         recover_steps = config.recover_steps_for(sum(params))
         # the optional wall-time cap is split evenly over the decoder layers
         layer_cap = None if config.recover_seconds is None else config.recover_seconds / len(layers)
-        cosines: list[float] = []
-        importance: list[float] = []
-        if config.cfs:
-            if store is not None:
-                from pbs2p_edge.compress.lowmem import layer_cosines_streaming
-
-                cfs_ids = calib_ids[: config.cfs_samples]
-                cosines = layer_cosines_streaming(model, store, cfs_ids, config.batch_size, progress)
-            else:
-                cosines = layer_cosines(model, calib_ids[: config.cfs_samples], config.batch_size)
-            importance = cfs.importance_from_cosine(cosines)
-            layer_n = cfs.allocate(
-                importance, params, config.n, config.cfs_n_low, config.cfs_n_high, config.cfs_delta
-            )
-        else:
-            layer_n = [config.n] * len(layers)
-        cfs_seconds = time.perf_counter() - start
-        budget = {}
-        if config.budget and store is None:
-            budget = _plan_budget(model, calib_ids, layer_n, config, progress, names)
-        elif config.budget:
-            budget = {"skipped": "the low-memory path has no whole model to probe layer sensitivity on"}
+        layer_n, cosines, importance, budget = plan_layers(model, calib_ids, config, names, store, progress)
+        cfs_seconds = time.perf_counter() - start - budget.get("probe_seconds", 0.0)
         int4_layers = set(budget.get("int4_layers", []))
         nbits: dict[str, Any] = {}
         teacher = None
@@ -201,15 +181,20 @@ def compress(
                     recovery,
                     bar,
                 )
-            if store is not None:
+            if store is not None and index in int4_layers:
+                store.release_weights(layer, names)  # `nbits` holds them; their biases stay dense
+            elif store is not None:
                 store.release(index, layer, names)
-                if index not in int4_layers:
-                    store.pack_layer(weights, index, names)
+                store.pack_layer(weights, index, names)
             layer_seconds.append(time.perf_counter() - t0)
         if store is not None:
             store.restore(model, names)
     if teacher is not None:
-        tuned = _unpacked_from_store(model, store) if store is not None else contextlib.nullcontext(weights)
+        tuned = (
+            _unpacked_from_store(model, store, nbits)
+            if store is not None
+            else contextlib.nullcontext(weights)
+        )
         with tuned as tunable:
             e2e = _recover_e2e(model, tunable, e2e_ids, teacher, config, e2e_steps, progress)
         e2e.update(
@@ -230,6 +215,38 @@ def compress(
         recovery=recovery, e2e=e2e, recover_steps=recover_steps, recover_layer_cap_seconds=layer_cap
     )
     return CompressedModel(model, config, weights, packed, results, dict(tokenizer_files), nbits)
+
+
+def plan_layers(
+    model: Any,
+    calib_ids: torch.Tensor,
+    config: PBS2PConfig,
+    names: tuple[str, ...],
+    store: Any = None,
+    progress: bool = False,
+) -> tuple[list[int], list[float], list[float], dict[str, Any]]:
+    """What the layer loop will do to each decoder layer, decided before it starts: (N per layer from CFS,
+    the layer cosines and importances CFS measured, the bit budget's plan with its int4 layers). On the
+    layer-streaming path (`store`) both passes read one layer at a time."""
+    params = [sum(layer.get_submodule(n).weight.numel() for n in names) for layer in model.model.layers]
+    cosines: list[float] = []
+    importance: list[float] = []
+    if config.cfs:
+        cfs_ids = calib_ids[: config.cfs_samples]
+        if store is not None:
+            from pbs2p_edge.compress.lowmem import layer_cosines_streaming
+
+            cosines = layer_cosines_streaming(model, store, cfs_ids, config.batch_size, progress)
+        else:
+            cosines = layer_cosines(model, cfs_ids, config.batch_size)
+        importance = cfs.importance_from_cosine(cosines)
+        layer_n = cfs.allocate(
+            importance, params, config.n, config.cfs_n_low, config.cfs_n_high, config.cfs_delta
+        )
+    else:
+        layer_n = [config.n] * len(params)
+    budget = _plan_budget(model, calib_ids, layer_n, config, progress, names, store) if config.budget else {}
+    return layer_n, cosines, importance, budget
 
 
 def _keep_int4(
@@ -289,8 +306,10 @@ def _plan_budget(
     config: PBS2PConfig,
     progress: bool,
     names: tuple[str, ...] = LINEAR_NAMES,
+    store: Any = None,
 ) -> dict[str, Any]:
-    """Bits of the pattern, per-layer sensitivity probe, and the layers the budget keeps in int4."""
+    """Bits of the pattern, per-layer sensitivity probe (layers read from `store` on the streaming path), and
+    the layers the budget keeps in int4."""
     from pbs2p_edge.compress import budget as b
 
     t0 = time.perf_counter()
@@ -301,7 +320,9 @@ def _plan_budget(
         return {"budget_bits": budget_bits, "pattern_bits": pattern, "int4_layers": [], "sensitivity": []}
     b.check_budget(budget_bits, packed, weights)
     probe = calib_ids[: config.budget_probe_samples, : config.budget_probe_len]
-    sensitivity = b.layer_sensitivity(model, probe, names, config.n, config.m, config.group_size, progress)
+    sensitivity = b.layer_sensitivity(
+        model, probe, names, config.n, config.m, config.group_size, progress, store
+    )
     chosen = b.choose_int4_layers(sensitivity, packed, int4, weights, budget_bits)
     return {
         "budget_bits": budget_bits,
@@ -358,20 +379,29 @@ def _teacher(
 
 
 @contextlib.contextmanager
-def _unpacked_from_store(model: Any, store: Any) -> Iterator[dict[str, Any]]:
+def _unpacked_from_store(model: Any, store: Any, nbits: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The end-to-end pass on the low-memory path, after the layer loop: the packed layers unpacked and their
     W_hat materialized (the whole model in fp32 again, plus 3 bytes per compressed weight while tuning), to be
-    tuned exactly as on the in-memory path; then packed again and dropped back to meta."""
-    from pbs2p_edge.compress.lowmem import drop_compressed, materialize_compressed
+    tuned exactly as on the in-memory path; the bit budget's int4 layers get their dequantized weights (frozen,
+    as in memory). Then the packed layers are packed again, and all of them dropped back to meta."""
+    from pbs2p_edge.compress.lowmem import (
+        drop_compressed,
+        drop_weight,
+        materialize_compressed,
+        materialize_nbits,
+    )
     from pbs2p_edge.format import pack, unpack
 
     weights = {name: unpack(p) for name, p in store.packed.items()}
     materialize_compressed(model, weights)
+    materialize_nbits(model, nbits)
     try:
         yield weights
         store.packed = {name: pack(w) for name, w in weights.items()}
     finally:
         drop_compressed(model, list(weights))
+        for name in nbits:
+            drop_weight(model.get_submodule(name))
 
 
 def _recover_e2e(
