@@ -111,3 +111,58 @@ def test_bad_budget(tiny_model_dir: Path, tmp_path: Path, value: str, fragment: 
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in result.output
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_budget_from_keeps_layers_of_a_finished_model_in_int4(
+    tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path
+) -> None:
+    """bench/budget_from.py: a model compressed without the budget gets a decoder layer in int4 made from the
+    FP weights (q/k/v biases moved to the dense state), honest bits recounted, the result loadable."""
+    import subprocess
+    import sys
+
+    from test_lowmem import _qwen2_dir
+
+    from pbs2p_edge.checkpoint import build_model, load_checkpoint, nbits_layers
+    from pbs2p_edge.compress.budget import int4_entry
+    from pbs2p_edge.compress.lowmem import LayerStore
+
+    folder = _qwen2_dir(tmp_path, tiny_model_dir)
+    plain = tmp_path / "plain.pt"
+    args = ["--model", str(folder), "--text", str(corpus_text_file), "--nm", "6:8", "--no-budget"]
+    result = CliRunner().invoke(compress_command, [*args, *FAST, "--recover-steps", "1", "-o", str(plain)])
+    assert result.exit_code == 0, result.output
+    script = Path(__file__).resolve().parents[1] / "bench" / "budget_from.py"
+    base = [sys.executable, str(script), "--from", str(plain), "--model", str(folder), "--tokens", "256"]
+    base += ["--ctx", "64", "--out-dir", str(tmp_path)]
+    out = tmp_path / "int4.pt"
+    done = subprocess.run([*base, "--layers", "1", "--save", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "budget-from.json").read_text())
+    first, second = report["rows"]
+    assert first["int4_layers"] == [] and second["int4_layers"] == [1]
+    assert second["bits_per_weight"] > first["bits_per_weight"]
+
+    before, after = load_checkpoint(plain), load_checkpoint(out)
+    names = sorted(n for n in before["packed"] if n.startswith("model.layers.1."))
+    assert len(names) == 7 and sorted(after["nbits"]) == names and not set(names) & set(after["packed"])
+    fp = LayerStore(folder).tensors([f"{n}.weight" for n in names])
+    for name in names:
+        expected, _ = int4_entry(fp[f"{name}.weight"])
+        for key, tensor in expected.items():
+            assert torch.equal(after["nbits"][name][key], tensor), f"{name}.{key}"
+        if int(before["packed"][name]["header"][7]) & 2:  # the bias flag
+            bias = before["packed"][name]["bias"].float()
+            assert torch.equal(after["dense_state"][f"{name}.bias"], bias), name
+    assert sum(f"{n}.bias" in after["dense_state"] for n in names) == 3  # q, k, v
+    results = after["compression"]["results"]
+    stored = sum(t.numel() * t.element_size() for arrays in after["packed"].values() for t in arrays.values())
+    stored += sum(e["packed"].numel() + 4 * e["scales"].numel() for e in after["nbits"].values())
+    assert results["packed_bytes"] == stored and results["budget"]["int4_layers"] == [1]
+    assert results["bits_per_weight"] == pytest.approx(8 * stored / results["compressed_weights"])
+    model, _ = build_model(after)
+    for name, q in nbits_layers(after).items():
+        assert torch.equal(model.get_submodule(name).weight, torch.from_numpy(q.dequantize()))
+    for bad in (["--layers", "7"], ["--layers", "1", "--plan", str(tmp_path / "budget-from.json")]):
+        done = subprocess.run([*base, *bad], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr

@@ -164,15 +164,22 @@ def choose_int4_layers(
 def int4_linear(linear: torch.nn.Linear) -> dict[str, Any]:
     """Quantize one linear to MatMulNBits 4-bit (onnxruntime's quantizer); its weight becomes the dequantized
     values. Returns the checkpoint entry {packed, scales, meta=[bits, block_size, k]}."""
+    entry, dequantized = int4_entry(linear.weight.detach())
+    linear.weight.data.copy_(dequantized)
+    return entry
+
+
+def int4_entry(weight: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+    """(checkpoint `nbits` entry, dequantized fp32 weight) of `weight` [rows, K] in MatMulNBits 4-bit."""
     from pbs2p_edge.export.nbits import quantize_rows
 
-    q = quantize_rows(linear.weight.detach().float().numpy(), INT4_BITS, INT4_BLOCK)
-    linear.weight.data.copy_(torch.from_numpy(q.dequantize()))
-    return {
+    q = quantize_rows(weight.float().numpy(), INT4_BITS, INT4_BLOCK)
+    entry = {
         "packed": torch.from_numpy(np.ascontiguousarray(q.packed)),
         "scales": torch.from_numpy(np.ascontiguousarray(q.scales)),
         "meta": torch.tensor([q.bits, q.block_size, q.k], dtype=torch.int64),
     }
+    return entry, torch.from_numpy(q.dequantize())
 
 
 def nbits_bytes(entry: dict[str, Any]) -> int:

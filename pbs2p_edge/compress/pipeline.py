@@ -206,7 +206,9 @@ def compress(
     packed = {name: pack(w) for name, w in weights.items()}
     if store is not None:  # finished layers were packed as they went; `weights` unpacks them on access
         packed, weights = store.packed, store.unpacked_view()
-    results = _summarize(config, calib_ids, layer_n, cosines, importance, packed, weights, stats, nbits)
+    results = summarize_results(
+        config, tuple(calib_ids.shape), layer_n, cosines, importance, packed, weights, stats, nbits
+    )
     results.update(
         budget=budget, projected_bundle_bytes=projected_bundle_bytes(model, results["packed_bytes"])
     )
@@ -671,9 +673,9 @@ def layer_cosines(model: Any, calib_ids: torch.Tensor, batch_size: int) -> list[
     return [s / max(c, 1) for s, c in zip(sums, counts, strict=True)]
 
 
-def _summarize(
+def summarize_results(
     config: PBS2PConfig,
-    calib_ids: torch.Tensor,
+    calib_shape: tuple[int, ...],
     layer_n: list[int],
     cosines: list[float],
     importance: list[float],
@@ -716,7 +718,7 @@ def _summarize(
         "bits_per_weight": stored_bits / max(n_weights, 1),
         "bits_per_weight_paper_style": sign_bits / max(n_weights, 1),
         "bits_per_weight_mask_coded": coded_bits / max(n_weights, 1),
-        "calibration": {"samples": int(calib_ids.shape[0]), "seq_len": int(calib_ids.shape[1])},
+        "calibration": {"samples": int(calib_shape[0]), "seq_len": int(calib_shape[1])},
         "layers": stats,
     }
 
