@@ -85,7 +85,7 @@ def honest_bits(ckpt: dict[str, Any]) -> dict[str, Any]:
         old.get("layer_importance", []),
         packed,
         weights,
-        old.get("layers", {}),
+        {name: s for name, s in old.get("layers", {}).items() if name in packed},  # int4 ones: no stats
         ckpt["nbits"],
     )
     return {**old, **summary}
