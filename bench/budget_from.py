@@ -39,7 +39,7 @@ def keep_int4(ckpt: dict[str, Any], folder: Path, layers: list[int]) -> list[str
     from pbs2p_edge.compress.budget import int4_entry
     from pbs2p_edge.compress.lowmem import LayerStore
     from pbs2p_edge.errors import Pbs2pError
-    from pbs2p_edge.format.packed import FLAG_BIAS
+    from pbs2p_edge.format import PackedWeight
 
     count = int(ckpt["model_config"]["num_hidden_layers"])
     bad = [i for i in layers if not 0 <= i < count]
@@ -54,28 +54,30 @@ def keep_int4(ckpt: dict[str, Any], folder: Path, layers: list[int]) -> list[str
             raise Pbs2pError(f"decoder layer {index} has no packed linears (already kept in int4?)")
         for name in names:
             fp = store.tensors([f"{name}.weight"])[f"{name}.weight"]
-            arrays = ckpt["packed"].pop(name)
-            if fp.shape != (int(arrays["header"][5]), int(arrays["header"][6])):
+            packed = PackedWeight.from_arrays(ckpt["packed"].pop(name))
+            if fp.shape != (packed.rows, packed.k):
                 raise Pbs2pError(f"{name}: the FP weight {list(fp.shape)} is not the packed layer's shape")
             ckpt["nbits"][name], _ = int4_entry(fp)
-            if int(arrays["header"][7]) & FLAG_BIAS:
-                ckpt["dense_state"][f"{name}.bias"] = arrays["bias"].to(torch.float32).clone()
+            if packed.has_bias:
+                ckpt["dense_state"][f"{name}.bias"] = torch.from_numpy(
+                    packed.arrays["bias"].astype("float32")
+                )
             moved.append(name)
     return moved
 
 
-def honest_bits(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The compress summary's bit counts for the checkpoint as it stands (pipeline.summarize_results)."""
+def honest_bits(ckpt: dict[str, Any], unpacked: dict[str, Any]) -> dict[str, Any]:
+    """The compress summary's bit counts for the checkpoint as it stands (pipeline.summarize_results);
+    `unpacked` holds (at least) its packed layers unpacked, so a 1.5B model is unpacked once for both counts."""
     from pbs2p_edge.checkpoint import packed_layers
     from pbs2p_edge.compress.pipeline import summarize_results
     from pbs2p_edge.config import PBS2PConfig
-    from pbs2p_edge.format import unpack
 
     compression = dict(ckpt["compression"])
     old = compression.pop("results")
     config = PBS2PConfig.from_dict(compression)
     packed = packed_layers(ckpt)
-    weights = {name: unpack(p) for name, p in packed.items()}
+    weights = {name: unpacked[name] for name in packed}
     calib = old["calibration"]
     summary = summarize_results(
         config,
@@ -92,7 +94,7 @@ def honest_bits(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(ckpt: dict[str, Any], tokens: int, ctx: int) -> dict[str, float]:
-    from e2e_from import _ppl_int4_head
+    from e2e_from import ppl_int4_head
 
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import build_model
@@ -102,7 +104,7 @@ def evaluate(ckpt: dict[str, Any], tokens: int, ctx: int) -> dict[str, float]:
     eval_ids = sources.evaluation_ids(tokenizer, tokens)
     return {
         "ppl": perplexity(model, eval_ids, ctx=ctx, progress=False)["ppl"],
-        "ppl_int4_head": _ppl_int4_head(model, eval_ids, ctx),
+        "ppl_int4_head": ppl_int4_head(model, eval_ids, ctx),
     }
 
 
@@ -127,12 +129,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from e2e_from import start_checkpoint
 
     from pbs2p_edge import sources
+    from pbs2p_edge.checkpoint import packed_layers
     from pbs2p_edge.errors import Pbs2pError, atomic_path
+    from pbs2p_edge.format import unpack
 
     layers = chosen_layers(args)
     ckpt = start_checkpoint(args.source)
     ckpt.setdefault("nbits", {})
-    before = honest_bits(ckpt)
+    unpacked = {name: unpack(p) for name, p in packed_layers(ckpt).items()}
+    before = honest_bits(ckpt, unpacked)
     try:
         folder = sources.model_files(args.model)
         changed = copy.copy(ckpt)
@@ -141,7 +146,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         moved = keep_int4(changed, folder, layers)
     except Pbs2pError as exc:
         exit_usage(str(exc))
-    after = honest_bits(changed)
+    after = honest_bits(changed, unpacked)
+    del unpacked
     budget = dict(before.get("budget") or {})
     int4_layers = sorted({*budget.get("int4_layers", []), *layers})
     after["budget"] = {**budget, "int4_layers": int4_layers, "added_from_fp": layers}

@@ -31,7 +31,7 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _ppl_int4_head(model: Any, eval_ids: Any, ctx: int) -> float:
+def ppl_int4_head(model: Any, eval_ids: Any, ctx: int) -> float:
     """Perplexity through the int4 head the default bundle computes with (what `eval BUNDLE` scores, but for
     the fp16 rounding of the bundle's scales)."""
     from pbs2p_edge.compress.head import deployed_head
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace, ckpt: dict[str, Any], write: Any) -> list[dict
             "heldout_kl": mean_topk_kl(model, held, held_teacher, args.micro_batch),
             "head": args.head,
             "ppl": perplexity(model, eval_ids, ctx=args.ctx, progress=False)["ppl"],
-            "ppl_int4_head": _ppl_int4_head(model, eval_ids, args.ctx),
+            "ppl_int4_head": ppl_int4_head(model, eval_ids, args.ctx),
             "heldout_kl_int4_head": _kl_int4_head(model, held, held_teacher, args.micro_batch),
             "wall_seconds": wall,
             "cpu_seconds": cpu,

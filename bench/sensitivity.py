@@ -29,8 +29,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from pbs2p_edge import sources
-    from pbs2p_edge.compress.cli import needs_low_memory
-    from pbs2p_edge.compress.lowmem import has_safetensors, skeleton_model
+    from pbs2p_edge.compress.cli import load_for_compress
     from pbs2p_edge.compress.pipeline import (
         calibration_windows,
         check_supported,
@@ -43,12 +42,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     n, m = parse_nm(args.nm)
     config = PBS2PConfig(n=n, m=m, budget_bits=args.budget_bits, seed=args.seed)
     folder = sources.model_files(args.model)
-    store = None
-    if has_safetensors(folder) and needs_low_memory(folder):
-        model, store = skeleton_model(folder)
-        tokenizer = sources.load_tokenizer(folder)
-    else:
-        model, tokenizer = sources.load_model(folder)
+    model, tokenizer, store = load_for_compress(folder)
     check_supported(model)
     model.float().eval()
     calib, _ = calibration_windows(tokenizer, config, args.text)

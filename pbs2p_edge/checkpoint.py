@@ -149,20 +149,22 @@ def packed_layers(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 def nbits_layers(ckpt: dict[str, Any]) -> dict[str, Any]:
     """{linear module name: pbs2p_edge.export.nbits.BlockQuantized} of the layers kept in MatMulNBits."""
+    return {name: nbits_quantized(name, entry) for name, entry in (ckpt.get("nbits") or {}).items()}
+
+
+def nbits_quantized(name: str, entry: dict[str, Any]) -> Any:
+    """One `nbits` entry ({packed, scales, meta}) as a checked BlockQuantized."""
     from pbs2p_edge.export.nbits import BlockQuantized
 
-    out = {}
-    for name, entry in (ckpt.get("nbits") or {}).items():
-        try:
-            bits, block, k = (int(v) for v in entry["meta"].tolist())
-            packed, scales = entry["packed"].numpy(), entry["scales"].numpy()
-        except (KeyError, AttributeError, TypeError, ValueError):
-            raise Pbs2pError(f"checkpoint n-bit layer {name} is damaged") from None
-        rows, blocks = scales.shape if scales.ndim == 2 else (0, 0)
-        if bits != 4 or packed.shape != (rows, blocks, block * bits // 8) or blocks * block < k or rows < 1:
-            raise Pbs2pError(f"checkpoint n-bit layer {name} is damaged (shapes do not match its meta)")
-        out[name] = BlockQuantized(packed=packed, scales=scales, bits=bits, block_size=block, k=k)
-    return out
+    try:
+        bits, block, k = (int(v) for v in entry["meta"].tolist())
+        packed, scales = entry["packed"].numpy(), entry["scales"].numpy()
+    except (KeyError, AttributeError, TypeError, ValueError):
+        raise Pbs2pError(f"checkpoint n-bit layer {name} is damaged") from None
+    rows, blocks = scales.shape if scales.ndim == 2 else (0, 0)
+    if bits != 4 or packed.shape != (rows, blocks, block * bits // 8) or blocks * block < k or rows < 1:
+        raise Pbs2pError(f"checkpoint n-bit layer {name} is damaged (shapes do not match its meta)")
+    return BlockQuantized(packed=packed, scales=scales, bits=bits, block_size=block, k=k)
 
 
 def build_model(ckpt: dict[str, Any], dense_linears: bool = True) -> tuple[Any, Any]:

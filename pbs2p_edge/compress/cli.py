@@ -227,7 +227,7 @@ def build_config(options: dict[str, Any]) -> Any:
 LOW_MEMORY_BYTES = 2 << 30
 
 
-def needs_low_memory(folder: Path) -> bool:
+def _needs_low_memory(folder: Path) -> bool:
     from transformers import AutoConfig
 
     from pbs2p_edge import memcheck
@@ -239,6 +239,20 @@ def needs_low_memory(folder: Path) -> bool:
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return False  # the in-memory path's check_supported names the problem
     return memcheck.fp32_model_bytes(config) > LOW_MEMORY_BYTES
+
+
+def load_for_compress(folder: Path) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, layer store or None) as `compress` takes them: a skeleton whose decoder layers are
+    read one at a time from the safetensors when the fp32 model is large (`_needs_low_memory`), else the whole
+    model."""
+    from pbs2p_edge import sources
+    from pbs2p_edge.compress.lowmem import has_safetensors, skeleton_model
+
+    if has_safetensors(folder) and _needs_low_memory(folder):  # one decoder layer in RAM at a time
+        model, store = skeleton_model(folder)
+        return model, sources.load_tokenizer(folder), store
+    model, tokenizer = sources.load_model(folder)
+    return model, tokenizer, None
 
 
 def _budget(value: float | None, flag: str, allow_zero: bool = False) -> float | None:
@@ -315,7 +329,6 @@ def _run(**options: Any) -> None:
 
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import read_tokenizer_files, save_checkpoint
-    from pbs2p_edge.compress.lowmem import has_safetensors, skeleton_model
     from pbs2p_edge.compress.pipeline import (
         calibration_windows,
         check_supported,
@@ -324,12 +337,7 @@ def _run(**options: Any) -> None:
     )
 
     folder = sources.model_files(options["model_path"])
-    store = None
-    if has_safetensors(folder) and needs_low_memory(folder):  # one decoder layer in RAM at a time
-        model, store = skeleton_model(folder)
-        tokenizer = sources.load_tokenizer(folder)
-    else:
-        model, tokenizer = sources.load_model(folder)
+    model, tokenizer, store = load_for_compress(folder)
     check_supported(model)
     # on the low-memory path the end-to-end pass runs only when asked for
     e2e_runs = config.e2e_steps_for(1) > 0 and (store is None or config.e2e_steps is not None)

@@ -299,14 +299,10 @@ def materialize_compressed(model: Any, weights: Mapping[str, Any]) -> None:
 def materialize_nbits(model: Any, nbits: Mapping[str, Any]) -> None:
     """Give the linears the bit budget keeps in int4 (weights on meta after the layer loop) their dequantized
     fp32 weights from the checkpoint entries `nbits` ({name: {packed, scales, meta}})."""
-    from pbs2p_edge.export.nbits import BlockQuantized
+    from pbs2p_edge.checkpoint import nbits_quantized
 
     for name, entry in nbits.items():
-        bits, block, k = (int(v) for v in entry["meta"].tolist())
-        q = BlockQuantized(
-            packed=entry["packed"].numpy(), scales=entry["scales"].numpy(), bits=bits, block_size=block, k=k
-        )
-        weight = torch.from_numpy(np.ascontiguousarray(q.dequantize(), dtype=np.float32))
+        weight = torch.from_numpy(nbits_quantized(name, entry).dequantize())
         model.get_submodule(name).weight = torch.nn.Parameter(weight, requires_grad=False)
 
 
