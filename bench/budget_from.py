@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="budget-from", help="output stem under bench/results/")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.tokens < 2 or args.ctx < 2:
+        exit_usage(f"--tokens and --ctx must be >= 2 (got {args.tokens}, {args.ctx})")
     report = run(args)
     command = "bench/budget_from.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = markdown(report, command)

@@ -163,6 +163,7 @@ def test_budget_from_keeps_layers_of_a_finished_model_in_int4(
     model, _ = build_model(after)
     for name, q in nbits_layers(after).items():
         assert torch.equal(model.get_submodule(name).weight, torch.from_numpy(q.dequantize()))
-    for bad in (["--layers", "7"], ["--layers", "1", "--plan", str(tmp_path / "budget-from.json")]):
+    plan = str(tmp_path / "budget-from.json")
+    for bad in (["--layers", "7"], ["--layers", "1", "--plan", plan], ["--layers", "1", "--ctx", "0"]):
         done = subprocess.run([*base, *bad], capture_output=True, text=True)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
