@@ -28,12 +28,15 @@ def process_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def fits(needed: int) -> bool:
+    """Whether `needed` bytes are available (always, with PBS2P_EDGE_SKIP_MEMORY_CHECK=1)."""
+    return os.environ.get("PBS2P_EDGE_SKIP_MEMORY_CHECK") == "1" or needed <= available_bytes()
+
+
 def require(needed: int, what: str) -> None:
     """Raise Pbs2pError naming both figures when `needed` bytes exceed the available memory."""
-    if os.environ.get("PBS2P_EDGE_SKIP_MEMORY_CHECK") == "1":
-        return
-    available = available_bytes()
-    if needed > available:
+    if not fits(needed):
+        available = available_bytes()
         raise Pbs2pError(
             f"{what} needs about {needed / GIB:.1f} GiB of memory, {available / GIB:.1f} GiB is available "
             "(free memory or set PBS2P_EDGE_SKIP_MEMORY_CHECK=1 to try anyway)"

@@ -287,39 +287,41 @@ def test_export_modules_without_dense_copies_compute_the_same(salient: int, bias
         )
 
 
-def test_cli_low_memory_path_spends_the_budget_and_runs_only_an_explicit_e2e(
+def test_cli_low_memory_path_spends_the_budget_and_runs_the_e2e_pass_where_it_fits(
     tiny_model_dir: Path, corpus_text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The layer-streaming path (forced here; large models take it by size) compresses with the bit budget,
-    skips the default end-to-end pass, runs an explicit one, and refuses it in one line when the memory it
-    needs is not there."""
+    """The layer-streaming path (forced here; large models take it by size) compresses with the bit budget and
+    runs the default end-to-end pass (the in-memory path's step count, windows each seen once) where its
+    predicted memory is available. Where it is not, the default pass is skipped with the reason and an explicit
+    one is refused in one line."""
     from click.testing import CliRunner
 
+    from pbs2p_edge import config as config_module
     from pbs2p_edge.compress.cli import compress_command
 
     monkeypatch.setenv("PBS2P_EDGE_LOW_MEMORY", "1")
+    monkeypatch.setattr(config_module, "E2E_STEPS", 3)  # the default pass, kept short
     base = ["--model", str(tiny_model_dir), "--text", str(corpus_text_file), "--nm", "6:8"]
     fast = ["--calib-samples", "4", "--calib-len", "32", "--no-progress", "--recover-steps", "2"]
+    fast += ["--e2e-dtype", "float32"]
     out = tmp_path / "low.pt"
     result = CliRunner().invoke(compress_command, [*base, *fast, "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "  bit budget 2.5 (pattern alone" in result.output and out.is_file()
-    from pbs2p_edge.config import E2E_STEPS
-
-    if E2E_STEPS:  # the default end-to-end pass is skipped on this path; an explicit one runs
-        assert "end-to-end recovery skipped" in result.output
-    e2e = ["--e2e-steps", "2", "--e2e-dtype", "float32"]
-    result = CliRunner().invoke(compress_command, [*base, *fast, *e2e, "-o", str(tmp_path / "e.pt")])
-    assert result.exit_code == 0, result.output
-    # without --e2e-samples the streamed teacher covers the windows the steps use (2 x 2), not 1024
-    assert "end-to-end recovery: top-k KL" in result.output and "2 steps over 4 windows" in result.output
+    # without --e2e-samples the streamed teacher covers the windows the steps use (3 x 2), not 1024
+    assert "end-to-end recovery: top-k KL" in result.output and "3 steps over 6 windows" in result.output
     stages = re.search(
         r"time: ([\d.]+) s \(decoder layers ([\d.]+) s, end-to-end pass ([\d.]+) s, the rest", result.output
     )
     assert stages and float(stages[1]) >= float(stages[2]) + float(stages[3]) > 0, result.output
+    e2e = ["--e2e-steps", "2"]
     wide = [*e2e, "--e2e-samples", "6"]
     result = CliRunner().invoke(compress_command, [*base, *fast, *wide, "-o", str(tmp_path / "w.pt")])
     assert result.exit_code == 0 and "2 steps over 6 windows" in result.output, result.output
+    result = CliRunner().invoke(
+        compress_command, [*base, *fast, "--e2e-steps", "0", "-o", str(tmp_path / "z.pt")]
+    )
+    assert result.exit_code == 0 and "end-to-end recovery" not in result.output, result.output
     # at 1.5B the pass needs more than the layer loop (qwen-1.5b: about 14 GiB against 7); here it is made so
     layer_loop = memcheck.compress_bytes(AutoConfig.from_pretrained(tiny_model_dir), 4, 32)
     monkeypatch.setattr(memcheck, "lowmem_e2e_bytes", lambda *_: 2 * layer_loop)
@@ -328,7 +330,9 @@ def test_cli_low_memory_path_spends_the_budget_and_runs_only_an_explicit_e2e(
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert "GiB of memory" in result.output and not (tmp_path / "f.pt").exists()
     result = CliRunner().invoke(compress_command, [*base, *fast, "-o", str(tmp_path / "g.pt")])
-    assert result.exit_code == 0, result.output  # the layer loop alone fits
+    assert result.exit_code == 0, result.output  # the layer loop alone fits; the default pass is skipped
+    assert "end-to-end recovery skipped: it needs about" in result.output, result.output
+    assert torch.load(tmp_path / "g.pt", weights_only=True)["compression"]["results"]["e2e"]["skipped"]
 
 
 def test_sensitivity_script_plans_the_same_layers_streamed_or_not(

@@ -108,9 +108,10 @@ import click
     type=int,
     default=None,
     help="End-to-end recovery: Adam steps on the KL to the FP model's logits, signs and mask frozen (0 = off) "
-    "[default: 512, fewer above 106 M compressed weights; on the low-memory path (large models) only when "
-    "given, after the layer loop, with the teacher streamed layer by layer over N x micro-batch windows "
-    "unless --e2e-samples says otherwise].",
+    "[default: 512, fewer above 106 M compressed weights (41 at 1.5B); on the low-memory path (large models) "
+    "after the layer loop, by default only where its predicted memory is available (else skipped, saying "
+    "why), with the teacher streamed layer by layer over N x micro-batch windows unless --e2e-samples says "
+    "otherwise].",
 )
 @click.option(
     "--e2e-seconds",
@@ -339,16 +340,18 @@ def _run(**options: Any) -> None:
     folder = sources.model_files(options["model_path"])
     model, tokenizer, store = load_for_compress(folder)
     check_supported(model)
-    # on the low-memory path the end-to-end pass runs only when asked for
-    e2e_runs = config.e2e_steps_for(1) > 0 and (store is None or config.e2e_steps is not None)
+    e2e_runs = config.e2e_steps_for(1) > 0
+    e2e_skipped = ""
     if store is not None:
         from pbs2p_edge import memcheck
 
         needed = memcheck.compress_bytes(model.config, config.calib_samples, config.calib_len)
+        e2e_needed = memcheck.lowmem_e2e_bytes(model.config, config.e2e_micro_batch, config.calib_len)
+        if e2e_runs and config.e2e_steps is None:
+            config, e2e_skipped = _streamed_e2e_default(config, model, max(needed, e2e_needed))
+            e2e_runs = not e2e_skipped
         if e2e_runs:
-            needed = max(
-                needed, memcheck.lowmem_e2e_bytes(model.config, config.e2e_micro_batch, config.calib_len)
-            )
+            needed = max(needed, e2e_needed)
         memcheck.require(needed, f"compressing {folder.name}")
         if e2e_runs and options["e2e_samples"] is None:  # the teacher costs per window: each seen once
             import dataclasses
@@ -368,9 +371,32 @@ def _run(**options: Any) -> None:
         store=store,
         e2e_ids=e2e_ids,
     )
+    if e2e_skipped:
+        compressed.results["e2e"] = {"skipped": e2e_skipped}
     compressed.weights.clear()  # the packed arrays are what the checkpoint stores
     save_checkpoint(compressed, output)
     click.echo(summary(compressed.results, output))
+
+
+def _streamed_e2e_default(config: Any, model: Any, needed: int) -> tuple[Any, str]:
+    """The default end-to-end pass on the layer-streaming path: the steps the in-memory path would take at
+    this size (`e2e_steps_for`: the default model's total work, 41 steps at 1.5B) where the pass's predicted
+    peak is available; else off, with the reason (config, reason or "")."""
+    import dataclasses
+
+    from pbs2p_edge import memcheck
+    from pbs2p_edge.compress.pipeline import linear_names
+
+    if not memcheck.fits(needed):
+        available = memcheck.available_bytes() / memcheck.GIB
+        reason = (
+            f"it needs about {needed / memcheck.GIB:.1f} GiB of memory, {available:.1f} GiB is available "
+            "(free memory, or set PBS2P_EDGE_SKIP_MEMORY_CHECK=1 to try anyway)"
+        )
+        return dataclasses.replace(config, e2e_steps=0), reason
+    names = linear_names(model)
+    weights = sum(layer.get_submodule(n).weight.numel() for layer in model.model.layers for n in names)
+    return dataclasses.replace(config, e2e_steps=config.e2e_steps_for(weights)), ""
 
 
 def _chat_text(e2e: dict[str, Any]) -> str:

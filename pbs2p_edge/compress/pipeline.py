@@ -103,8 +103,8 @@ def compress(
     checkpoint; by default they are read from the folder the model was loaded from. With `store` (a
     `lowmem.LayerStore`, model from `lowmem.skeleton_model`) each decoder layer is read from disk for its
     turn and its linears dropped afterwards; the result is the same. That path has no whole model in memory,
-    so the bit budget's sensitivity probe streams the layers too, and the end-to-end pass runs only when asked
-    for (`config.e2e_steps` set): its teacher streams the FP layers from the store, and the pass itself runs
+    so the bit budget's sensitivity probe streams the layers too, and the end-to-end pass runs only with
+    `config.e2e_steps` set (`compress`'s CLI sets it where its memory is available): its teacher streams the FP layers from the store, and the pass itself runs
     after the layer loop on the packed layers (`_unpacked_from_store`). `e2e_ids` are the end-to-end pass's windows
     (default: `calib_ids`; `calibration_windows` draws both).
     """
@@ -134,7 +134,9 @@ def compress(
         e2e_steps = config.e2e_steps_for(sum(params))
         e2e: dict[str, Any] = {}
         if e2e_steps > 0 and store is not None and config.e2e_steps is None:
-            e2e = {"skipped": "the low-memory path runs the end-to-end pass only when asked (--e2e-steps N)"}
+            e2e = {
+                "skipped": "on the low-memory path the pass runs only with config.e2e_steps set (the CLI sets it)"
+            }
         elif e2e_steps > 0:
             e2e_ids = calib_ids if e2e_ids is None else e2e_ids
             teacher = _teacher(model, store, e2e_ids, config, progress)
