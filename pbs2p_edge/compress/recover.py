@@ -31,42 +31,65 @@ from pbs2p_edge.config import E2E_DTYPES, E2E_SCHEDULES
 FP16_MAX = 65504.0
 
 
+def _matmul_dtype() -> torch.dtype:
+    """The dtype a matmul computes in here: autocast's (the bf16 end-to-end steps) or float32."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+
+
 class _BinaryMatmul(torch.autograd.Function):
-    """y = x @ W_hat^T (+ b) with W_hat rebuilt from (sm, salient, scales) in forward and backward."""
+    """y = (x * c) @ W_base^T (+ b), W_base rebuilt from (sm, salient, scales) in forward and backward. The
+    column scales c act on the activations (tokens x K) instead of the weight (rows x K)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, module: TunableLinear, *params: torch.Tensor) -> torch.Tensor:
         ctx.module = module
         ctx.save_for_backward(x, *params)
         with torch.no_grad():
-            return nn.functional.linear(x, module.weight(), module.bias)
+            return nn.functional.linear(
+                module.scaled_input(x), module.base_weight(_matmul_dtype()), module.bias
+            )
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:
         x, *params = ctx.saved_tensors
         module: TunableLinear = ctx.module
         with torch.no_grad():
-            base = module.base_weight()
-            w = base if module.col_scales is None else base * (module.col_scales * module.c_ref)[None, :]
-            grad_x = grad_y @ w if ctx.needs_input_grad[0] else None
-            del w
-            grad_w = grad_y.reshape(-1, grad_y.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-            grads = module.param_grads(grad_w, base)
+            scaled = module.col_scales is not None
+            grad_xs = None
+            if ctx.needs_input_grad[0] or scaled:
+                grad_xs = grad_y @ module.base_weight(_matmul_dtype())
+            xs = module.scaled_input(x)
+            grad_w = grad_y.reshape(-1, grad_y.shape[-1]).T @ xs.reshape(-1, xs.shape[-1])
+            del xs
+            grads = module.param_grads(grad_w)
+            grad_x = None
+            if scaled:
+                c = module.col_scales * module.c_ref
+                flat = (grad_xs.float() * x.float()).reshape(-1, x.shape[-1])
+                grads[id(module.col_scales)] = flat.sum(0) * module.c_ref
+                grad_x = grad_xs * c if ctx.needs_input_grad[0] else None
+            elif ctx.needs_input_grad[0]:
+                grad_x = grad_xs
         return (grad_x, None, *(grads[id(p)] for p in params))
 
 
 class TunableLinear(nn.Module):
-    """A compressed linear whose alpha, mu, alpha2 (and column scales) are trainable; signs and mask frozen."""
+    """A compressed linear whose alpha, mu, alpha2 (and column scales) are trainable; signs and mask frozen.
+
+    The frozen sign * mask plane is held as int8 [rows, G, group_size] (the last group zero-padded), so the
+    per-group scales broadcast over it: W_base = sm * (alpha + mu * sm) (= alpha s + mu where kept, as sm^2
+    is the mask) takes three passes over the weight and no gathers (bench: 4.7x a dense linear's step with
+    gathers, docs/METHOD.md "Session 12")."""
 
     def __init__(self, weight: Any, bias: torch.Tensor | None) -> None:
         super().__init__()
-        k = weight.k
-        col_group = torch.arange(k) // weight.group_size
+        self.k = weight.k
+        self.groups = weight.groups
+        padded = self.groups * weight.group_size
         mask = torch.from_numpy(np.asarray(weight.mask, dtype=bool))
         sm = torch.where(torch.from_numpy(np.asarray(weight.signs, dtype=bool)), 1, -1).to(torch.int8)
-        self.register_buffer("col_group", col_group, persistent=False)
-        self.register_buffer("sm", sm * mask.to(torch.int8), persistent=False)
-        self.groups = weight.groups
+        sm = nn.functional.pad(sm * mask.to(torch.int8), (0, padded - self.k))
+        self.register_buffer("sm", sm.reshape(weight.rows, self.groups, weight.group_size), persistent=False)
         alpha = torch.from_numpy(np.asarray(weight.alpha, dtype=np.float32)).half().float()
         self.ref = float(alpha.abs().mean().clamp_min(1e-8))
         self.alpha = nn.Parameter(alpha / self.ref)
@@ -79,7 +102,7 @@ class TunableLinear(nn.Module):
             signs2 = torch.from_numpy(np.asarray(weight.salient_signs, dtype=bool)).reshape(weight.rows, -1)
             s2 = torch.where(signs2, 1, -1).to(torch.int8) * mask[:, cols].to(torch.int8)
             self.register_buffer("sal_cols", cols, persistent=False)
-            self.register_buffer("sal_groups", col_group[cols], persistent=False)
+            self.register_buffer("sal_groups", cols // weight.group_size, persistent=False)
             self.register_buffer("s2", s2, persistent=False)
             a2 = torch.from_numpy(np.asarray(weight.alpha2, dtype=np.float32)).half().float()
             self.alpha2 = nn.Parameter(a2 / self.ref)
@@ -95,33 +118,44 @@ class TunableLinear(nn.Module):
     def tuned(self) -> list[nn.Parameter]:
         return [p for p in (self.alpha, self.mu, self.alpha2, self.col_scales) if p is not None]
 
-    def base_weight(self) -> torch.Tensor:
-        """mask * (alpha s + mu + salient term), without column scales, float32 [rows, K]."""
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """mask * (alpha s + mu + salient term), without column scales, [rows, K]: computed in float32, the
+        last multiply written in `dtype` (the one rounding a bf16 matmul would apply anyway). Values only:
+        `_BinaryMatmul.backward` forms the gradients."""
+        with torch.no_grad():
+            return self._base_weight(dtype)
+
+    def _base_weight(self, dtype: torch.dtype) -> torch.Tensor:
         sm = self.sm.float()
-        w = (self.alpha * self.ref)[:, self.col_group] * sm + (self.mu * self.ref)[
-            :, self.col_group
-        ] * sm.abs()
-        if self.alpha2 is not None:
-            w[:, self.sal_cols] += (self.alpha2 * self.ref)[:, self.sal_groups] * self.s2.float()
-        return w
+        t = torch.addcmul((self.alpha * self.ref).unsqueeze(-1), (self.mu * self.ref).unsqueeze(-1), sm)
+        t = t.reshape(self.sm.shape[0], -1)
+        flat = sm.reshape(t.shape)
+        if self.alpha2 is not None:  # sm * (t + a2 s2 sm) = sm t + a2 s2 where kept (s2 is 0 elsewhere)
+            extra = (self.alpha2 * self.ref)[:, self.sal_groups] * self.s2.float() * flat[:, self.sal_cols]
+            t[:, self.sal_cols] += extra
+        w = torch.mul(t, flat, out=torch.empty(t.shape, dtype=dtype))
+        return w[:, : self.k] if w.shape[1] != self.k else w
 
     def weight(self) -> torch.Tensor:
         w = self.base_weight()
         return w if self.col_scales is None else w * (self.col_scales * self.c_ref)[None, :]
 
-    def param_grads(self, grad_w: torch.Tensor, base: torch.Tensor) -> dict[int, torch.Tensor]:
+    def scaled_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.col_scales is None else x * (self.col_scales * self.c_ref)
+
+    def param_grads(self, grad_w: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Gradients of alpha, mu and alpha2 from the gradient of W_base [rows, K]."""
         grads: dict[int, torch.Tensor] = {}
-        if self.col_scales is not None:
-            grads[id(self.col_scales)] = (grad_w * base).sum(0) * self.c_ref
-            grad_w = grad_w * (self.col_scales * self.c_ref)[None, :]
+        rows, groups, size = self.sm.shape
+        if grad_w.shape[1] != groups * size:
+            grad_w = nn.functional.pad(grad_w, (0, groups * size - grad_w.shape[1]))
         sm = self.sm.float()
-        rows = grad_w.shape[0]
-        zeros = torch.zeros(rows, self.groups)
-        grads[id(self.alpha)] = zeros.index_add(1, self.col_group, grad_w * sm) * self.ref
-        grads[id(self.mu)] = zeros.index_add(1, self.col_group, grad_w * sm.abs()) * self.ref
+        t = grad_w.reshape(rows, groups, size) * sm  # grad * s where kept
+        grads[id(self.alpha)] = t.sum(-1) * self.ref
+        grads[id(self.mu)] = t.mul_(sm).sum(-1) * self.ref  # grad where kept
         if self.alpha2 is not None:
-            g2 = grad_w[:, self.sal_cols] * self.s2.float()
-            grads[id(self.alpha2)] = zeros.index_add(1, self.sal_groups, g2) * self.ref
+            g2 = grad_w[:, self.sal_cols].float() * self.s2.float()
+            grads[id(self.alpha2)] = torch.zeros(rows, groups).index_add(1, self.sal_groups, g2) * self.ref
         return grads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
