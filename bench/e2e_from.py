@@ -219,9 +219,6 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    from pbs2p_edge.allocator import retain_freed_memory
-
-    retain_freed_memory()  # the steps' weight-sized temporaries reuse heap pages (pbs2p_edge/allocator.py)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -1,38 +1,61 @@
-"""Keep freed memory in the process heap while compressing (glibc only; a no-op elsewhere).
+"""Keep freed memory in the process heap during recovery steps (glibc only; a no-op elsewhere).
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB by default) with a fresh mmap and
-unmaps it on free, so each weight-sized temporary of the recovery steps (W_hat, its gradient, the int8 planes
-converted to float) pays one page fault per 4 KiB on first touch. On a 8960 x 1536 linear that made a 55 MB
-copy take 49 ms instead of 8, and one bf16 recovery step of the linear 1.52 s instead of 0.58
-(docs/METHOD.md "Session 12"). Raising the mmap and trim thresholds lets the heap reuse those pages; the
-freed memory stays resident (peak RSS is unchanged, the process does not shrink after its peak).
+unmaps it on free, so each weight-sized temporary of a recovery step (W_hat, its gradient, the float sign
+plane) pays one page fault per 4 KiB on first touch, at every step (`bench/recover_linear.py`: ~100,000 faults
+per bf16 step of one 8960 x 1536 linear). Inside `retained_heap()` allocations up to 1 GiB come from the heap
+and stay there when freed, so the next step's same-shaped temporaries reuse those pages. Only inside: a whole
+compress held that way kept 20 GiB of freed, fragmented heap at 1.5B (its live memory: 3.7 GiB), so on exit
+glibc's thresholds are set back and the free memory is handed to the system (`malloc_trim`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-THRESHOLD_BYTES = 1 << 30  # allocations up to 1 GiB come from the heap
+RETAINED_BYTES = 1 << 30  # inside: allocations up to 1 GiB come from the heap, and stay there
+# outside: glibc's own steady state (its dynamic mmap threshold stops at 32 MiB, the trim threshold at twice it)
+DEFAULT_MMAP_BYTES = 32 << 20
+DEFAULT_TRIM_BYTES = 64 << 20
 
 
-def retain_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process; True when they were set."""
+def _glibc() -> Any:
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other libcs without mallopt
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES)) and bool(
-        mallopt(M_TRIM_THRESHOLD, THRESHOLD_BYTES)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):  # musl and other libcs without mallopt / malloc_trim
+        return None
+    return libc
+
+
+def _thresholds(libc: Any, mmap_bytes: int, trim_bytes: int) -> bool:
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_bytes)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, trim_bytes)
     )
+
+
+@contextlib.contextmanager
+def retained_heap() -> Iterator[bool]:
+    """Within: freed memory stays in the heap for reuse (yields whether glibc took the setting). On exit:
+    glibc's default thresholds, and the free heap returned to the system. Also a decorator."""
+    libc = _glibc()
+    active = libc is not None and _thresholds(libc, RETAINED_BYTES, RETAINED_BYTES)
+    try:
+        yield active
+    finally:
+        if active:
+            _thresholds(libc, DEFAULT_MMAP_BYTES, DEFAULT_TRIM_BYTES)
+            libc.malloc_trim(0)

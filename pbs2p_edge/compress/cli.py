@@ -318,9 +318,6 @@ def _parse_salient(text: str | None, largest: int | None) -> dict[str, Any]:
 
 
 def _run(**options: Any) -> None:
-    from pbs2p_edge.allocator import retain_freed_memory
-
-    retain_freed_memory()
 
     from pbs2p_edge.errors import Pbs2pError
 

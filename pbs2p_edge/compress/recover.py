@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pbs2p_edge.allocator import retained_heap
 from pbs2p_edge.config import E2E_DTYPES, E2E_SCHEDULES
 
 FP16_MAX = 65504.0
@@ -338,6 +339,7 @@ def _batch_order(n: int, seed: int, clock: _Budget) -> Iterable[int]:
             yield i
 
 
+@retained_heap()  # the steps' weight-sized temporaries reuse heap pages
 def recover_layer(
     layer: nn.Module,
     weights: dict[str, Any],
@@ -415,6 +417,7 @@ def _kl_topk(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) ->
     return (t.exp() * (t - s_logp)).sum(-1).mean()
 
 
+@retained_heap()  # the steps' weight-sized temporaries reuse heap pages
 def recover_e2e(
     model: nn.Module,
     weights: dict[str, Any],
