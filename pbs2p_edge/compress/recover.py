@@ -339,7 +339,6 @@ def _batch_order(n: int, seed: int, clock: _Budget) -> Iterable[int]:
             yield i
 
 
-@retained_heap()  # the steps' weight-sized temporaries reuse heap pages
 def recover_layer(
     layer: nn.Module,
     weights: dict[str, Any],
@@ -364,7 +363,8 @@ def recover_layer(
     batches = micro_batches(chunks, targets, micro_batch)
     opt = torch.optim.Adam(swap.params() + norms.scales, lr=lr)
     clock = _Budget(steps, seconds)
-    with torch.enable_grad():
+    # the steps' weight-sized temporaries reuse heap pages (allocator.py); released after the loop
+    with torch.enable_grad(), retained_heap():
         for i in _batch_order(len(batches), seed, clock):
             hidden, kwargs, target = batches[i]
             out = _layer_out(layer, hidden, kwargs)
@@ -417,7 +417,6 @@ def _kl_topk(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) ->
     return (t.exp() * (t - s_logp)).sum(-1).mean()
 
 
-@retained_heap()  # the steps' weight-sized temporaries reuse heap pages
 def recover_e2e(
     model: nn.Module,
     weights: dict[str, Any],
@@ -460,7 +459,7 @@ def recover_e2e(
     starts = list(range(0, calib_ids.shape[0], micro_batch))
     clock = _Budget(steps, seconds)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    with torch.enable_grad(), autocast:
+    with torch.enable_grad(), autocast, retained_heap():  # as in recover_layer
         for i in _batch_order(len(starts), seed, clock):
             if schedule == "cosine":
                 for group in opt.param_groups:
