@@ -2,7 +2,7 @@
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB by default) with a fresh mmap and
 unmaps it on free, so each weight-sized temporary of a recovery step (W_hat, its gradient, the float sign
-plane) pays one page fault per 4 KiB on first touch, at every step (`bench/recover_linear.py`: ~100,000 faults
+plane) pays one page fault per 4 KiB on first touch, at every step (`bench/recover_linear.py`: ~130,000 faults
 per bf16 step of one 8960 x 1536 linear). Inside `retained_heap()` allocations up to 1 GiB come from the heap
 and stay there when freed, so the next step's same-shaped temporaries reuse those pages. The recovery loops
 alone run inside it (`compress/recover.py`): a whole compress held that way kept 20 GiB of freed, fragmented
