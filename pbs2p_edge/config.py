@@ -46,7 +46,8 @@ RECOVER_FULL_WEIGHTS = 106e6
 # The end-to-end pass: with `e2e_steps` None it runs E2E_STEPS Adam steps (one pass over 1024 calibration
 # windows at 2 per step, lr 2e-3, through the int4 head the bundle deploys: bench/results/e2e.md, chosen on
 # held-out calibration-split KL) up to RECOVER_FULL_WEIGHTS, proportionally fewer above (at least 1); the
-# low-memory path skips the default pass and runs only an explicit one (its teacher costs per window).
+# low-memory path runs it too where its predicted memory is available, over windows each seen once (its
+# teacher costs per window), and skips it with the reason elsewhere (compress/cli.py).
 E2E_STEPS = 512
 # The share of the end-to-end windows that are chat-formatted (sources.chat_calibration_ids), by default when
 # the tokenizer has a chat template and the calibration text is the built-in corpus (docs/METHOD.md "Session 8").
