@@ -125,12 +125,9 @@ def main() -> None:
         r = report[key]
         top = ", ".join(f"{t!r} {p:.3f}" for t, p in r["top_next"])
         lines.append(f"| {key} | {r['ppl_int4_head']:.2f} | {top} | {r['greedy_reply']!r} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        from peers import write_report
+    from peers import print_report
 
-        write_report(args.out, report, text)
+    print_report(args.out, report, lines)
 
 
 if __name__ == "__main__":

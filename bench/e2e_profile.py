@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="bench/results/NAME: writes NAME.json and NAME.md")
     args = parser.parse_args()
     from e2e_from import start_checkpoint, teacher_for
-    from peers import exit_usage, write_report
+    from peers import exit_usage, print_report
 
     if not args.source.is_file():
         exit_usage(f"{args.source} does not exist")
@@ -89,10 +89,7 @@ def main() -> None:
         lines.append(f"| {label} | {r['seconds']:.2f} | {r['kl_after']:.4f} |")
     lines += ["", "| op (float32, profiled) | self CPU % |", "|---|---|"]
     lines += [f"| {name} | {share} |" for name, share in runs[-1]["top_ops"]]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        write_report(args.out, report, text)
+    print_report(args.out, report, lines)
 
 
 if __name__ == "__main__":

@@ -364,6 +364,14 @@ def exit_usage(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def print_report(out: Path | None, report: dict[str, Any], lines: list[str]) -> None:
+    """Print a bench script's md lines; with `out`, also write OUT.json (the report) and OUT.md."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        write_report(out, report, text)
+
+
 def write_report(out: Path, report: dict[str, Any], text: str) -> None:
     """OUT.json (the report) and OUT.md (its table), each written whole or not at all."""
     write_atomic(out.with_name(out.name + ".json"), json.dumps(report, indent=2) + "\n")

@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="bench/results/NAME: writes NAME.json and NAME.md")
     parser.add_argument("--child", choices=HEAP_MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from peers import exit_usage, write_report
+    from peers import exit_usage, print_report
 
     try:
         shapes = [parse_shape(s) for s in args.shapes]
@@ -118,10 +118,7 @@ def main() -> None:
                 f"| {row['shape']} | {heap} | {t['seconds']:.3f} | {d['seconds']:.3f} | "
                 f"{t['seconds'] / d['seconds']:.2f}x | {t['faults_per_step']:.0f} / {d['faults_per_step']:.0f} |"
             )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        write_report(args.out, report, text)
+    print_report(args.out, report, lines)
 
 
 if __name__ == "__main__":
