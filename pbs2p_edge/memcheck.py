@@ -33,14 +33,18 @@ def fits(needed: int) -> bool:
     return os.environ.get("PBS2P_EDGE_SKIP_MEMORY_CHECK") == "1" or needed <= available_bytes()
 
 
+def shortfall(needed: int) -> str:
+    """'needs about X GiB of memory, Y GiB is available (...)': what `require` and a skipped step say."""
+    return (
+        f"needs about {needed / GIB:.1f} GiB of memory, {available_bytes() / GIB:.1f} GiB is available "
+        "(free memory or set PBS2P_EDGE_SKIP_MEMORY_CHECK=1 to try anyway)"
+    )
+
+
 def require(needed: int, what: str) -> None:
     """Raise Pbs2pError naming both figures when `needed` bytes exceed the available memory."""
     if not fits(needed):
-        available = available_bytes()
-        raise Pbs2pError(
-            f"{what} needs about {needed / GIB:.1f} GiB of memory, {available / GIB:.1f} GiB is available "
-            "(free memory or set PBS2P_EDGE_SKIP_MEMORY_CHECK=1 to try anyway)"
-        )
+        raise Pbs2pError(f"{what} {shortfall(needed)}")
 
 
 def config_params(config: object) -> tuple[int, int]:

@@ -388,12 +388,7 @@ def _streamed_e2e_default(config: Any, model: Any, needed: int) -> tuple[Any, st
     from pbs2p_edge.compress.pipeline import linear_names
 
     if not memcheck.fits(needed):
-        available = memcheck.available_bytes() / memcheck.GIB
-        reason = (
-            f"it needs about {needed / memcheck.GIB:.1f} GiB of memory, {available:.1f} GiB is available "
-            "(free memory, or set PBS2P_EDGE_SKIP_MEMORY_CHECK=1 to try anyway)"
-        )
-        return dataclasses.replace(config, e2e_steps=0), reason
+        return dataclasses.replace(config, e2e_steps=0), f"it {memcheck.shortfall(needed)}"
     names = linear_names(model)
     weights = sum(layer.get_submodule(n).weight.numel() for layer in model.model.layers for n in names)
     return dataclasses.replace(config, e2e_steps=config.e2e_steps_for(weights)), ""
