@@ -135,7 +135,8 @@ def run(args: argparse.Namespace, ckpt: dict[str, Any], write: Any) -> list[dict
     _, calib = calibration_windows(tokenizer, e2e_config(cfg, args))
     held = sources.calibration_ids(tokenizer, args.holdout, cfg["calib_len"], cfg["seed"] + 1000)
     eval_ids = sources.evaluation_ids(tokenizer, args.tokens)
-    teacher = teacher_topk(fp_model, calib, args.topk, args.micro_batch, progress=True)
+    teacher = teacher_topk(fp_model, calib, args.topk, args.micro_batch, True, args.teacher_dtype)
+    # the held-out check scores against float32 targets whatever the training teacher's precision
     held_teacher = teacher_topk(fp_model, held, args.topk, args.micro_batch, progress=True)
     del fp_model
     n_first = cfg["calib_samples"]  # calib KL on the block stages' windows, which every variant trains on
@@ -170,6 +171,7 @@ def run(args: argparse.Namespace, ckpt: dict[str, Any], write: Any) -> list[dict
             "schedule": args.schedule,
             "chat": args.chat,
             "dtype": args.dtype,
+            "teacher_dtype": args.teacher_dtype,
             "micro_batch": args.micro_batch,
             "topk": args.topk,
             "window_seed": args.window_seed,
@@ -207,12 +209,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"calibration split, another seed. Evaluation: {meta['tokens']} tokens of the evaluation split, ctx {meta['ctx']}.  ",
         f"Machine: {meta['machine']}; shared by other jobs, so seconds are not speed claims.",
         "",
-        "| start model | windows | chat share | step dtype | schedule | trained through head | E2E steps | lr | micro-batch | kept | calib KL | held-out KL | held-out KL, int4 head | eval perplexity | same, int4 head | wall s | CPU s | measured |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| start model | windows | chat share | step dtype | teacher | schedule | trained through head | E2E steps | lr | micro-batch | kept | calib KL | held-out KL | held-out KL, int4 head | eval perplexity | same, int4 head | wall s | CPU s | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.get('source', '-')} | {r['samples']} | {r.get('chat', 0.0):g} | {r.get('dtype', 'float32')} | {r['schedule']} | {r['head']} | {r['steps']} | {r['lr']:g} | {r['micro_batch']} | {'yes' if r['kept'] else '-'} | {r['calib_kl']:.4f} | "
+            f"| {r.get('source', '-')} | {r['samples']} | {r.get('chat', 0.0):g} | {r.get('dtype', 'float32')} | {r.get('teacher_dtype', 'float32')} | {r['schedule']} | {r['head']} | {r['steps']} | {r['lr']:g} | {r['micro_batch']} | {'yes' if r['kept'] else '-'} | {r['calib_kl']:.4f} | "
             f"{r['heldout_kl']:.4f} | {_maybe(r.get('heldout_kl_int4_head'), 4)} | {r['ppl']:.2f} | {_maybe(r.get('ppl_int4_head'))} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['measured']} |"
         )
     return "\n".join(lines) + "\n"
@@ -256,6 +258,12 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         default="float32",
         help="precision of the steps (--e2e-dtype)",
+    )
+    parser.add_argument(
+        "--teacher-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="precision of the training teacher's forward (--e2e-teacher-dtype)",
     )
     parser.add_argument("--topk", type=int, default=None, help="teacher top-k (default: PBS2PConfig's)")
     parser.add_argument("--holdout", type=int, default=16, help="held-out calibration-split windows")

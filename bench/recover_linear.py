@@ -3,7 +3,7 @@
 Times forward + backward of `TunableLinear` (W_hat rebuilt from the frozen sign planes in both) and of a
 dense linear on the same activations, in bf16 autocast (the end-to-end steps on a CPU with native bf16) or
 float32 (block recovery), each in its own process: once with glibc's default allocator thresholds (every
-temporary above 32 MiB a fresh mmap, paid in page faults) and once with `allocator.retain_freed_memory`
+temporary above 32 MiB a fresh mmap, paid in page faults) and once with `allocator.retained_heap`
 (what the recovery steps run in). Reports the best of --reps per cell and the minor page faults per step; seconds
 compare only within one run.
 

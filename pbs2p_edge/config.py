@@ -47,8 +47,11 @@ RECOVER_FULL_WEIGHTS = 106e6
 # windows at 2 per step, lr 2e-3, through the int4 head the bundle deploys: bench/results/e2e.md, chosen on
 # held-out calibration-split KL) up to RECOVER_FULL_WEIGHTS, proportionally fewer above (at least 1); the
 # low-memory path runs it too where its predicted memory is available, over windows each seen once (its
-# teacher costs per window), and skips it with the reason elsewhere (compress/cli.py).
+# teacher costs per window), and skips it with the reason elsewhere (compress/cli.py). Never fewer than
+# E2E_MIN_STEPS: at 1.5B the scaled count (41) left perplexity at 32.6, and 88 more steps took it to 27.5
+# (bench/results/e2e-qwen1.5b-s13.md) for ~25 min more on 2 cores (docs/METHOD.md "Session 13").
 E2E_STEPS = 512
+E2E_MIN_STEPS = 128
 # The share of the end-to-end windows that are chat-formatted (sources.chat_calibration_ids), by default when
 # the tokenizer has a chat template and the calibration text is the built-in corpus (docs/METHOD.md "Session 8").
 E2E_CHAT = 0.25
@@ -151,8 +154,11 @@ class PBS2PConfig:
     # The share of those windows that are chat-formatted conversations (None: E2E_CHAT when the tokenizer has a
     # chat template and no calibration text file is given, else 0; see `e2e_chat_share`).
     e2e_chat: float | None = None
-    # The precision its steps compute in (E2E_DTYPES, or E2E_DTYPE_AUTO: chosen by the CPU).
+    # The precision its steps compute in (E2E_DTYPES, or E2E_DTYPE_AUTO: chosen by the CPU), and the precision
+    # of the teacher's forward that makes its targets (the same choices; bf16 autocast: 1.9x faster per window
+    # at a top-k KL of 0.0006 to the float32 targets, bench/results/teacher-dtype-*.md).
     e2e_dtype: str = E2E_DTYPE_AUTO
+    e2e_teacher_dtype: str = E2E_DTYPE_AUTO
     # Bit budget (compress/budget.py): honest bits/weight over the compressed linears to spend (None =
     # DEFAULT_BUDGET_BITS if the pattern fits under it; a given value below the pattern is an error); `budget`
     # False turns the stage off; calibration sequences x tokens of the per-layer sensitivity probe.
@@ -208,11 +214,13 @@ class PBS2PConfig:
             )
         if self.e2e_head not in E2E_HEADS:
             raise Pbs2pError(f"unknown --e2e-head {self.e2e_head!r} (choose from {', '.join(E2E_HEADS)})")
-        if self.e2e_dtype == E2E_DTYPE_AUTO:
-            self.e2e_dtype = default_e2e_dtype()
-        if self.e2e_dtype not in E2E_DTYPES:
-            choices = ", ".join((E2E_DTYPE_AUTO, *E2E_DTYPES))
-            raise Pbs2pError(f"unknown --e2e-dtype {self.e2e_dtype!r} (choose from {choices})")
+        for name in ("e2e_dtype", "e2e_teacher_dtype"):
+            if getattr(self, name) == E2E_DTYPE_AUTO:
+                setattr(self, name, default_e2e_dtype())
+            if getattr(self, name) not in E2E_DTYPES:
+                choices = ", ".join((E2E_DTYPE_AUTO, *E2E_DTYPES))
+                option = "--" + name.replace("_", "-")
+                raise Pbs2pError(f"unknown {option} {getattr(self, name)!r} (choose from {choices})")
         if self.e2e_chat is not None and not (
             isinstance(self.e2e_chat, (int, float))
             and not isinstance(self.e2e_chat, bool)
@@ -302,7 +310,8 @@ class PBS2PConfig:
             return self.e2e_steps
         if E2E_STEPS == 0:
             return 0
-        return max(1, round(E2E_STEPS * min(1.0, RECOVER_FULL_WEIGHTS / max(weights, 1))))
+        scaled = round(E2E_STEPS * min(1.0, RECOVER_FULL_WEIGHTS / max(weights, 1)))
+        return max(min(E2E_STEPS, E2E_MIN_STEPS), scaled, 1)
 
     def steps_for(self, n: int) -> int:
         """SPBO steps of a layer that keeps `n` of M (CFS may give layers different N)."""

@@ -181,6 +181,15 @@ def test_streaming_end_to_end_pass_is_bit_identical(
     streamed = teacher_topk_streaming(skeleton, store, e2e_ids, 8, 2, progress=False)
     whole = teacher_topk(model, e2e_ids, 8, 2)
     assert torch.equal(streamed[0], whole[0]) and torch.equal(streamed[1], whole[1])
+    skeleton, store = skeleton_model(
+        folder
+    )  # the bf16 teacher: the same per-layer calls, so the same targets
+    streamed = teacher_topk_streaming(skeleton, store, e2e_ids, 8, 2, progress=False, dtype="bfloat16")
+    whole_bf16 = teacher_topk(model, e2e_ids, 8, 2, dtype="bfloat16")
+    assert torch.equal(streamed[0], whole_bf16[0]) and torch.equal(streamed[1], whole_bf16[1])
+    assert not torch.equal(whole_bf16[0], whole[0])  # autocast did reach the matmuls
+    # close to the float32 targets: log-probs of the top token within bf16's rounding
+    assert (whole_bf16[0][..., 0].float() - whole[0][..., 0].float()).abs().max() < 0.1
 
     files = read_tokenizer_files(folder)
     full = compress(model, config, calib, tokenizer_files=files, progress=False, e2e_ids=e2e_ids)

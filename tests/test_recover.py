@@ -143,6 +143,7 @@ def test_recovered_checkpoint_round_trips(
         ("--e2e-chat", "-0.1", "--e2e-chat"),
         ("--e2e-chat", "nan", "--e2e-chat"),
         ("--e2e-dtype", "float16", "--e2e-dtype"),
+        ("--e2e-teacher-dtype", "int8", "--e2e-teacher-dtype"),
     ],
 )
 def test_bad_recovery_options(
@@ -194,8 +195,15 @@ def test_same_command_twice_gives_bit_identical_packed_arrays(
         assert torch.equal(tensor, b["dense_state"][key]), key
 
 
-def test_default_step_budget_scales_down_for_larger_models() -> None:
-    from pbs2p_edge.config import E2E_STEPS, RECOVER_FULL_WEIGHTS, RECOVER_STEPS_PER_LAYER, PBS2PConfig
+def test_default_step_budget_scales_down_for_larger_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pbs2p_edge import config as config_module
+    from pbs2p_edge.config import (
+        E2E_MIN_STEPS,
+        E2E_STEPS,
+        RECOVER_FULL_WEIGHTS,
+        RECOVER_STEPS_PER_LAYER,
+        PBS2PConfig,
+    )
     from pbs2p_edge.errors import Pbs2pError
 
     config = PBS2PConfig()
@@ -208,7 +216,13 @@ def test_default_step_budget_scales_down_for_larger_models() -> None:
     assert PBS2PConfig(e2e_steps=5, e2e_seconds=0).e2e_steps_for(10) == 0
     assert PBS2PConfig(e2e_steps=5).e2e_steps_for(10**15) == 5
     assert config.e2e_steps_for(1000) == E2E_STEPS
-    assert config.e2e_steps_for(int(1e15)) == (1 if E2E_STEPS else 0)
+    assert config.e2e_steps_for(int(1e15)) == min(E2E_STEPS, E2E_MIN_STEPS)
+    with monkeypatch.context() as patch:  # the release's step count, not the suite's short one
+        patch.setattr(config_module, "E2E_STEPS", 512)
+        assert config.e2e_steps_for(int(RECOVER_FULL_WEIGHTS)) == 512
+        assert config.e2e_steps_for(int(2 * RECOVER_FULL_WEIGHTS)) == 256
+        assert config.e2e_steps_for(1_310_000_000) == E2E_MIN_STEPS == 128  # 1.5B: 41 scaled, floored
+        assert PBS2PConfig(e2e_steps=5).e2e_steps_for(1_310_000_000) == 5  # an explicit count is kept
     bad_values = (
         {"recover_steps": 1.5},
         {"recover_steps": -1},
@@ -385,7 +399,7 @@ def test_e2e_options_run_through_compress_and_keep_the_float_embedding(
     out = tmp_path / "model.pt"
     args = ["--model", str(tiny_model_dir), "--text", str(corpus_text_file), *FAST, "--recover-steps", "2"]
     args += ["--e2e-steps", "3", "--e2e-samples", "6", "--e2e-schedule", "cosine", "--e2e-head", "int4"]
-    args += ["--e2e-chat", "0.5", "--e2e-dtype", "bfloat16"]
+    args += ["--e2e-chat", "0.5", "--e2e-dtype", "bfloat16", "--e2e-teacher-dtype", "bfloat16"]
     result = CliRunner().invoke(compress_command, [*args, "-o", str(out)])
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(out)
@@ -399,7 +413,8 @@ def test_e2e_options_run_through_compress_and_keep_the_float_embedding(
     assert (compression["results"]["e2e"]["windows"], compression["results"]["e2e"]["head"]) == (6, "int4")
     assert compression["e2e_chat"] == 0.5 and compression["results"]["e2e"]["chat_windows"] == 3
     assert compression["e2e_dtype"] == "bfloat16" and compression["results"]["e2e"]["dtype"] == "bfloat16"
-    assert "3 steps over 6 windows (3 chat-formatted), int4 head, bfloat16 steps" in result.output
+    assert compression["e2e_teacher_dtype"] == compression["results"]["e2e"]["teacher_dtype"] == "bfloat16"
+    assert "over 6 windows (3 chat-formatted), int4 head, bfloat16 steps, bfloat16 teacher)" in result.output
     fp, _ = sources.load_model(str(tiny_model_dir))
     name = next(k for k in ckpt["dense_state"] if k.endswith("embed_tokens.weight"))
     assert torch.equal(ckpt["dense_state"][name], fp.get_input_embeddings().weight.detach())
@@ -429,4 +444,6 @@ def test_auto_e2e_dtype_follows_the_cpus_native_bf16(
     assert PBS2PConfig().e2e_dtype == expected
     assert PBS2PConfig(e2e_dtype="auto").e2e_dtype == expected
     assert PBS2PConfig(e2e_dtype="float32").e2e_dtype == "float32"  # an explicit choice is kept
+    assert PBS2PConfig().e2e_teacher_dtype == expected
+    assert PBS2PConfig(e2e_teacher_dtype="float32", e2e_dtype="bfloat16").e2e_teacher_dtype == "float32"
     assert not cpu.native_bf16(tmp_path / "missing")

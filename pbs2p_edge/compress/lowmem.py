@@ -238,18 +238,25 @@ def has_safetensors(folder: str | os.PathLike) -> bool:
 
 
 def teacher_topk_streaming(
-    model: Any, store: LayerStore, ids: torch.Tensor, k: int, batch_size: int, progress: bool = True
+    model: Any,
+    store: LayerStore,
+    ids: torch.Tensor,
+    k: int,
+    batch_size: int,
+    progress: bool = True,
+    dtype: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`recover.teacher_topk` one decoder layer at a time: the FP model's hidden states of every window go
-    through each layer read from `store` in turn (the same batches, the same per-layer calls), then through
-    the model's own final norm and head. Holds the windows' hidden states, not the model."""
+    through each layer read from `store` in turn (the same batches, the same per-layer calls, the same
+    `dtype`), then through the model's own final norm and head. Holds the windows' hidden states, not the
+    model."""
     from tqdm.auto import tqdm
 
     from pbs2p_edge.compress.families import layer_kwargs, layers_differ
     from pbs2p_edge.compress.pipeline import _run_layer, capture_layer_inputs
-    from pbs2p_edge.compress.recover import topk_logprobs
+    from pbs2p_edge.compress.recover import teacher_autocast, topk_logprobs
 
-    with torch.no_grad():
+    with torch.no_grad(), teacher_autocast(dtype):
         chunks = capture_layer_inputs(model, ids, batch_size)
         per_layer = layer_kwargs(model, ids, batch_size) if layers_differ(model) else None
         hidden = [h for h, _ in chunks]

@@ -204,6 +204,7 @@ def compress(
             chat_windows=chat_window_count(config),
             head=config.e2e_head,
             dtype=config.e2e_dtype,
+            teacher_dtype=config.e2e_teacher_dtype,
         )
     packed = {name: pack(w) for name, w in weights.items()}
     if store is not None:  # finished layers were packed as they went; `weights` unpacks them on access
@@ -376,10 +377,14 @@ def _teacher(
     if store is not None:
         from pbs2p_edge.compress.lowmem import teacher_topk_streaming
 
-        return teacher_topk_streaming(model, store, ids, config.e2e_topk, config.e2e_micro_batch, progress)
+        return teacher_topk_streaming(
+            model, store, ids, config.e2e_topk, config.e2e_micro_batch, progress, config.e2e_teacher_dtype
+        )
     from pbs2p_edge.compress.recover import teacher_topk
 
-    return teacher_topk(model, ids, config.e2e_topk, config.e2e_micro_batch, progress)
+    return teacher_topk(
+        model, ids, config.e2e_topk, config.e2e_micro_batch, progress, config.e2e_teacher_dtype
+    )
 
 
 @contextlib.contextmanager

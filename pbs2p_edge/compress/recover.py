@@ -384,16 +384,23 @@ def recover_layer(
 
 
 def teacher_topk(
-    model: nn.Module, calib_ids: torch.Tensor, k: int, batch_size: int, progress: bool = False
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    k: int,
+    batch_size: int,
+    progress: bool = False,
+    dtype: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # (batch_size sequences at a time: the full-vocabulary logits of one batch are the peak)
     """The FP model's top-k log-probabilities and their token ids per calibration position (fp16 / int32);
-    `progress` shows a bar over the windows (minutes on the default model's 1024)."""
+    `dtype` "bfloat16" runs its matmuls under bf16 autocast (`teacher_autocast`); `progress` shows a bar
+    over the windows (minutes on the default model's 1024)."""
     from tqdm.auto import tqdm
 
     values, indices = [], []
     with (
         torch.no_grad(),
+        teacher_autocast(dtype),
         tqdm(total=calib_ids.shape[0], desc="teacher top-k", unit="window", disable=not progress) as bar,
     ):
         for batch in calib_ids.split(batch_size):
@@ -402,6 +409,12 @@ def teacher_topk(
             values.append(top[0])
             indices.append(top[1])
     return torch.cat(values), torch.cat(indices)
+
+
+def teacher_autocast(dtype: str) -> torch.autocast:
+    """bf16 autocast for the teacher's forward when `dtype` is "bfloat16" (matmuls in bf16 with fp32
+    accumulation, norms and softmax in fp32; bench/teacher_dtype.py measures what it changes), else off."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
