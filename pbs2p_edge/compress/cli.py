@@ -139,8 +139,8 @@ import click
     default=None,
     metavar="[auto|float32|bfloat16]",
     help="Precision the end-to-end steps compute in: bfloat16 autocast measured 1.57x faster on a CPU "
-    "with AVX512_BF16 at the same quality, expected slower without native bf16 (not measured); the teacher "
-    "and the keep-or-revert check stay float32. auto: bfloat16 on CPUs with native bf16 (AVX512_BF16, "
+    "with AVX512_BF16 at the same quality, expected slower without native bf16 (not measured); the "
+    "keep-or-revert check's forward stays float32 (the teacher's: --e2e-teacher-dtype). auto: bfloat16 on CPUs with native bf16 (AVX512_BF16, "
     "AMX-BF16, arm64 BF16), else float32 [default: auto].",
 )
 @click.option(
