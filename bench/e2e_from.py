@@ -135,7 +135,9 @@ def run(args: argparse.Namespace, ckpt: dict[str, Any], write: Any) -> list[dict
     _, calib = calibration_windows(tokenizer, e2e_config(cfg, args))
     held = sources.calibration_ids(tokenizer, args.holdout, cfg["calib_len"], cfg["seed"] + 1000)
     eval_ids = sources.evaluation_ids(tokenizer, args.tokens)
-    teacher = teacher_topk(fp_model, calib, args.topk, args.micro_batch, True, args.teacher_dtype)
+    teacher = teacher_topk(
+        fp_model, calib, args.topk, args.micro_batch, progress=True, dtype=args.teacher_dtype
+    )
     # the held-out check scores against float32 targets whatever the training teacher's precision
     held_teacher = teacher_topk(fp_model, held, args.topk, args.micro_batch, progress=True)
     del fp_model

@@ -155,8 +155,8 @@ class PBS2PConfig:
     # chat template and no calibration text file is given, else 0; see `e2e_chat_share`).
     e2e_chat: float | None = None
     # The precision its steps compute in (E2E_DTYPES, or E2E_DTYPE_AUTO: chosen by the CPU), and the precision
-    # of the teacher's forward that makes its targets (the same choices; bf16 autocast: 1.9x faster per window
-    # at a top-k KL of 0.0006 to the float32 targets, bench/results/teacher-dtype-*.md).
+    # of the teacher's forward that makes its targets (the same choices; bf16 autocast: 1.6-1.8x faster per
+    # window at a top-k KL of 0.0003-0.0006 to the float32 targets, bench/results/teacher-dtype-*.md).
     e2e_dtype: str = E2E_DTYPE_AUTO
     e2e_teacher_dtype: str = E2E_DTYPE_AUTO
     # Bit budget (compress/budget.py): honest bits/weight over the compressed linears to spend (None =
@@ -311,7 +311,7 @@ class PBS2PConfig:
         if E2E_STEPS == 0:
             return 0
         scaled = round(E2E_STEPS * min(1.0, RECOVER_FULL_WEIGHTS / max(weights, 1)))
-        return max(min(E2E_STEPS, E2E_MIN_STEPS), scaled, 1)
+        return max(min(E2E_STEPS, E2E_MIN_STEPS), scaled)
 
     def steps_for(self, n: int) -> int:
         """SPBO steps of a layer that keeps `n` of M (CFS may give layers different N)."""

@@ -181,9 +181,8 @@ def test_streaming_end_to_end_pass_is_bit_identical(
     streamed = teacher_topk_streaming(skeleton, store, e2e_ids, 8, 2, progress=False)
     whole = teacher_topk(model, e2e_ids, 8, 2)
     assert torch.equal(streamed[0], whole[0]) and torch.equal(streamed[1], whole[1])
-    skeleton, store = skeleton_model(
-        folder
-    )  # the bf16 teacher: the same per-layer calls, so the same targets
+    # the bf16 teacher: the same per-layer calls, so the same targets
+    skeleton, store = skeleton_model(folder)
     streamed = teacher_topk_streaming(skeleton, store, e2e_ids, 8, 2, progress=False, dtype="bfloat16")
     whole_bf16 = teacher_topk(model, e2e_ids, 8, 2, dtype="bfloat16")
     assert torch.equal(streamed[0], whole_bf16[0]) and torch.equal(streamed[1], whole_bf16[1])

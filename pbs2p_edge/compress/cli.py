@@ -108,7 +108,8 @@ import click
     type=int,
     default=None,
     help="End-to-end recovery: Adam steps on the KL to the FP model's logits, signs and mask frozen (0 = off) "
-    "[default: 512, fewer above 106 M compressed weights but at least 128 (128 at 1.5B); on the low-memory path (large models) "
+    "[default: 512, fewer above 106 M compressed weights but at least 128 (128 at 1.5B); on the low-memory "
+    "path (large models) "
     "after the layer loop, by default only where its predicted memory is available (else skipped, saying "
     "why), with the teacher streamed layer by layer over N x micro-batch windows unless --e2e-samples says "
     "otherwise].",
@@ -140,7 +141,8 @@ import click
     metavar="[auto|float32|bfloat16]",
     help="Precision the end-to-end steps compute in: bfloat16 autocast measured 1.57x faster on a CPU "
     "with AVX512_BF16 at the same quality, expected slower without native bf16 (not measured); the "
-    "keep-or-revert check's forward stays float32 (the teacher's: --e2e-teacher-dtype). auto: bfloat16 on CPUs with native bf16 (AVX512_BF16, "
+    "keep-or-revert check's forward stays float32 (the teacher's: --e2e-teacher-dtype). auto: bfloat16 on "
+    "CPUs with native bf16 (AVX512_BF16, "
     "AMX-BF16, arm64 BF16), else float32 [default: auto].",
 )
 @click.option(
@@ -148,7 +150,8 @@ import click
     default=None,
     metavar="[auto|float32|bfloat16]",
     help="Precision of the FP model's forward that makes the end-to-end targets: bfloat16 autocast measured "
-    "1.9x faster per window on a CPU with AVX512_BF16, its targets at a top-k KL of 0.0006 to float32's. "
+    "1.6-1.8x faster per window on a CPU with AVX512_BF16, its targets at a top-k KL of 0.0003-0.0006 to "
+    "float32's. "
     "auto: as --e2e-dtype [default: auto].",
 )
 @click.option(
