@@ -35,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pbs2p_edge import ops
 from pbs2p_edge.config import PBS2PConfig
 from pbs2p_edge.format import pack, random_weight, runtime_bits_per_weight
+from pbs2p_edge.runtime.bench import cpu_name
 
 L3_BYTES = 32 << 20
 TARGET_BYTES = 2 * L3_BYTES + (8 << 20)
@@ -274,14 +275,7 @@ def main() -> int:
         "numpy": np.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "cpu": next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            platform.processor(),
-        ),
+        "cpu": cpu_name(),
         "nproc": os.cpu_count(),
         "ops_library": str(ops.library_path()),
         "kernel_override": os.environ.get(ops.ENV_KERNEL, ""),

@@ -157,15 +157,27 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
 
 
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (x86 "model name", arm "Model"), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name from /proc/cpuinfo (x86 "model name", arm "Model"), else what platform knows.
+
+    On x86 the family / model / stepping numbers follow it: cloud hosts print one brand string ("AMD EPYC") for
+    generations whose vector units differ (AVX-512 double-pumped on family 25, full width on family 26).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}  # the first value of each key: processor 0's
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or fields.get("Model")
+    if not name:
+        return platform.processor() or platform.machine()
+    ids = [f"{key} {fields[key]}" for key in ("cpu family", "model", "stepping") if key in fields]
+    return f"{name} ({', '.join(ids)})" if "cpu family" in fields else name
 
 
 def _machine() -> dict[str, Any]:

@@ -140,3 +140,36 @@ def test_peak_rss_sees_a_short_allocation() -> None:
         block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
         del block
     assert meter.peak >= before + 60 * 2**20
+
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+stepping\t: 1
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+stepping\t: 0
+"""
+
+PI5_CPUINFO = """processor\t: 0
+BogoMIPS\t: 108.00
+CPU implementer\t: 0x41
+CPU part\t: 0xd0b
+
+Revision\t: d04170
+Model\t\t: Raspberry Pi 5 Model B Rev 1.0
+"""
+
+
+def test_cpu_name_tells_generations_of_one_brand_apart() -> None:
+    from pbs2p_edge.runtime.bench import cpu_name
+
+    assert cpu_name(X86_CPUINFO) == "AMD EPYC (cpu family 25, model 17, stepping 1)"
+    assert cpu_name(PI5_CPUINFO) == "Raspberry Pi 5 Model B Rev 1.0"
+    assert cpu_name("") != ""

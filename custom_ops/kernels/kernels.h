@@ -110,8 +110,13 @@ ChunkMap make_chunks(int k, int group_size);
 void build_tables(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t);
 using TableFn = void (*)(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t);
 void build_tables_generic(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t);
+// Rearranges built tables in place for avx512-vbmi-tile: within each chunk, the storage of quads (q, q+1)
+// (q - chunk's first quad even) becomes [d_lo d_hi of q | d_lo d_hi of q+1] then [s_lo s_hi of q | s_lo s_hi of
+// q+1], the two 64-byte registers that kernel looks up in; a chunk's last quad of an odd count stays as it was.
+void pair_quad_tables(int token_begin, int token_end, const ChunkMap& cm, ActTables* t);
 #if defined(PBS2P_HAVE_AVX2)
 void build_tables_avx2(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t);
+void build_tables_avx2_paired(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t);
 #endif
 TableFn table_fn_by_name(const char* name);
 
@@ -296,6 +301,7 @@ struct Kernel {
   const Kernel* gemv = nullptr;   // hybrid: the tile kernel used for few tokens
   TileGemmFn gemm = nullptr;      // tile: calls of more than kHybridGemv tokens (prefill) over the same copy
   TileLayout layout = kLayoutRowBytes;  // tile: the code arrangement `tile` and `gemm` read (repack's argument)
+  bool paired_tables = false;           // tile: `tables` writes pair_quad_tables' arrangement
 };
 constexpr int kHybridGemv = 8;  // measured crossover at 4096x4096 on Zen 4 (pbs2p_kernel_bench)
 // Every kernel built into this binary, in preference order (best first).

@@ -1,4 +1,5 @@
 // Quick single-thread kernel timing without ONNX Runtime (development aid; bench/kernels.py is the benchmark).
+// Table-lookup kernels also print the median time of building the activation tables alone.
 // usage: pbs2p_kernel_bench [rows] [k] [tokens] [kernel] [iterations]; weights stay warm in the caches (one 6:8
 // weight, group 128). With a kernel name only that kernel runs (scripts/arm_insn_count.py counts its instructions);
 // a tile kernel with a GEMM takes a suffix forcing one form at any token count (the kHybridGemv crossover):
@@ -56,7 +57,7 @@ int main(int argc, char** argv) {
     t.chunks = int(cm.group.size());
     t.tables.resize(size_t(tokens) * k / 4);
     t.scale.resize(size_t(tokens) * t.chunks);
-    std::vector<double> all;
+    std::vector<double> all, table_build;  // table_build: the activation tables' share of a table-lookup call
     for (int it = 0; it < iters; ++it) {
       const auto t0 = std::chrono::steady_clock::now();
       if (kn->compact) {
@@ -67,14 +68,20 @@ int main(int argc, char** argv) {
         for (int tile = 0; tile < rw.tiles; ++tile) kn->gemm(rw, cm, a, tile, 0, tokens, y.data());
       } else {
         kn->tables(x.data(), 0, tokens, cm, &t);
+        table_build.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
         for (int tile = 0; tile < rw.tiles; ++tile) kn->tile(rw, cm, t, tile, 0, tokens, y.data());
       }
       all.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
     std::sort(all.begin(), all.end());
     const std::string label = std::string(kn->name) + (form.empty() ? "" : "/" + form);
-    std::printf("%-16s rows=%d k=%d tokens=%d: best %.3f ms, median %.3f ms\n", label.c_str(), rows, k, tokens,
+    std::printf("%-16s rows=%d k=%d tokens=%d: best %.3f ms, median %.3f ms", label.c_str(), rows, k, tokens,
                 all[0] * 1e3, all[all.size() / 2] * 1e3);
+    if (!table_build.empty()) {
+      std::sort(table_build.begin(), table_build.end());
+      std::printf(" (activation tables: median %.4f ms)", table_build[table_build.size() / 2] * 1e3);
+    }
+    std::printf("\n");
   }
   return 0;
 }

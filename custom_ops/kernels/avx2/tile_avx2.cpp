@@ -177,4 +177,9 @@ void build_tables_avx2(const float* x, int token_begin, int token_end, const Chu
   }
 }
 
+void build_tables_avx2_paired(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t) {
+  build_tables_avx2(x, token_begin, token_end, cm, t);
+  pair_quad_tables(token_begin, token_end, cm, t);
+}
+
 }  // namespace pbs2p

@@ -1,8 +1,10 @@
 // AVX-512 VBMI tile kernel (decode): the avx2 kernel's table lookups over the kLayoutRowPairs codes.
 // Masking a quad block's low (high) nibbles gives rows 0-15 (16-31) with their two pair indices side by side, so
 // a byte permute (vpermb) over [d_lo | d_hi] and one vpmaddubsw per 16 rows form each row's int16 sum: no
-// unpacks. Two quads per zmm, the tables of both in one register. Per 2 quads x 32 rows: 1 load, 3 ops to split
-// the nibbles, 2 table shuffles, 4 permutes, 4 vpmaddubsw, 4 int16 adds (avx2: 38 ops for the same work).
+// unpacks. Two quads per zmm, the tables of both in one register, already side by side in memory
+// (build_tables_avx2_paired): lane shuffles cost two 256-bit halves each on CPUs that split zmm operations
+// (Zen 4), where this loop is bound by its shuffles. Per 2 quads x 32 rows: 3 loads, 3 ops to split the
+// nibbles, 4 permutes, 4 vpmaddubsw, 4 int16 adds (avx2: 38 ops for the same work).
 // The integer sums and the float steps are tile_avx2's, in its order: identical bits.
 #include <immintrin.h>
 
@@ -37,9 +39,8 @@ void tile_avx512vbmi(PBS2P_TILE_ARGS) {
         const __m512i v = _mm512_loadu_si512(codes + size_t(q) * kTileRows);
         const __m512i il = _mm512_ternarylogic_epi32(v, nib, off2, 0xEA);  // (v & 0x0f) | off2
         const __m512i ih = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nib, off2, 0xEA);
-        const __m512i ta = _mm512_loadu_si512(&tab[q]), tb = _mm512_loadu_si512(&tab[q + 1]);
-        const __m512i td = _mm512_shuffle_i64x2(ta, tb, _MM_SHUFFLE(2, 0, 2, 0));  // d_lo d_hi | d_lo d_hi
-        const __m512i ts = _mm512_shuffle_i64x2(ta, tb, _MM_SHUFFLE(3, 1, 3, 1));  // s_lo s_hi | s_lo s_hi
+        const __m512i td = _mm512_loadu_si512(&tab[q]);      // d_lo d_hi | d_lo d_hi (pair_quad_tables)
+        const __m512i ts = _mm512_loadu_si512(&tab[q + 1]);  // s_lo s_hi | s_lo s_hi
         d0 = _mm512_add_epi16(d0, _mm512_maddubs_epi16(ones8, _mm512_permutexvar_epi8(il, td)));
         d1 = _mm512_add_epi16(d1, _mm512_maddubs_epi16(ones8, _mm512_permutexvar_epi8(ih, td)));
         s0 = _mm512_add_epi16(s0, _mm512_maddubs_epi16(ones8, _mm512_permutexvar_epi8(il, ts)));

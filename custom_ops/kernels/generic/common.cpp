@@ -336,6 +336,29 @@ ChunkMap make_chunks(int k, int group_size) {
   return cm;
 }
 
+void pair_quad_tables(int token_begin, int token_end, const ChunkMap& cm, ActTables* t) {
+  const size_t quads = size_t(t->k / 4);
+  for (int tok = token_begin; tok < token_end; ++tok) {
+    QuadTable* row = &t->tables[size_t(tok) * quads];
+    for (size_t c = 0; c + 1 < cm.begin.size(); ++c) {
+      const int qb = cm.begin[c] / 4, qe = cm.begin[c + 1] / 4;
+      for (int q = qb; q + 2 <= qe; q += 2) {
+        const QuadTable a = row[q], b = row[q + 1];
+        int8_t* d = reinterpret_cast<int8_t*>(&row[q]);
+        int8_t* s = reinterpret_cast<int8_t*>(&row[q + 1]);
+        std::memcpy(d, a.d_lo, 16);
+        std::memcpy(d + 16, a.d_hi, 16);
+        std::memcpy(d + 32, b.d_lo, 16);
+        std::memcpy(d + 48, b.d_hi, 16);
+        std::memcpy(s, a.s_lo, 16);
+        std::memcpy(s + 16, a.s_hi, 16);
+        std::memcpy(s + 32, b.s_lo, 16);
+        std::memcpy(s + 48, b.s_hi, 16);
+      }
+    }
+  }
+}
+
 void build_tables_generic(const float* x, int token_begin, int token_end, const ChunkMap& cm, ActTables* t) {
   const int k = t->k, chunks = t->chunks, quads = k / 4;
   int8_t q[kChunkCols];

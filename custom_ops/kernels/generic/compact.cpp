@@ -225,8 +225,8 @@ const Kernel kAvx512Tile{"avx512-vnni-tile", false, nullptr, tile_avx2, build_ta
 #endif
 #if defined(PBS2P_HAVE_AVX512VBMI)
 // The same one copy, its codes in row pairs: vpermb lookups for decode, the same VNNI GEMM for prefill.
-const Kernel kAvx512VbmiTile{"avx512-vbmi-tile", false,   nullptr,          tile_avx512vbmi, build_tables_avx2,
-                             nullptr,            tile_gemm_avx512vnni, kLayoutRowPairs};
+const Kernel kAvx512VbmiTile{"avx512-vbmi-tile", false,   nullptr,          tile_avx512vbmi, build_tables_avx2_paired,
+                             nullptr,            tile_gemm_avx512vnni, kLayoutRowPairs, true};
 #endif
 #if defined(PBS2P_HAVE_AVXVNNI) && defined(PBS2P_HAVE_AVX2)
 // The same one copy for CPUs with AVX-VNNI but no AVX-512: avx2 lookups for decode, 256-bit VNNI for prefill.
