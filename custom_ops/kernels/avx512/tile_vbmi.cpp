@@ -3,8 +3,9 @@
 // a byte permute (vpermb) over [d_lo | d_hi] and one vpmaddubsw per 16 rows form each row's int16 sum: no
 // unpacks. Two quads per zmm, the tables of both in one register, already side by side in memory
 // (build_tables_avx2_paired): lane shuffles cost two 256-bit halves each on CPUs that split zmm operations
-// (Zen 4), where this loop is bound by its shuffles. Per 2 quads x 32 rows: 3 loads, 3 ops to split the
-// nibbles, 4 permutes, 4 vpmaddubsw, 4 int16 adds (avx2: 38 ops for the same work).
+// (Zen 4), where dropping two of six gave 5-10%, not a third (docs/METHOD.md "Session 14"). Per 2 quads x 32
+// rows: 3 loads, 3 ops to split the nibbles, 4 permutes, 4 vpmaddubsw, 4 int16 adds (avx2: 38 ops for the same
+// work).
 // The integer sums and the float steps are tile_avx2's, in its order: identical bits.
 #include <immintrin.h>
 
