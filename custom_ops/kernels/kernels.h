@@ -134,6 +134,9 @@ void tile_avx2(PBS2P_TILE_ARGS);
 // avx512/tile_vbmi.cpp, the only file built with -mavx512vbmi: the avx2 kernel's sums and float steps over the
 // kLayoutRowPairs codes (byte permutes, no unpacks), two quads per zmm; same bits as tile_avx2.
 void tile_avx512vbmi(PBS2P_TILE_ARGS);
+// The same over tiles `tile` .. `tile + 3` in one pass, each tile's bits as tile_avx512vbmi's: each table load
+// serves four tiles, and four code streams are read side by side (decode; docs/METHOD.md "Session 15").
+void tile_quad_avx512vbmi(PBS2P_TILE_ARGS);
 #endif
 #if defined(PBS2P_HAVE_NEON)
 void tile_neon(PBS2P_TILE_ARGS);
@@ -201,6 +204,9 @@ void pair_sign_patterns(int8_t pa[32], int8_t pb[32]);
 
 // Whole matmul on the calling thread (tests, single-threaded users): y [tokens][rows] = x [tokens][k] @ W_hat^T.
 void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y, TableFn tables = nullptr);
+struct Kernel;
+// The same with a tile kernel path (its tables and run_tiles: `multi` where it has one).
+void matmul(const RuntimeWeight& w, const Kernel& k, const float* x, int tokens, float* y);
 
 // ---------------- compact kernels: read the disk layout in place ----------------
 
@@ -302,7 +308,13 @@ struct Kernel {
   TileGemmFn gemm = nullptr;      // tile: calls of more than kHybridGemv tokens (prefill) over the same copy
   TileLayout layout = kLayoutRowBytes;  // tile: the code arrangement `tile` and `gemm` read (repack's argument)
   bool paired_tables = false;           // tile: `tables` writes pair_quad_tables' arrangement
+  TileFn multi = nullptr;               // tile: `tile` over multi_tiles adjacent tiles at once (decode)
+  int multi_tiles = 1;
 };
+// Tiles [tile_begin, tile_end) of one call with k's tile kernel: `multi` over whole groups of multi_tiles, `tile`
+// for the rest. Same bits either way.
+void run_tiles(const Kernel& k, const RuntimeWeight& w, const ChunkMap& cm, const ActTables& t, int tile_begin,
+               int tile_end, int t_begin, int t_end, float* y);
 constexpr int kHybridGemv = 8;  // measured crossover at 4096x4096 on Zen 4 (pbs2p_kernel_bench)
 // Every kernel built into this binary, in preference order (best first).
 const std::vector<const Kernel*>& built_kernels();

@@ -109,7 +109,7 @@ struct Work {
   const pbs2p::RuntimeWeight* w;
   const pbs2p::ChunkMap* cm;
   pbs2p::ActTables* tables;
-  pbs2p::TileFn fn;
+  const pbs2p::Kernel* kernel;  // decode: its tile kernels through run_tiles (multi-tile passes where it has them)
   pbs2p::TableFn table_fn;
   pbs2p::SalientFn post;  // the tile kernel's salient + bias pass
   const float* x;  // activations as the kernels see them (already multiplied by the column scales)
@@ -124,14 +124,18 @@ void tables_task(void* data, size_t tok) {
   wk.table_fn(wk.x, int(tok), int(tok) + 1, *wk.cm, wk.tables);
 }
 
-// Work item i = token block (i / tiles) x row tile (i % tiles): each thread walks tiles with one block's tables hot.
+// Work item i = token block (i / groups) x group of kernel->multi_tiles row tiles (i % groups): each thread walks
+// tiles with one block's tables hot.
+int tile_groups(const pbs2p::Kernel& k, int tiles) { return (tiles + k.multi_tiles - 1) / k.multi_tiles; }
+
 void tiles_task(void* data, size_t i) {
   Work& wk = *static_cast<Work*>(data);
-  const int tiles = wk.w->tiles;
-  const int tile = int(i % size_t(tiles));
-  const int t0 = int(i / size_t(tiles)) * kTokenBlock, t1 = std::min(wk.tokens, t0 + kTokenBlock);
-  wk.fn(*wk.w, *wk.cm, *wk.tables, tile, t0, t1, wk.y);
-  pbs2p::add_salient_and_bias(*wk.w, wk.x, tile, t0, t1, wk.y, wk.post);
+  const int tiles = wk.w->tiles, groups = tile_groups(*wk.kernel, tiles);
+  const int tb = int(i % size_t(groups)) * wk.kernel->multi_tiles;
+  const int te = std::min(tiles, tb + wk.kernel->multi_tiles);
+  const int t0 = int(i / size_t(groups)) * kTokenBlock, t1 = std::min(wk.tokens, t0 + kTokenBlock);
+  pbs2p::run_tiles(*wk.kernel, *wk.w, *wk.cm, *wk.tables, tb, te, t0, t1, wk.y);
+  for (int tile = tb; tile < te; ++tile) pbs2p::add_salient_and_bias(*wk.w, wk.x, tile, t0, t1, wk.y, wk.post);
 }
 
 void tile_quant_task(void* data, size_t tok) {
@@ -527,7 +531,7 @@ struct SparseBinaryMatMul {
     if (kernel.gemm != nullptr && tokens > pbs2p::kHybridGemv) {  // prefill: int7 activations, VNNI over the codes
       pbs2p::QuantActs quant;
       pbs2p::size_quant(int(tokens), cm, &quant);
-      Work wk{&w, &cm, nullptr, kernel.tile, kernel.tables, pbs2p::salient_fn_for(kernel.tile), x, y, int(tokens),
+      Work wk{&w, &cm, nullptr, &kernel, kernel.tables, pbs2p::salient_fn_for(kernel.tile), x, y, int(tokens),
               kernel.gemm, &quant};
       kc.ParallelFor(tile_quant_task, size_t(tokens), 0, &wk);
       const size_t token_blocks = size_t((tokens + kTileGemmTokens - 1) / kTileGemmTokens);
@@ -545,13 +549,13 @@ struct SparseBinaryMatMul {
     const size_t n_tables = size_t(tokens) * size_t(w.p.k / 4), n_scales = size_t(tokens) * size_t(t.chunks);
     if (t.tables.size() < n_tables) t.tables.resize(n_tables);
     if (t.scale.size() < n_scales) t.scale.resize(n_scales);
-    Work wk{&w, &cm, &t, kernel.tile, kernel.tables, pbs2p::salient_fn_for(kernel.tile), x, y, int(tokens)};
+    Work wk{&w, &cm, &t, &kernel, kernel.tables, pbs2p::salient_fn_for(kernel.tile), x, y, int(tokens)};
     if (tokens == 1)
       tables_task(&wk, 0);
     else
       kc.ParallelFor(tables_task, size_t(tokens), 0, &wk);
     const size_t token_blocks = size_t((tokens + kTokenBlock - 1) / kTokenBlock);
-    kc.ParallelFor(tiles_task, token_blocks * size_t(w.tiles), 0, &wk);
+    kc.ParallelFor(tiles_task, token_blocks * size_t(tile_groups(kernel, w.tiles)), 0, &wk);
   }
 
   std::string init_error_;

@@ -69,7 +69,7 @@ int main(int argc, char** argv) {
       } else {
         kn->tables(x.data(), 0, tokens, cm, &t);
         table_build.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-        for (int tile = 0; tile < rw.tiles; ++tile) kn->tile(rw, cm, t, tile, 0, tokens, y.data());
+        run_tiles(*kn, rw, cm, t, 0, rw.tiles, 0, tokens, y.data());
       }
       all.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }

@@ -169,6 +169,54 @@ static inline __m512i spread_codes(__m512i x) {
 // Per chunk: the 2-bit codes of the tile's 32 rows become, once, [4 columns][16 rows] dword planes of 0/1 bytes
 // (kept = code != 0, +1 = code 1), the layout the compact GEMM transposes its bit planes into; then per token
 // 4 vpdpbusd per 4 columns (two planes x two 16-row halves) with a broadcast activation dword.
+namespace {
+
+// One chunk's dot products of the tile's decoded planes with TB tokens at once: each plane register loaded once
+// serves TB tokens (one token per pass was bound by its four plane loads per four vpdpbusd on CPUs that load one
+// zmm per cycle). Per token the integer sums and float steps are the one-token pass's, so the bits are the same.
+constexpr int kTokensPerPass = 4;
+struct PlaneDots {
+  const __m512i (*pm)[kChunkCols / 4];
+  const __m512i (*pp)[kChunkCols / 4];
+  const __m512* alpha;
+  const __m512* mu;
+  const __mmask16* rows;
+  int nq;
+  const int8_t* qc;
+  size_t qstride;
+  const float* scale;  // the chunk's scale of token 0; token t's at scale[t * scale_stride]
+  size_t scale_stride;
+  float* y;  // the tile's first row of token 0; token t's at y[t * ldy]
+  size_t ldy;
+
+  template <int TB>
+  void run(int t) const {
+    __m512i S0[TB], P0[TB], S1[TB], P1[TB];
+    for (int u = 0; u < TB; ++u) S0[u] = P0[u] = S1[u] = P1[u] = _mm512_setzero_si512();
+    for (int j = 0; j < nq; ++j) {
+      const __m512i m0 = pm[0][j], p0 = pp[0][j], m1 = pm[1][j], p1 = pp[1][j];
+#pragma GCC unroll 4
+      for (int u = 0; u < TB; ++u) {
+        int32_t q4;
+        std::memcpy(&q4, qc + size_t(t + u) * qstride + 4 * size_t(j), 4);
+        const __m512i b = _mm512_set1_epi32(q4);
+        S0[u] = _mm512_dpbusd_epi32(S0[u], m0, b);
+        P0[u] = _mm512_dpbusd_epi32(P0[u], p0, b);
+        S1[u] = _mm512_dpbusd_epi32(S1[u], m1, b);
+        P1[u] = _mm512_dpbusd_epi32(P1[u], p1, b);
+      }
+    }
+    for (int u = 0; u < TB; ++u) {
+      const float sc = scale[size_t(t + u) * scale_stride];
+      float* yt = y + size_t(t + u) * ldy;
+      accumulate(S0[u], P0[u], alpha[0], mu[0], sc, rows[0], yt);
+      accumulate(S1[u], P1[u], alpha[1], mu[1], sc, rows[1], yt + kRows);
+    }
+  }
+};
+
+}  // namespace
+
 void tile_gemm_avx512vnni(PBS2P_TILE_GEMM_ARGS) {
   const Params& p = w.p;
   const auto [r0, nr, quads, G, codes] = tile_view(w, tile);
@@ -210,23 +258,11 @@ void tile_gemm_avx512vnni(PBS2P_TILE_GEMM_ARGS) {
       mu[h] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ts + kTileRows + kRows * h)));
     }
     const int8_t* qc = &a.q[size_t(c) * kChunkCols];
-    for (int t = t0; t < t1; ++t) {
-      const int8_t* q = qc + size_t(t) * qstride;
-      __m512i S0 = _mm512_setzero_si512(), P0 = S0, S1 = S0, P1 = S0;
-      for (int j = 0; j < nq; ++j) {
-        int32_t q4;
-        std::memcpy(&q4, q + 4 * j, 4);
-        const __m512i b = _mm512_set1_epi32(q4);
-        S0 = _mm512_dpbusd_epi32(S0, pm[0][j], b);
-        P0 = _mm512_dpbusd_epi32(P0, pp[0][j], b);
-        S1 = _mm512_dpbusd_epi32(S1, pm[1][j], b);
-        P1 = _mm512_dpbusd_epi32(P1, pp[1][j], b);
-      }
-      const float scale = a.scale[size_t(t) * chunks + c];
-      float* yt = y + size_t(t) * size_t(p.rows) + size_t(r0);
-      accumulate(S0, P0, alpha[0], mu[0], scale, rows[0], yt);
-      accumulate(S1, P1, alpha[1], mu[1], scale, rows[1], yt + kRows);
-    }
+    const PlaneDots dots{pm, pp, alpha, mu, rows, nq, qc, qstride, a.scale.data() + c, size_t(chunks),
+                         y + size_t(r0), size_t(p.rows)};
+    int t = t0;
+    for (; t + kTokensPerPass <= t1; t += kTokensPerPass) dots.run<kTokensPerPass>(t);
+    for (; t < t1; ++t) dots.run<1>(t);
   }
 }
 

@@ -513,7 +513,9 @@ const float* scale_by_columns(const std::vector<float>& col_scales, const float*
   return out;
 }
 
-void matmul(const RuntimeWeight& w, TileFn fn, const float* x_in, int tokens, float* y, TableFn tables) {
+namespace {
+
+void matmul_tiles(const RuntimeWeight& w, const Kernel& k, const float* x_in, int tokens, float* y) {
   std::vector<float> scaled;
   const float* x = scale_activations(w, x_in, size_t(tokens), &scaled);
   const ChunkMap cm = make_chunks(w.p.k, w.p.group_size);
@@ -523,11 +525,28 @@ void matmul(const RuntimeWeight& w, TileFn fn, const float* x_in, int tokens, fl
   t.chunks = int(cm.group.size());
   t.tables.resize(size_t(tokens) * size_t(w.p.k / 4));
   t.scale.resize(size_t(tokens) * size_t(t.chunks));
-  (tables ? tables : build_tables)(x, 0, tokens, cm, &t);
-  for (int tile = 0; tile < w.tiles; ++tile) {
-    fn(w, cm, t, tile, 0, tokens, y);
-    add_salient_and_bias(w, x, tile, 0, tokens, y, salient_fn_for(fn));
-  }
+  (k.tables ? k.tables : build_tables)(x, 0, tokens, cm, &t);
+  run_tiles(k, w, cm, t, 0, w.tiles, 0, tokens, y);
+  for (int tile = 0; tile < w.tiles; ++tile) add_salient_and_bias(w, x, tile, 0, tokens, y, salient_fn_for(k.tile));
+}
+
+}  // namespace
+
+void run_tiles(const Kernel& k, const RuntimeWeight& w, const ChunkMap& cm, const ActTables& t, int tile_begin,
+               int tile_end, int t_begin, int t_end, float* y) {
+  int tile = tile_begin;
+  if (k.multi != nullptr)
+    for (; tile + k.multi_tiles <= tile_end; tile += k.multi_tiles) k.multi(w, cm, t, tile, t_begin, t_end, y);
+  for (; tile < tile_end; ++tile) k.tile(w, cm, t, tile, t_begin, t_end, y);
+}
+
+void matmul(const RuntimeWeight& w, const Kernel& k, const float* x, int tokens, float* y) {
+  matmul_tiles(w, k, x, tokens, y);
+}
+
+void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y, TableFn tables) {
+  const Kernel k{"", false, nullptr, fn, tables};
+  matmul_tiles(w, k, x, tokens, y);
 }
 
 TileFn tile_fn_by_name(const char* name) {

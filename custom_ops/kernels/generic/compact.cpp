@@ -224,9 +224,10 @@ const Kernel kAvx512Hybrid{"avx512-vnni+avx2", true, rows_avx512vnni, nullptr, n
 const Kernel kAvx512Tile{"avx512-vnni-tile", false, nullptr, tile_avx2, build_tables_avx2, nullptr, tile_gemm_avx512vnni};
 #endif
 #if defined(PBS2P_HAVE_AVX512VBMI)
-// The same one copy, its codes in row pairs: vpermb lookups for decode, the same VNNI GEMM for prefill.
+// The same one copy, its codes in row pairs: vpermb lookups for decode (four tiles per pass), the same VNNI GEMM
+// for prefill.
 const Kernel kAvx512VbmiTile{"avx512-vbmi-tile", false,   nullptr,          tile_avx512vbmi, build_tables_avx2_paired,
-                             nullptr,            tile_gemm_avx512vnni, kLayoutRowPairs, true};
+                             nullptr,            tile_gemm_avx512vnni, kLayoutRowPairs, true, tile_quad_avx512vbmi, 4};
 #endif
 #if defined(PBS2P_HAVE_AVXVNNI) && defined(PBS2P_HAVE_AVX2)
 // The same one copy for CPUs with AVX-VNNI but no AVX-512: avx2 lookups for decode, 256-bit VNNI for prefill.
@@ -333,7 +334,7 @@ std::string matmul_disk(const DiskView& d, const Kernel& k, const float* x, int 
     const std::string e = repack(d, &rw, k.layout);
     if (!e.empty()) return e;
     if (k.gemm == nullptr || tokens <= kHybridGemv) {
-      matmul(rw, k.tile, x, tokens, y, k.tables);
+      matmul(rw, k, x, tokens, y);
       return "";
     }
     std::vector<float> scaled;
