@@ -513,9 +513,15 @@ const float* scale_by_columns(const std::vector<float>& col_scales, const float*
   return out;
 }
 
-namespace {
+void run_tiles(const Kernel& k, const RuntimeWeight& w, const ChunkMap& cm, const ActTables& t, int tile_begin,
+               int tile_end, int t_begin, int t_end, float* y) {
+  int tile = tile_begin;
+  if (k.multi != nullptr)
+    for (; tile + k.multi_tiles <= tile_end; tile += k.multi_tiles) k.multi(w, cm, t, tile, t_begin, t_end, y);
+  for (; tile < tile_end; ++tile) k.tile(w, cm, t, tile, t_begin, t_end, y);
+}
 
-void matmul_tiles(const RuntimeWeight& w, const Kernel& k, const float* x_in, int tokens, float* y) {
+void matmul(const RuntimeWeight& w, const Kernel& k, const float* x_in, int tokens, float* y) {
   std::vector<float> scaled;
   const float* x = scale_activations(w, x_in, size_t(tokens), &scaled);
   const ChunkMap cm = make_chunks(w.p.k, w.p.group_size);
@@ -530,23 +536,9 @@ void matmul_tiles(const RuntimeWeight& w, const Kernel& k, const float* x_in, in
   for (int tile = 0; tile < w.tiles; ++tile) add_salient_and_bias(w, x, tile, 0, tokens, y, salient_fn_for(k.tile));
 }
 
-}  // namespace
-
-void run_tiles(const Kernel& k, const RuntimeWeight& w, const ChunkMap& cm, const ActTables& t, int tile_begin,
-               int tile_end, int t_begin, int t_end, float* y) {
-  int tile = tile_begin;
-  if (k.multi != nullptr)
-    for (; tile + k.multi_tiles <= tile_end; tile += k.multi_tiles) k.multi(w, cm, t, tile, t_begin, t_end, y);
-  for (; tile < tile_end; ++tile) k.tile(w, cm, t, tile, t_begin, t_end, y);
-}
-
-void matmul(const RuntimeWeight& w, const Kernel& k, const float* x, int tokens, float* y) {
-  matmul_tiles(w, k, x, tokens, y);
-}
-
 void matmul(const RuntimeWeight& w, TileFn fn, const float* x, int tokens, float* y, TableFn tables) {
   const Kernel k{"", false, nullptr, fn, tables};
-  matmul_tiles(w, k, x, tokens, y);
+  matmul(w, k, x, tokens, y);
 }
 
 TileFn tile_fn_by_name(const char* name) {
