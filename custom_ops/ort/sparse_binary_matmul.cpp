@@ -109,19 +109,17 @@ struct Work {
   const pbs2p::RuntimeWeight* w;
   const pbs2p::ChunkMap* cm;
   pbs2p::ActTables* tables;
-  const pbs2p::Kernel* kernel;  // decode: its tile kernels through run_tiles (multi-tile passes where it has them)
-  pbs2p::TableFn table_fn;
+  const pbs2p::Kernel* kernel;  // its table builder, tile kernels (through run_tiles) and tile GEMM
   pbs2p::SalientFn post;  // the tile kernel's salient + bias pass
   const float* x;  // activations as the kernels see them (already multiplied by the column scales)
   float* y;
   int tokens;
-  pbs2p::TileGemmFn gemm = nullptr;  // prefill over the tile copy: int7 activations instead of tables
-  pbs2p::QuantActs* quant = nullptr;
+  pbs2p::QuantActs* quant = nullptr;  // prefill over the tile copy (kernel->gemm): int7 activations, not tables
 };
 
 void tables_task(void* data, size_t tok) {
   Work& wk = *static_cast<Work*>(data);
-  wk.table_fn(wk.x, int(tok), int(tok) + 1, *wk.cm, wk.tables);
+  wk.kernel->tables(wk.x, int(tok), int(tok) + 1, *wk.cm, wk.tables);
 }
 
 // Work item i = token block (i / groups) x group of kernel->multi_tiles row tiles (i % groups): each thread walks
@@ -150,7 +148,7 @@ void tile_gemm_task(void* data, size_t i) {
   const int tiles = wk.w->tiles;
   const int tile = int(i % size_t(tiles));
   const int t0 = int(i / size_t(tiles)) * kTileGemmTokens, t1 = std::min(wk.tokens, t0 + kTileGemmTokens);
-  wk.gemm(*wk.w, *wk.cm, *wk.quant, tile, t0, t1, wk.y);
+  wk.kernel->gemm(*wk.w, *wk.cm, *wk.quant, tile, t0, t1, wk.y);
   pbs2p::add_salient_and_bias(*wk.w, wk.x, tile, t0, t1, wk.y, wk.post);
 }
 
@@ -531,8 +529,7 @@ struct SparseBinaryMatMul {
     if (kernel.gemm != nullptr && tokens > pbs2p::kHybridGemv) {  // prefill: int7 activations, VNNI over the codes
       pbs2p::QuantActs quant;
       pbs2p::size_quant(int(tokens), cm, &quant);
-      Work wk{&w, &cm, nullptr, &kernel, kernel.tables, pbs2p::salient_fn_for(kernel.tile), x, y, int(tokens),
-              kernel.gemm, &quant};
+      Work wk{&w, &cm, nullptr, &kernel, pbs2p::salient_fn_for(kernel.tile), x, y, int(tokens), &quant};
       kc.ParallelFor(tile_quant_task, size_t(tokens), 0, &wk);
       const size_t token_blocks = size_t((tokens + kTileGemmTokens - 1) / kTileGemmTokens);
       kc.ParallelFor(tile_gemm_task, token_blocks * size_t(w.tiles), 0, &wk);
@@ -549,7 +546,7 @@ struct SparseBinaryMatMul {
     const size_t n_tables = size_t(tokens) * size_t(w.p.k / 4), n_scales = size_t(tokens) * size_t(t.chunks);
     if (t.tables.size() < n_tables) t.tables.resize(n_tables);
     if (t.scale.size() < n_scales) t.scale.resize(n_scales);
-    Work wk{&w, &cm, &t, &kernel, kernel.tables, pbs2p::salient_fn_for(kernel.tile), x, y, int(tokens)};
+    Work wk{&w, &cm, &t, &kernel, pbs2p::salient_fn_for(kernel.tile), x, y, int(tokens)};
     if (tokens == 1)
       tables_task(&wk, 0);
     else
