@@ -85,6 +85,7 @@ def e2e_config(cfg: dict[str, Any], args: argparse.Namespace) -> Any:
         seed=args.window_seed,
         e2e_samples=args.samples,
         e2e_chat=args.chat,
+        e2e_chat_file=args.chat_file,
     )
 
 
@@ -172,6 +173,7 @@ def run(args: argparse.Namespace, ckpt: dict[str, Any], write: Any) -> list[dict
             "samples": args.samples,
             "schedule": args.schedule,
             "chat": args.chat,
+            "chat_file": args.chat_file and Path(args.chat_file).name,
             "dtype": args.dtype,
             "teacher_dtype": args.teacher_dtype,
             "micro_batch": args.micro_batch,
@@ -254,6 +256,11 @@ def main() -> None:
         type=float,
         default=0.0,
         help="share of the windows that are chat-formatted (compress --e2e-chat)",
+    )
+    parser.add_argument(
+        "--chat-file",
+        default=None,
+        help="JSONL conversations for the chat-formatted windows (compress --e2e-chat-file)",
     )
     parser.add_argument(
         "--dtype",

@@ -148,6 +148,62 @@ def models_command(as_json: bool) -> None:
         )
 
 
+@cli.command("replies")
+@click.option(
+    "--model", "model_path", default=None, help="Model folder, GGUF or embedded name [default model]."
+)
+@click.option(
+    "-n", "--count", type=click.IntRange(min=1), default=384, show_default=True, help="Conversations."
+)
+@click.option(
+    "--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Reply length cap."
+)
+@click.option(
+    "--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Prompts per generate."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompt draw.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Precision of the model's forward (auto: bfloat16 where the CPU has it natively).",
+)
+@click.option("-o", "--output", required=True, type=click.Path(), help="JSONL conversations file to write.")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+def replies_command(
+    model_path: str | None,
+    count: int,
+    max_new_tokens: int,
+    batch: int,
+    seed: int,
+    dtype: str,
+    output: str,
+    force: bool,
+) -> None:
+    """Write the model's own greedy replies to questions about calibration articles, as JSONL conversations
+    for `compress --e2e-chat-file`: the end-to-end pass then distils the model on its own answers."""
+    from pathlib import Path
+
+    if Path(output).exists() and not force:
+        raise Pbs2pError(f"output {output} exists (use --force to overwrite)")
+    import torch
+    from tqdm.auto import tqdm
+
+    from pbs2p_edge import conversations, sources
+    from pbs2p_edge.config import default_e2e_dtype
+
+    prompts = conversations.calibration_prompts(count, seed)
+    model, tokenizer = sources.load_model(model_path, default_e2e_dtype() if dtype == "auto" else dtype)
+    torch.manual_seed(seed)
+    with tqdm(total=count, desc="replies", unit="conv") as bar:
+        made = conversations.generate_replies(
+            model, tokenizer, prompts, max_new_tokens, batch, lambda done: bar.update(done - bar.n)
+        )
+    conversations.write_conversations(made, output)
+    click.echo(f"wrote {len(made)} conversations to {output}")
+
+
 def _add_stage_commands() -> None:
     # Stage command modules import only click at module level; their work is imported when they run.
     from pbs2p_edge.compress.cli import compress_command

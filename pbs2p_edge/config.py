@@ -154,6 +154,9 @@ class PBS2PConfig:
     # The share of those windows that are chat-formatted conversations (None: E2E_CHAT when the tokenizer has a
     # chat template and no calibration text file is given, else 0; see `e2e_chat_share`).
     e2e_chat: float | None = None
+    # A JSONL conversations file (`conversations.py`) whose conversations fill those windows instead of the
+    # built-in questions answered by article intros (e.g. `pbs2p-edge replies`: the FP model's own replies).
+    e2e_chat_file: str | None = None
     # The precision its steps compute in (E2E_DTYPES, or E2E_DTYPE_AUTO: chosen by the CPU), and the precision
     # of the teacher's forward that makes its targets (the same choices; bf16 autocast: 1.6-1.8x faster per
     # window at a top-k KL of 0.0003-0.0006 to the float32 targets, bench/results/teacher-dtype-*.md).
@@ -296,10 +299,15 @@ class PBS2PConfig:
 
     def e2e_chat_share(self, chat_template: bool, builtin_corpus: bool) -> float:
         """The share of chat-formatted end-to-end windows for a tokenizer with or without a chat template."""
+        if self.e2e_chat_file is not None and not chat_template:
+            raise Pbs2pError("--e2e-chat-file needs a tokenizer with a chat template; this model's has none")
         if self.e2e_chat is None:
-            return E2E_CHAT if chat_template and builtin_corpus else 0.0
+            own_windows = builtin_corpus or self.e2e_chat_file is not None
+            return E2E_CHAT if chat_template and own_windows else 0.0
         if self.e2e_chat > 0 and not chat_template:
             raise Pbs2pError("--e2e-chat needs a tokenizer with a chat template; this model's has none")
+        if self.e2e_chat == 0 and self.e2e_chat_file is not None:
+            raise Pbs2pError("--e2e-chat-file fills the chat-formatted windows, but --e2e-chat is 0")
         return float(self.e2e_chat)
 
     def e2e_steps_for(self, weights: int) -> int:

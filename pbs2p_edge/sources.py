@@ -368,8 +368,9 @@ def causal_lm_config(folder: Path) -> Any:
     return config
 
 
-def load_model(path: str | os.PathLike | None = None) -> tuple[Any, Any]:
-    """Load (model in fp32, eval mode; tokenizer) from a local source. Raises Pbs2pError on bad input."""
+def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") -> tuple[Any, Any]:
+    """Load (model in fp32 or `dtype`, eval mode; tokenizer) from a local source. Raises Pbs2pError on bad
+    input."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -377,10 +378,11 @@ def load_model(path: str | os.PathLike | None = None) -> tuple[Any, Any]:
     config = causal_lm_config(folder)
     from pbs2p_edge import memcheck
 
-    memcheck.require_fp32_model(config, f"loading {folder.name} in fp32")
+    if dtype == "float32":
+        memcheck.require_fp32_model(config, f"loading {folder.name} in fp32")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, config=config, dtype=torch.float32, local_files_only=True
+            folder, config=config, dtype=getattr(torch, dtype), local_files_only=True
         )
     except Exception as exc:
         raise Pbs2pError(f"cannot load model weights from {folder}: {_first_line(exc)}") from None
@@ -477,10 +479,14 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def chat_calibration_ids(tokenizer: Any, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def chat_calibration_ids(
+    tokenizer: Any, n_samples: int, seq_len: int, seed: int, conversations: list[Any] | None = None
+) -> torch.Tensor:
     """`n_samples` windows of `seq_len` tokens of conversations from the calibration split: a user turn asking
     about an article's title (CHAT_QUESTIONS), the article's intro as the assistant turn, wrapped in the
-    tokenizer's chat template, conversations concatenated until the window is full. LongTensor [n, seq_len]."""
+    tokenizer's chat template, conversations concatenated until the window is full. LongTensor [n, seq_len].
+    `conversations` (message lists, e.g. `conversations.read_conversations`) replaces those turns: each
+    conversation is drawn from it instead."""
     import numpy as np
     import torch
 
@@ -488,17 +494,25 @@ def chat_calibration_ids(tokenizer: Any, n_samples: int, seq_len: int, seed: int
         raise Pbs2pError(f"chat calibration needs samples > 0 and length > 0 (got {n_samples} x {seq_len})")
     if not has_chat_template(tokenizer):
         raise Pbs2pError("the tokenizer has no chat template, so chat-formatted windows cannot be built")
-    intros = {title: text for title, text, evaluation in corpus_articles() if not evaluation}
-    titles = list(intros)  # sorted by title
     rng = np.random.default_rng(seed)
+    if conversations is None:
+        intros = {title: text for title, text, evaluation in corpus_articles() if not evaluation}
+        titles = list(intros)  # sorted by title
+
+        def draw() -> list[dict[str, str]]:
+            title = titles[int(rng.integers(len(titles)))]
+            question = CHAT_QUESTIONS[int(rng.integers(len(CHAT_QUESTIONS)))].format(title)
+            return [{"role": "user", "content": question}, {"role": "assistant", "content": intros[title]}]
+    else:
+
+        def draw() -> list[dict[str, str]]:
+            return conversations[int(rng.integers(len(conversations)))]
+
     windows = []
     for _ in range(n_samples):
         ids: list[int] = []
         while len(ids) < seq_len:
-            title = titles[int(rng.integers(len(titles)))]
-            question = CHAT_QUESTIONS[int(rng.integers(len(CHAT_QUESTIONS)))].format(title)
-            turns = [{"role": "user", "content": question}, {"role": "assistant", "content": intros[title]}]
-            ids += list(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False))
+            ids += list(tokenizer.apply_chat_template(draw(), tokenize=True, return_dict=False))
         windows.append(ids[:seq_len])
     return torch.tensor(windows, dtype=torch.long)
 

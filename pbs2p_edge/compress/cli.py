@@ -136,6 +136,13 @@ import click
     "template and no --text is given, else 0].",
 )
 @click.option(
+    "--e2e-chat-file",
+    type=click.Path(),
+    default=None,
+    help='JSONL conversations ({"messages": [...]} per line, e.g. from `pbs2p-edge replies`) that fill the '
+    "chat-formatted windows instead of the built-in article questions.",
+)
+@click.option(
     "--e2e-dtype",
     default=None,
     metavar="[auto|float32|bfloat16]",
@@ -222,6 +229,7 @@ def build_config(options: dict[str, Any]) -> Any:
         "e2e_schedule": options["e2e_schedule"],
         "e2e_head": options["e2e_head"],
         "e2e_chat": options["e2e_chat"],
+        "e2e_chat_file": options["e2e_chat_file"],
         "e2e_dtype": options["e2e_dtype"],
         "e2e_teacher_dtype": options["e2e_teacher_dtype"],
     }
@@ -232,6 +240,10 @@ def build_config(options: dict[str, Any]) -> Any:
         chosen["cfs_n_low"], chosen["cfs_n_high"] = _parse_range(options["cfs_range"])
     chosen.update(_parse_salient(options["salient"], options["salient_max"]))
     settings = {key: value for key, value in chosen.items() if value is not None}
+    if options["e2e_chat_file"] is not None:  # read now, not after minutes of loading the model
+        from pbs2p_edge.conversations import read_conversations
+
+        read_conversations(options["e2e_chat_file"])
     return PBS2PConfig(n=n, m=m, method=options["method"], seed=options["seed"], **settings)
 
 

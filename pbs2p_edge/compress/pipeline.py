@@ -29,6 +29,7 @@ from pbs2p_edge.compress.families import layer_kwargs, layers_differ, linear_nam
 from pbs2p_edge.compress.gptq import HessianAccumulator, inverse_factor, quantize_matrix
 from pbs2p_edge.compress.spbo import fit_block
 from pbs2p_edge.config import DEFAULT_BUDGET_BITS, SUPPORTED_MODEL_TYPES, PBS2PConfig
+from pbs2p_edge.conversations import file_digest, read_conversations
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.families import check_config
 
@@ -202,6 +203,7 @@ def compress(
         e2e.update(
             windows=int(e2e_ids.shape[0]),
             chat_windows=chat_window_count(config),
+            chat_file_sha256=config.e2e_chat_file and file_digest(config.e2e_chat_file),
             head=config.e2e_head,
             dtype=config.e2e_dtype,
             teacher_dtype=config.e2e_teacher_dtype,
@@ -465,8 +467,9 @@ def calibration_windows(
     chat = chat_window_count(config)
     e2e = drawn[: config.e2e_samples - chat]
     if chat:
+        pool = None if config.e2e_chat_file is None else read_conversations(config.e2e_chat_file)
         extra = sources.chat_calibration_ids(
-            tokenizer, chat, config.calib_len, config.seed + CHAT_SEED_OFFSET
+            tokenizer, chat, config.calib_len, config.seed + CHAT_SEED_OFFSET, pool
         )
         e2e = torch.cat([e2e, extra])
     return drawn[: config.calib_samples], e2e
