@@ -183,11 +183,9 @@ def replies_command(
 ) -> None:
     """Write the model's own greedy replies to questions about calibration articles, as JSONL conversations
     for `compress --e2e-chat-file`: the end-to-end pass then distils the model on its own answers."""
-    from pathlib import Path
+    from pbs2p_edge.errors import require_new_output
 
-    if Path(output).exists() and not force:
-        raise Pbs2pError(f"output {output} exists (use --force to overwrite)")
-    import torch
+    require_new_output(output, force)
     from tqdm.auto import tqdm
 
     from pbs2p_edge import conversations, sources
@@ -195,7 +193,6 @@ def replies_command(
 
     prompts = conversations.calibration_prompts(count, seed)
     model, tokenizer = sources.load_model(model_path, default_e2e_dtype() if dtype == "auto" else dtype)
-    torch.manual_seed(seed)
     with tqdm(total=count, desc="replies", unit="conv") as bar:
         made = conversations.generate_replies(
             model, tokenizer, prompts, max_new_tokens, batch, lambda done: bar.update(done - bar.n)

@@ -81,11 +81,11 @@ def calibration_prompts(count: int, seed: int) -> list[str]:
     question about the title or an INTRO_TASKS task over the intro, drawn with a seeded generator."""
     import numpy as np
 
-    from pbs2p_edge.sources import CHAT_QUESTIONS, corpus_articles
+    from pbs2p_edge.sources import CHAT_QUESTIONS, calibration_articles
 
     if count <= 0:
         raise Pbs2pError(f"the number of prompts must be > 0 (got {count})")
-    articles = [(title, intro) for title, intro, evaluation in corpus_articles() if not evaluation]
+    articles = list(calibration_articles().items())
     templates = CHAT_QUESTIONS + INTRO_TASKS
     rng = np.random.default_rng(seed)
     prompts = []

@@ -14,6 +14,12 @@ class Pbs2pError(Exception):
     """A problem with the user's input or environment, reported as one line and exit code 2."""
 
 
+def require_new_output(output: str | os.PathLike, force: bool) -> None:
+    """Refuse to overwrite an existing output unless `force` (the commands' --force)."""
+    if Path(output).exists() and not force:
+        raise Pbs2pError(f"output {output} exists (use --force to overwrite)")
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; rename it onto `final` only if the block succeeds.

@@ -471,6 +471,11 @@ def calibration_ids(
     return torch.from_numpy(np.stack([data[s : s + seq_len] for s in starts]))
 
 
+def calibration_articles() -> dict[str, str]:
+    """Title -> intro of every calibration-side article (never the evaluation split), sorted by title."""
+    return {title: text for title, text, evaluation in corpus_articles() if not evaluation}
+
+
 # User turns of the chat-formatted calibration windows; the article's title fills the braces.
 CHAT_QUESTIONS = ("Tell me about {}.", "What is {}?", "Who or what is {}?", "Explain {} briefly.")
 
@@ -496,7 +501,7 @@ def chat_calibration_ids(
         raise Pbs2pError("the tokenizer has no chat template, so chat-formatted windows cannot be built")
     rng = np.random.default_rng(seed)
     if conversations is None:
-        intros = {title: text for title, text, evaluation in corpus_articles() if not evaluation}
+        intros = calibration_articles()
         titles = list(intros)  # sorted by title
 
         def draw() -> list[dict[str, str]]:

@@ -343,14 +343,13 @@ def _parse_salient(text: str | None, largest: int | None) -> dict[str, Any]:
 
 def _run(**options: Any) -> None:
 
-    from pbs2p_edge.errors import Pbs2pError
+    from pbs2p_edge.errors import Pbs2pError, require_new_output
 
     config = build_config(options)
     output = Path(options["output"])
     if output.is_dir():
         raise Pbs2pError(f"output {output} is a directory")
-    if output.exists() and not options["force"]:
-        raise Pbs2pError(f"output {output} exists (use --force to overwrite)")
+    require_new_output(output, options["force"])
 
     from pbs2p_edge import sources
     from pbs2p_edge.checkpoint import read_tokenizer_files, save_checkpoint
