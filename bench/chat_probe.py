@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> None:
             "command": args.command,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(args.out.with_suffix(".md")) as tmp:
+        with atomic_path(args.out.with_name(args.out.name + ".md")) as tmp:
             tmp.write_text(text, encoding="utf-8")
-        with atomic_path(args.out.with_suffix(".json")) as tmp:
+        with atomic_path(args.out.with_name(args.out.name + ".json")) as tmp:
             tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

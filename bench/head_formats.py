@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["bench/head_formats.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
+    args.out.with_name(args.out.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_name(args.out.name + ".md").write_text(markdown(report))
     print(markdown(report))
     return 0
 

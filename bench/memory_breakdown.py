@@ -5,8 +5,13 @@ what the rest is. Each variant runs in a fresh process and records RSS, split in
 bundle's mapped weight file, at four points: before loading, after loading, after a `--pp`-token prefill and
 after `--tg` decode steps, plus the peak. The `no prepack` variant loads with onnxruntime's weight prepacking
 off (`session.disable_prepacking`), i.e. the weights as stored: the difference at load is what the kernels'
-repacked copies cost (our tile layout; MatMulNBits' own packing). The stored bytes per consuming op come from
-the graph.
+repacked copies cost (our tile layout; MatMulNBits' own packing). The `keep file cache` variant hands the
+weight file's pages back after load but leaves them in the page cache (`release_file_pages(drop_cache=False)`,
+the behaviour before session 17): embedding rows then fault back in with whatever the cache holds around them
+(large folios: up to ~480 KiB per token at 1.5B), so its figures depend on how the file was last read and move
+between runs. The major page faults column is what dropping the cache costs: rows read from disk. The prompt
+and the decode steps use random, distinct token ids, so each step gathers a new embedding row. The stored bytes
+per consuming op come from the graph.
 
     .venv/bin/python bench/memory_breakdown.py out/pbs2p --out bench/results/memory-smollm2
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -24,7 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("default", "no prepack")
+VARIANTS = ("default", "keep file cache", "no prepack")
 MIB = 1 << 20
 
 
@@ -38,7 +44,11 @@ def _rollup(data_file: Path) -> dict[str, int]:
     from pbs2p_edge.runtime.memory import file_mappings
 
     mapped = sum(int(m["Rss"].split()[0]) * 1024 for m in file_mappings(data_file))
-    return {**fields, "weight_file": mapped}
+    return {
+        **fields,
+        "weight_file": mapped,
+        "major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt,
+    }
 
 
 def worker(bundle_dir: Path, variant: str, pp: int, tg: int, threads: int) -> dict[str, Any]:
@@ -59,15 +69,21 @@ def worker(bundle_dir: Path, variant: str, pp: int, tg: int, threads: int) -> di
             return options
 
         session_module.session_options = unpacked
+    if variant == "keep file cache":
+        from pbs2p_edge.runtime.memory import release_file_pages
+
+        session_module.release_file_pages = lambda path: release_file_pages(path, drop_cache=False)
     points = {"before load": _rollup(data_file)}
     session = session_module.DecoderSession(bundle, threads=threads)
     points["after load"] = _rollup(data_file)
-    prompt = np.random.default_rng(0).integers(0, bundle.vocab_size, pp)
+    count = pp + tg  # distinct ids while the vocabulary lasts
+    tokens = np.random.default_rng(0).choice(bundle.vocab_size, count, replace=count > bundle.vocab_size)
+    prompt, steps = tokens[:pp], tokens[pp:]
     session.forward(prompt)
     points[f"after prefill {pp}"] = _rollup(data_file)
     start = time.perf_counter()
-    for _ in range(tg):
-        session.forward(np.array([int(prompt[-1])]))
+    for token in steps:
+        session.forward(np.array([int(token)]))
     decode_ms = (time.perf_counter() - start) / max(tg, 1) * 1e3
     points[f"after {tg} decode steps"] = _rollup(data_file)
     kv = bundle.kv_bytes_per_token(np.dtype(session.cache_dtype).itemsize) * (pp + tg)
@@ -109,14 +125,17 @@ def _run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Resident memory of {report['bundle']} ({report['threads']} thread(s))", ""]
     lines += [
-        "| variant | point | RSS MiB | anonymous MiB | weight file resident MiB |",
-        "|---|---|---|---|---|",
+        "| variant | point | RSS MiB | anonymous MiB | weight file resident MiB | major page faults since the last point |",
+        "|---|---|---|---|---|---|",
     ]
     for variant, run in report["variants"].items():
+        previous = None
         for point, values in run["points"].items():
             row = (values["rss"] / MIB, values["anonymous"] / MIB, values["weight_file"] / MIB)
-            lines.append(f"| {variant} | {point} | {row[0]:.1f} | {row[1]:.1f} | {row[2]:.1f} |")
-        lines.append(f"| {variant} | peak | {run['peak_rss'] / MIB:.1f} | | |")
+            faults = "" if previous is None else values["major_faults"] - previous
+            previous = values["major_faults"]
+            lines.append(f"| {variant} | {point} | {row[0]:.1f} | {row[1]:.1f} | {row[2]:.1f} | {faults} |")
+        lines.append(f"| {variant} | peak | {run['peak_rss'] / MIB:.1f} | | | |")
     default, plain = report["variants"]["default"], report["variants"]["no prepack"]
     grown = {
         name: run["points"]["after load"]["anonymous"] - run["points"]["before load"]["anonymous"]
@@ -127,7 +146,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Bundle {report['bundle_bytes'] / MIB:.1f} MiB; KV cache at {report['pp']}+{report['tg']} tokens "
         f"{default['kv_bytes'] / MIB:.1f} MiB. Anonymous memory added by loading: {grown['default'] / MIB:.1f} MiB "
         f"with prepacking, {grown['plain'] / MIB:.1f} MiB without; decode {default['decode_ms']:.2f} ms/step "
-        f"with prepacking, {plain['decode_ms']:.2f} without.",
+        f"with prepacking ({report['variants']['keep file cache']['decode_ms']:.2f} keeping the file cache), "
+        f"{plain['decode_ms']:.2f} without.",
         "",
         "Stored initializer bytes by consuming op:",
         "",

@@ -47,16 +47,16 @@ def test_a_bundle_and_its_fp_model_give_the_same_greedy_replies(
     probe, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     bundle = runtime_bundle(tmp_path_factory, tiny_model_dir, "fp32")
-    out = tmp_path / "probe"
+    out = tmp_path / "probe-1.5b"  # a dot in the name is not a suffix to replace
     argv = ["--bundle", f"tiny={bundle}", "--model", str(tiny_model_dir), "--dtype", "float32"]
     probe.main([*argv, "--max-new-tokens", "5", "--threads", "1", "--out", str(out)])
-    report = json.loads(out.with_suffix(".json").read_text())
+    report = json.loads(out.with_name(out.name + ".json").read_text())
     fp, ours = (report["systems"][name]["replies"] for name in ("fp", "tiny"))
     assert len(fp) == len(probe.PROBES) and fp == ours
     assert report["right"]["tiny"] == sum(
         probe.passes(r, g) for r, (_, g) in zip(ours, probe.PROBES, strict=True)
     )
-    text = out.with_suffix(".md").read_text()
+    text = out.with_name(out.name + ".md").read_text()
     assert "| **right** |" in text and "bench/chat_probe.py --bundle tiny=" in text
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -178,6 +179,30 @@ def test_repacked_initializer_pages_are_released(fp32_generator) -> None:
     # ... and marked random-access (smaps VmFlags "rr"): a gathered row faults in one page, not a read-ahead
     flags = [mapping["VmFlags"].split() for mapping in file_mappings(data)]
     assert flags and all("rr" in f for f in flags)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_fadvise and /proc/self/fd are Linux")
+def test_released_file_pages_leave_the_page_cache(fp32_generator, monkeypatch) -> None:
+    """Cached large folios would fault back whole: the file's cache is dropped once its mappings are paged out."""
+    from pbs2p_edge.runtime import memory
+
+    data = fp32_generator.bundle.model_path.with_name("model.onnx.data")
+    advised: list[tuple[str, int, int, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(memory.os, "posix_fadvise", record)
+    assert memory.release_file_pages(data) > 0
+    assert advised == [(str(data.resolve()), 0, 0, os.POSIX_FADV_DONTNEED)]
+    advised.clear()
+    assert memory.release_file_pages(data.with_name("not-mapped.data")) == 0
+    assert advised == []  # nothing of ours mapped it: leave other processes' cache alone
+    ids = fp32_generator.encode(PROMPTS[0])
+    fp32_generator.session.reset()
+    assert np.isfinite(fp32_generator.session.prefill(ids)).all()
 
 
 def test_sampling_is_reproducible_with_a_seed(fp32_generator) -> None:
