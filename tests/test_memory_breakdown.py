@@ -41,6 +41,7 @@ def test_each_variant_reports_every_point(
     text = out.with_name(out.name + ".md").read_text()
     assert "| keep file cache | after 3 decode steps |" in text and "major page faults" in text
     assert "SparseBinaryMatMul" in text
+    assert report["cold_read_us"] > 0 and "A cold 4 KiB read" in text
 
 
 def test_usage_errors(tmp_path: Path) -> None:
