@@ -13,7 +13,6 @@ match in it (regular expressions, case-insensitive). The table keeps each reply,
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import sys
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(systems, args)
     print(text)
     if args.out is not None:
-        from pbs2p_edge.errors import atomic_path
+        from peers import write_report
 
         report = {
             "probes": [{"prompt": p, "groups": g} for p, g in PROBES],
@@ -132,11 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             "max_new_tokens": args.max_new_tokens,
             "command": args.command,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(args.out.with_name(args.out.name + ".md")) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-        with atomic_path(args.out.with_name(args.out.name + ".json")) as tmp:
-            tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_report(args.out, report, text)
 
 
 if __name__ == "__main__":

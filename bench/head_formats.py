@@ -173,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         "build_seconds": build_seconds,
         "command": " ".join(["bench/head_formats.py", *(sys.argv[1:] if argv is None else argv)]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_name(args.out.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_name(args.out.name + ".md").write_text(markdown(report))
-    print(markdown(report))
+    from peers import write_report
+
+    text = markdown(report)
+    write_report(args.out, report, text)
+    print(text)
     return 0
 
 

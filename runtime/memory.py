@@ -63,9 +63,9 @@ def release_file_pages(path: Path, drop_cache: bool = True) -> int:
     Finally the file's clean pages are dropped from the page cache (POSIX_FADV_DONTNEED). Loading left them
     cached in large folios, and a fault maps a whole cached folio: at 1.5B a 128-token prompt brought back
     ~61 MiB of embedding rows (~480 KiB per token) where dropping the cache first brought back 1.6 MiB. The
-    cost: the first use of a token reads its row from disk (two 4 KiB pages, ~75 us each on an SSD), and the
-    next load of the same bundle reads the file from disk (`drop_cache=False` keeps it cached). Best effort:
-    does nothing where unsupported (non-Linux, old kernels).
+    cost: the first use of a token reads its row from disk (two 4 KiB pages; bench/memory_breakdown.py times
+    one), and the next load of the same bundle reads the file from disk (`drop_cache=False` keeps it cached).
+    Best effort: does nothing where unsupported (non-Linux, old kernels).
     """
     target = str(path.resolve())
     try:
