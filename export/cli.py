@@ -129,6 +129,11 @@ def summary(manifest: dict, output: str) -> str:
                 f"logits SQNR {forced['sqnr_db']:.1f} dB, max abs diff {forced['max_abs_diff']:.3g}; "
                 f"{forced['custom_nodes']} custom nodes: outputs >= {forced['ops_min_sqnr_db']:.1f} dB, "
                 f"inputs >= {forced['wiring_min_sqnr_db']:.1f} dB"
+                + (
+                    f" ({forced['forced_int4_layers']} int4 layers forced too)"
+                    if forced.get("forced_int4_layers")
+                    else ""
+                )
             )
             free, floor = check["free_running"], check["noise_floor"]
             lines.append(

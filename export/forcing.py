@@ -18,6 +18,11 @@ rotary, attention over the KV cache, residual stream, head). Three checks follow
   float code between the custom nodes, KV cache and positions included;
 - `logits`: graph logits against PyTorch's logits from the forced outputs (final norm and head).
 
+The body's int4 layers (the bit budget's, MatMulNBits at accuracy_level 4) round their input to int8, the same
+kind of discontinuity: their nodes name their layers too (`NBITS_LAYERS_KEY`), and their outputs are forced
+and their inputs checked as the custom nodes' are. Their outputs are onnxruntime's own kernel, so they are not
+part of the `ops` check.
+
 A swiglu node's gate and up outputs are not graph values: while forced, those two layers return PyTorch's
 kernel arithmetic on the node's graph input instead, and the down projection after them is forced as usual.
 
@@ -40,6 +45,7 @@ from torch import nn
 
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export.configs import ExportConfig
+from pbs2p_edge.export.nbits import NBITS_LAYERS_KEY, NBITS_ROWS_KEY, NBitsLinear
 from pbs2p_edge.export.patch import PBS2P_OP, SparseBinaryLinear
 from pbs2p_edge.format import ACTIVATIONS
 
@@ -68,6 +74,7 @@ class Tap:
     stop: int | None = None
     node: str = ""
     activation: str = "none"
+    nbits: bool = False  # a MatMulNBits node (onnxruntime's kernel), not a custom node
 
 
 def _node_taps(node: onnx.NodeProto) -> list[Tap]:
@@ -86,6 +93,23 @@ def _node_taps(node: onnx.NodeProto) -> list[Tap]:
     bounds = np.cumsum([0, *rows])
     return [
         Tap(layer, node.input[0], node.output[0], int(begin), int(end), node.name, activation)
+        for layer, begin, end in zip(layers, bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
+def _nbits_taps(node: onnx.NodeProto) -> list[Tap]:
+    meta = {p.key: p.value for p in node.metadata_props}
+    if NBITS_LAYERS_KEY not in meta:
+        return []  # the head, or a layer whose node does not output its whole result
+    layers = meta[NBITS_LAYERS_KEY].split(",")
+    rows = [int(r) for r in meta.get(NBITS_ROWS_KEY, "").split(",") if r]
+    if len(rows) != len(layers):
+        raise Pbs2pError(
+            f"MatMulNBits node {node.name} names {len(layers)} layers for {len(rows)} row counts"
+        )
+    bounds = np.cumsum([0, *rows])
+    return [
+        Tap(layer, node.input[0], node.output[0], int(begin), int(end), node.name, nbits=True)
         for layer, begin, end in zip(layers, bounds[:-1], bounds[1:], strict=True)
     ]
 
@@ -119,6 +143,7 @@ def instrument(model_path: Path) -> tuple[Path, list[Tap]]:
         if node.domain == _DOMAIN and node.op_type == _OP_TYPE
         for tap in _node_taps(node)
     ]
+    taps += [tap for node in model.graph.node if node.op_type == "MatMulNBits" for tap in _nbits_taps(node)]
     outputs = {value.name for value in model.graph.output}
     for name in tapped_values(taps):
         if name not in outputs:
@@ -128,18 +153,29 @@ def instrument(model_path: Path) -> tuple[Path, list[Tap]]:
     return path, taps
 
 
-def match_layers(taps: Sequence[Tap], hf_model: nn.Module) -> dict[str, SparseBinaryLinear]:
-    """Map each tap's layer (named from the decoder, e.g. `layers.3.mlp.up_proj`) to the HF model's module."""
-    modules = {name: m for name, m in hf_model.named_modules() if isinstance(m, SparseBinaryLinear)}
-    matched: dict[str, SparseBinaryLinear] = {}
+def match_layers(taps: Sequence[Tap], hf_model: nn.Module) -> dict[str, nn.Module]:
+    """Map each tap's layer (named from the decoder, e.g. `layers.3.mlp.up_proj`) to the HF model's module:
+    a SparseBinaryLinear for a custom node, an NBitsLinear for a MatMulNBits node."""
+    modules = {
+        name: m for name, m in hf_model.named_modules() if isinstance(m, (SparseBinaryLinear, NBitsLinear))
+    }
+    matched: dict[str, nn.Module] = {}
     for tap in taps:
-        found = [m for name, m in modules.items() if name == tap.layer or name.endswith(f".{tap.layer}")]
+        kind = NBitsLinear if tap.nbits else SparseBinaryLinear
+        found = [
+            m
+            for name, m in modules.items()
+            if isinstance(m, kind) and (name == tap.layer or name.endswith(f".{tap.layer}"))
+        ]
         if len(found) != 1:
-            raise Pbs2pError(f"validation cannot match custom node for {tap.layer} to one layer of the model")
+            what = "MatMulNBits node" if tap.nbits else "custom node"
+            raise Pbs2pError(f"validation cannot match {what} for {tap.layer} to one layer of the model")
         matched[tap.layer] = found[0]
-    if len(matched) != len(taps) or len(matched) != len(modules):
+    custom = sum(not tap.nbits for tap in taps)
+    compressed = sum(isinstance(m, SparseBinaryLinear) for m in modules.values())
+    if len(matched) != len(taps) or custom != compressed:
         raise Pbs2pError(
-            f"graph has {len(taps)} custom nodes for {len(matched)} layers, the model {len(modules)} "
+            f"graph has {custom} custom nodes for {len(matched)} layers, the model {compressed} "
             "compressed layers"
         )
     return matched
@@ -157,7 +193,7 @@ class _Record:
 
 @contextlib.contextmanager
 def forced_outputs(
-    modules: Mapping[str, SparseBinaryLinear],
+    modules: Mapping[str, nn.Module],
     taps: Sequence[Tap],
     graph_values: Sequence[Mapping[str, np.ndarray]],
 ) -> Iterator[dict[str, _Record]]:
@@ -172,7 +208,7 @@ def forced_outputs(
     def joined(name: str) -> np.ndarray:
         return np.concatenate([values[name] for values in graph_values], axis=-2)
 
-    def replacement(tap: Tap, module: SparseBinaryLinear) -> Any:
+    def replacement(tap: Tap, module: Any) -> Any:
         record = records.setdefault(tap.layer, _Record([], [], [], []))
 
         def forced(x: torch.Tensor) -> torch.Tensor:
@@ -214,6 +250,8 @@ def node_records(
     out: dict[str, _Record] = {}
     nodes: dict[str, list[Tap]] = {}
     for tap in taps:
+        if tap.nbits:
+            continue  # onnxruntime's kernel: forced and its input checked, not part of the ops check
         if tap.activation == "none":
             out[tap.layer] = records[tap.layer]
         else:

@@ -43,7 +43,7 @@ from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export.configs import ExportConfig
 from pbs2p_edge.export.decoder import Decoder, rms_norm
 from pbs2p_edge.export.forcing import LAYERS_KEY
-from pbs2p_edge.export.nbits import BlockQuantized, NBitsLinear, matmul_nbits
+from pbs2p_edge.export.nbits import BlockQuantized, NBitsLinear, matmul_nbits, nbits_layers_metadata
 from pbs2p_edge.export.patch import PBS2P_OP, PBS2P_OP_VERSION, SparseBinaryLinear
 
 MS = "com.microsoft"
@@ -91,6 +91,8 @@ class FusedNBits(nn.Module):
             k=first.k,
         )
         self.accuracy_level = modules[0].accuracy_level
+        named = all(m.layer_name is not None for m in modules)
+        self.layers = {m.layer_name: m.out_features for m in modules} if named else None
         self.register_buffer("weight_q", torch.from_numpy(self.quantized.packed))
         self.register_buffer("weight_scales", torch.from_numpy(self.quantized.scales))
         # The layers keep working eagerly (validation's reference) on views of the fused arrays: no second copy.
@@ -115,7 +117,9 @@ class FusedNBits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is None:
-            return matmul_nbits(x, self.weight_q, self.weight_scales, self.quantized, self.accuracy_level)
+            return matmul_nbits(
+                x, self.weight_q, self.weight_scales, self.quantized, self.accuracy_level, layers=self.layers
+            )
         # MatMulNBits adds a bias itself (input 5; no zero points, no g_idx).
         q = self.quantized
         attributes = {"K": q.k, "N": q.packed.shape[0], "bits": q.bits, "block_size": q.block_size}
@@ -128,6 +132,7 @@ class FusedNBits(nn.Module):
             dtype=x.dtype,
             shape=(*x.shape[:-1], q.packed.shape[0]),
             version=1,
+            metadata_props=nbits_layers_metadata(self.layers) if self.layers else None,
         )
 
 
@@ -216,6 +221,10 @@ class FusedDecoder(Decoder):
         scale = self.rope_scale[""]
         self.register_buffer("cos_cache", (freqs.cos() * scale).contiguous(), persistent=False)
         self.register_buffer("sin_cache", (freqs.sin() * scale).contiguous(), persistent=False)
+        for index, layer in enumerate(self.layers):  # int4 layers name their nodes for validation's forcing
+            for name, module in layer.named_modules():
+                if isinstance(module, NBitsLinear):
+                    module.layer_name = f"layers.{index}.{name}"
         # Projections that share their input and format run as one node (q/k/v; gate/up).
         self.qkv_proj = nn.ModuleList()
         self.gate_up_proj = nn.ModuleList()

@@ -16,6 +16,7 @@ reproduces that rounding in PyTorch).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,8 +115,10 @@ def matmul_nbits(
     q: BlockQuantized,
     accuracy_level: int,
     zero_points: torch.Tensor | None = None,
+    layers: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """Emit one com.microsoft MatMulNBits node (export mode only)."""
+    """Emit one com.microsoft MatMulNBits node (export mode only). `layers` (decoder layer name -> rows, in
+    output order) names the layers the node computes, for validation's teacher forcing (export/forcing.py)."""
     n = packed.shape[0]
     attributes = {"K": q.k, "N": n, "bits": q.bits, "block_size": q.block_size}
     if accuracy_level:
@@ -128,7 +131,18 @@ def matmul_nbits(
         dtype=x.dtype,
         shape=(*x.shape[:-1], n),
         version=1,
+        metadata_props=nbits_layers_metadata(layers) if layers else None,
     )
+
+
+# A body MatMulNBits node names its decoder layers and their rows in these metadata entries (comma-separated,
+# output order), so validation forces its output as it forces the custom nodes'.
+NBITS_LAYERS_KEY = "pbs2p_edge.nbits_layers"
+NBITS_ROWS_KEY = "pbs2p_edge.nbits_rows"
+
+
+def nbits_layers_metadata(layers: dict[str, int]) -> dict[str, str]:
+    return {NBITS_LAYERS_KEY: ",".join(layers), NBITS_ROWS_KEY: ",".join(str(r) for r in layers.values())}
 
 
 class NBitsLinear(EmittingModule):
@@ -153,11 +167,30 @@ class NBitsLinear(EmittingModule):
             None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         )
         # Decoded per eager call (not cached): a large model would otherwise hold an fp32 copy of every layer.
+        # A decoder layer's name (set by the fused graph), emitted so that validation can force this node.
+        self.layer_name: str | None = None
+        # Set by validation (export/forcing.py): the output to return instead of computing one.
+        self.replace_output: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.emit_onnx:
-            if self.accuracy_level == 4:  # the reference rounds the input as ONNX Runtime will
-                x = int8_activations(x, self.quantized.block_size)
-            return nn.functional.linear(x, torch.from_numpy(self.quantized.dequantize()), self.bias)
-        y = matmul_nbits(x, self.weight_q, self.weight_scales, self.quantized, self.accuracy_level)
+            if self.replace_output is not None:
+                return self.replace_output(x)
+            return self._kernel_forward(x)
+        # Only a node without a separate bias Add outputs the layer's whole result: only that one is named.
+        named = self.layer_name is not None and self.bias is None
+        layers = {self.layer_name: self.out_features} if named else None
+        y = matmul_nbits(
+            x, self.weight_q, self.weight_scales, self.quantized, self.accuracy_level, layers=layers
+        )
         return y if self.bias is None else y + self.bias
+
+    @property
+    def out_features(self) -> int:
+        return int(self.quantized.packed.shape[0])
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What MatMulNBits computes: the dequantized weight, on int8-rounded inputs at accuracy_level 4."""
+        if self.accuracy_level == 4:
+            x = int8_activations(x, self.quantized.block_size)
+        return nn.functional.linear(x, torch.from_numpy(self.quantized.dequantize()), self.bias)

@@ -235,8 +235,9 @@ def teacher_forced(
     wiring_sqnr, wiring_layer = forcing.worst_layer(records, "torch_in", "graph_in")
     return {
         **compare(reference, graph),
-        "custom_nodes": len({tap.node for tap in taps}),
-        "custom_layers": len(taps),
+        "custom_nodes": len({tap.node for tap in taps if not tap.nbits}),
+        "custom_layers": sum(not tap.nbits for tap in taps),
+        "forced_int4_layers": sum(tap.nbits for tap in taps),
         "ops_min_sqnr_db": ops_sqnr,
         "ops_worst_layer": ops_layer,
         "wiring_min_sqnr_db": wiring_sqnr,

@@ -72,6 +72,23 @@ def test_int4_layers_rebuild_exactly_and_export_as_matmulnbits(budget_ckpt: Path
     per_layer = 4 if json.loads((out / "manifest.json").read_text())["graph"] == "fused" else 7
     assert ops.count("MatMulNBits") == per_layer + 1  # the int4 layer's projections + the int4 head
     assert ops.count("SparseBinaryMatMul") == per_layer
+    manifest = json.loads((out / "manifest.json").read_text())
+    if manifest["graph"] == "fused":
+        # The int4 layer's nodes name their layers, so validation forces them as it forces the custom nodes;
+        # the head's node names none (its output is the logits, checked as such).
+        from pbs2p_edge.export.nbits import NBITS_LAYERS_KEY
+
+        named = [
+            p.value.split(",")
+            for n in graph.graph.node
+            if n.op_type == "MatMulNBits"
+            for p in n.metadata_props
+            if p.key == NBITS_LAYERS_KEY
+        ]
+        assert sorted(layer for layers in named for layer in layers) == sorted(
+            name.removeprefix("model.") for name in nbits_layers(ckpt)
+        )
+        assert manifest["validation"]["teacher_forced"]["forced_int4_layers"] == 7
 
 
 def test_version_1_checkpoints_still_load(budget_ckpt: Path, tmp_path: Path) -> None:
