@@ -10,7 +10,7 @@ A fused graph (export/fused.py; it has a `logits_to_keep` input) takes fixed-len
 `past_key_values.{i}` and `present.{i}` are bound (IO binding, once per buffer) to the same numpy-backed memory,
 which GroupQueryAttention extends in place; the buffers grow by doubling (copying the valid rows) when a
 sequence outgrows them, up to the context. Only input_ids, attention_mask and logits_to_keep are bound per
-run, and a decode step asks for the last row of logits only.
+run, and a decode step asks for the last row of logits only, written into one buffer the session keeps.
 """
 
 from __future__ import annotations
@@ -106,6 +106,12 @@ class DecoderSession:
         self._past: list[ort.OrtValue] = []
         self._buffers: list[np.ndarray] = []  # fused graphs: the shared past/present buffers
         self._binding: ort.IOBinding | None = None
+        self._mask = np.ones(0, dtype=np.int64)  # fused graphs: attention_mask rows are views of this
+        self._keep = {n: ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)) for n in (0, 1)}
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else self.bundle.vocab_size
+        self._last_logits = np.empty((1, 1, vocab), dtype=_NUMPY_DTYPES.get(logits.type, np.float32))
+        self._last_logits_value = ort.OrtValue.ortvalue_from_numpy(self._last_logits)
         self.past_len = 0
         self.last_run_seconds = 0.0  # wall time of the last onnxruntime run (the rest of forward is Python)
         self.reset()
@@ -113,7 +119,9 @@ class DecoderSession:
     def fork(self) -> DecoderSession:
         """The same onnxruntime session (thread-safe to run) with a new, empty KV cache of its own."""
         other = copy.copy(self)
-        other._buffers, other._binding = [], None
+        other._buffers, other._binding, other._mask = [], None, np.ones(0, dtype=np.int64)
+        other._last_logits = np.empty_like(self._last_logits)
+        other._last_logits_value = ort.OrtValue.ortvalue_from_numpy(other._last_logits)
         other.reset()
         return other
 
@@ -200,6 +208,7 @@ class DecoderSession:
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
         self._buffers, self._binding = buffers, binding
+        self._mask = np.ones(length, dtype=np.int64)
 
     def _forward_fused(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
         past, new = self.past_len, ids.shape[1]
@@ -207,17 +216,20 @@ class DecoderSession:
         binding = self._binding
         assert binding is not None
         binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", np.ones((1, past + new), dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", self._mask[: past + new].reshape(1, -1))
         # An input with a default value binds only as an OrtValue (bind_cpu_input does not find it).
-        keep = np.array(0 if all_logits else 1, dtype=np.int64)
-        binding.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(keep))
-        binding.bind_output("logits")  # unallocated again: its shape changes between runs
+        binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep[0 if all_logits else 1])
+        if all_logits:
+            binding.bind_output("logits")  # onnxruntime allocates [1, S, vocab]
+        else:  # [1, 1, vocab] into the same buffer every step: no allocation per token
+            binding.bind_ortvalue_output("logits", self._last_logits_value)
         start = time.perf_counter()
         self.session.run_with_iobinding(binding)
         self.last_run_seconds = time.perf_counter() - start
         self.past_len = past + new
-        logits = binding.get_outputs()[0].numpy()
-        return np.array(logits[0] if all_logits else logits[0, -1], dtype=np.float32)
+        if not all_logits:
+            return self._last_logits[0, -1].astype(np.float32)  # a copy: the buffer is rewritten next step
+        return np.array(binding.get_outputs()[0].numpy()[0], dtype=np.float32)
 
     def prefill(self, token_ids: np.ndarray | list[int]) -> np.ndarray:
         """Run a prompt through the graph `prefill_chunk` tokens at a time; return the last row of logits.
