@@ -88,13 +88,7 @@ def _node_taps(node: onnx.NodeProto) -> list[Tap]:
     if layers is None:
         return [Tap(_node_layer(node), node.input[0], node.output[0], node=node.name)]
     rows = next((list(a.ints) for a in node.attribute if a.name == "block_rows"), [])
-    if len(rows) != len(layers):
-        raise Pbs2pError(f"custom node {node.name} names {len(layers)} layers for {len(rows)} blocks")
-    bounds = np.cumsum([0, *rows])
-    return [
-        Tap(layer, node.input[0], node.output[0], int(begin), int(end), node.name, activation)
-        for layer, begin, end in zip(layers, bounds[:-1], bounds[1:], strict=True)
-    ]
+    return _split_taps(node, "custom node", layers, rows, activation=activation)
 
 
 def _nbits_taps(node: onnx.NodeProto) -> list[Tap]:
@@ -103,13 +97,18 @@ def _nbits_taps(node: onnx.NodeProto) -> list[Tap]:
         return []  # the head, or a layer whose node does not output its whole result
     layers = meta[NBITS_LAYERS_KEY].split(",")
     rows = [int(r) for r in meta.get(NBITS_ROWS_KEY, "").split(",") if r]
+    return _split_taps(node, "MatMulNBits node", layers, rows, nbits=True)
+
+
+def _split_taps(
+    node: onnx.NodeProto, what: str, layers: list[str], rows: list[int], **kind: Any
+) -> list[Tap]:
+    """One tap per layer of a node whose output is its layers' outputs side by side, `rows` columns each."""
     if len(rows) != len(layers):
-        raise Pbs2pError(
-            f"MatMulNBits node {node.name} names {len(layers)} layers for {len(rows)} row counts"
-        )
+        raise Pbs2pError(f"{what} {node.name} names {len(layers)} layers for {len(rows)} blocks")
     bounds = np.cumsum([0, *rows])
     return [
-        Tap(layer, node.input[0], node.output[0], int(begin), int(end), node.name, nbits=True)
+        Tap(layer, node.input[0], node.output[0], int(begin), int(end), node.name, **kind)
         for layer, begin, end in zip(layers, bounds[:-1], bounds[1:], strict=True)
     ]
 

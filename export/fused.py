@@ -43,7 +43,7 @@ from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export.configs import ExportConfig
 from pbs2p_edge.export.decoder import Decoder, rms_norm
 from pbs2p_edge.export.forcing import LAYERS_KEY
-from pbs2p_edge.export.nbits import BlockQuantized, NBitsLinear, matmul_nbits, nbits_layers_metadata
+from pbs2p_edge.export.nbits import BlockQuantized, NBitsLinear, matmul_nbits
 from pbs2p_edge.export.patch import PBS2P_OP, PBS2P_OP_VERSION, SparseBinaryLinear
 
 MS = "com.microsoft"
@@ -116,23 +116,14 @@ class FusedNBits(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
-            return matmul_nbits(
-                x, self.weight_q, self.weight_scales, self.quantized, self.accuracy_level, layers=self.layers
-            )
-        # MatMulNBits adds a bias itself (input 5; no zero points, no g_idx).
-        q = self.quantized
-        attributes = {"K": q.k, "N": q.packed.shape[0], "bits": q.bits, "block_size": q.block_size}
-        if self.accuracy_level:
-            attributes["accuracy_level"] = self.accuracy_level
-        return torch.onnx.ops.symbolic(
-            f"{MS}::MatMulNBits",
-            [x, self.weight_q, self.weight_scales, None, None, self.bias],
-            attributes,
-            dtype=x.dtype,
-            shape=(*x.shape[:-1], q.packed.shape[0]),
-            version=1,
-            metadata_props=nbits_layers_metadata(self.layers) if self.layers else None,
+        return matmul_nbits(
+            x,
+            self.weight_q,
+            self.weight_scales,
+            self.quantized,
+            self.accuracy_level,
+            layers=self.layers,
+            bias=self.bias,  # MatMulNBits adds it itself
         )
 
 

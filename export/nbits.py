@@ -116,14 +116,18 @@ def matmul_nbits(
     accuracy_level: int,
     zero_points: torch.Tensor | None = None,
     layers: dict[str, int] | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Emit one com.microsoft MatMulNBits node (export mode only). `layers` (decoder layer name -> rows, in
-    output order) names the layers the node computes, for validation's teacher forcing (export/forcing.py)."""
+    output order) names the layers the node computes, for validation's teacher forcing (export/forcing.py);
+    `bias` is the node's own bias input (input 5; no g_idx)."""
     n = packed.shape[0]
     attributes = {"K": q.k, "N": n, "bits": q.bits, "block_size": q.block_size}
     if accuracy_level:
         attributes["accuracy_level"] = accuracy_level
     inputs = [x, packed, scales] if zero_points is None else [x, packed, scales, zero_points]
+    if bias is not None:
+        inputs = [*inputs, *[None] * (5 - len(inputs)), bias]
     return torch.onnx.ops.symbolic(
         "com.microsoft::MatMulNBits",
         inputs,

@@ -106,12 +106,13 @@ class DecoderSession:
         self._past: list[ort.OrtValue] = []
         self._buffers: list[np.ndarray] = []  # fused graphs: the shared past/present buffers
         self._binding: ort.IOBinding | None = None
-        self._mask = np.ones(0, dtype=np.int64)  # fused graphs: attention_mask rows are views of this
+        self._mask = np.ones(
+            0, dtype=np.int64
+        )  # fused graphs: attention_mask rows are views of this (read-only)
         self._keep = {n: ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)) for n in (0, 1)}
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else self.bundle.vocab_size
-        self._last_logits = np.empty((1, 1, vocab), dtype=_NUMPY_DTYPES.get(logits.type, np.float32))
-        self._last_logits_value = ort.OrtValue.ortvalue_from_numpy(self._last_logits)
+        self._own_logits_buffer(np.empty((1, 1, vocab), dtype=_NUMPY_DTYPES.get(logits.type, np.float32)))
         self.past_len = 0
         self.last_run_seconds = 0.0  # wall time of the last onnxruntime run (the rest of forward is Python)
         self.reset()
@@ -119,11 +120,15 @@ class DecoderSession:
     def fork(self) -> DecoderSession:
         """The same onnxruntime session (thread-safe to run) with a new, empty KV cache of its own."""
         other = copy.copy(self)
-        other._buffers, other._binding, other._mask = [], None, np.ones(0, dtype=np.int64)
-        other._last_logits = np.empty_like(self._last_logits)
-        other._last_logits_value = ort.OrtValue.ortvalue_from_numpy(other._last_logits)
+        other._buffers, other._binding = [], None
+        other._own_logits_buffer(np.empty_like(self._last_logits))
         other.reset()
         return other
+
+    def _own_logits_buffer(self, buffer: np.ndarray) -> None:
+        """The [1, 1, vocab] array a fused graph's decode step writes its logits into."""
+        self._last_logits = buffer
+        self._last_logits_value = ort.OrtValue.ortvalue_from_numpy(buffer)
 
     def _check_contract(self) -> None:
         inputs = {i.name for i in self.session.get_inputs()}

@@ -69,10 +69,10 @@ def test_int4_layers_rebuild_exactly_and_export_as_matmulnbits(budget_ckpt: Path
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in graph.graph.node]
     # The fused graph runs q|k|v and gate|up as one node each: 4 nodes for a layer's 7 projections.
-    per_layer = 4 if json.loads((out / "manifest.json").read_text())["graph"] == "fused" else 7
+    manifest = json.loads((out / "manifest.json").read_text())
+    per_layer = 4 if manifest["graph"] == "fused" else 7
     assert ops.count("MatMulNBits") == per_layer + 1  # the int4 layer's projections + the int4 head
     assert ops.count("SparseBinaryMatMul") == per_layer
-    manifest = json.loads((out / "manifest.json").read_text())
     if manifest["graph"] == "fused":
         # The int4 layer's nodes name their layers, so validation forces them as it forces the custom nodes;
         # the head's node names none (its output is the logits, checked as such).
