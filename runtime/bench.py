@@ -76,7 +76,13 @@ def parse_threads(text: str) -> tuple[int, ...]:
 class JsonLinesProcess:
     """A worker subprocess and its JSON-lines conversation: one request line in, one reply line out."""
 
-    def __init__(self, command: list[str], label: str, error: type[Exception] = Pbs2pError) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        label: str,
+        error: type[Exception] = Pbs2pError,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.label, self.error = label, error
         self._stderr: IO[bytes] = tempfile.TemporaryFile()
         # cwd "/": `python -m` puts the cwd first on sys.path, and run from a source checkout with a regular
@@ -88,6 +94,7 @@ class JsonLinesProcess:
             stderr=self._stderr,
             text=True,
             cwd=os.path.abspath(os.sep),
+            env={**os.environ, **env} if env else None,
         )
         self.info = self.receive()
 
@@ -133,6 +140,7 @@ class WorkerProcess(JsonLinesProcess):
         bare: bool = False,
         prefill_chunk: int | None = None,
         ops_library: str | None = None,
+        env: dict[str, str] | None = None,
     ):
         label = f"{bundle} (threads {threads})" if not bare else "bare onnxruntime session"
         command = [sys.executable, "-m", "pbs2p_edge.runtime.bench_worker"]
@@ -142,7 +150,7 @@ class WorkerProcess(JsonLinesProcess):
         command += ["--prefill-chunk", str(prefill_chunk)] if prefill_chunk else []
         command += ["--ops-library", ops_library] if ops_library and not bare else []
         command += [] if bare else ["--no-verify-hash"]  # run_bench hashed the files already
-        super().__init__(command, label)
+        super().__init__(command, label, env=env)
 
 
 def bare_session(threads: int) -> dict[str, Any]:

@@ -140,6 +140,7 @@ class Worker:
             "bundle_bytes": self.bundle_bytes,
             "kv_bytes_per_token": self.bundle.kv_bytes_per_token(np.dtype(self.session.cache_dtype).itemsize),
             "weight_bytes": weight_bytes(self.bundle),
+            "huge_page_bytes": self.session.huge_page_bytes,
             "context_length": self.bundle.context_length,
         }
 

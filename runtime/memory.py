@@ -12,9 +12,12 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
+import numpy as np
 import psutil
 
 _STATUS = Path("/proc/self/status")
@@ -46,6 +49,16 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def libc_madvise() -> Callable[[int, int, int], int]:
+    """The C library's madvise(addr, length, advice) -> 0 or -1 (errno kept); OSError/AttributeError where
+    there is none."""
+    import ctypes
+
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
 _MADV_RANDOM = 1  # no read-ahead on faults in this range
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; their contents are kept (re-read on access)
 
@@ -70,12 +83,9 @@ def release_file_pages(path: Path, drop_cache: bool = True) -> int:
     target = str(path.resolve())
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
-        import ctypes
-
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise = libc_madvise()
     except (OSError, AttributeError):
         return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     advised = 0
     for line in maps:
         fields = line.split(maxsplit=5)
@@ -87,6 +97,100 @@ def release_file_pages(path: Path, drop_cache: bool = True) -> int:
     if advised and drop_cache:
         _drop_cached_pages(target)
     return advised
+
+
+_MADV_COLLAPSE = 25  # Linux >= 6.1: back this range with transparent huge pages now (synchronous)
+_DEFAULT_HUGE_PAGE = 2 << 20
+
+
+def huge_page_size() -> int:
+    """The transparent huge page size (2 MiB on x86-64 and 4 KiB-page arm64; 32 MiB with 16 KiB pages)."""
+    try:
+        return int(Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return _DEFAULT_HUGE_PAGE
+
+
+def anonymous_mappings(min_bytes: int) -> list[tuple[int, int]]:
+    """(start, end) of this process's writable anonymous mappings (the heap included) of at least `min_bytes`."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) >= 5 and fields[1].startswith("rw") and (len(fields) == 5 or fields[5] == "[heap]"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if end - start >= min_bytes:
+                ranges.append((start, end))
+    return ranges
+
+
+def resident_blocks(start: int, end: int, block: int, pagemap: BinaryIO) -> list[int]:
+    """Start addresses of the `block`-aligned blocks inside [start, end) whose every page is present, read from
+    this process's pagemap (bit 63 of each page's 8-byte entry; readable without privileges), 64 blocks at a
+    time so a large sparse mapping costs no large read."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    per_block = block // page
+    first, last = -(-start // block) * block, end // block * block
+    starts: list[int] = []
+    for piece in range(first, last, 64 * block):
+        blocks = min(64, (last - piece) // block)
+        pagemap.seek(piece // page * 8)
+        entries = np.frombuffer(pagemap.read(blocks * per_block * 8), dtype="<u8")
+        if entries.size != blocks * per_block:
+            break
+        full = (entries >> np.uint64(63)).astype(bool).reshape(blocks, per_block).all(axis=1)
+        starts += [piece + i * block for i in np.flatnonzero(full).tolist()]
+    return starts
+
+
+def resident_huge_blocks() -> set[int]:
+    """Start addresses of the huge-page-sized, aligned blocks of this process's anonymous memory whose every
+    page is resident (empty where /proc/self/pagemap cannot be read)."""
+    huge = huge_page_size()
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            return {
+                b
+                for start, end in anonymous_mappings(huge)
+                for b in resident_blocks(start, end, huge, pagemap)
+            }
+    except OSError:
+        return set()
+
+
+def collapse_to_huge_pages(exclude: set[int] | None = None) -> int:
+    """Move the fully resident blocks of this process's anonymous memory, except those in `exclude` (a
+    `resident_huge_blocks()` taken earlier), onto transparent huge pages; return the bytes now on huge pages
+    there (collapsed by this call or already huge).
+
+    After load, the weights a decode step streams are the kernels' own copies (our op's tile layout,
+    onnxruntime's prepacked MatMulNBits) in anonymous memory, on 4 KiB pages where transparent huge pages are
+    `madvise`-only: streaming hundreds of MiB through them misses the TLB on every page of every stream.
+    MADV_COLLAPSE moves each huge-page-aligned block onto one huge page. Blocks with a page never touched are
+    left alone, so RSS does not grow; `exclude` keeps it to what a load added (a process holding a PyTorch
+    model is not copied). Best effort: does nothing where unsupported (non-Linux, kernels before 6.1, THP
+    disabled).
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        madvise = libc_madvise()
+    except (OSError, AttributeError):
+        return 0
+    huge = huge_page_size()
+    blocks = sorted(resident_huge_blocks() - (exclude or set()))
+    collapsed = 0
+    run_start = 0
+    for i, block in enumerate(blocks):  # one madvise per run of adjacent blocks
+        if i + 1 == len(blocks) or blocks[i + 1] != block + huge:
+            first, last = blocks[run_start], block + huge
+            if madvise(first, last - first, _MADV_COLLAPSE) == 0:
+                collapsed += last - first
+            run_start = i + 1
+    return collapsed
 
 
 def _drop_cached_pages(path: str) -> None:

@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.runtime.bundle import Bundle
-from pbs2p_edge.runtime.memory import release_file_pages
+from pbs2p_edge.runtime.memory import collapse_to_huge_pages, release_file_pages, resident_huge_blocks
 
 DEFAULT_PREFILL_CHUNK: int | None = None  # tokens per prefill run; None = the whole prompt in one run
 LOGITS_TO_KEEP = "logits_to_keep"  # the fused graph's optional input (0 = all rows, 1 = the last)
@@ -35,7 +35,18 @@ KV_BUFFER_STEP = 256  # fused graphs: buffer lengths are multiples of this many 
 # it, decode speed unchanged within the noise: README, large-model section). The fused graph (export/fused.py)
 # has no other constant subgraph; unfused graphs keep the folding.
 DISABLED_OPTIMIZERS = ["ConstantFolding"]
+# "1": after load, move the weights onto transparent huge pages (runtime/memory.py: collapse_to_huge_pages).
+# Off by default: decode +3-4% on average, load +1-1.5 s at 1.5B (README, "Huge pages"; bench/huge_pages.py).
+HUGE_PAGES_ENV = "PBS2P_EDGE_HUGE_PAGES"
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+def huge_pages_requested() -> bool:
+    """Whether $PBS2P_EDGE_HUGE_PAGES asks for huge pages ("1"; unset or "0": no)."""
+    value = os.environ.get(HUGE_PAGES_ENV, "0")
+    if value not in ("0", "1"):
+        raise Pbs2pError(f"${HUGE_PAGES_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def session_options(
@@ -73,11 +84,15 @@ class DecoderSession:
         profile_prefix: str | os.PathLike | None = None,
         prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
         release_pages: bool = True,
+        huge_pages: bool | None = None,
     ) -> None:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise Pbs2pError(f"prefill chunk must be at least 1 token, got {prefill_chunk}")
         self.bundle = bundle
         self.prefill_chunk = prefill_chunk
+        if huge_pages is None:
+            huge_pages = huge_pages_requested()
+        resident_before = resident_huge_blocks() if huge_pages else set()
         options = session_options(bundle, threads, profile_prefix)
         try:
             self.session = ort.InferenceSession(
@@ -93,6 +108,7 @@ class DecoderSession:
         data_file = bundle.model_path.with_name(bundle.model_path.name + ".data")
         if release_pages and data_file.is_file():
             release_file_pages(data_file)
+        self.huge_page_bytes = collapse_to_huge_pages(exclude=resident_before) if huge_pages else 0
         layers = range(bundle.num_layers)
         self.past_names = [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
         self.present_names = [f"present.{i}.{kind}" for i in layers for kind in ("key", "value")]

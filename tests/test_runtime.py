@@ -205,6 +205,47 @@ def test_released_file_pages_leave_the_page_cache(fp32_generator, monkeypatch) -
     assert np.isfinite(fp32_generator.session.prefill(ids)).all()
 
 
+def test_session_collapses_what_its_load_added(fp32_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pbs2p_edge.runtime import session as session_module
+    from pbs2p_edge.runtime.bundle import load_bundle
+
+    calls: list[set[int]] = []
+    monkeypatch.setattr(
+        session_module, "collapse_to_huge_pages", lambda exclude: calls.append(exclude) or 4096
+    )
+    monkeypatch.setattr(session_module, "resident_huge_blocks", lambda: {1 << 21})
+    bundle = load_bundle(fp32_bundle)
+    monkeypatch.delenv(session_module.HUGE_PAGES_ENV, raising=False)
+    assert session_module.DecoderSession(bundle).huge_page_bytes == 0 and calls == []  # off by default
+    assert session_module.DecoderSession(bundle, huge_pages=True).huge_page_bytes == 4096
+    assert calls == [{1 << 21}]  # what was resident before the load is left alone
+    monkeypatch.setenv(session_module.HUGE_PAGES_ENV, "1")
+    assert session_module.DecoderSession(bundle).huge_page_bytes == 4096
+    assert len(calls) == 2
+    monkeypatch.setenv(session_module.HUGE_PAGES_ENV, "yes")
+    with pytest.raises(Pbs2pError, match="PBS2P_EDGE_HUGE_PAGES must be 0 or 1"):
+        session_module.DecoderSession(bundle)
+
+
+def test_huge_pages_bench_runs_both_variants(fp32_bundle: Path, tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "bench" / "huge_pages.py"
+    out = tmp_path / "huge"
+    args = [sys.executable, str(script), str(fp32_bundle), "--reps", "2", "--pp", "4", "--tg", "4"]
+    done = subprocess.run([*args, "--threads", "1", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    (result,) = report["results"]
+    on, off = result["rows"]
+    assert (on["variant"], off["variant"]) == ("huge pages", "4 KiB pages")
+    assert off["huge_page_bytes"] == 0 and on["huge_page_bytes"] >= 0
+    assert len(on["tg_tokens_per_second"]) == 2 and len(result["on_over_off"]["pp"]) == 2
+    assert "| huge pages |" in out.with_suffix(".md").read_text()
+    bad = subprocess.run([*args[:2], str(tmp_path), "--reps", "1"], capture_output=True, text=True)
+    assert (
+        bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path} is not a bundle (no manifest.json)"
+    )
+
+
 def test_sampling_is_reproducible_with_a_seed(fp32_generator) -> None:
     options = dict(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.1)
     first = fp32_generator.generate(PROMPTS[0], 24, seed=7, **options)

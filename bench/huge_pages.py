@@ -1,0 +1,147 @@
+"""Huge pages for the weights after load (issue 12): the runtime with and without them, on the same bundle.
+
+With `PBS2P_EDGE_HUGE_PAGES=1`, `DecoderSession` moves what loading a bundle made resident in anonymous memory
+(the kernels' weight copies) onto transparent huge pages (`runtime/memory.py: collapse_to_huge_pages`). This
+script measures what that buys and costs: for each bundle, one worker
+process with it and one without, the same prompt ids and threads, repetitions interleaved (pp then tg on each
+variant in turn, the order alternating per repetition), so the per-repetition ratio holds on a machine whose
+speed drifts by 15-30% between runs.
+
+    .venv/bin/python bench/huge_pages.py out/pbs2p --threads 2 --reps 6 --out bench/results/huge-pages
+
+It reports, per variant: load seconds, MiB on huge pages after load, pp/tg tok/s (mean ± std) and peak RSS
+while generating; per bundle: on/off ratios, mean and (min-max) over the repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from peers import exit_usage, machine, print_report
+
+VARIANTS = {"huge pages": "1", "4 KiB pages": "0"}
+MIB = 1 << 20
+
+
+def measure(bundle: Path, threads: int, reps: int, pp: int, tg: int) -> dict[str, Any]:
+    from pbs2p_edge.runtime.bench import WorkerProcess
+    from pbs2p_edge.runtime.session import HUGE_PAGES_ENV
+
+    workers = {
+        name: WorkerProcess(bundle, threads, env={HUGE_PAGES_ENV: flag}) for name, flag in VARIANTS.items()
+    }
+    samples: dict[str, dict[str, list[float]]] = {name: {"pp": [], "tg": []} for name in workers}
+    try:
+        names = list(workers)
+        for rep in range(-1, reps):  # rep -1: warm-up, not counted
+            for name in names if rep % 2 == 0 else names[::-1]:
+                pp_run = workers[name].request("pp", n=pp, seed=rep + 1)
+                tg_run = workers[name].request("tg", n=tg, seed=rep + 1)
+                if rep >= 0:
+                    samples[name]["pp"].append(pp / pp_run["seconds"])
+                    samples[name]["tg"].append(tg / tg_run["seconds"])
+            print(f"{bundle.name}: rep {rep + 1}/{reps} done", file=sys.stderr)
+        memory = {name: worker.request("mem") for name, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.close()
+    rows = []
+    for name, worker in workers.items():
+        rows.append(
+            {
+                "variant": name,
+                "load_seconds": worker.info["load_seconds"],
+                "huge_page_bytes": worker.info["huge_page_bytes"],
+                "pp_tokens_per_second": samples[name]["pp"],
+                "tg_tokens_per_second": samples[name]["tg"],
+                "peak_rss_generation_bytes": memory[name]["peak_rss_generation"],
+            }
+        )
+    on, off = (samples[name] for name in VARIANTS)
+    ratios = {kind: [a / b for a, b in zip(on[kind], off[kind], strict=True)] for kind in ("pp", "tg")}
+    return {"bundle": str(bundle), "threads": threads, "rows": rows, "on_over_off": ratios}
+
+
+def _spread(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1f} ± {std:.1f}"
+
+
+def _ratio(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def render(report: dict[str, Any]) -> list[str]:
+    lines = [
+        f"# Huge pages for the weights after load ({report['threads']} threads, {report['reps']} interleaved reps)",
+        "",
+        "| bundle | variant | load s | on huge pages MiB | pp tok/s | tg tok/s | peak RSS gen MiB |"
+        " pp on/off | tg on/off |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in report["results"]:
+        name = Path(result["bundle"]).name
+        for i, row in enumerate(result["rows"]):
+            ratios = result["on_over_off"]
+            lines.append(
+                f"| {name} | {row['variant']} | {row['load_seconds']:.2f} | {row['huge_page_bytes'] / MIB:.0f} | "
+                f"{_spread(row['pp_tokens_per_second'])} | {_spread(row['tg_tokens_per_second'])} | "
+                f"{row['peak_rss_generation_bytes'] / MIB:.1f} | "
+                + (f"{_ratio(ratios['pp'])} | {_ratio(ratios['tg'])} |" if i == 0 else "| |")
+            )
+    lines += [
+        "",
+        f"on/off: per repetition, the huge-page variant's tok/s over the other's; mean (min-max). "
+        f"pp{report['pp']} and tg{report['tg']} on random prompt ids, each variant in its own process. "
+        f"Machine: {report['machine']['cpu']}, {report['machine']['logical_cpus']} logical CPUs, "
+        f"{report['machine']['platform']}. Command: `{report['command']}`.",
+    ]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundles", nargs="+", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--pp", type=int, default=128)
+    parser.add_argument("--tg", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json")
+    args = parser.parse_args(argv)
+    for name, value in (
+        ("--threads", args.threads),
+        ("--reps", args.reps),
+        ("--pp", args.pp),
+        ("--tg", args.tg),
+    ):
+        if value < 1:
+            exit_usage(f"{name} must be at least 1, got {value}")
+    for bundle in args.bundles:
+        if not (bundle / "manifest.json").is_file():
+            exit_usage(f"{bundle} is not a bundle (no manifest.json)")
+
+    from pbs2p_edge.errors import Pbs2pError
+
+    try:
+        results = [measure(b.resolve(), args.threads, args.reps, args.pp, args.tg) for b in args.bundles]
+    except Pbs2pError as exc:
+        exit_usage(str(exc))
+    report = {
+        "threads": args.threads,
+        "reps": args.reps,
+        "pp": args.pp,
+        "tg": args.tg,
+        "machine": machine(),
+        "command": " ".join(["bench/huge_pages.py", *(argv if argv is not None else sys.argv[1:])]),
+        "results": results,
+    }
+    print_report(args.out, report, render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
