@@ -208,6 +208,29 @@ EAGER_CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
+@pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
+def test_recorded_layer_arguments_replay_without_the_cache(name: str) -> None:
+    """The compressor replays decoder layers with the arguments the model passed them, minus the KV cache: under
+    the one name the model used (transformers 5.x warns when a layer gets both `cache` and `past_key_values`)."""
+    import warnings
+
+    from pbs2p_edge.compress.families import CACHE_KWARGS, layer_kwargs
+    from pbs2p_edge.compress.pipeline import capture_layer_inputs
+
+    model = tiny_family_model(name, 64)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    (hidden, first), *_ = capture_layer_inputs(model, ids, 1)
+    recorded = layer_kwargs(model, ids, 1)[0]
+    for kwargs in [first, *recorded]:
+        assert kwargs["use_cache"] is False
+        names = [key for key in CACHE_KWARGS if key in kwargs]
+        assert len(names) <= 1 and all(kwargs[key] is None for key in names)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        for layer, kwargs in zip(model.model.layers, recorded, strict=True):
+            layer(hidden, **kwargs)
+
+
 @pytest.mark.parametrize("name", list(EAGER_CONFIGS))
 def test_decoder_equals_transformers_for_other_settings(name: str) -> None:
     from pbs2p_edge.export.configs import export_config

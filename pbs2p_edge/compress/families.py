@@ -30,6 +30,19 @@ def layers_differ(model: Any) -> bool:
     return len(set(getattr(model.config, "layer_types", None) or ())) > 1
 
 
+# What a decoder layer's KV-cache argument is called: `cache` since transformers 5.x deprecated
+# `past_key_values` (setting both warns), `past_key_values` before.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def drop_cache(kwargs: dict[str, Any]) -> None:
+    """Replay a layer without the model's KV cache: null the cache argument the model passed, under the name
+    it used (a layer's default is no cache, so an absent one stays absent)."""
+    for key in CACHE_KWARGS:
+        if key in kwargs:
+            kwargs[key] = None
+
+
 def layer_kwargs(model: Any, calib_ids: torch.Tensor, batch_size: int) -> list[list[dict[str, Any]]]:
     """Per calibration batch (as `capture_layer_inputs` splits them), per decoder layer: its keyword arguments.
 
@@ -41,7 +54,8 @@ def layer_kwargs(model: Any, calib_ids: torch.Tensor, batch_size: int) -> list[l
 
     def recorder_for(index: int) -> Any:
         def record(hidden_states: torch.Tensor, *_args: Any, **kwargs: Any) -> torch.Tensor:
-            kwargs.update(use_cache=False, past_key_values=None)
+            kwargs["use_cache"] = False
+            drop_cache(kwargs)
             recorded[-1].append(kwargs)
             if index == len(layers) - 1:
                 raise _Stop

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pbs2p_edge.compress import cfs
-from pbs2p_edge.compress.families import layer_kwargs, layers_differ, linear_names
+from pbs2p_edge.compress.families import drop_cache, layer_kwargs, layers_differ, linear_names
 from pbs2p_edge.compress.gptq import HessianAccumulator, inverse_factor, quantize_matrix
 from pbs2p_edge.compress.spbo import fit_block
 from pbs2p_edge.config import DEFAULT_BUDGET_BITS, SUPPORTED_MODEL_TYPES, PBS2PConfig
@@ -622,7 +622,7 @@ def capture_layer_inputs(
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs["use_cache"] = False
-        kwargs["past_key_values"] = None
+        drop_cache(kwargs)
         captured.append((hidden.detach().cpu(), kwargs))
         raise _StopForward
 
