@@ -40,8 +40,8 @@ setup: $(VENV)/.installed
 system-deps:
 	bash scripts/install_system_deps.sh
 
-# The demo compresses with the full defaults (32 x 256 calibration tokens, the bit-budget probe and 600 s of
-# block-wise recovery on top of the post-training pass).
+# The demo compresses with the full defaults (32 x 256 calibration tokens, the bit-budget probe, block-wise
+# recovery and the end-to-end pass on top of the post-training pass; about 31-38 minutes on 2 cores).
 DEMO_COMPRESS ?=
 DEMO_PROMPT ?= What is the capital of France?
 
