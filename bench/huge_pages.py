@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,21 @@ VARIANTS = {"huge pages": "1", "4 KiB pages": "0"}
 MIB = 1 << 20
 
 
-def measure(bundle: Path, threads: int, reps: int, pp: int, tg: int) -> dict[str, Any]:
-    from pbs2p_edge.runtime.bench import WorkerProcess
+def huge_page_variants() -> dict[str, dict[str, Any]]:
+    """The two variants this script compares, as `WorkerProcess` keyword arguments."""
     from pbs2p_edge.runtime.session import HUGE_PAGES_ENV
 
-    workers = {
-        name: WorkerProcess(bundle, threads, env={HUGE_PAGES_ENV: flag}) for name, flag in VARIANTS.items()
-    }
+    return {name: {"env": {HUGE_PAGES_ENV: flag}} for name, flag in VARIANTS.items()}
+
+
+def measure(
+    bundle: Path, threads: int, reps: int, pp: int, tg: int, variants: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Two variants of the runtime (`WorkerProcess` keyword arguments), each in its own worker process, on one
+    bundle: pp then tg per variant in turn, the order alternating per repetition; the first over the second."""
+    from pbs2p_edge.runtime.bench import WorkerProcess
+
+    workers = {name: WorkerProcess(bundle, threads, **kwargs) for name, kwargs in variants.items()}
     samples: dict[str, dict[str, list[float]]] = {name: {"pp": [], "tg": []} for name in workers}
     try:
         names = list(workers)
@@ -61,9 +70,9 @@ def measure(bundle: Path, threads: int, reps: int, pp: int, tg: int) -> dict[str
                 "peak_rss_generation_bytes": memory[name]["peak_rss_generation"],
             }
         )
-    on, off = (samples[name] for name in VARIANTS)
-    ratios = {kind: [a / b for a, b in zip(on[kind], off[kind], strict=True)] for kind in ("pp", "tg")}
-    return {"bundle": str(bundle), "threads": threads, "rows": rows, "on_over_off": ratios}
+    first, second = (samples[name] for name in variants)
+    ratios = {kind: [a / b for a, b in zip(first[kind], second[kind], strict=True)] for kind in ("pp", "tg")}
+    return {"bundle": str(bundle), "threads": threads, "rows": rows, "first_over_second": ratios}
 
 
 def _spread(values: list[float]) -> str:
@@ -75,18 +84,19 @@ def _ratio(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def render(report: dict[str, Any]) -> list[str]:
+def render(report: dict[str, Any], title: str, ratio: str) -> list[str]:
+    """The md table: a row per bundle and variant; `ratio` names the first variant over the second."""
     lines = [
-        f"# Huge pages for the weights after load ({report['threads']} threads, {report['reps']} interleaved reps)",
+        f"# {title} ({report['threads']} threads, {report['reps']} interleaved reps)",
         "",
         "| bundle | variant | load s | on huge pages MiB | pp tok/s | tg tok/s | peak RSS gen MiB |"
-        " pp on/off | tg on/off |",
+        f" pp {ratio} | tg {ratio} |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in report["results"]:
         name = Path(result["bundle"]).name
         for i, row in enumerate(result["rows"]):
-            ratios = result["on_over_off"]
+            ratios = result["first_over_second"]
             lines.append(
                 f"| {name} | {row['variant']} | {row['load_seconds']:.2f} | {row['huge_page_bytes'] / MIB:.0f} | "
                 f"{_spread(row['pp_tokens_per_second'])} | {_spread(row['tg_tokens_per_second'])} | "
@@ -95,7 +105,7 @@ def render(report: dict[str, Any]) -> list[str]:
             )
     lines += [
         "",
-        f"on/off: per repetition, the huge-page variant's tok/s over the other's; mean (min-max). "
+        f"{ratio}: per repetition, the first variant's tok/s over the second's; mean (min-max). "
         f"pp{report['pp']} and tg{report['tg']} on random prompt ids, each variant in its own process. "
         f"Machine: {report['machine']['cpu']}, {report['machine']['logical_cpus']} logical CPUs, "
         f"{report['machine']['platform']}. Command: `{report['command']}`.",
@@ -103,14 +113,26 @@ def render(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_ab(
+    argv: list[str] | None,
+    script: str,
+    doc: str,
+    title: str,
+    ratio: str,
+    variants: Callable[[argparse.Namespace], dict[str, dict[str, Any]]],
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """An A/B script's main: the shared options (plus `extra`'s), two `variants` from the parsed arguments,
+    every bundle measured, the report printed (and written with --out)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("bundles", nargs="+", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--pp", type=int, default=128)
     parser.add_argument("--tg", type=int, default=128)
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json")
+    if extra:
+        extra(parser)
     args = parser.parse_args(argv)
     for name, value in (
         ("--threads", args.threads),
@@ -126,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from pbs2p_edge.errors import Pbs2pError
 
+    pair = variants(args)
     try:
-        results = [measure(b.resolve(), args.threads, args.reps, args.pp, args.tg) for b in args.bundles]
+        results = [
+            measure(b.resolve(), args.threads, args.reps, args.pp, args.tg, pair) for b in args.bundles
+        ]
     except Pbs2pError as exc:
         exit_usage(str(exc))
     report = {
@@ -136,11 +161,22 @@ def main(argv: list[str] | None = None) -> int:
         "pp": args.pp,
         "tg": args.tg,
         "machine": machine(),
-        "command": " ".join(["bench/huge_pages.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join([script, *(argv if argv is not None else sys.argv[1:])]),
         "results": results,
     }
-    print_report(args.out, report, render(report))
+    print_report(args.out, report, render(report, title, ratio))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_ab(
+        argv,
+        "bench/huge_pages.py",
+        __doc__,
+        "Huge pages for the weights after load",
+        "on/off",
+        lambda _args: huge_page_variants(),
+    )
 
 
 if __name__ == "__main__":

@@ -78,6 +78,30 @@ def test_multi_block_node_is_the_concatenation(monkeypatch, kernel: str, tokens:
         np.testing.assert_array_equal(y[:, off : off + w.rows], alone)
 
 
+def _blocks_sharing_tables() -> list[PackedWeight]:
+    # a fused q/k/v or gate/up as exported: one group size, no column scales (one-token decode builds the
+    # activation tables once for all blocks and runs them in one parallel loop)
+    return [
+        pack(random_weight(45, 256, 6, 8, 128, salient=1, bias=True, seed=6)),
+        pack(random_weight(16, 256, 6, 8, 128, seed=7)),
+        pack(random_weight(130, 256, 5, 8, 128, salient=2, bias=True, seed=8)),
+    ]
+
+
+@pytest.mark.parametrize("kernel", ["default", *ALL_KERNELS])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocks_sharing_tables_equal_each_block_alone(monkeypatch, kernel: str, threads: int) -> None:
+    force_kernel(monkeypatch, kernel)
+    weights = _blocks_sharing_tables()
+    for tokens in (1, 2):
+        x = np.random.default_rng(tokens).normal(size=(tokens, 256)).astype(np.float32)
+        (y,) = session(node_model(weights), threads=threads).run(None, {"X": x})
+        for i, w in enumerate(weights):
+            off = sum(v.rows for v in weights[:i])
+            (alone,) = session(node_model([w]), threads=threads).run(None, {"X": x})
+            np.testing.assert_array_equal(y[:, off : off + w.rows], alone)
+
+
 def test_multi_block_threads_and_graph_inputs_agree() -> None:
     weights = _blocks()
     x = np.random.default_rng(5).normal(size=(9, 256)).astype(np.float32)

@@ -238,7 +238,7 @@ def test_huge_pages_bench_runs_both_variants(fp32_bundle: Path, tmp_path: Path) 
     on, off = result["rows"]
     assert (on["variant"], off["variant"]) == ("huge pages", "4 KiB pages")
     assert off["huge_page_bytes"] == 0 and on["huge_page_bytes"] >= 0
-    assert len(on["tg_tokens_per_second"]) == 2 and len(result["on_over_off"]["pp"]) == 2
+    assert len(on["tg_tokens_per_second"]) == 2 and len(result["first_over_second"]["pp"]) == 2
     assert "| huge pages |" in out.with_suffix(".md").read_text()
     bad = subprocess.run([*args[:2], str(tmp_path), "--reps", "1"], capture_output=True, text=True)
     assert (

@@ -136,6 +136,20 @@ void tiles_task(void* data, size_t i) {
   for (int tile = tb; tile < te; ++tile) pbs2p::add_salient_and_bias(*wk.w, wk.x, tile, t0, t1, wk.y, wk.post);
 }
 
+// One decode token over several blocks in one ParallelFor: work item i belongs to the block whose range of
+// work items [first[b], first[b + 1]) holds it, and runs as tiles_task on that block's Work.
+struct BlocksWork {
+  const Work* works;
+  const size_t* first;  // size blocks + 1
+  size_t blocks;
+};
+
+void blocks_tiles_task(void* data, size_t i) {
+  const BlocksWork& bw = *static_cast<BlocksWork*>(data);
+  const size_t b = size_t(std::upper_bound(bw.first, bw.first + bw.blocks + 1, i) - bw.first) - 1;
+  tiles_task(const_cast<Work*>(&bw.works[b]), i - bw.first[b]);
+}
+
 void tile_quant_task(void* data, size_t tok) {
   Work& wk = *static_cast<Work*>(data);
   pbs2p::quantize_tokens(wk.x, wk.w->p.k, int(tok), int(tok) + 1, *wk.cm, wk.quant);
@@ -465,6 +479,10 @@ struct SparseBinaryMatMul {
       run_compact(kc, prepacked_ ? nullptr : &local_compact, x_in, tokens, y);
       return;
     }
+    if (tokens == 1 && prepacked_ && blocks_.size() > 1 && blocks_share_tables()) {
+      run_blocks_one_token(kc, *tile, x_in, y);
+      return;
+    }
     std::vector<float> block_y;
     for (size_t i = 0; i < blocks_.size(); ++i) {
       const pbs2p::RuntimeWeight& w = prepacked_ ? blocks_[i].weight : local[i];
@@ -480,6 +498,39 @@ struct SparseBinaryMatMul {
           std::memcpy(y + size_t(t) * size_t(rows_) + size_t(blocks_[i].row_offset), yb + size_t(t) * size_t(rows),
                       size_t(rows) * sizeof(float));
     }
+  }
+
+  // Every block reads the same activation tables: one chunking (group size) and no column scales.
+  bool blocks_share_tables() const {
+    for (const Block& b : blocks_)
+      if (!b.weight.col_scales.empty() || b.weight.p.group_size != blocks_[0].weight.p.group_size) return false;
+    return true;
+  }
+
+  // One token (decode) through a node of several blocks (fused q/k/v, gate/up): the activation tables are built
+  // once, and one ParallelFor walks every block's tile groups, each block writing its rows straight into its
+  // columns of Y (with one token Y has one row, so no stride differs). Per block the same tiles_task as
+  // run_block's, so the same bits; it saves the other blocks' table builds, dispatches and copies.
+  void run_blocks_one_token(Ort::KernelContext& kc, const pbs2p::Kernel& kernel, const float* x, float* y) const {
+    const pbs2p::RuntimeWeight& w0 = blocks_[0].weight;
+    const pbs2p::ChunkMap& cm = blocks_[0].chunks;
+    thread_local pbs2p::ActTables decode_scratch;
+    pbs2p::ActTables& t = decode_scratch;
+    t.tokens = 1;
+    t.k = w0.p.k;
+    t.chunks = int(cm.group.size());
+    if (t.tables.size() < size_t(w0.p.k / 4)) t.tables.resize(size_t(w0.p.k / 4));
+    if (t.scale.size() < size_t(t.chunks)) t.scale.resize(size_t(t.chunks));
+    std::vector<Work> works;
+    std::vector<size_t> first{0};
+    works.reserve(blocks_.size());
+    for (const Block& b : blocks_) {
+      works.push_back(Work{&b.weight, &cm, &t, &kernel, pbs2p::salient_fn_for(kernel.tile), x, y + b.row_offset, 1});
+      first.push_back(first.back() + size_t(tile_groups(kernel, b.weight.tiles)));
+    }
+    tables_task(&works[0], 0);
+    BlocksWork bw{works.data(), first.data(), works.size()};
+    kc.ParallelFor(blocks_tiles_task, first.back(), 0, &bw);
   }
 
   // Compact kernels write every block straight into its columns of Y (row stride = all blocks' rows).
