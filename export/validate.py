@@ -27,6 +27,7 @@ mask bit, a scale off, a cache or position slip, a kernel bug) drops the SQNR of
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -147,10 +148,13 @@ def torch_logits(
     Each step feeds the greedy token of the previous logits, or `forced[i]` when given (so two models can be
     compared on identical inputs). Returns (logits per step, tokens fed).
     """
+    # transformers 5.x renamed the KV cache argument and output field `past_key_values` -> `cache` (the old name
+    # warns, and goes in 5.40); use the one this model's forward takes.
+    name = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
     input_ids = torch.tensor([list(ids)], dtype=torch.long)
     out = hf_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)
     logits = [out.logits[0].float().numpy()]
-    cache, tokens, total = out.past_key_values, [], input_ids.shape[1]
+    cache, tokens, total = out[name], [], input_ids.shape[1]
     for step in range(steps):
         token = int(forced[step]) if forced is not None else int(logits[-1][-1].argmax())
         tokens.append(token)
@@ -159,10 +163,10 @@ def torch_logits(
             input_ids=torch.tensor([[token]]),
             attention_mask=torch.ones(1, total, dtype=torch.long),
             position_ids=torch.tensor([[total - 1]]),
-            past_key_values=cache,
             use_cache=True,
+            **{name: cache},
         )
-        cache = out.past_key_values
+        cache = out[name]
         logits.append(out.logits[0].float().numpy())
     return logits, tokens
 
