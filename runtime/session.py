@@ -36,7 +36,7 @@ KV_BUFFER_STEP = 256  # fused graphs: buffer lengths are multiples of this many 
 # has no other constant subgraph; unfused graphs keep the folding.
 DISABLED_OPTIMIZERS = ["ConstantFolding"]
 # "1": after load, move the weights onto transparent huge pages (runtime/memory.py: collapse_to_huge_pages).
-# Off by default: decode +3-4% on average, load +1-1.5 s at 1.5B (README, "Huge pages"; bench/huge_pages.py).
+# Off by default: decode +3-4% on average, load +1-1.5 s at 1.5B (README, "Session 19: huge pages"; bench/huge_pages.py).
 HUGE_PAGES_ENV = "PBS2P_EDGE_HUGE_PAGES"
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
