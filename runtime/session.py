@@ -122,9 +122,8 @@ class DecoderSession:
         self._past: list[ort.OrtValue] = []
         self._buffers: list[np.ndarray] = []  # fused graphs: the shared past/present buffers
         self._binding: ort.IOBinding | None = None
-        self._mask = np.ones(
-            0, dtype=np.int64
-        )  # fused graphs: attention_mask rows are views of this (read-only)
+        # fused graphs: attention_mask rows are views of this (read-only)
+        self._mask = np.ones(0, dtype=np.int64)
         self._keep = {n: ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)) for n in (0, 1)}
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else self.bundle.vocab_size

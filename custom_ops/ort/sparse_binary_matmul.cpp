@@ -8,6 +8,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -139,7 +140,7 @@ void tiles_task(void* data, size_t i) {
 // One decode token over several blocks in one ParallelFor: work item i belongs to the block whose range of
 // work items [first[b], first[b + 1]) holds it, and runs as tiles_task on that block's Work.
 struct BlocksWork {
-  const Work* works;
+  Work* works;
   const size_t* first;  // size blocks + 1
   size_t blocks;
 };
@@ -147,7 +148,24 @@ struct BlocksWork {
 void blocks_tiles_task(void* data, size_t i) {
   const BlocksWork& bw = *static_cast<BlocksWork*>(data);
   const size_t b = size_t(std::upper_bound(bw.first, bw.first + bw.blocks + 1, i) - bw.first) - 1;
-  tiles_task(const_cast<Work*>(&bw.works[b]), i - bw.first[b]);
+  tiles_task(&bw.works[b], i - bw.first[b]);
+}
+
+// Activation tables described and sized for `tokens` tokens (grown, never shrunk; the table builder writes every
+// entry before a kernel reads it, so no zero-fill).
+void size_tables(pbs2p::ActTables& t, int64_t tokens, int k, int chunks) {
+  t.tokens = int(tokens);
+  t.k = k;
+  t.chunks = chunks;
+  const size_t n_tables = size_t(tokens) * size_t(k / 4), n_scales = size_t(tokens) * size_t(chunks);
+  if (t.tables.size() < n_tables) t.tables.resize(n_tables);
+  if (t.scale.size() < n_scales) t.scale.resize(n_scales);
+}
+
+// The tables of decode calls (few tokens): one per thread, reused by every node it runs (no allocation per call).
+pbs2p::ActTables& decode_tables() {
+  thread_local pbs2p::ActTables tables;
+  return tables;
 }
 
 void tile_quant_task(void* data, size_t tok) {
@@ -512,25 +530,21 @@ struct SparseBinaryMatMul {
   // columns of Y (with one token Y has one row, so no stride differs). Per block the same tiles_task as
   // run_block's, so the same bits; it saves the other blocks' table builds, dispatches and copies.
   void run_blocks_one_token(Ort::KernelContext& kc, const pbs2p::Kernel& kernel, const float* x, float* y) const {
-    const pbs2p::RuntimeWeight& w0 = blocks_[0].weight;
     const pbs2p::ChunkMap& cm = blocks_[0].chunks;
-    thread_local pbs2p::ActTables decode_scratch;
-    pbs2p::ActTables& t = decode_scratch;
-    t.tokens = 1;
-    t.k = w0.p.k;
-    t.chunks = int(cm.group.size());
-    if (t.tables.size() < size_t(w0.p.k / 4)) t.tables.resize(size_t(w0.p.k / 4));
-    if (t.scale.size() < size_t(t.chunks)) t.scale.resize(size_t(t.chunks));
-    std::vector<Work> works;
-    std::vector<size_t> first{0};
-    works.reserve(blocks_.size());
-    for (const Block& b : blocks_) {
-      works.push_back(Work{&b.weight, &cm, &t, &kernel, pbs2p::salient_fn_for(kernel.tile), x, y + b.row_offset, 1});
-      first.push_back(first.back() + size_t(tile_groups(kernel, b.weight.tiles)));
+    pbs2p::ActTables& t = decode_tables();
+    size_tables(t, 1, blocks_[0].weight.p.k, int(cm.group.size()));
+    std::array<Work, kMaxBlocks> works;  // on the stack: nothing allocated per decode step
+    std::array<size_t, kMaxBlocks + 1> first;
+    first[0] = 0;
+    const pbs2p::SalientFn post = pbs2p::salient_fn_for(kernel.tile);
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      const Block& b = blocks_[i];
+      works[i] = Work{&b.weight, &cm, &t, &kernel, post, x, y + b.row_offset, 1};
+      first[i + 1] = first[i] + size_t(tile_groups(kernel, b.weight.tiles));
     }
     tables_task(&works[0], 0);
-    BlocksWork bw{works.data(), first.data(), works.size()};
-    kc.ParallelFor(blocks_tiles_task, first.back(), 0, &bw);
+    BlocksWork bw{works.data(), first.data(), blocks_.size()};
+    kc.ParallelFor(blocks_tiles_task, first[blocks_.size()], 0, &bw);
   }
 
   // Compact kernels write every block straight into its columns of Y (row stride = all blocks' rows).
@@ -588,15 +602,9 @@ struct SparseBinaryMatMul {
     }
     // Decode (few tokens) reuses per-thread scratch: no allocation or zero-fill per call (every entry is written
     // by the table builder before it is read). Prefill allocates, so no large buffer outlives the call.
-    thread_local pbs2p::ActTables decode_scratch;
     pbs2p::ActTables prefill_scratch;
-    pbs2p::ActTables& t = tokens <= 16 ? decode_scratch : prefill_scratch;
-    t.tokens = int(tokens);
-    t.k = w.p.k;
-    t.chunks = int(cm.group.size());
-    const size_t n_tables = size_t(tokens) * size_t(w.p.k / 4), n_scales = size_t(tokens) * size_t(t.chunks);
-    if (t.tables.size() < n_tables) t.tables.resize(n_tables);
-    if (t.scale.size() < n_scales) t.scale.resize(n_scales);
+    pbs2p::ActTables& t = tokens <= 16 ? decode_tables() : prefill_scratch;
+    size_tables(t, tokens, w.p.k, int(cm.group.size()));
     Work wk{&w, &cm, &t, &kernel, pbs2p::salient_fn_for(kernel.tile), x, y, int(tokens)};
     if (tokens == 1)
       tables_task(&wk, 0);
