@@ -93,6 +93,8 @@ CASES = [
     (33, 200, 5, 8, 48, 2, True, (2, 3), True),
     (70, 1000, 4, 8, 128, 1, False, (1, 17), True),
     (1, 8, 6, 8, 128, 0, True, (1, 1), True),
+    # more tokens than one prefill work item holds (tile GEMM: 128, compact GEMM: 64), the last item short
+    (40, 256, 6, 8, 128, 1, True, (1, 150), False),
 ]
 
 

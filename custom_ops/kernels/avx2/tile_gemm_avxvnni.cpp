@@ -1,5 +1,5 @@
 // AVX-VNNI tile GEMM (VEX-encoded 256-bit vpdpbusd + AVX2/FMA/F16C, no AVX-512): prefill over the tile copy for
-// CPUs that have AVX-VNNI without AVX-512 (Intel Alder Lake and later client cores, AMD Zen 5 client).
+// CPUs that have AVX-VNNI without AVX-512 (Intel Alder Lake and later client cores, Sierra Forest).
 // The arithmetic of tile_gemm_avx512vnni with 8-row ymm lanes instead of 16-row zmm lanes: per chunk the 2-bit
 // codes of the tile's 32 rows become, once, [4 columns][8 rows] dword planes of 0/1 bytes (kept = code != 0,
 // +1 = code 1) for each quarter of the tile (6 instructions per plane pair: broadcast, vpshufb, 2 x and + min);
