@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pbs2p_edge.compress.families import CACHE_KWARGS
 from pbs2p_edge.errors import Pbs2pError
 from pbs2p_edge.export import forcing
 from pbs2p_edge.export.configs import ExportConfig
@@ -148,9 +149,10 @@ def torch_logits(
     Each step feeds the greedy token of the previous logits, or `forced[i]` when given (so two models can be
     compared on identical inputs). Returns (logits per step, tokens fed).
     """
-    # transformers 5.x renamed the KV cache argument and output field `past_key_values` -> `cache` (the old name
-    # warns, and goes in 5.40); use the one this model's forward takes.
-    name = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+    # The KV cache argument and output field under the name this model's forward takes (transformers 5.x renamed
+    # `past_key_values` to `cache`; the old name warns, and goes in 5.40).
+    params = inspect.signature(hf_model.forward).parameters
+    name = next((key for key in CACHE_KWARGS if key in params), CACHE_KWARGS[-1])
     input_ids = torch.tensor([list(ids)], dtype=torch.long)
     out = hf_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)
     logits = [out.logits[0].float().numpy()]
