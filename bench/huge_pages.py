@@ -109,6 +109,12 @@ def render(report: dict[str, Any], title: str, ratio: str) -> list[str]:
         f"pp{report['pp']} and tg{report['tg']} on random prompt ids, each variant in its own process. "
         f"Machine: {report['machine']['cpu']}, {report['machine']['logical_cpus']} logical CPUs, "
         f"{report['machine']['platform']}. Command: `{report['command']}`.",
+        "Variants: "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{key}={value}" for key, value in settings.items())
+            for name, settings in report["variants"].items()
+        )
+        + ".",
     ]
     return lines
 
@@ -162,6 +168,7 @@ def run_ab(
         "tg": args.tg,
         "machine": machine(),
         "command": " ".join([script, *(argv if argv is not None else sys.argv[1:])]),
+        "variants": pair,
         "results": results,
     }
     print_report(args.out, report, render(report, title, ratio))

@@ -95,6 +95,9 @@ CASES = [
     (1, 8, 6, 8, 128, 0, True, (1, 1), True),
     # more tokens than one prefill work item holds (tile GEMM: 128, compact GEMM: 64), the last item short
     (40, 256, 6, 8, 128, 1, True, (1, 150), False),
+    # one decode token over two interleaved four-tile groups and the short tiles after them, chunks starting
+    # at odd quads (group 36)
+    (300, 1000, 6, 8, 36, 1, True, (1, 1), False),
 ]
 
 

@@ -240,6 +240,8 @@ def test_huge_pages_bench_runs_both_variants(fp32_bundle: Path, tmp_path: Path) 
     assert off["huge_page_bytes"] == 0 and on["huge_page_bytes"] >= 0
     assert len(on["tg_tokens_per_second"]) == 2 and len(result["first_over_second"]["pp"]) == 2
     assert "| huge pages |" in out.with_suffix(".md").read_text()
+    assert set(report["variants"]) == {"huge pages", "4 KiB pages"}  # what each variant ran with, recorded
+    assert "Variants: huge pages: env={'PBS2P_EDGE_HUGE_PAGES': '1'}" in out.with_suffix(".md").read_text()
     bad = subprocess.run([*args[:2], str(tmp_path), "--reps", "1"], capture_output=True, text=True)
     assert (
         bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path} is not a bundle (no manifest.json)"

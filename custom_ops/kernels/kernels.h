@@ -56,7 +56,10 @@ struct RuntimeWeight {
   Params p;
   TileLayout layout = kLayoutRowBytes;  // where each code sits in a 32-byte quad block (format.h)
   int tiles = 0;                        // ceil(rows / kTileRows)
-  std::vector<uint8_t> codes;           // [tiles][k/4][32]
+  // Tiles whose quad blocks share one stream: each whole group of `interleave` tiles stores [k/4][interleave][32]
+  // (quad q of all its tiles side by side), the tiles after the last whole group [k/4][32] each (tile_view).
+  int interleave = 1;
+  std::vector<uint8_t> codes;           // tiles * (k/4) * 32 bytes, tile t's group at t / interleave * interleave
   std::vector<uint16_t> scales;         // [tiles][G] TileScales
   std::vector<int32_t> salient_cols;    // [G][S]
   std::vector<int8_t> salient_coef;     // [tiles][G][S][32]: +1, -1, 0 (pruned)
@@ -67,18 +70,25 @@ struct RuntimeWeight {
 };
 
 // One tile as every tile kernel walks it: its first row, its row count (the last tile may be short), K/4 quads
-// per row, the scale groups, and its codes (tiles stored one after another, [k/4][kTileRows] bytes each).
+// per row, the scale groups, its first quad block and the bytes from one of its quad blocks to the next (32, or
+// 32 x interleave inside a whole interleaved group). Quad q's 32 bytes: codes + q * stride (quad_block).
 struct TileView {
   int r0, nr;
   size_t quads, groups;
   const uint8_t* codes;
+  size_t stride;
 };
 inline TileView tile_view(const RuntimeWeight& w, int tile) {
   const int r0 = tile * kTileRows;
-  const size_t quads = size_t(w.p.k) / 4;
-  return {r0, std::min(kTileRows, w.p.rows - r0), quads, size_t(w.p.groups),
-          &w.codes[size_t(tile) * quads * kTileRows]};
+  const size_t quads = size_t(w.p.k) / 4, block = kTileRows;
+  const int n = w.interleave, first = tile / n * n;
+  const bool grouped = n > 1 && first + n <= w.tiles;
+  const size_t base = grouped ? size_t(first) * quads * block + size_t(tile - first) * block
+                              : size_t(tile) * quads * block;
+  return {r0, std::min(kTileRows, w.p.rows - r0), quads, size_t(w.p.groups), &w.codes[base],
+          grouped ? block * size_t(n) : block};
 }
+inline const uint8_t* quad_block(const TileView& v, size_t q) { return v.codes + q * v.stride; }
 
 // Nibble of row i (< kTileRows) in one 32-byte quad block: pair 0 = columns (4q, 4q+1), pair 1 = (4q+2, 4q+3).
 inline int quad_nibble(const uint8_t* block, TileLayout layout, int i, int pair) {
@@ -86,9 +96,11 @@ inline int quad_nibble(const uint8_t* block, TileLayout layout, int i, int pair)
   return (block[i] >> (4 * pair)) & 15;
 }
 
-// Disk -> runtime layout, codes arranged as `layout`. "" on success, else a message (sizes, magic, N:M
-// violations...).
-std::string repack(const DiskView& disk, RuntimeWeight* out, TileLayout layout = kLayoutRowBytes);
+// Disk -> runtime layout, codes arranged as `layout`, whole groups of `interleave` tiles (1..kMaxInterleave)
+// sharing one stream. "" on success, else a message (sizes, magic, N:M violations...).
+constexpr int kMaxInterleave = 8;
+std::string repack(const DiskView& disk, RuntimeWeight* out, TileLayout layout = kLayoutRowBytes,
+                   int interleave = 1);
 
 // Disk -> dense float W_hat [rows][k] (the formula of format.h with fp16 scales), for tests.
 std::string decode_dense(const DiskView& disk, std::vector<float>* w);
@@ -309,8 +321,12 @@ struct Kernel {
   TileLayout layout = kLayoutRowBytes;  // tile: the code arrangement `tile` and `gemm` read (repack's argument)
   bool paired_tables = false;           // tile: `tables` writes pair_quad_tables' arrangement
   TileFn multi = nullptr;               // tile: `tile` over multi_tiles adjacent tiles at once (decode)
-  int multi_tiles = 1;
+  int multi_tiles = 1;                  // also the copy's interleave: `multi` reads one stream per group
 };
+// The tile copy `k` reads: its layout, whole groups of k.multi_tiles tiles interleaved.
+inline std::string repack_for(const DiskView& d, const Kernel& k, RuntimeWeight* w) {
+  return repack(d, w, k.layout, k.multi_tiles);
+}
 // Tiles [tile_begin, tile_end) of one call with k's tile kernel: `multi` over whole groups of multi_tiles, `tile`
 // for the rest. Same bits either way.
 void run_tiles(const Kernel& k, const RuntimeWeight& w, const ChunkMap& cm, const ActTables& t, int tile_begin,

@@ -428,8 +428,8 @@ struct SparseBinaryMatMul {
     pbs2p::Params p;
     if (e.empty()) e = pbs2p::parse_header(d.header, d.header_len, &p);
     if (e.empty()) e = check_attrs(attrs, p);
-    if (e.empty()) e = kernel_->compact ? pbs2p::prepare(d, cw) : pbs2p::repack(d, w, kernel_->layout);
-    if (e.empty() && kernel_->gemv != nullptr) e = pbs2p::repack(d, w, kernel_->gemv->layout);  // hybrid: decode copy
+    if (e.empty()) e = kernel_->compact ? pbs2p::prepare(d, cw) : pbs2p::repack_for(d, *kernel_, w);
+    if (e.empty() && kernel_->gemv != nullptr) e = pbs2p::repack_for(d, *kernel_->gemv, w);  // hybrid: decode copy
     if (!e.empty() && blocks_.size() > 1) e = "block " + std::to_string(block) + ": " + e;
     return e;
   }

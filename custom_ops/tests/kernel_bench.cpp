@@ -4,12 +4,19 @@
 // weight, group 128). With a kernel name only that kernel runs (scripts/arm_insn_count.py counts its instructions);
 // a tile kernel with a GEMM takes a suffix forcing one form at any token count (the kHybridGemv crossover):
 // `avxvnni-tile/gemm` (the tile GEMM) or `avxvnni-tile/tables` (the table lookups).
+// Cold decode: pbs2p_kernel_bench rows k 1 KERNEL PASSES cold COPIES THREADS [INTERLEAVE] streams COPIES copies
+// of the weight in turn (enough to outgrow the last-level cache, as a model's decode step does), THREADS threads
+// taking its tile groups from one counter as the op's ParallelFor does, and prints the code stream's GB/s in the
+// best and the median pass; INTERLEAVE overrides the copy's tile interleave (default: the kernel's, repack_for).
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "../kernels/kernels.h"
@@ -17,6 +24,51 @@
 
 using namespace pbs2p;
 using namespace pbs2p::test;
+
+namespace {
+
+// Decode (one token) over `copies` copies of one weight, `iterations` timed passes over all of them, each pass's
+// tile groups taken by `threads` threads from one counter; returns the GB/s of the copies' runtime bytes in the
+// best and the median pass (the best is the machine's rate with the least interference from its neighbours).
+std::pair<double, double> cold_decode(const Disk& d, const Kernel& kn, const std::vector<float>& x, int iterations,
+                                      int copies, int threads, int interleave) {
+  std::vector<RuntimeWeight> ws(static_cast<size_t>(copies));
+  for (auto& w : ws) repack(d.view(), &w, kn.layout, interleave);
+  const RuntimeWeight& w0 = ws[0];
+  const ChunkMap cm = make_chunks(w0.p.k, w0.p.group_size);
+  ActTables t;
+  t.tokens = 1;
+  t.k = w0.p.k;
+  t.chunks = int(cm.group.size());
+  t.tables.resize(size_t(w0.p.k) / 4);
+  t.scale.resize(size_t(t.chunks));
+  kn.tables(x.data(), 0, 1, cm, &t);
+  std::vector<std::vector<float>> ys(size_t(threads), std::vector<float>(size_t(w0.p.rows)));
+  const int per = kn.multi_tiles, groups = (w0.tiles + per - 1) / per;
+  const size_t items = size_t(copies) * size_t(groups);
+  std::vector<double> rates;
+  for (int pass = 0; pass <= iterations; ++pass) {  // pass 0: warm-up, not counted
+    std::atomic<size_t> next{0};
+    auto walk = [&](int id) {
+      for (size_t i = next++; i < items; i = next++) {
+        const RuntimeWeight& w = ws[i / size_t(groups)];
+        const int tb = int(i % size_t(groups)) * per;
+        run_tiles(kn, w, cm, t, tb, std::min(w.tiles, tb + per), 0, 1, ys[size_t(id)].data());
+      }
+    };
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> pool;
+    for (int id = 1; id < threads; ++id) pool.emplace_back(walk, id);
+    walk(0);
+    for (auto& th : pool) th.join();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (pass > 0) rates.push_back(double(w0.runtime_bytes()) * double(copies) / s * 1e-9);
+  }
+  std::sort(rates.begin(), rates.end());
+  return {rates.back(), rates[rates.size() / 2]};
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   const int rows = argc > 1 ? std::atoi(argv[1]) : 4096, k = argc > 2 ? std::atoi(argv[2]) : 4096;
@@ -37,6 +89,24 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  if (argc > 6 && std::string(argv[6]) == "cold") {
+    const Kernel* kn = kernel_by_name(only.c_str());
+    const int copies = argc > 7 ? std::atoi(argv[7]) : 0, threads = argc > 8 ? std::atoi(argv[8]) : 1;
+    const int iterations = argc > 5 ? std::atoi(argv[5]) : 0;
+    if (kn == nullptr || kn->compact || tokens != 1 || copies < 1 || threads < 1 || iterations < 1) {
+      std::fprintf(stderr, "error: cold wants a supported tile kernel, 1 token, iterations, copies, threads >= 1\n");
+      return 2;
+    }
+    const int interleave = argc > 9 ? std::atoi(argv[9]) : kn->multi_tiles;
+    if (interleave < 1 || interleave > kMaxInterleave) {
+      std::fprintf(stderr, "error: interleave %d outside [1, %d]\n", interleave, kMaxInterleave);
+      return 2;
+    }
+    const auto [best, median] = cold_decode(d, *kn, x, iterations, copies, threads, interleave);
+    std::printf("%-16s rows=%d k=%d cold copies=%d threads=%d interleave=%d: %.1f GB/s (median pass %.1f)\n",
+                kn->name, rows, k, copies, threads, interleave, best, median);
+    return 0;
+  }
   for (const Kernel* kn : built_kernels()) {
     if (!kernel_supported(*kn) || (!only.empty() && only != kn->name)) continue;
     if (form == "gemm" && (kn->compact || kn->gemm == nullptr)) {
@@ -48,7 +118,7 @@ int main(int argc, char** argv) {
     CompactWeight cw;
     RuntimeWeight rw;
     if (kn->compact) prepare(d.view(), &cw);
-    else repack(d.view(), &rw, kn->layout);
+    else repack_for(d.view(), *kn, &rw);
     const ChunkMap cm = make_chunks(k, 128);
     QuantActs a;
     ActTables t;

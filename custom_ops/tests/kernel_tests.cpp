@@ -118,6 +118,19 @@ void run_case(const Case& c, std::mt19937& rng) {
           same = same && quad_nibble(&pairs.codes[b], kLayoutRowPairs, i, pair) ==
                              ((rw.codes[b + size_t(i)] >> (4 * pair)) & 15);
     check(same, name + ": row-pairs nibbles differ from the row bytes'");
+    for (int n : {2, 3, 4}) {  // interleaved groups (and the tiles after them) hold the same quad blocks
+      RuntimeWeight il;
+      check(repack(d.view(), &il, kLayoutRowPairs, n).empty() && il.codes.size() == pairs.codes.size(),
+            name + ": repack interleaved " + std::to_string(n));
+      bool same_blocks = il.codes.size() == pairs.codes.size() && il.interleave == n;
+      for (int tile = 0; same_blocks && tile < il.tiles; ++tile) {
+        const TileView a = tile_view(il, tile), b = tile_view(pairs, tile);
+        same_blocks = a.stride == (tile / n * n + n <= il.tiles ? size_t(32 * n) : size_t(32));
+        for (size_t q = 0; same_blocks && q < a.quads; ++q)
+          same_blocks = std::memcmp(quad_block(a, q), quad_block(b, q), kTileRows) == 0;
+      }
+      check(same_blocks, name + ": interleave " + std::to_string(n) + " moved a quad block");
+    }
   }
   std::normal_distribution<float> nx(0.0f, 1.0f);
   std::vector<float> x(size_t(c.tokens) * c.k);
@@ -182,6 +195,11 @@ void run_case(const Case& c, std::mt19937& rng) {
     std::vector<float> y(size_t(c.tokens) * c.rows, NAN);
     matmul(pairs, tile_generic, x.data(), c.tokens, y.data(), build_tables_generic);
     check(same_bits(y, y_generic), name + " tile_generic over row pairs: not bit-identical to the generic kernel");
+    RuntimeWeight il;
+    repack(d.view(), &il, kLayoutRowPairs, 3);
+    std::fill(y.begin(), y.end(), NAN);
+    matmul(il, tile_generic, x.data(), c.tokens, y.data(), build_tables_generic);
+    check(same_bits(y, y_generic), name + " tile_generic over 3 interleaved tiles: not bit-identical");
   }
 }
 
@@ -215,6 +233,9 @@ void bad_inputs(std::mt19937& rng) {
   {
     Disk d = make_disk(c, rng, &w);
     check(repack(d.view(), &rw, TileLayout(2)).find("layout") != std::string::npos, "unknown tile layout rejected");
+    for (int n : {0, -1, kMaxInterleave + 1})
+      check(repack(d.view(), &rw, kLayoutRowPairs, n).find("interleave") != std::string::npos,
+            "tile interleave " + std::to_string(n) + " rejected");
   }
   {
     Disk d = make_disk(c, rng, &w);
@@ -482,6 +503,11 @@ int main(int argc, char** argv) {
       {97, 1000, 6, 8, 128, 1, 9, true, true},
       {33, 200, 5, 8, 48, 2, 20, true},
       {65, 384, 6, 8, 64, 3, 8, false},
+      // decode over interleaved four-tile groups: whole groups, then tiles after them (the last one short),
+      // chunks starting at odd quads (group 36 = 9 quads)
+      {300, 1000, 6, 8, 36, 1, 3, true},
+      {230, 200, 5, 8, 48, 2, 1, false, true},
+      {260, 576, 6, 8, 128, 1, 8, true},
   };
   for (const Case& c : cases) run_case(c, rng);
   bad_inputs(rng);

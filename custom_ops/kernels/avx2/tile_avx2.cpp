@@ -15,7 +15,7 @@ namespace pbs2p {
 
 void tile_avx2(PBS2P_TILE_ARGS) {
   const Params& p = w.p;
-  const auto [r0, nr, quads, G, codes] = tile_view(w, tile);
+  const auto [r0, nr, quads, G, codes, stride] = tile_view(w, tile);
   const __m256i nib = _mm256_set1_epi8(0x0f);
   const __m256i ones8 = _mm256_set1_epi8(1);
   for (int tok = t_begin; tok < t_end; ++tok) {
@@ -28,8 +28,8 @@ void tile_avx2(PBS2P_TILE_ARGS) {
       __m256i d0 = _mm256_setzero_si256(), d1 = d0, s0 = d0, s1 = d0;
       for (int q = qb; q < qe; ++q) {
         // Software prefetch: the hardware prefetcher alone leaves DRAM bandwidth unused at this compute density.
-        _mm_prefetch(reinterpret_cast<const char*>(codes + size_t(q) * kTileRows + PBS2P_PF_DIST), _MM_HINT_T0);
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + size_t(q) * kTileRows));
+        _mm_prefetch(reinterpret_cast<const char*>(codes + size_t(q) * stride + PBS2P_PF_DIST), _MM_HINT_T0);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + size_t(q) * stride));
         const __m256i lo = _mm256_and_si256(v, nib);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
         const QuadTable& qt = tab[q];

@@ -83,7 +83,7 @@ inline void block(const __m256i (*pm)[kQuarters], const __m256i (*pp)[kQuarters]
 
 void tile_gemm_avxvnni(PBS2P_TILE_GEMM_ARGS) {
   const Params& p = w.p;
-  const auto [r0, nr, quads, G, codes] = tile_view(w, tile);
+  const auto [r0, nr, quads, G, codes, stride] = tile_view(w, tile);
   const int chunks = a.chunks;
   const size_t qstride = size_t(chunks) * kChunkCols;
   int lanes[kQuarters];  // rows of each quarter inside the matrix (0 = quarter past the last row)
@@ -103,7 +103,7 @@ void tile_gemm_avxvnni(PBS2P_TILE_GEMM_ARGS) {
     for (int j = 0; j < nq; ++j)
       for (int h = 0; h < kQuarters; ++h) {
         int64_t c8;
-        std::memcpy(&c8, codes + size_t(qb + j) * kTileRows + kLanes * h, 8);
+        std::memcpy(&c8, codes + size_t(qb + j) * stride + kLanes * h, 8);
         const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x(c8), replicate);
         pm[j][h] = _mm256_min_epu8(_mm256_and_si256(v, kept_bits), ones);
         pp[j][h] = _mm256_min_epu8(_mm256_and_si256(v, plus_bits), ones);

@@ -6,16 +6,17 @@
 // (Zen 4), where dropping two of six gave 5-10%, not a third (docs/METHOD.md "Session 14"). Per 2 quads x 32
 // rows: 3 loads, 3 ops to split the nibbles, 4 permutes, 4 vpmaddubsw, 4 int16 adds (avx2: 38 ops for the same
 // work).
-// Decode walks four adjacent tiles in lockstep (tile_quad_avx512vbmi): one table load serves four tiles' codes
-// and four code streams are in flight, 20-30% faster from DRAM on Zen 4 than one tile per pass, where a pass over
-// one tile read below the memory's bandwidth (docs/METHOD.md "Session 15").
+// Decode walks four adjacent tiles in lockstep (tile_quad_avx512vbmi): one table load serves four tiles' codes,
+// 20-30% faster from DRAM on Zen 4 than one tile per pass, where a pass over one tile read below the memory's
+// bandwidth (docs/METHOD.md "Session 15"). The copy interleaves each group's four tiles per quad
+// (RuntimeWeight::interleave), so a pass reads one sequential stream, not four (docs/METHOD.md "Session 21").
 // The integer sums and the float steps are tile_avx2's, in its order: identical bits.
 #include <immintrin.h>
 
 #include "../kernels.h"
 
 #ifndef PBS2P_PF_DIST
-#define PBS2P_PF_DIST 6144
+#define PBS2P_PF_DIST 6144  // bytes ahead in each stream (one per interleaved four-tile group)
 #endif
 
 namespace pbs2p {
@@ -57,9 +58,13 @@ void tiles_vbmi(const RuntimeWeight& w, const ChunkMap& cm, const ActTables& t, 
         const __m512i ts = _mm512_loadu_si512(&tab[q + 1]);  // s_lo s_hi | s_lo s_hi
 #pragma GCC unroll 4
         for (int i = 0; i < NT; ++i) {
-          const uint8_t* codes = tv[i].codes + size_t(q) * kTileRows;
-          _mm_prefetch(reinterpret_cast<const char*>(codes + PBS2P_PF_DIST), _MM_HINT_T0);
-          const __m512i v = _mm512_loadu_si512(codes);
+          const uint8_t* codes = quad_block(tv[i], size_t(q));
+          // interleaved group: tile i's block sits at 32 i, so + 32 i spreads the four requests over the 256
+          // bytes the pass reads per step; separate tiles: each stream prefetches its own
+          _mm_prefetch(reinterpret_cast<const char*>(codes + 32 * i + PBS2P_PF_DIST), _MM_HINT_T0);
+          const __m512i v = _mm512_inserti64x4(
+              _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes))),
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + tv[i].stride)), 1);
           const __m512i il = _mm512_ternarylogic_epi32(v, nib, off2, 0xEA);  // (v & 0x0f) | off2
           const __m512i ih = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nib, off2, 0xEA);
           d0[i] = _mm512_add_epi16(d0[i], _mm512_maddubs_epi16(ones8, _mm512_permutexvar_epi8(il, td)));
@@ -76,7 +81,7 @@ void tiles_vbmi(const RuntimeWeight& w, const ChunkMap& cm, const ActTables& t, 
         const __m256i td = _mm512_castsi512_si256(_mm512_shuffle_i64x2(ta, ta, _MM_SHUFFLE(2, 0, 2, 0)));
         const __m256i ts = _mm512_castsi512_si256(_mm512_shuffle_i64x2(ta, ta, _MM_SHUFFLE(3, 1, 3, 1)));
         for (int i = 0; i < NT; ++i) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tv[i].codes + size_t(q) * kTileRows));
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quad_block(tv[i], size_t(q))));
           const __m256i il = _mm256_ternarylogic_epi32(v, n8, off1, 0xEA);
           const __m256i ih = _mm256_ternarylogic_epi32(_mm256_srli_epi16(v, 4), n8, off1, 0xEA);
           e0[i] = _mm256_maddubs_epi16(o8, _mm256_permutexvar_epi8(il, td));

@@ -255,8 +255,9 @@ size_t RuntimeWeight::runtime_bytes() const {
          bias.size() * 4 + col_scales.size() * 4;
 }
 
-std::string repack(const DiskView& d, RuntimeWeight* out, TileLayout layout) {
+std::string repack(const DiskView& d, RuntimeWeight* out, TileLayout layout, int interleave) {
   if (layout != kLayoutRowBytes && layout != kLayoutRowPairs) return "unknown tile layout " + std::to_string(layout);
+  if (interleave < 1 || interleave > kMaxInterleave) return "tile interleave " + std::to_string(interleave) + " outside [1, " + std::to_string(kMaxInterleave) + "]";
   Params p;
   std::string e = parse_header(d.header, d.header_len, &p);
   if (e.empty()) e = validate(d, p);
@@ -264,6 +265,7 @@ std::string repack(const DiskView& d, RuntimeWeight* out, TileLayout layout) {
   RuntimeWeight& w = *out;
   w.p = p;
   w.layout = layout;
+  w.interleave = interleave;
   w.tiles = int((int64_t(p.rows) + kTileRows - 1) / kTileRows);
   const size_t quads = size_t(p.k) / 4, G = size_t(p.groups), S = size_t(p.salient);
   // Runtime sizes, checked before any allocation. validate() tied rows * K to the mask the graph feeds
@@ -282,6 +284,12 @@ std::string repack(const DiskView& d, RuntimeWeight* out, TileLayout layout) {
     return "runtime layout of a [" + std::to_string(p.rows) + ", " + std::to_string(p.k) +
            "] weight would not fit the arrays it comes from";
   w.codes.assign(n_codes, 0);
+  std::vector<size_t> first_block(size_t(w.tiles)), stride(size_t(w.tiles));  // tile_view's, as offsets
+  for (int tile = 0; tile < w.tiles; ++tile) {
+    const TileView v = tile_view(w, tile);
+    first_block[size_t(tile)] = size_t(v.codes - w.codes.data());
+    stride[size_t(tile)] = v.stride;
+  }
   for_each_code(d, p, [&](int r, int j, uint8_t code) {
     const size_t tile = size_t(r) / kTileRows, i = size_t(r) % kTileRows, q = size_t(j) / 4;
     size_t byte = i;
@@ -290,7 +298,7 @@ std::string repack(const DiskView& d, RuntimeWeight* out, TileLayout layout) {
       byte = 2 * (i % 16) + size_t(j % 4) / 2;
       shift = (i >= 16 ? 4 : 0) + (j % 2) * 2;
     }
-    w.codes[(tile * quads + q) * kTileRows + byte] |= uint8_t(code << shift);
+    w.codes[first_block[tile] + q * stride[tile] + byte] |= uint8_t(code << shift);
   });
   w.scales.assign(n_scales, 0);
   for (int r = 0; r < p.rows; ++r)
@@ -445,7 +453,7 @@ SalientFn salient_fn_for(TileFn fn) {
 
 void tile_generic(PBS2P_TILE_ARGS) {
   const Params& p = w.p;
-  const auto [r0, nr, quads, G, codes] = tile_view(w, tile);
+  const auto [r0, nr, quads, G, codes, stride] = tile_view(w, tile);
   for (int tok = t_begin; tok < t_end; ++tok) {
     const QuadTable* tab = &t.tables[size_t(tok) * quads];
     float acc[kTileRows] = {};
@@ -453,7 +461,7 @@ void tile_generic(PBS2P_TILE_ARGS) {
       const int qb = cm.begin[size_t(c)] / 4, qe = cm.begin[size_t(c) + 1] / 4;
       int32_t dsum[kTileRows] = {}, ssum[kTileRows] = {};
       for (int q = qb; q < qe; ++q) {
-        const uint8_t* cq = codes + size_t(q) * kTileRows;
+        const uint8_t* cq = codes + size_t(q) * stride;
         const QuadTable& qt = tab[q];
         for (int i = 0; i < kTileRows; ++i) {
           const int lo = quad_nibble(cq, w.layout, i, 0), hi = quad_nibble(cq, w.layout, i, 1);

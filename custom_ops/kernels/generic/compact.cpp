@@ -331,7 +331,7 @@ std::string matmul_disk(const DiskView& d, const Kernel& k, const float* x, int 
   if (k.gemv != nullptr && tokens <= kHybridGemv) return matmul_disk(d, *k.gemv, x, tokens, y);
   if (!k.compact) {
     RuntimeWeight rw;
-    const std::string e = repack(d, &rw, k.layout);
+    const std::string e = repack_for(d, k, &rw);
     if (!e.empty()) return e;
     if (k.gemm == nullptr || tokens <= kHybridGemv) {
       matmul(rw, k, x, tokens, y);

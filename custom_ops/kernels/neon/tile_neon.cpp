@@ -48,7 +48,7 @@ void build_tables_neon(const float* x, int token_begin, int token_end, const Chu
 
 void tile_neon(PBS2P_TILE_ARGS) {
   const Params& p = w.p;
-  const auto [r0, nr, quads, G, codes] = tile_view(w, tile);
+  const auto [r0, nr, quads, G, codes, stride] = tile_view(w, tile);
   const uint8x16_t nib = vdupq_n_u8(0x0f);
   for (int tok = t_begin; tok < t_end; ++tok) {
     const QuadTable* tab = &t.tables[size_t(tok) * quads];
@@ -60,7 +60,7 @@ void tile_neon(PBS2P_TILE_ARGS) {
       int16x8_t d[4], s[4];  // rows 8b .. 8b+7
       for (int b = 0; b < 4; ++b) d[b] = s[b] = vdupq_n_s16(0);
       for (int q = qb; q < qe; ++q) {
-        const uint8_t* cq = codes + size_t(q) * kTileRows;
+        const uint8_t* cq = codes + size_t(q) * stride;
         __builtin_prefetch(cq + 6144);  // as on x86: keep enough DRAM requests in flight
         const QuadTable& qt = tab[q];
         const int8x16_t tdl = vld1q_s8(qt.d_lo), tsl = vld1q_s8(qt.s_lo);
