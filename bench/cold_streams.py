@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "build" / "kernel-bench"
 # ROWS x K of the 1.5B model's q/k/v, o, gate/up and down, then the default model's gate/up and o
 SHAPES = ["2048x1536", "1536x1536", "17920x1536", "1536x8960", "3072x576", "576x576"]
+MAX_INTERLEAVE = 8  # kMaxInterleave in custom_ops/kernels/kernels.h; checked here before the build
 LINE = re.compile(r"interleave=(\d+): ([0-9.]+) GB/s \(median pass ([0-9.]+)\)")
 
 
@@ -63,15 +64,16 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def run_one(
-    binary: Path, args: argparse.Namespace, rows: int, k: int, interleave: int
+    binary: Path, args: argparse.Namespace, llc_bytes: int, rows: int, k: int, interleave: int
 ) -> tuple[float, float]:
-    copies = max(1, -(-2 * last_level_cache_bytes() // (rows * k // 4)))  # 2-bit codes: rows * k / 4 bytes
+    copies = max(1, -(-2 * llc_bytes // (rows * k // 4)))  # 2-bit codes: rows * k / 4 bytes
     command = [str(binary), str(rows), str(k), "1", args.kernel, str(args.iterations), "cold", str(copies)]
     command += [str(args.threads), str(interleave)]
     done = subprocess.run(command, capture_output=True, text=True)
     match = LINE.search(done.stdout)
     if done.returncode != 0 or not match:
-        exit_usage(f"{' '.join(command)}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        last = ((done.stderr or done.stdout).strip().splitlines() or ["no output"])[-1]
+        exit_usage(f"{' '.join(command)}: {last}")
     return float(match[2]), float(match[3])  # best pass, median pass
 
 
@@ -120,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if value < 1:
             exit_usage(f"{name} must be at least 1, got {value}")
-    if any(n < 1 or n > 8 for n in args.interleave):
-        exit_usage(f"--interleave values must be in [1, 8], got {args.interleave}")
+    if any(n < 1 or n > MAX_INTERLEAVE for n in args.interleave):
+        exit_usage(f"--interleave values must be in [1, {MAX_INTERLEAVE}], got {args.interleave}")
     binary = build()
+    llc_bytes = last_level_cache_bytes()
     best: dict[tuple[int, int], dict[str, list[float]]] = {
         x: {str(n): [] for n in args.interleave} for x in shapes
     }
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for rows, k in shapes:
             for n in args.interleave:
-                top, mid = run_one(binary, args, rows, k, n)
+                top, mid = run_one(binary, args, llc_bytes, rows, k, n)
                 best[(rows, k)][str(n)].append(top)
                 median[(rows, k)][str(n)].append(mid)
     report = {
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "rounds": args.rounds,
         "interleaves": args.interleave,
-        "llc_bytes": last_level_cache_bytes(),
+        "llc_bytes": llc_bytes,
         "machine": machine(),
         "command": " ".join(["bench/cold_streams.py", *(argv if argv is not None else sys.argv[1:])]),
         "results": [

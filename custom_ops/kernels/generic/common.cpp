@@ -257,7 +257,8 @@ size_t RuntimeWeight::runtime_bytes() const {
 
 std::string repack(const DiskView& d, RuntimeWeight* out, TileLayout layout, int interleave) {
   if (layout != kLayoutRowBytes && layout != kLayoutRowPairs) return "unknown tile layout " + std::to_string(layout);
-  if (interleave < 1 || interleave > kMaxInterleave) return "tile interleave " + std::to_string(interleave) + " outside [1, " + std::to_string(kMaxInterleave) + "]";
+  if (interleave < 1 || interleave > kMaxInterleave)
+    return "tile interleave " + std::to_string(interleave) + " outside [1, " + std::to_string(kMaxInterleave) + "]";
   Params p;
   std::string e = parse_header(d.header, d.header_len, &p);
   if (e.empty()) e = validate(d, p);
