@@ -40,7 +40,11 @@ def build() -> Path:
             configure,
             ["cmake", "--build", str(BUILD), "--target", "pbs2p_kernel_bench", "-j", "2"],
         ):
-            if subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT).returncode != 0:
+            try:
+                failed = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT).returncode != 0
+            except FileNotFoundError:
+                exit_usage("cmake not found on PATH (the kernel bench needs CMake and a C++17 compiler)")
+            if failed:
                 exit_usage(f"building pbs2p_kernel_bench failed (log: {log})")
     return BUILD / "pbs2p_kernel_bench"
 

@@ -62,3 +62,9 @@ def test_table_has_a_row_per_shape_and_the_ratio_of_means(cold) -> None:
     lines = cold.render(report)
     assert "| 17920x1536 | 20.0-30.0 | 35.0-40.0 | 1.50x |" in lines
     assert any("32 MiB last-level cache" in line for line in lines)
+
+
+def test_missing_cmake_gives_one_line(tmp_path: Path) -> None:
+    env = {"PATH": str(tmp_path)}  # an empty directory: no cmake to find
+    result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env)
+    assert_one_line_error(result, "cmake not found on PATH")
