@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pbs2p_edge import ops
 from pbs2p_edge.config import PBS2PConfig
-from pbs2p_edge.format import pack, random_weight, runtime_bits_per_weight
+from pbs2p_edge.format import information_floor_bits, pack, random_weight, runtime_bits_per_weight
 from pbs2p_edge.runtime.bench import cpu_name
 
 L3_BYTES = 32 << 20
@@ -118,8 +118,15 @@ def pbs2p_model(
         "weight_bytes": runtime_bytes,
         "disk_bpw": p0.bits_per_weight,
         "read_bpw": runtime_bytes * 8 / (rows * k),
+        "floor_bpw": information_floor_bits(p0),
     }
     return make_model(nodes, inits, k, outs), copies, cold, info
+
+
+def ceilings(base_bpw: float, info: dict) -> list[float]:
+    """The most a matmul streaming its weights at a baseline's GB/s can gain over it: the baseline's bits per
+    weight over those of the layout the op reads, and over the information floor of the same values."""
+    return [base_bpw / info["read_bpw"], base_bpw / info["floor_bpw"]]
 
 
 def fp32_model(k: int, rows: int, seed: int, copies: int | None = None):
@@ -324,6 +331,8 @@ def main() -> int:
                             row[f"speedup_vs_{base}"] = med[base] / med[op]
                             per_round = [b / o for b, o in zip(round_med[base], round_med[op], strict=True)]
                             row[f"spread_vs_{base}"] = [min(per_round), max(per_round)]
+                            base_bpw = built[base][3]["weight_bytes"] * 8 / (k * rows)
+                            row[f"ceiling_vs_{base}"] = ceilings(base_bpw, info)
                     rows_out.append(row)
                     extra = " ".join(
                         f"x{row[f'speedup_vs_{b}']:.2f} vs {b}" for b in baselines if f"speedup_vs_{b}" in row
@@ -361,6 +370,16 @@ def _salient_text(sal: int | list[int]) -> str:
     return str(sal[0]) if len(sal) == 1 else " or ".join(map(str, sal)) + " (op suffix /sS)"
 
 
+def _versus(row: dict, base: str) -> str:
+    """The speedup and ceiling cells of a pbs2p row against one baseline (empty for the baselines' own rows)."""
+    if f"speedup_vs_{base}" not in row:
+        return " | "
+    low, high = row[f"spread_vs_{base}"]
+    speed = f"{row[f'speedup_vs_{base}']:.2f}x [{low:.2f}-{high:.2f}]"
+    ceiling = row.get(f"ceiling_vs_{base}")  # absent from results written before session 22
+    return speed + " | " + (f"{ceiling[0]:.2f}x / {ceiling[1]:.2f}x" if ceiling else "")
+
+
 def render_markdown(res: dict) -> str:
     env, base = res["env"], res["baselines"]
     lines = [
@@ -385,20 +404,18 @@ def render_markdown(res: dict) -> str:
         "the hybrid avx512-vnni+avx2: the repacked tile layout, 2.25 bpw + salient coefficients; "
         "MatMulNBits: packed weights + scales; fp32: 4 bytes/weight) divided by time. `cold` = the nodes' "
         "weights together exceed 2x L3, so they stream from DRAM. Speedup: ratio of medians, and in brackets "
-        "the lowest and highest ratio of the per-round medians.",
+        "the lowest and highest ratio of the per-round medians. Ceiling: the baseline's bits per weight over the "
+        "op's, i.e. the most a kernel streaming at the baseline's GB/s can gain: for the layout the op reads, and "
+        "for the information floor of the same values (the N:M mask at its entropy, log2 C(M,N) / M bits per "
+        "weight; `information_floor_bits`), which no layout can beat.",
         "",
         "| op | K x rows | M | threads | time ms | bpw | weight GB/s | / memcpy | cold | "
-        + " | ".join(f"speedup vs {b}" for b in base)
+        + " | ".join(f"speedup vs {b} | ceiling vs {b}: layout / floor" for b in base)
         + " |",
-        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(base),
+        "|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(base),
     ]
     for r in res["rows"]:
-        sp = " | ".join(
-            f"{r[f'speedup_vs_{b}']:.2f}x [{r[f'spread_vs_{b}'][0]:.2f}-{r[f'spread_vs_{b}'][1]:.2f}]"
-            if f"speedup_vs_{b}" in r
-            else ""
-            for b in base
-        )
+        sp = " | ".join(_versus(r, b) for b in base)
         lines.append(
             f"| {r['op']} | {r['k']}x{r['rows']} | {r['tokens']} | {r['threads']} | {r['seconds'] * 1e3:.3f} | "
             f"{r['weight_bytes'] * 8 / (r['k'] * r['rows']):.2f} | "

@@ -2,16 +2,19 @@
 
 `pbs2p-edge bench` reports peak RSS while generating over (bundle + KV cache + bare session); this script says
 what the rest is. Each variant runs in a fresh process and records RSS, split into anonymous memory and the
-bundle's mapped weight file, at four points: before loading, after loading, after a `--pp`-token prefill and
-after `--tg` decode steps, plus the peak. The `no prepack` variant loads with onnxruntime's weight prepacking
-off (`session.disable_prepacking`), i.e. the weights as stored: the difference at load is what the kernels'
-repacked copies cost (our tile layout; MatMulNBits' own packing). The `keep file cache` variant hands the
+bundle's mapped weight file, at five points: before loading, after loading the tokenizer (first, as `pbs2p-edge
+generate` does), after loading the graph, after a `--pp`-token prefill and after `--tg` decode steps, plus the
+peak. A last table sets the default variant's peak while generating against the budget of `pbs2p-edge bench`
+(bundle + KV buffers + a bare session, measured here too) and splits the excess by stage. The `no prepack`
+variant loads with onnxruntime's weight prepacking off (`session.disable_prepacking`), i.e. the weights as
+stored, for onnxruntime's kernels: the difference at load is what MatMulNBits' packed copies cost (our op makes
+its tile copy when its kernel is created, with or without prepacking). The `keep file cache` variant hands the
 weight file's pages back after load but leaves them in the page cache (`release_file_pages(drop_cache=False)`,
 the behaviour before session 17): embedding rows then fault back in with whatever the cache holds around them
 (large folios: up to ~480 KiB per token at 1.5B), so its figures depend on how the file was last read and move
-between runs. The major page faults column is what dropping the cache costs: rows read from disk. The prompt
-and the decode steps use random, distinct token ids, so each step gathers a new embedding row. The stored bytes
-per consuming op come from the graph.
+between runs. The major page faults column is what dropping the cache costs: rows read from disk. The prompt and
+the decode steps use random, distinct token ids, so each step gathers a new embedding row. The stored bytes per
+consuming op come from the graph.
 
     .venv/bin/python bench/memory_breakdown.py out/pbs2p --out bench/results/memory-smollm2
 
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("default", "keep file cache", "no prepack")
+TOKENIZER_PROBE = "tokenizer"  # a worker that loads the tokenizer alone
 MIB = 1 << 20
 
 
@@ -56,7 +60,8 @@ def worker(bundle_dir: Path, variant: str, pp: int, tg: int, threads: int) -> di
 
     from pbs2p_edge.runtime import session as session_module
     from pbs2p_edge.runtime.bundle import load_bundle
-    from pbs2p_edge.runtime.memory import peak_rss
+    from pbs2p_edge.runtime.memory import peak_rss, reset_peak_rss
+    from pbs2p_edge.runtime.text import load_tokenizer  # imports `tokenizers`, as the bare session has
 
     bundle = load_bundle(bundle_dir)
     data_file = bundle.model_path.with_name(bundle.model_path.name + ".data").resolve()
@@ -74,8 +79,14 @@ def worker(bundle_dir: Path, variant: str, pp: int, tg: int, threads: int) -> di
 
         session_module.release_file_pages = lambda path: release_file_pages(path, drop_cache=False)
     points = {"before load": _rollup(data_file)}
+    tokenizer = load_tokenizer(
+        bundle.tokenizer_path
+    )  # first and alive to the end, as in `pbs2p-edge generate`
+    points["after tokenizer"] = _rollup(data_file)
     session = session_module.DecoderSession(bundle, threads=threads)
     points["after load"] = _rollup(data_file)
+    load_peak = peak_rss()
+    peak_resets = reset_peak_rss()  # from here on, the peak `pbs2p-edge bench` reports as "while generating"
     count = pp + tg  # distinct ids while the vocabulary lasts
     tokens = np.random.default_rng(0).choice(bundle.vocab_size, count, replace=count > bundle.vocab_size)
     prompt, steps = tokens[:pp], tokens[pp:]
@@ -87,7 +98,33 @@ def worker(bundle_dir: Path, variant: str, pp: int, tg: int, threads: int) -> di
     decode_ms = (time.perf_counter() - start) / max(tg, 1) * 1e3
     points[f"after {tg} decode steps"] = _rollup(data_file)
     kv = bundle.kv_bytes_per_token(np.dtype(session.cache_dtype).itemsize) * (pp + tg)
-    return {"points": points, "peak_rss": peak_rss(), "kv_bytes": kv, "decode_ms": decode_ms}
+    generation_peak = peak_rss() if peak_resets else None
+    del tokenizer
+    return {
+        "points": points,
+        "peak_rss": max(load_peak, peak_rss()),
+        "generation_peak_rss": generation_peak,
+        "kv_bytes": kv,
+        "kv_buffer_bytes": session.kv_cache_bytes(),  # as allocated: what `pbs2p-edge bench`'s budget counts
+        "decode_ms": decode_ms,
+    }
+
+
+def tokenizer_worker(bundle_dir: Path) -> dict[str, int]:
+    """RSS the tokenizer adds on its own: as loaded, and live once the heap has handed back what parsing freed."""
+    from pbs2p_edge.allocator import release_free_heap
+    from pbs2p_edge.runtime.bundle import load_bundle
+    from pbs2p_edge.runtime.memory import current_rss
+    from pbs2p_edge.runtime.text import load_tokenizer
+
+    bundle = load_bundle(bundle_dir)
+    before = current_rss()
+    tokenizer = load_tokenizer(bundle.tokenizer_path)
+    loaded = current_rss()
+    release_free_heap()
+    live = current_rss()
+    del tokenizer
+    return {"loaded": loaded - before, "live": live - before}
 
 
 def cold_read_microseconds(data_file: Path, count: int = 256) -> float | None:
@@ -144,6 +181,11 @@ def _run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def anonymous_added_by_load(run: dict[str, Any]) -> int:
+    """Anonymous memory the onnxruntime session added (the tokenizer is loaded before it)."""
+    return run["points"]["after load"]["anonymous"] - run["points"]["after tokenizer"]["anonymous"]
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Resident memory of {report['bundle']} ({report['threads']} thread(s))", ""]
     lines += [
@@ -159,10 +201,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {variant} | {point} | {row[0]:.1f} | {row[1]:.1f} | {row[2]:.1f} | {faults} |")
         lines.append(f"| {variant} | peak | {run['peak_rss'] / MIB:.1f} | | | |")
     default, plain = report["variants"]["default"], report["variants"]["no prepack"]
-    grown = {
-        name: run["points"]["after load"]["anonymous"] - run["points"]["before load"]["anonymous"]
-        for name, run in (("default", default), ("plain", plain))
-    }
+    grown = {"default": anonymous_added_by_load(default), "plain": anonymous_added_by_load(plain)}
     lines += [
         "",
         f"Bundle {report['bundle_bytes'] / MIB:.1f} MiB; KV cache at {report['pp']}+{report['tg']} tokens "
@@ -181,8 +220,79 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|",
     ]
     lines += [f"| {name} | {size / MIB:.1f} |" for name, size in report["stored"].items()]
+    lines += over_budget(report)
     lines += ["", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
+
+
+def budget_ledger(report: dict[str, Any]) -> dict[str, int] | None:
+    """The default variant's peak while generating against `pbs2p-edge bench`'s budget, and the stages the excess
+    comes from; they add up to it exactly. None where the peak could not be reset after loading."""
+    run = report["variants"]["default"]
+    peak = run.get("generation_peak_rss")
+    if peak is None or report.get("bare_session_rss") is None:
+        return None
+    rss = {point: values["rss"] for point, values in run["points"].items()}
+    budget = report["bundle_bytes"] + run["kv_buffer_bytes"] + report["bare_session_rss"]
+    return {
+        "budget": budget,
+        "peak": peak,
+        "over": peak - budget,
+        "imports": rss["before load"] - report["bare_session_rss"],
+        "tokenizer": rss["after tokenizer"] - rss["before load"],
+        "load": rss["after load"] - rss["after tokenizer"] - report["bundle_bytes"],
+        "prepacking": anonymous_added_by_load(run)
+        - anonymous_added_by_load(report["variants"]["no prepack"]),
+        "generation": peak - rss["after load"] - run["kv_buffer_bytes"],
+    }
+
+
+def over_budget(report: dict[str, Any]) -> list[str]:
+    ledger = budget_ledger(report)
+    if ledger is None:
+        return []
+    run, tokenizer = report["variants"]["default"], report["tokenizer_alone"]
+    rows = [
+        ("bundle (every file)", report["bundle_bytes"]),
+        ("KV cache buffers as allocated", run["kv_buffer_bytes"]),
+        (
+            "bare session (the runtime's libraries and a one-node onnxruntime session)",
+            report["bare_session_rss"],
+        ),
+        ("**budget**", ledger["budget"]),
+        ("**peak RSS while generating** (prompt and decode steps, after load)", ledger["peak"]),
+        (f"**over the budget** (peak / budget {ledger['peak'] / ledger['budget']:.2f})", ledger["over"]),
+        ("- before loading, beyond the bare session (importing the runtime)", ledger["imports"]),
+        (
+            "- loading the tokenizer (its file is in the bundle's bytes); in a process of its own it adds "
+            f"{tokenizer['loaded'] / MIB:.1f} MiB, {tokenizer['live'] / MIB:.1f} live once the heap hands back what "
+            "parsing freed, which the graph's load below reuses here",
+            ledger["tokenizer"],
+        ),
+        (
+            "- loading the graph, beyond the bundle's bytes (runtime copies of the weights against their stored "
+            "bytes, onnxruntime's graph and kernels, code paged in)",
+            ledger["load"],
+        ),
+        (
+            "  (of the load: onnxruntime's prepacking, i.e. MatMulNBits' packed int4 weights, anonymous memory "
+            "with prepacking - without; our op makes its tile copy when its kernel is created, in both)",
+            ledger["prepacking"],
+        ),
+        (
+            "- generating, beyond the KV buffers (activations, onnxruntime's arena, embedding rows and code paged in)",
+            ledger["generation"],
+        ),
+    ]
+    return [
+        "",
+        "Against the budget of `pbs2p-edge bench` (RSS / budget = peak RSS while generating / (bundle + KV cache "
+        "+ bare session)), default variant; the four stages add up to the excess:",
+        "",
+        "| | MiB |",
+        "|---|---|",
+        *(f"| {name} | {value / MIB:.1f} |" for name, value in rows),
+    ]
 
 
 def main() -> None:
@@ -192,7 +302,7 @@ def main() -> None:
     parser.add_argument("--tg", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="bench/results/NAME: writes NAME.md and NAME.json")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[*VARIANTS, TOKENIZER_PROBE], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is None:  # the workers' RSS baseline stays free of the peers module's imports
         from peers import exit_usage
@@ -201,18 +311,24 @@ def main() -> None:
             exit_usage(f"{args.bundle} is not a bundle (no manifest.json)")
         if min(args.pp, args.threads) < 1 or args.tg < 0:
             exit_usage("--pp and --threads must be at least 1, --tg at least 0")
+    if args.worker == TOKENIZER_PROBE:
+        print(json.dumps(tokenizer_worker(args.bundle)))
+        return
     if args.worker:
         print(json.dumps(worker(args.bundle, args.worker, args.pp, args.tg, args.threads)))
         return
+    from pbs2p_edge.runtime.bench import bare_session
     from pbs2p_edge.runtime.bundle import bundle_bytes
 
     report = {
         "bundle": str(args.bundle),
         "bundle_bytes": bundle_bytes(args.bundle),
+        "bare_session_rss": bare_session(args.threads)["rss"],
         "threads": args.threads,
         "pp": args.pp,
         "tg": args.tg,
         "variants": {variant: _run_variant(args, variant) for variant in VARIANTS},
+        "tokenizer_alone": _run_variant(args, TOKENIZER_PROBE),
         "stored": stored_bytes(args.bundle / "model.onnx"),
         "cold_read_us": cold_read_microseconds(args.bundle / "model.onnx.data"),
         "command": "bench/memory_breakdown.py " + " ".join(sys.argv[1:]),

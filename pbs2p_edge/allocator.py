@@ -60,3 +60,12 @@ def retained_heap() -> Iterator[bool]:
         if active:
             _thresholds(libc, DEFAULT_MMAP_BYTES, DEFAULT_TRIM_BYTES)
             libc.malloc_trim(0)
+
+
+def release_free_heap() -> bool:
+    """Hand the heap's free pages back to the system now (glibc `malloc_trim`); False where there is no glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True

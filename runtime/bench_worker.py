@@ -110,8 +110,9 @@ class Worker:
         self.rss_before_load = current_rss()
         start = time.perf_counter()
         self.bundle = load_bundle(bundle_dir, ops_library=ops_library, verify_hash=verify_hash)
-        load_tokenizer(self.bundle.tokenizer_path)
-        ChatTemplate.from_bundle(self.bundle.path)
+        # Kept for the worker's life: generating holds the tokenizer, so the peak RSS while generating does too.
+        self.tokenizer = load_tokenizer(self.bundle.tokenizer_path)
+        self.chat_template = ChatTemplate.from_bundle(self.bundle.path)
         self.session = DecoderSession(
             self.bundle, threads=threads, profile_prefix=profile_prefix, prefill_chunk=prefill_chunk
         )

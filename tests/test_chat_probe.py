@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import load_bench_script
 from test_runtime import runtime_bundle
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def probe():
-    sys.path.insert(0, str(ROOT / "bench"))  # the script imports its sibling `peers`
-    spec = importlib.util.spec_from_file_location("bench_chat_probe", ROOT / "bench" / "chat_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(ROOT / "bench"))
+    return load_bench_script("chat_probe")
 
 
 @pytest.mark.parametrize(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_one_line_error
+from cli_helpers import assert_one_line_error, load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "cold_streams.py"
@@ -17,11 +16,7 @@ SCRIPT = ROOT / "bench" / "cold_streams.py"
 
 @pytest.fixture(scope="module")
 def cold():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling peers.py
-    spec = importlib.util.spec_from_file_location("bench_cold_streams", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("cold_streams")
 
 
 @pytest.mark.parametrize(

@@ -160,6 +160,24 @@ def test_bits_per_weight_counts_everything():
     assert p.bits_per_weight == pytest.approx(2.0 + 16 / 256 + 64 * 8 / (256 * 4096))
 
 
+def test_information_floor_replaces_the_mask_by_its_entropy():
+    header_bits = 64 * 8 / (256 * 4096)
+    # log2 C(8, 6) = log2 28 bits per 8 weights, against the layout's 8: at 6:8 the floor is 0.399 bpw lower
+    p = pack(random_weight(256, 4096, 6, 8, 128))
+    assert fmt.information_floor_bits(p) == pytest.approx(np.log2(28) / 8 + 0.75 + 0.25 + header_bits)
+    assert p.bits_breakdown()["information_floor"] == fmt.information_floor_bits(p)
+    # a salient column per group is stored as it is (S sign bits + fp16 alpha2 per row and group, 32-bit index)
+    s1 = pack(random_weight(256, 4096, 6, 8, 128, salient=1))
+    assert fmt.information_floor_bits(s1) - fmt.information_floor_bits(p) == pytest.approx(
+        s1.bits_per_weight - p.bits_per_weight
+    )
+    # 2:4 keeps log2 6 bits of pattern per 4 weights
+    q = pack(random_weight(256, 4096, 2, 4, 128))
+    assert fmt.information_floor_bits(q) == pytest.approx(np.log2(6) / 4 + 0.5 + 0.25 + header_bits)
+    # the bound behind issue 12's GEMV goal: MatMulNBits 4-bit reads 5.0 bpw, so 3x is out of reach at S = 1
+    assert 2.87 < 5.0 / fmt.information_floor_bits(s1) < 2.89
+
+
 def test_kernel_arithmetic_is_close_to_exact():
     p = pack(random_weight(96, 1000, 4, 8, 128, salient=1, bias=True, seed=5))
     x = np.random.default_rng(0).normal(size=(7, 1000)).astype(np.float32)

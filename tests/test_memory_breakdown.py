@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_one_line_error
+from cli_helpers import assert_one_line_error, load_bench_script
 from test_runtime import runtime_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,13 @@ def test_each_variant_reports_every_point(
     assert list(report["variants"]) == ["default", "keep file cache", "no prepack"]
     for run in report["variants"].values():
         points = run["points"]
-        assert list(points) == ["before load", "after load", "after prefill 5", "after 3 decode steps"]
+        assert list(points) == [
+            "before load",
+            "after tokenizer",
+            "after load",
+            "after prefill 5",
+            "after 3 decode steps",
+        ]
         faults = [point["major_faults"] for point in points.values()]
         assert faults == sorted(faults)  # a process's fault count only grows
         assert run["peak_rss"] >= max(point["rss"] for point in points.values()) > 0
@@ -42,6 +48,28 @@ def test_each_variant_reports_every_point(
     assert "| keep file cache | after 3 decode steps |" in text and "major page faults" in text
     assert "SparseBinaryMatMul" in text
     assert report["cold_read_us"] > 0 and "A cold 4 KiB read" in text
+    # the ledger: the default variant's generation peak against `pbs2p-edge bench`'s budget, split by stage
+    module = load_bench_script("memory_breakdown")
+    ledger = module.budget_ledger(report)
+    default = report["variants"]["default"]
+    assert (
+        ledger["budget"] == report["bundle_bytes"] + default["kv_buffer_bytes"] + report["bare_session_rss"]
+    )
+    assert ledger["over"] == ledger["peak"] - ledger["budget"]
+    stages = ledger["imports"] + ledger["tokenizer"] + ledger["load"] + ledger["generation"]
+    assert stages == ledger["over"]  # the stages add up to the excess exactly
+    assert ledger["peak"] == default["generation_peak_rss"] <= default["peak_rss"]
+    assert 0 < report["tokenizer_alone"]["live"] <= report["tokenizer_alone"]["loaded"]
+    assert f"| **budget** | {ledger['budget'] / 2**20:.1f} |" in text
+    assert f"(peak / budget {ledger['peak'] / ledger['budget']:.2f})" in text
+
+
+def test_ledger_needs_a_reset_peak() -> None:
+    points = {p: {"rss": 1, "anonymous": 1} for p in ("before load", "after tokenizer", "after load")}
+    run = {"points": points, "generation_peak_rss": None, "kv_buffer_bytes": 0}
+    report = {"variants": {"default": run, "no prepack": run}, "bare_session_rss": 1, "bundle_bytes": 1}
+    module = load_bench_script("memory_breakdown")
+    assert module.budget_ledger(report) is None and module.over_budget(report) == []
 
 
 def test_usage_errors(tmp_path: Path) -> None:

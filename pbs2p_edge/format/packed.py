@@ -8,6 +8,7 @@ mirrors the constants below.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -293,6 +294,7 @@ class PackedWeight:
         per["total"] = self.bits_per_weight
         per["paper_style_signs_only"] = self.n / self.m
         per["runtime_layout"] = runtime_bits_per_weight(self)
+        per["information_floor"] = information_floor_bits(self)
         return per
 
     def op_inputs(self) -> list[tuple[str, np.ndarray]]:
@@ -324,6 +326,15 @@ def runtime_bits_per_weight(p: PackedWeight) -> float:
     if p.has_col_scales:
         bits += p.k * 32  # float32 c[j] in the runtime weight
     return bits / (p.rows * p.k)
+
+
+def information_floor_bits(p: PackedWeight) -> float:
+    """Bits per weight below which no encoding of this weight's values can go: everything stored, with the mask's
+    one bit per weight replaced by the entropy of one N:M pattern, log2(C(M, N)) / M (0.601 at 6:8). A kernel that
+    streams its weights at the memory's rate can beat another that does, reading B bits per weight, by at most
+    B / this (docs/FORMAT.md, "Honest bits per weight")."""
+    mask_bits = p.arrays["mask"].nbytes * 8 / (p.rows * p.k)
+    return p.bits_per_weight - mask_bits + math.log2(math.comb(p.m, p.n)) / p.m
 
 
 def _shapes(
