@@ -79,9 +79,8 @@ def worker(bundle_dir: Path, variant: str, pp: int, tg: int, threads: int) -> di
 
         session_module.release_file_pages = lambda path: release_file_pages(path, drop_cache=False)
     points = {"before load": _rollup(data_file)}
-    tokenizer = load_tokenizer(
-        bundle.tokenizer_path
-    )  # first and alive to the end, as in `pbs2p-edge generate`
+    # first and alive to the end, as in `pbs2p-edge generate`
+    tokenizer = load_tokenizer(bundle.tokenizer_path)
     points["after tokenizer"] = _rollup(data_file)
     session = session_module.DecoderSession(bundle, threads=threads)
     points["after load"] = _rollup(data_file)

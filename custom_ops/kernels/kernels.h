@@ -111,6 +111,16 @@ struct ActTables {
   std::vector<QuadTable> tables;  // [tokens][k/4]
   std::vector<float> scale;       // [tokens][chunks] dequantization scale (0 = all-zero chunk)
 };
+// Describes t for `tokens` tokens of width k over `chunks` chunks and sizes its arrays: grown, never shrunk, not
+// zero-filled (the table builders write every entry before a kernel reads it).
+inline void size_tables(ActTables& t, int tokens, int k, int chunks) {
+  t.tokens = tokens;
+  t.k = k;
+  t.chunks = chunks;
+  const size_t n_tables = size_t(tokens) * size_t(k / 4), n_scales = size_t(tokens) * size_t(chunks);
+  if (t.tables.size() < n_tables) t.tables.resize(n_tables);
+  if (t.scale.size() < n_scales) t.scale.resize(n_scales);
+}
 // Chunk c covers columns [chunk_begin(c), chunk_begin(c+1)); chunks never cross group boundaries.
 struct ChunkMap {
   std::vector<int> begin;  // size chunks + 1

@@ -151,17 +151,6 @@ void blocks_tiles_task(void* data, size_t i) {
   tiles_task(&bw.works[b], i - bw.first[b]);
 }
 
-// Activation tables described and sized for `tokens` tokens (grown, never shrunk; the table builder writes every
-// entry before a kernel reads it, so no zero-fill).
-void size_tables(pbs2p::ActTables& t, int64_t tokens, int k, int chunks) {
-  t.tokens = int(tokens);
-  t.k = k;
-  t.chunks = chunks;
-  const size_t n_tables = size_t(tokens) * size_t(k / 4), n_scales = size_t(tokens) * size_t(chunks);
-  if (t.tables.size() < n_tables) t.tables.resize(n_tables);
-  if (t.scale.size() < n_scales) t.scale.resize(n_scales);
-}
-
 // The tables of decode calls (few tokens): one per thread, reused by every node it runs (no allocation per call).
 pbs2p::ActTables& decode_tables() {
   thread_local pbs2p::ActTables tables;
@@ -534,7 +523,7 @@ struct SparseBinaryMatMul {
   void run_blocks_one_token(Ort::KernelContext& kc, const pbs2p::Kernel& kernel, const float* x, float* y) const {
     const pbs2p::ChunkMap& cm = blocks_[0].chunks;
     pbs2p::ActTables& t = decode_tables();
-    size_tables(t, 1, blocks_[0].weight.p.k, int(cm.group.size()));
+    pbs2p::size_tables(t, 1, blocks_[0].weight.p.k, int(cm.group.size()));
     std::array<Work, kMaxBlocks> works;  // on the stack: nothing allocated per decode step
     std::array<size_t, kMaxBlocks + 1> first;
     first[0] = 0;
@@ -606,7 +595,7 @@ struct SparseBinaryMatMul {
     // by the table builder before it is read). Prefill allocates, so no large buffer outlives the call.
     pbs2p::ActTables prefill_scratch;
     pbs2p::ActTables& t = tokens <= 16 ? decode_tables() : prefill_scratch;
-    size_tables(t, tokens, w.p.k, int(cm.group.size()));
+    pbs2p::size_tables(t, int(tokens), w.p.k, int(cm.group.size()));
     Work wk{&w, &cm, &t, &kernel, pbs2p::salient_fn_for(kernel.tile), x, y, int(tokens)};
     if (tokens == 1)
       tables_task(&wk, 0);

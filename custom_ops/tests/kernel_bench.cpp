@@ -27,17 +27,6 @@ using namespace pbs2p::test;
 
 namespace {
 
-// Activation tables sized for `tokens` tokens of width k over the chunks of cm (the kernels' table builders fill them).
-ActTables sized_tables(int tokens, int k, const ChunkMap& cm) {
-  ActTables t;
-  t.tokens = tokens;
-  t.k = k;
-  t.chunks = int(cm.group.size());
-  t.tables.resize(size_t(tokens) * size_t(k) / 4);
-  t.scale.resize(size_t(tokens) * size_t(t.chunks));
-  return t;
-}
-
 // Decode (one token) over `copies` copies of one weight, `iterations` timed passes over all of them, each pass's
 // tile groups taken by `threads` threads from one counter; returns the GB/s of the copies' runtime bytes in the
 // best and the median pass (the best is the machine's rate with the least interference from its neighbours).
@@ -47,7 +36,8 @@ std::pair<double, double> cold_decode(const Disk& d, const Kernel& kn, const std
   for (auto& w : ws) repack(d.view(), &w, kn.layout, interleave);
   const RuntimeWeight& w0 = ws[0];
   const ChunkMap cm = make_chunks(w0.p.k, w0.p.group_size);
-  ActTables t = sized_tables(1, w0.p.k, cm);
+  ActTables t;
+  size_tables(t, 1, w0.p.k, int(cm.group.size()));
   kn.tables(x.data(), 0, 1, cm, &t);
   std::vector<std::vector<float>> ys(size_t(threads), std::vector<float>(size_t(w0.p.rows)));
   const int per = kn.multi_tiles, groups = (w0.tiles + per - 1) / per;
@@ -127,7 +117,8 @@ int main(int argc, char** argv) {
     else repack_for(d.view(), *kn, &rw);
     const ChunkMap cm = make_chunks(k, 128);
     QuantActs a;
-    ActTables t = sized_tables(tokens, k, cm);
+    ActTables t;
+    size_tables(t, tokens, k, int(cm.group.size()));
     std::vector<double> all, table_build;  // table_build: the activation tables' share of a table-lookup call
     for (int it = 0; it < iters; ++it) {
       const auto t0 = std::chrono::steady_clock::now();
